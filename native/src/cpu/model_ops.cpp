@@ -1,0 +1,270 @@
+// Transformer pieces other than the projections and FFN kernels (see sparsellm/model.h).
+// Portable code: the compiler vectorises the inner loops (omp simd); these are a small share
+// of a forward pass next to the projections.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "sparsellm/cpu_info.h"
+#include "sparsellm/model.h"
+
+namespace sparsellm {
+namespace {
+
+// Reads row `r` of a weight table into f32 (widening bf16 / f16).
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) bits = sign;
+    else {
+      // subnormal: normalise
+      int e = -1;
+      do { mant <<= 1; ++e; } while (!(mant & 0x400));
+      bits = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (mant & 0x3ff) << 13;
+    }
+  } else if (exp == 0x1f) bits = sign | 0x7f800000u | mant << 13;
+  else bits = sign | (exp + 112) << 23 | mant << 13;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <bool Accumulate>
+inline void read_row(const WeightView& w, int64_t r, float* out) {
+  const int64_t n = w.cols;
+  if (w.dtype == DType::F32) {
+    const float* src = static_cast<const float*>(w.data) + r * w.ld;
+    if (Accumulate) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) out[i] += src[i];
+    } else {
+      std::memcpy(out, src, sizeof(float) * n);
+    }
+  } else if (w.dtype == DType::BF16) {
+    const uint16_t* src = static_cast<const uint16_t*>(w.data) + r * w.ld;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = bf16_to_f32(src[i]);
+      out[i] = Accumulate ? out[i] + v : v;
+    }
+  } else {
+    const uint16_t* src = static_cast<const uint16_t*>(w.data) + r * w.ld;
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = f16_to_f32(src[i]);
+      out[i] = Accumulate ? out[i] + v : v;
+    }
+  }
+}
+
+inline bool parallel_rows(int64_t T, int64_t width) { return T > 1 && T * width >= 16384; }
+
+}  // namespace
+
+void embed_tokens(const WeightView& table, const int32_t* tokens, int64_t T, float* out, int64_t ldo) {
+#pragma omp parallel for num_threads(num_threads()) if (parallel_rows(T, table.cols))
+  for (int64_t t = 0; t < T; ++t) read_row<false>(table, tokens[t], out + t * ldo);
+}
+
+void add_learned_positions(const WeightView& table, int64_t pos0, int64_t offset, int64_t T, float* out,
+                           int64_t ldo) {
+#pragma omp parallel for num_threads(num_threads()) if (parallel_rows(T, table.cols))
+  for (int64_t t = 0; t < T; ++t) read_row<true>(table, pos0 + t + offset, out + t * ldo);
+}
+
+void rms_norm(const float* x, int64_t ldx, int64_t T, int64_t d, const float* w, float eps, float* y,
+              int64_t ldy) {
+#pragma omp parallel for num_threads(num_threads()) if (parallel_rows(T, d))
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = x + t * ldx;
+    float* yr = y + t * ldy;
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) yr[i] = xr[i] * r * w[i];
+  }
+}
+
+void layer_norm(const float* x, int64_t ldx, int64_t T, int64_t d, const float* w, const float* b, float eps,
+                float* y, int64_t ldy) {
+#pragma omp parallel for num_threads(num_threads()) if (parallel_rows(T, d))
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = x + t * ldx;
+    float* yr = y + t * ldy;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < d; ++i) s += xr[i];
+    const float mean = s / static_cast<float>(d);
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < d; ++i) ss += (xr[i] - mean) * (xr[i] - mean);
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+    if (b) {
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) yr[i] = (xr[i] - mean) * r * w[i] + b[i];
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) yr[i] = (xr[i] - mean) * r * w[i];
+    }
+  }
+}
+
+void rope_rotate_half(float* x, int64_t ldx, int64_t T, int64_t n_heads, int64_t head_dim, int64_t pos0,
+                      double theta) {
+  const int64_t half = head_dim / 2;
+  // cos/sin per (token, pair), shared by every head.
+  std::vector<float> cs(static_cast<size_t>(T * half * 2));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t i = 0; i < half; ++i) {
+      const double inv_freq = std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
+      const double angle = static_cast<double>(pos0 + t) * inv_freq;
+      cs[(t * half + i) * 2] = static_cast<float>(std::cos(angle));
+      cs[(t * half + i) * 2 + 1] = static_cast<float>(std::sin(angle));
+    }
+  }
+#pragma omp parallel for num_threads(num_threads()) if (parallel_rows(T, n_heads * head_dim))
+  for (int64_t t = 0; t < T; ++t) {
+    const float* c = cs.data() + t * half * 2;
+    for (int64_t h = 0; h < n_heads; ++h) {
+      float* xh = x + t * ldx + h * head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = xh[i], b = xh[i + half];
+        const float co = c[2 * i], si = c[2 * i + 1];
+        xh[i] = a * co - b * si;
+        xh[i + half] = b * co + a * si;
+      }
+    }
+  }
+}
+
+void add_bias(float* x, int64_t ldx, int64_t T, int64_t n, const float* b) {
+#pragma omp parallel for num_threads(num_threads()) if (parallel_rows(T, n))
+  for (int64_t t = 0; t < T; ++t) {
+    float* xr = x + t * ldx;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) xr[i] += b[i];
+  }
+}
+
+namespace {
+
+inline float act_one(float v, ActKind act) {
+  switch (act) {
+    case ActKind::Relu: return v > 0.f ? v : 0.f;
+    case ActKind::Silu: return v / (1.f + std::exp(-v));
+    case ActKind::GeluErf: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+    case ActKind::GeluTanh: {
+      const float k = 0.79788456080286536f;  // sqrt(2 / pi)
+      return 0.5f * v * (1.f + std::tanh(k * (v + 0.044715f * v * v * v)));
+    }
+    default: return v;
+  }
+}
+
+}  // namespace
+
+void activate(float* x, int64_t ldx, int64_t T, int64_t n, ActKind act) {
+  if (act == ActKind::Identity) return;
+#pragma omp parallel for num_threads(num_threads()) if (parallel_rows(T, n))
+  for (int64_t t = 0; t < T; ++t) {
+    float* xr = x + t * ldx;
+    for (int64_t i = 0; i < n; ++i) xr[i] = act_one(xr[i], act);
+  }
+}
+
+void activate_mul(float* x, int64_t ldx, const float* y, int64_t ldy, int64_t T, int64_t n, ActKind act) {
+#pragma omp parallel for num_threads(num_threads()) if (parallel_rows(T, n))
+  for (int64_t t = 0; t < T; ++t) {
+    float* xr = x + t * ldx;
+    const float* yr = y + t * ldy;
+    for (int64_t i = 0; i < n; ++i) xr[i] = act_one(xr[i], act) * yr[i];
+  }
+}
+
+void add_inplace(float* x, int64_t ldx, const float* y, int64_t ldy, int64_t T, int64_t n) {
+#pragma omp parallel for num_threads(num_threads()) if (parallel_rows(T, n))
+  for (int64_t t = 0; t < T; ++t) {
+    float* xr = x + t * ldx;
+    const float* yr = y + t * ldy;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) xr[i] += yr[i];
+  }
+}
+
+void KvCache::allocate(int64_t layers, int64_t kv_heads, int64_t hd, int64_t positions) {
+  n_layers = layers;
+  n_kv_heads = kv_heads;
+  head_dim = hd;
+  capacity = positions;
+  length = 0;
+  const size_t n = static_cast<size_t>(layers * kv_heads * positions * hd);
+  k.assign(n, 0.f);
+  v.assign(n, 0.f);
+}
+
+void kv_cache_store(KvCache& cache, int64_t layer, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                    int64_t T, int64_t pos0) {
+  const int64_t hd = cache.head_dim;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t h = 0; h < cache.n_kv_heads; ++h) {
+      std::memcpy(cache.k_at(layer, h, pos0 + t), k + t * ldk + h * hd, sizeof(float) * hd);
+      std::memcpy(cache.v_at(layer, h, pos0 + t), v + t * ldv + h * hd, sizeof(float) * hd);
+    }
+  }
+}
+
+void attention_causal(const float* q, int64_t ldq, int64_t T, int64_t n_heads, const KvCache& cache,
+                      int64_t layer, int64_t pos0, float* out, int64_t ldo) {
+  const int64_t hd = cache.head_dim;
+  const int64_t group = n_heads / cache.n_kv_heads;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  const int64_t max_keys = pos0 + T;
+  const int threads = num_threads();
+  std::vector<float> scratch(static_cast<size_t>(threads) * static_cast<size_t>(max_keys));
+  const int64_t work = n_heads * T;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (work > 1 && max_keys * hd * work >= 32768)
+  for (int64_t item = 0; item < work; ++item) {
+    // Largest query positions first spreads the causal triangle across threads.
+    const int64_t t = T - 1 - item / n_heads;
+    const int64_t h = item % n_heads;
+    const int64_t kvh = h / group;
+    float* scores = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * static_cast<size_t>(max_keys);
+    const float* qr = q + t * ldq + h * hd;
+    const int64_t n_keys = pos0 + t + 1;
+    const float* K = cache.k_at(layer, kvh, 0);
+    const float* V = cache.v_at(layer, kvh, 0);
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n_keys; ++j) {
+      const float* kr = K + j * hd;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < hd; ++i) s += qr[i] * kr[i];
+      s *= scale;
+      scores[j] = s;
+      mx = std::max(mx, s);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < n_keys; ++j) {
+      const float e = std::exp(scores[j] - mx);
+      scores[j] = e;
+      sum += e;
+    }
+    const float inv = 1.f / sum;
+    float* orow = out + t * ldo + h * hd;
+    std::fill(orow, orow + hd, 0.f);
+    for (int64_t j = 0; j < n_keys; ++j) {
+      const float p = scores[j] * inv;
+      const float* vr = V + j * hd;
+#pragma omp simd
+      for (int64_t i = 0; i < hd; ++i) orow[i] += p * vr[i];
+    }
+  }
+}
+
+}  // namespace sparsellm
