@@ -32,19 +32,26 @@ export interface ModelSpec {
   qkvBias: boolean;
   /** Biases on the attention output projection and the FFN projections (gpt2, opt). */
   linearBias: boolean;
+  /** Sliding attention window in tokens (mistral); absent when attention sees the whole context. */
+  slidingWindow?: number;
   bosTokenId?: number;
+  /** The end-of-sequence token (the first one when the config lists several; all in eosTokenIds). */
   eosTokenId?: number;
+  eosTokenIds?: number[];
   /** The config.json as read, kept verbatim for provenance and re-export. */
   config: Record<string, unknown>;
 }
 
 /**
- * Canonical tensor names (i = layer index). Present or absent per the spec's flags.
- *   embed.weight [vocab, d]            pos_embed.weight [maxPositions, d] (learned positions)
+ * Canonical tensor names (i = layer index). Present or absent per the spec's flags;
+ * canonicalTensors(spec) in ./canonical.ts lists them with their shapes.
+ *   embed.weight [vocab, d]            pos_embed.weight [positionOffset + maxPositions, d] (learned
+ *                                      positions; position p uses row p + positionOffset)
  *   layers.i.attn_norm.weight/.bias    layers.i.attn.{q,k,v}.weight [heads*headDim, d] (+ .bias)
  *   layers.i.attn.o.weight [d, nHeads*headDim] (+ .bias)
  *   layers.i.ffn_norm.weight/.bias     layers.i.ffn.gate.weight [dFF, d] (gated only)
  *   layers.i.ffn.up.weight [dFF, d] (+ .bias)   layers.i.ffn.down.weight [d, dFF] (+ .bias)
  *   final_norm.weight/.bias            lm_head.weight [vocab, d] (untied only)
+ * Norm biases exist exactly when norm is 'layernorm'. heads*headDim need not equal d.
  */
 export const CANONICAL_NAMES_DOC = 'see src/core/model/spec.ts';
