@@ -175,7 +175,26 @@ int main() {
       continue;
     }
     set_isa_limit(isa);
+    std::fprintf(stderr, "checking the %s path (kernel %s)\n", isa_name(isa), gemm_kernel_name());
     for (const Case& c : cases()) check_case(c, isa_name(isa));
+    // The same cases once more with the small-M kernel disabled and tiny blocks, so that the
+    // packed path also sees M = 1..4 and every K/N/M block edge.
+    const GemmTuning saved = gemm_tuning();
+    GemmTuning tiny = saved;
+    tiny.kc = 48;
+    tiny.nc = 40;
+    tiny.mc = 20;
+    tiny.mc_epilogue = 9;
+    tiny.gemv_max_m = 0;
+    set_gemm_tuning(tiny);
+    for (const Case& c : cases()) check_case(c, isa_name(isa));
+    // And the small-M kernel forced up to M = 8.
+    GemmTuning wide = saved;
+    wide.gemv_max_m = 8;
+    set_gemm_tuning(wide);
+    for (const Case& c : cases())
+      if (c.M <= 8) check_case(c, isa_name(isa));
+    set_gemm_tuning(saved);
   }
   set_isa_limit(best);
 

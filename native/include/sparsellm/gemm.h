@@ -31,3 +31,31 @@ void gemm_epilogue(const float* A, int64_t lda, int64_t M, const WeightView& W,
                    const GemmEpilogue& epilogue, const GemmOptions& options = {});
 
 }  // namespace sparsellm
+
+namespace sparsellm {
+
+// The same product through the portable scalar kernel, one thread per block of columns: the
+// slow, simple reference that the fast paths are checked against (never used by the engine).
+void gemm_reference(const float* A, int64_t lda, int64_t M, const WeightView& W, float* C, int64_t ldc);
+
+// Name of the register tile the current ISA dispatches to (e.g. "avx512 14x32").
+const char* gemm_kernel_name();
+
+// Blocking parameters (process-wide). Defaults suit a core with 48 KiB L1 and 1 MiB L2; each
+// can also be set by an environment variable read once at start-up (SPARSELLM_GEMM_KC, _NC,
+// _MC, _MC_EPILOGUE, _GEMV_MAX_M).
+struct GemmTuning {
+  int64_t kc = 512;           // K block: one packed W slab is kc x nc floats (kept in L2)
+  int64_t nc = 256;           // columns per thread work item (rounded to the tile / n_align)
+  int64_t mc = 1024;          // rows of A packed at once by gemm (bounds the packed-A buffer)
+  int64_t mc_epilogue = 196;  // rows of an epilogue block (its C block is mc_epilogue x nc)
+  int64_t gemv_max_m = 4;     // M up to this goes to the streaming small-M kernel
+};
+GemmTuning gemm_tuning();
+void set_gemm_tuning(const GemmTuning& tuning);
+
+// Sustained read bandwidth of main memory in GB/s (1e9 bytes/s): all threads sum a buffer of
+// `bytes` (default 1 GiB, far larger than the caches) several times; the best pass is returned.
+double memory_bandwidth_gbs(int64_t bytes = int64_t(1) << 30);
+
+}  // namespace sparsellm
