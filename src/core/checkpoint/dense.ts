@@ -231,19 +231,21 @@ export async function openCheckpoint(path: string): Promise<DenseCheckpoint> {
       const indexPath = layout.index!;
       sourceFiles.push({ path: indexPath, bytes: (await stat(indexPath)).size });
       const weightMap = await readIndex(indexPath);
+      // Shards in name order, so sourceFiles (and any hash over them) do not depend on the index's order.
       const shards = new Map<string, SafetensorsFile>();
-      for (const [tensor, shard] of weightMap) {
-        let f = shards.get(shard);
-        if (!f) {
-          const shardPath = join(layout.dir, shard);
-          if (!(await statOrNull(shardPath))) {
-            throw new FormatError(indexPath, `weight_map puts tensor '${tensor}' in shard '${shard}', but ${shardPath} does not exist`);
-          }
-          f = await SafetensorsFile.open(shardPath, { dtypes: ALL_DTYPES });
-          opened.push(f);
-          shards.set(shard, f);
-          sourceFiles.push({ path: shardPath, bytes: f.size });
+      for (const shard of [...new Set(weightMap.values())].sort()) {
+        const shardPath = join(layout.dir, shard);
+        if (!(await statOrNull(shardPath))) {
+          const tensor = [...weightMap].find(([, s]) => s === shard)![0];
+          throw new FormatError(indexPath, `weight_map puts tensor '${tensor}' in shard '${shard}', but ${shardPath} does not exist`);
         }
+        const f = await SafetensorsFile.open(shardPath, { dtypes: ALL_DTYPES });
+        opened.push(f);
+        shards.set(shard, f);
+        sourceFiles.push({ path: shardPath, bytes: f.size });
+      }
+      for (const [tensor, shard] of weightMap) {
+        const f = shards.get(shard)!;
         if (!f.has(tensor)) {
           throw new FormatError(f.path, `tensor '${tensor}' is listed for this shard in ${basename(indexPath)} but is not in it`);
         }
