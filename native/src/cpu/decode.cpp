@@ -1,0 +1,121 @@
+// Decode (one token, or a handful): gate GEMV, then only the active neurons' weight blocks are
+// read, the threads splitting the active list (sparsellm/ffn.h, FfnLayer::decode).
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+#include "ffn_kernels.h"
+#include "sparsellm/cpu_info.h"
+#include "sparsellm/ffn.h"
+#include "sparsellm/gemm.h"
+
+namespace sparsellm {
+
+FfnStats FfnLayer::decode(const float* x, int64_t M, float* y, FfnMode mode) {
+  if (M < 0) throw std::invalid_argument("FfnLayer.decode: negative token count");
+  if (M == 0) return FfnStats{};
+  if (mode == FfnMode::Dense) return dense_forward(x, M, y, nullptr);
+  const int64_t d = cfg_.d_model, F = cfg_.d_ff;
+  const int T = cfg_.twell.tile, cap = cfg_.twell.capacity();
+
+  // Gate GEMV (+ bias for non-gated); the pre-activations stay in work_ [M, F].
+  if (work_.size() < static_cast<size_t>(M * F)) work_.resize(static_cast<size_t>(M * F));
+  float* G = work_.data();
+  gemm(x, d, M, gate_view(), G, F);
+
+  // Active lists of all tokens, flattened: (token, neuron, value).
+  std::vector<int32_t> tok, js;
+  std::vector<float> vs;
+  tok.reserve(static_cast<size_t>(M) * 64);
+  js.reserve(static_cast<size_t>(M) * 64);
+  vs.reserve(static_cast<size_t>(M) * 64);
+  FfnStats st;
+  st.rows = M;
+  const float* ub = up_bias();
+  for (int64_t m = 0; m < M; ++m) {
+    float* g = G + m * F;
+    int64_t row = 0;
+    bool row_ovf = false;
+    for (int64_t t0 = 0; t0 < F; t0 += T) {
+      const int64_t t1 = std::min(F, t0 + T);
+      int64_t n = 0;
+      for (int64_t j = t0; j < t1; ++j) {
+        const float v = g[j] + (ub ? ub[j] : 0.f);
+        g[j] = v > 0.f ? v : 0.f;
+        if (v > 0.f) {
+          tok.push_back(static_cast<int32_t>(m));
+          js.push_back(static_cast<int32_t>(j));
+          vs.push_back(v);
+          ++n;
+        }
+      }
+      row += n;
+      if (n > cap) {
+        ++st.overflow_tiles;
+        row_ovf = true;
+      }
+    }
+    st.nnz += row;
+    st.max_row_nnz = std::max(st.max_row_nnz, row);
+    st.overflow_rows += row_ovf;
+  }
+
+  if (mode == FfnMode::Auto && prefer_dense(st, M)) {
+    // Dense up+down from the gate already computed (ReLU'd in place above).
+    if (cfg_.gated) {
+      gemm_epilogue(x, d, M, up_view(),
+                    [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* c, int64_t ldc, int) {
+                      for (int64_t m = m0; m < m1; ++m)
+                        for (int64_t k = 0; k < n1 - n0; ++k) G[m * F + n0 + k] *= c[(m - m0) * ldc + k];
+                    });
+    }
+    gemm(G, F, M, down_standard(), y, d);
+    if (const float* b = down_bias())
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < d; ++k) y[m * d + k] += b[k];
+    st.path = FfnPath::Dense;
+    return st;
+  }
+
+  // Sparse: thread t takes entries [L·t/nt, L·(t+1)/nt) of the flattened list into its own
+  // partial outputs [M, d]; partials are then summed in thread order.
+  st.path = FfnPath::Sparse;
+  const detail::FfnOps& ops = detail::ffn_ops();
+  const int64_t L = static_cast<int64_t>(js.size());
+  const int nt = num_threads();
+  std::vector<float> part(static_cast<size_t>(nt) * M * d);
+  const bool gated = cfg_.gated;
+  const UpDownView ud = gated ? updown_view() : UpDownView{};
+  const WeightView dt = down_t_view();
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), TT = omp_get_num_threads();
+    float* pt = part.data() + static_cast<size_t>(t) * M * d;
+    std::memset(pt, 0, sizeof(float) * M * d);
+    int64_t i = L * t / TT;
+    const int64_t i1 = L * (t + 1) / TT;
+    while (i < i1) {
+      const int32_t m = tok[static_cast<size_t>(i)];
+      int64_t e = i;
+      while (e < i1 && tok[static_cast<size_t>(e)] == m) ++e;
+      if (gated)
+        ops.updown(x + m * d, js.data() + i, vs.data() + i, e - i, ud.data, ud.dtype, ud.ld, d, pt + m * d, nullptr);
+      else
+        ops.down(js.data() + i, vs.data() + i, e - i, dt.data, dt.dtype, dt.ld, d, pt + m * d);
+      i = e;
+    }
+#pragma omp barrier
+    const float* b = down_bias();
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < M * d; ++k) {
+      float s = b ? b[k % d] : 0.f;
+      for (int u = 0; u < TT; ++u) s += part[static_cast<size_t>(u) * M * d + k];
+      y[k] = s;
+    }
+  }
+  return st;
+}
+
+}  // namespace sparsellm

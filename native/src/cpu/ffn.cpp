@@ -1,0 +1,321 @@
+// Sparse FFN kernels over TwELL (fused gated up+down, non-gated sparse down) and the FfnLayer
+// that owns the weights and chooses between the dense and the sparse path (sparsellm/ffn.h).
+#include "sparsellm/ffn.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "ffn_kernels.h"
+#include "sparsellm/cpu_info.h"
+#include "sparsellm/gemm.h"
+
+namespace sparsellm {
+
+namespace detail {
+
+// The active neurons of row m of `g` (ascending), with their values. Returns the count.
+int64_t gather_row(const Twell& g, int64_t m, int32_t* js, float* vs) {
+  int64_t n = 0;
+  for (int64_t t = 0; t < g.tiles; ++t) {
+    const size_t slot = static_cast<size_t>(m * g.tiles + t);
+    const int c = g.count[slot];
+    const int32_t base = static_cast<int32_t>(t * g.tile);
+    if (c <= g.cap) {
+      const float* val = g.value + slot * g.cap;
+      const uint16_t* idx = g.index + slot * g.cap;
+      for (int i = 0; i < c; ++i) {
+        js[n] = base + idx[i];
+        vs[n] = val[i];
+        ++n;
+      }
+    } else {
+      const float* src = g.dense + m * g.cols + base;
+      const int w = g.tile_width(t);
+      for (int k = 0; k < w; ++k)
+        if (src[k] > 0.f) {
+          js[n] = base + k;
+          vs[n] = src[k];
+          ++n;
+        }
+    }
+  }
+  return n;
+}
+
+}  // namespace detail
+
+namespace {
+
+inline void init_row(float* y, const float* bias, int64_t d) {
+  if (bias) std::memcpy(y, bias, sizeof(float) * d);
+  else std::memset(y, 0, sizeof(float) * d);
+}
+
+// Shared driver of the gated and non-gated sparse kernels. `neuron(x_m, js, vs, n, y_m)`
+// accumulates one token's (part of its) active list into y_m.
+template <typename Fn>
+void sparse_rows(const Twell& g, const float* bias, int64_t d, float* y, int64_t ldy, Fn neuron) {
+  const int64_t M = g.rows, F = g.cols;
+  const int nt = num_threads();
+  if (M == 0) return;
+  if (M >= nt || nt == 1) {
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<int32_t> js(static_cast<size_t>(F) + 1);
+      std::vector<float> vs(static_cast<size_t>(F) + 1);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t n = detail::gather_row(g, m, js.data(), vs.data());
+        float* ym = y + m * ldy;
+        init_row(ym, bias, d);
+        neuron(m, js.data(), vs.data(), n, ym);
+      }
+    }
+    return;
+  }
+  // Few tokens: every thread takes a contiguous share of each token's active list into its own
+  // partial output; the partials are summed in thread order (deterministic for a thread count).
+  std::vector<int32_t> js(static_cast<size_t>(F) + 1);
+  std::vector<float> vs(static_cast<size_t>(F) + 1);
+  std::vector<float> part(static_cast<size_t>(nt * d));
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t n = detail::gather_row(g, m, js.data(), vs.data());
+    float* ym = y + m * ldy;
+#pragma omp parallel num_threads(nt)
+    {
+      const int t = omp_get_thread_num(), T = omp_get_num_threads();
+      float* pt = part.data() + t * d;
+      std::memset(pt, 0, sizeof(float) * d);
+      const int64_t i0 = n * t / T, i1 = n * (t + 1) / T;
+      if (i1 > i0) neuron(m, js.data() + i0, vs.data() + i0, i1 - i0, pt);
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t k = 0; k < d; ++k) {
+        float s = bias ? bias[k] : 0.f;
+        for (int u = 0; u < T; ++u) s += part[static_cast<size_t>(u * d + k)];
+        ym[k] = s;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void twell_updown(const float* x, int64_t ldx, const Twell& g, const UpDownView& ud,
+                  const float* down_bias, float* y, int64_t ldy) {
+  if (g.cols != ud.rows) throw std::invalid_argument("twell_updown: activations have " + std::to_string(g.cols) +
+                                                     " columns but the weights " + std::to_string(ud.rows) + " neurons");
+  if (ud.dtype != DType::F32 && ud.dtype != DType::BF16) throw std::invalid_argument("twell_updown: weights must be f32 or bf16");
+  const detail::FfnOps& ops = detail::ffn_ops();
+  const int64_t d = ud.cols;
+  sparse_rows(g, down_bias, d, y, ldy, [&](int64_t m, const int32_t* js, const float* vs, int64_t n, float* ym) {
+    ops.updown(x + m * ldx, js, vs, n, ud.data, ud.dtype, ud.ld, d, ym, nullptr);
+  });
+}
+
+void twell_down(const Twell& h, const WeightView& down_t, const float* down_bias, float* y,
+                int64_t ldy) {
+  if (h.cols != down_t.rows) throw std::invalid_argument("twell_down: activations have " + std::to_string(h.cols) +
+                                                        " columns but the weights " + std::to_string(down_t.rows) + " rows");
+  if (down_t.dtype != DType::F32 && down_t.dtype != DType::BF16) throw std::invalid_argument("twell_down: weights must be f32 or bf16");
+  const detail::FfnOps& ops = detail::ffn_ops();
+  const int64_t d = down_t.cols;
+  sparse_rows(h, down_bias, d, y, ldy, [&](int64_t, const int32_t* js, const float* vs, int64_t n, float* ym) {
+    ops.down(js, vs, n, down_t.data, down_t.dtype, down_t.ld, d, ym);
+  });
+}
+
+// --- FfnLayer ---------------------------------------------------------------------------------
+
+namespace {
+
+void store(uint8_t* base, DType dt, int64_t i, float v) {
+  if (dt == DType::F32) reinterpret_cast<float*>(base)[i] = v;
+  else reinterpret_cast<uint16_t*>(base)[i] = f32_to_bf16(v);
+}
+
+void check_config(const FfnLayerConfig& c) {
+  if (c.d_model < 1 || c.d_ff < 1) throw std::invalid_argument("FfnLayer: dModel and dFF must be positive");
+  if (c.dtype != DType::F32 && c.dtype != DType::BF16) throw std::invalid_argument("FfnLayer: dtype must be f32 or bf16");
+  Twell probe;
+  probe.reset(0, 0, c.twell);  // validates tile / compression
+}
+
+}  // namespace
+
+FfnLayer::FfnLayer(const FfnLayerConfig& cfg, const float* gate, const float* up, const float* down,
+                   const float* up_bias, const float* down_bias)
+    : cfg_(cfg) {
+  check_config(cfg);
+  const int64_t d = cfg.d_model, F = cfg.d_ff;
+  const int es = dtype_size(cfg.dtype);
+  if (!up || !down || (cfg.gated && !gate)) throw std::invalid_argument("FfnLayer: missing weights");
+  if (cfg.gated) {
+    a_own_.resize(static_cast<size_t>(F * d * es));
+    b_own_.resize(static_cast<size_t>(F * 2 * d * es));
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+    for (int64_t j = 0; j < F; ++j)
+      for (int64_t k = 0; k < d; ++k) {
+        store(a_own_.data(), cfg.dtype, j * d + k, gate[j * d + k]);
+        store(b_own_.data(), cfg.dtype, j * 2 * d + k, up[j * d + k]);
+        store(b_own_.data(), cfg.dtype, j * 2 * d + d + k, down[k * F + j]);
+      }
+  } else {
+    a_own_.resize(static_cast<size_t>(F * d * es));
+    b_own_.resize(static_cast<size_t>(F * d * es));
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+    for (int64_t j = 0; j < F; ++j)
+      for (int64_t k = 0; k < d; ++k) {
+        store(a_own_.data(), cfg.dtype, j * d + k, up[j * d + k]);
+        store(b_own_.data(), cfg.dtype, j * d + k, down[k * F + j]);
+      }
+    if (up_bias) up_bias_.assign(up_bias, up_bias + F);
+  }
+  if (down_bias) down_bias_.assign(down_bias, down_bias + d);
+  a_ = a_own_.data();
+  b_ = b_own_.data();
+}
+
+FfnLayer::FfnLayer(const FfnLayerConfig& cfg, const void* a, const void* b, const float* up_bias,
+                   const float* down_bias)
+    : cfg_(cfg), a_(a), b_(b) {
+  check_config(cfg);
+  if (!a || !b) throw std::invalid_argument("FfnLayer: missing weights");
+  if (!cfg.gated && up_bias) up_bias_.assign(up_bias, up_bias + cfg.d_ff);
+  if (down_bias) down_bias_.assign(down_bias, down_bias + cfg.d_model);
+}
+
+WeightView FfnLayer::gate_view() const { return {a_, cfg_.dtype, cfg_.d_ff, cfg_.d_model, cfg_.d_model}; }
+
+UpDownView FfnLayer::updown_view() const {
+  if (!cfg_.gated) throw std::logic_error("FfnLayer: updown_view of a non-gated layer");
+  return {b_, cfg_.dtype, cfg_.d_ff, cfg_.d_model, cfg_.d_model};
+}
+
+WeightView FfnLayer::down_t_view() const {
+  if (cfg_.gated) return updown_view().down_t();
+  return {b_, cfg_.dtype, cfg_.d_ff, cfg_.d_model, cfg_.d_model};
+}
+
+WeightView FfnLayer::up_view() const {
+  if (cfg_.gated) return updown_view().up();
+  return gate_view();
+}
+
+WeightView FfnLayer::down_standard() {
+  const int64_t d = cfg_.d_model, F = cfg_.d_ff;
+  const int es = dtype_size(cfg_.dtype);
+  if (down_std_.empty()) {
+    down_std_.resize(static_cast<size_t>(d * F * es));
+    const WeightView src = down_t_view();
+    const char* s = static_cast<const char*>(src.data);
+    char* o = reinterpret_cast<char*>(down_std_.data());
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < F; ++j) std::memcpy(o + (i * F + j) * es, s + (j * src.ld + i) * es, es);
+  }
+  return {down_std_.data(), cfg_.dtype, d, F, F};
+}
+
+bool FfnLayer::prefer_dense(const SparsityStats& s, int64_t M) const {
+  // Cost model of the up+down work (docs/kernels.md "Dense fallback"): the sparse kernel reads
+  // each active neuron's weights once per token (memory-bound); the dense GEMMs are compute-bound
+  // for many tokens and read every weight once for few.
+  const double d = static_cast<double>(cfg_.d_model), F = static_cast<double>(cfg_.d_ff);
+  const double mats = cfg_.gated ? 2.0 : 1.0, wb = dtype_size(cfg_.dtype);
+  const double sparse = static_cast<double>(s.nnz) * mats * d * wb / cfg_.sparse_bytes_per_s;
+  const double dense = mats * std::max(2.0 * static_cast<double>(M) * d * F / cfg_.gemm_flops_per_s,
+                                       d * F * wb / cfg_.dense_bytes_per_s);
+  return sparse > cfg_.auto_crossover * dense;
+}
+
+FfnStats FfnLayer::dense_forward(const float* x, int64_t M, float* y, const Twell* gate_done) {
+  const int64_t d = cfg_.d_model, F = cfg_.d_ff;
+  FfnStats st;
+  st.path = FfnPath::Dense;
+  st.rows = M;
+  float* G;
+  if (gate_done) {
+    // Overflowing tiles are already in place in the side buffer; scatter the packed ones.
+    twell_.to_dense(twell_.dense, F);
+    G = twell_.dense;
+    static_cast<SparsityStats&>(st) = twell_.finalize();
+    st.path = FfnPath::Dense;
+  } else {
+    if (work_.size() < static_cast<size_t>(M * F)) work_.resize(static_cast<size_t>(M * F));
+    G = work_.data();
+    std::vector<std::atomic<int64_t>> row_nnz(static_cast<size_t>(M));
+    for (auto& r : row_nnz) r.store(0, std::memory_order_relaxed);
+    const float* bias = up_bias();
+    gemm_epilogue(x, d, M, gate_view(),
+                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* c, int64_t ldc, int) {
+                    for (int64_t m = m0; m < m1; ++m) {
+                      const float* cr = c + (m - m0) * ldc;
+                      float* gr = G + m * F + n0;
+                      int64_t n = 0;
+                      for (int64_t k = 0; k < n1 - n0; ++k) {
+                        float v = cr[k] + (bias ? bias[n0 + k] : 0.f);
+                        v = v > 0.f ? v : 0.f;
+                        n += v > 0.f;
+                        gr[k] = v;
+                      }
+                      row_nnz[static_cast<size_t>(m)].fetch_add(n, std::memory_order_relaxed);
+                    }
+                  });
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t n = row_nnz[static_cast<size_t>(m)].load();
+      st.nnz += n;
+      st.max_row_nnz = std::max(st.max_row_nnz, n);
+    }
+  }
+  if (cfg_.gated) {
+    gemm_epilogue(x, d, M, up_view(),
+                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* c, int64_t ldc, int) {
+                    for (int64_t m = m0; m < m1; ++m) {
+                      const float* cr = c + (m - m0) * ldc;
+                      float* gr = G + m * F + n0;
+                      for (int64_t k = 0; k < n1 - n0; ++k) gr[k] *= cr[k];
+                    }
+                  });
+  }
+  gemm(G, F, M, down_standard(), y, d);
+  if (const float* b = down_bias()) {
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < d; ++k) y[m * d + k] += b[k];
+  }
+  return st;
+}
+
+FfnStats FfnLayer::sparse_forward(const float* x, int64_t M, float* y) {
+  const int64_t d = cfg_.d_model;
+  FfnStats st;
+  static_cast<SparsityStats&>(st) = twell_gate(x, d, M, gate_view(), up_bias(), cfg_.twell, twell_);
+  st.path = FfnPath::Sparse;
+  if (cfg_.gated) twell_updown(x, d, twell_, updown_view(), down_bias(), y, d);
+  else twell_down(twell_, down_t_view(), down_bias(), y, d);
+  return st;
+}
+
+FfnStats FfnLayer::forward(const float* x, int64_t M, float* y, FfnMode mode) {
+  if (M < 0) throw std::invalid_argument("FfnLayer.forward: negative token count");
+  if (M == 0) return FfnStats{};
+  if (mode == FfnMode::Dense) return dense_forward(x, M, y, nullptr);
+  if (mode == FfnMode::Sparse) return sparse_forward(x, M, y);
+  const int64_t d = cfg_.d_model;
+  const SparsityStats s = twell_gate(x, d, M, gate_view(), up_bias(), cfg_.twell, twell_);
+  if (prefer_dense(s, M)) return dense_forward(x, M, y, &twell_);
+  FfnStats st;
+  static_cast<SparsityStats&>(st) = s;
+  st.path = FfnPath::Sparse;
+  if (cfg_.gated) twell_updown(x, d, twell_, updown_view(), down_bias(), y, d);
+  else twell_down(twell_, down_t_view(), down_bias(), y, d);
+  return st;
+}
+
+}  // namespace sparsellm

@@ -1,0 +1,31 @@
+// Internal: the vector primitives of the sparse FFN kernels, one table per ISA (portable,
+// AVX2+FMA, AVX-512), chosen at run time by ffn_ops() from active_isa(). Weights are f32 or
+// bf16 (widened in registers); everything accumulates in f32.
+#pragma once
+#include <cstdint>
+
+#include "sparsellm/tensor.h"
+
+namespace sparsellm::detail {
+
+struct FfnOps {
+  // Σ_k x[k]·w[k]
+  float (*dot)(const float* x, const void* w, DType dt, int64_t n);
+  // y[k] += a·w[k]
+  void (*axpy)(float* y, float a, const void* w, DType dt, int64_t n);
+  // Gated fused neuron loop for one token: for i < cnt, with block b = ud + j[i]·2·ld:
+  //   u = x·b[0:d];  y += (g[i]·u)·b[ld:ld+d].  If `u_out` is not null it receives u.
+  void (*updown)(const float* x, const int32_t* j, const float* g, int64_t cnt, const void* ud,
+                 DType dt, int64_t ld, int64_t d, float* y, float* u_out);
+  // Sparse down for one token: y += Σ_i h[i]·w[j[i]·ldw : +d]
+  void (*down)(const int32_t* j, const float* h, int64_t cnt, const void* w, DType dt,
+               int64_t ldw, int64_t d, float* y);
+};
+
+const FfnOps& ffn_ops();  // for the active ISA
+
+const FfnOps& ffn_ops_portable();
+const FfnOps& ffn_ops_avx2();    // only call when the CPU has AVX2+FMA
+const FfnOps& ffn_ops_avx512();  // only call when the CPU has AVX-512
+
+}  // namespace sparsellm::detail

@@ -1,0 +1,112 @@
+// AVX2+FMA vector primitives of the sparse FFN kernels (see ffn_kernels.h). Compiled with
+// -mavx2 -mfma; only reached through ffn_ops() when the CPU has AVX2 and FMA.
+#include <immintrin.h>
+
+#include "ffn_kernels.h"
+
+namespace sparsellm::detail {
+namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float wval(const float* w, int64_t k) { return w[k]; }
+inline float wval(const uint16_t* w, int64_t k) { return bf16_to_f32(w[k]); }
+
+template <typename W>
+inline void prefetch32(const W* p) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (size_t o = 0; o < 32 * sizeof(W); o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <typename W>
+inline float dot_t(const float* x, const W* w, int64_t n, const W* pf) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    if (pf) prefetch32(pf + k);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(w + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load8(w + k + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load8(w + k + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load8(w + k + 24), a3);
+  }
+  for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(w + k), a0);
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; k < n; ++k) s += x[k] * wval(w, k);
+  return s;
+}
+
+template <typename W>
+inline void axpy_t(float* y, float a, const W* w, int64_t n, const W* pf) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    if (pf) prefetch32(pf + k);
+    for (int o = 0; o < 32; o += 8)
+      _mm256_storeu_ps(y + k + o, _mm256_fmadd_ps(va, load8(w + k + o), _mm256_loadu_ps(y + k + o)));
+  }
+  for (; k + 8 <= n; k += 8)
+    _mm256_storeu_ps(y + k, _mm256_fmadd_ps(va, load8(w + k), _mm256_loadu_ps(y + k)));
+  for (; k < n; ++k) y[k] += a * wval(w, k);
+}
+
+float dot(const float* x, const void* w, DType dt, int64_t n) {
+  return dt == DType::F32 ? dot_t(x, static_cast<const float*>(w), n, static_cast<const float*>(nullptr))
+                          : dot_t(x, static_cast<const uint16_t*>(w), n, static_cast<const uint16_t*>(nullptr));
+}
+
+void axpy(float* y, float a, const void* w, DType dt, int64_t n) {
+  if (dt == DType::F32) axpy_t(y, a, static_cast<const float*>(w), n, static_cast<const float*>(nullptr));
+  else axpy_t(y, a, static_cast<const uint16_t*>(w), n, static_cast<const uint16_t*>(nullptr));
+}
+
+template <typename W>
+void updown_t(const float* x, const int32_t* j, const float* g, int64_t cnt, const W* ud,
+              int64_t ld, int64_t d, float* y, float* u_out) {
+  for (int64_t i = 0; i < cnt; ++i) {
+    const W* b = ud + static_cast<int64_t>(j[i]) * 2 * ld;
+    const W* nb = i + 1 < cnt ? ud + static_cast<int64_t>(j[i + 1]) * 2 * ld : nullptr;
+    const float u = dot_t(x, b, d, nb);
+    if (u_out) u_out[i] = u;
+    axpy_t(y, g[i] * u, b + ld, d, nb ? nb + ld : nullptr);
+  }
+}
+
+void updown(const float* x, const int32_t* j, const float* g, int64_t cnt, const void* ud,
+            DType dt, int64_t ld, int64_t d, float* y, float* u_out) {
+  if (dt == DType::F32) updown_t(x, j, g, cnt, static_cast<const float*>(ud), ld, d, y, u_out);
+  else updown_t(x, j, g, cnt, static_cast<const uint16_t*>(ud), ld, d, y, u_out);
+}
+
+template <typename W>
+void down_t(const int32_t* j, const float* h, int64_t cnt, const W* w, int64_t ldw, int64_t d,
+            float* y) {
+  for (int64_t i = 0; i < cnt; ++i) {
+    const W* b = w + static_cast<int64_t>(j[i]) * ldw;
+    const W* nb = i + 1 < cnt ? w + static_cast<int64_t>(j[i + 1]) * ldw : nullptr;
+    axpy_t(y, h[i], b, d, nb);
+  }
+}
+
+void down(const int32_t* j, const float* h, int64_t cnt, const void* w, DType dt, int64_t ldw,
+          int64_t d, float* y) {
+  if (dt == DType::F32) down_t(j, h, cnt, static_cast<const float*>(w), ldw, d, y);
+  else down_t(j, h, cnt, static_cast<const uint16_t*>(w), ldw, d, y);
+}
+
+const FfnOps kAvx2{dot, axpy, updown, down};
+
+}  // namespace
+
+const FfnOps& ffn_ops_avx2() { return kAvx2; }
+
+}  // namespace sparsellm::detail

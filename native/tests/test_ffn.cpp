@@ -1,0 +1,158 @@
+// FFN forward (dense, sparse TwELL, auto) and decode against a float64 reference.
+//
+// Inputs: the gate is built in "exact" mode (ffn_test_util.h), so the sparsity pattern of the
+// f32 kernels equals the float64 one and the statistics (nnz, max row, overflow tiles/rows) are
+// compared exactly. The up/down weights are ordinary Gaussians, so the outputs carry genuine
+// f32 rounding: each output is a sum over ≤ F hidden units of products of a d-term dot product,
+// whose relative error is of order eps_f32·sqrt(d + F) ≈ 6e-8·18 ≈ 1e-6 on the shapes below;
+// we allow 2e-5 (≥ 10x headroom, far below the O(1) error of any indexing or pattern bug).
+// bf16 weights: the reference uses the SAME bf16-rounded weights (widened exactly), so the
+// same tolerance holds. Threads 1 vs 2 and every ISA the CPU has are forced in turn.
+#include <algorithm>
+#include <cstring>
+
+#include "check.h"
+#include "ffn_test_util.h"
+#include "sparsellm/cpu_info.h"
+#include "sparsellm/ffn.h"
+
+using namespace sparsellm;
+using ffntest::Problem;
+
+namespace {
+
+const double kTol = 2e-5;
+
+struct RefStats {
+  int64_t nnz = 0, max_row = 0, ovf_tiles = 0, ovf_rows = 0;
+};
+
+RefStats ref_stats(const std::vector<double>& z, int64_t M, int64_t F, int T, int cap) {
+  RefStats s;
+  for (int64_t m = 0; m < M; ++m) {
+    int64_t row = 0;
+    bool ovf = false;
+    for (int64_t t0 = 0; t0 < F; t0 += T) {
+      int64_t n = 0;
+      for (int64_t j = t0; j < std::min(F, t0 + T); ++j) n += z[static_cast<size_t>(m * F + j)] > 0;
+      row += n;
+      if (n > cap) { ++s.ovf_tiles; ovf = true; }
+    }
+    s.nnz += row;
+    s.max_row = std::max(s.max_row, row);
+    s.ovf_rows += ovf;
+  }
+  return s;
+}
+
+struct Case {
+  int64_t M, d, F;
+  double density;
+  int heavy_every;
+  int T, C;
+  bool gated, biases;
+  DType dtype;
+};
+
+std::string describe(const Case& c) {
+  char buf[200];
+  std::snprintf(buf, sizeof buf, "M=%lld d=%lld F=%lld rho=%.3f heavy=%d T=%d C=%d %s%s %s",
+                (long long)c.M, (long long)c.d, (long long)c.F, c.density, c.heavy_every, c.T, c.C,
+                c.gated ? "gated" : "plain", c.biases ? "+bias" : "", c.dtype == DType::F32 ? "f32" : "bf16");
+  return buf;
+}
+
+void run_case(const Case& c, bool* saw_overflow, bool* saw_dense_auto, bool* saw_sparse_auto) {
+  Problem p = ffntest::make_problem(c.M, c.d, c.F, c.density, c.heavy_every, 4.0, true, c.biases);
+  if (!c.gated) p.up = p.gate;  // the TwELL producer is the up projection
+  if (!c.gated || !c.biases) p.up_bias.clear();
+  if (!c.gated && c.biases) {   // exact biases keep the non-gated pattern exact
+    p.up_bias.assign(static_cast<size_t>(c.F), 0.f);
+    std::uniform_int_distribution<int> wi(-8, 8);
+    for (auto& v : p.up_bias) v = wi(ffntest::rng()) / 8.0f;
+  }
+  if (c.gated) p.up_bias.clear();
+  if (c.dtype == DType::BF16) {
+    ffntest::round_bf16(p.gate);  // multiples of 1/8 in [-1, 1]: exact in bf16
+    ffntest::round_bf16(p.up);
+    ffntest::round_bf16(p.down);
+  }
+  const std::vector<double> yref = ffntest::ref_ffn(p, c.gated);
+  const std::vector<double> z = ffntest::ref_linear(p.x, c.M, c.d, c.gated ? p.gate : p.up, c.F, c.gated ? nullptr : &p.up_bias);
+  TwellParams tp{c.T, c.C};
+  const RefStats rs = ref_stats(z, c.M, c.F, c.T, tp.capacity());
+  if (rs.ovf_tiles) *saw_overflow = true;
+
+  FfnLayerConfig cfg;
+  cfg.d_model = c.d;
+  cfg.d_ff = c.F;
+  cfg.gated = c.gated;
+  cfg.dtype = c.dtype;
+  cfg.twell = tp;
+  FfnLayer layer(cfg, c.gated ? p.gate.data() : nullptr, p.up.data(), p.down.data(),
+                 p.up_bias.empty() ? nullptr : p.up_bias.data(), p.down_bias.empty() ? nullptr : p.down_bias.data());
+  const std::string what = describe(c);
+  std::vector<float> y(static_cast<size_t>(c.M * c.d));
+  std::vector<float> first;
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    for (int which = 0; which < 2; ++which) {
+      for (FfnMode mode : {FfnMode::Dense, FfnMode::Sparse, FfnMode::Auto}) {
+        std::fill(y.begin(), y.end(), NAN);
+        const FfnStats s = which == 0 ? layer.forward(p.x.data(), c.M, y.data(), mode)
+                                      : layer.decode(p.x.data(), c.M, y.data(), mode);
+        const char* op = which == 0 ? "forward" : "decode";
+        const double err = check::rel_error(y.data(), yref.data(), y.size());
+        CHECK(err <= kTol, "%s %s mode %d threads %d: rel error %.3g > %.1g", what.c_str(), op, (int)mode, threads, err, kTol);
+        CHECK(s.nnz == rs.nnz, "%s %s mode %d: nnz %lld, reference %lld", what.c_str(), op, (int)mode, (long long)s.nnz, (long long)rs.nnz);
+        CHECK(s.max_row_nnz == rs.max_row, "%s %s mode %d: max row nnz %lld, reference %lld", what.c_str(), op, (int)mode,
+              (long long)s.max_row_nnz, (long long)rs.max_row);
+        if (mode == FfnMode::Sparse) {
+          CHECK(s.path == FfnPath::Sparse, "%s %s: sparse mode ran the dense path", what.c_str(), op);
+          CHECK(s.overflow_tiles == rs.ovf_tiles && s.overflow_rows == rs.ovf_rows,
+                "%s %s: overflow tiles/rows %lld/%lld, reference %lld/%lld", what.c_str(), op, (long long)s.overflow_tiles,
+                (long long)s.overflow_rows, (long long)rs.ovf_tiles, (long long)rs.ovf_rows);
+        }
+        if (mode == FfnMode::Dense) CHECK(s.path == FfnPath::Dense, "%s %s: dense mode ran the sparse path", what.c_str(), op);
+        if (mode == FfnMode::Auto) (s.path == FfnPath::Dense ? *saw_dense_auto : *saw_sparse_auto) = true;
+        if (mode == FfnMode::Sparse && which == 0) {
+          if (first.empty()) first = y;
+          else {
+            // token-parallel sparse forward: same order of operations whatever the thread count
+            // when M >= threads; with fewer tokens the partial sums differ only in rounding.
+            std::vector<double> f64(first.begin(), first.end());
+            const double e = check::rel_error(y.data(), f64.data(), y.size());
+            CHECK(e <= (c.M >= 2 ? 0.0 : 1e-6), "%s: threads 1 vs 2 differ by %.3g", what.c_str(), e);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  const Isa best = active_isa();
+  bool saw_overflow = false, saw_dense_auto = false, saw_sparse_auto = false;
+  std::vector<Case> cases;
+  for (bool gated : {true, false})
+    for (DType dt : {DType::F32, DType::BF16}) {
+      cases.push_back({1, 37, 300, 0.05, 0, 64, 8, gated, !gated, dt});
+      cases.push_back({7, 37, 300, 0.005, 3, 64, 8, gated, false, dt});
+      cases.push_back({33, 37, 300, 0.05, 5, 64, 8, gated, true, dt});
+      cases.push_back({33, 48, 300, 0.2, 4, 256, 8, gated, false, dt});
+      cases.push_back({7, 37, 300, 1.0, 0, 64, 8, gated, true, dt});
+      cases.push_back({33, 16, 130, 0.05, 2, 16, 4, gated, false, dt});
+      cases.push_back({2, 65, 257, 0.2, 2, 32, 2, gated, false, dt});
+    }
+  for (int isa = static_cast<int>(best); isa >= 0; --isa) {
+    set_isa_limit(static_cast<Isa>(isa));
+    std::fprintf(stderr, "isa %s\n", isa_name(active_isa()));
+    for (const Case& c : cases) run_case(c, &saw_overflow, &saw_dense_auto, &saw_sparse_auto);
+  }
+  set_isa_limit(best);
+  CHECK(saw_overflow, "no case produced an overflowing tile: the overflow path went untested");
+  CHECK(saw_dense_auto && saw_sparse_auto, "auto mode never chose %s", saw_dense_auto ? "sparse" : "dense");
+  return check::finish("test_ffn");
+}
