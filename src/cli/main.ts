@@ -4,6 +4,7 @@ import chalk from 'chalk';
 import { SparseLlmError } from '../core/errors.js';
 import { VERSION } from './version.js';
 import { registerInfo } from './info.js';
+import { registerPack } from './pack.js';
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -15,6 +16,7 @@ export function buildProgram(): Command {
     .showHelpAfterError('(run with --help for usage)')
     .exitOverride();
   registerInfo(program);
+  registerPack(program);
   return program;
 }
 
