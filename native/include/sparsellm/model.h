@@ -5,8 +5,11 @@
 // Each function is the plain reference and the one that runs; OpenMP over rows or heads.
 #pragma once
 #include <cstdint>
+#include <memory>
+#include <string>
 #include <vector>
 
+#include "sparsellm/ffn.h"
 #include "sparsellm/tensor.h"
 
 namespace sparsellm {
@@ -94,5 +97,123 @@ void kv_cache_store(KvCache& cache, int64_t layer, const float* k, int64_t ldk, 
 // 1/sqrt(head_dim), softmax in f32 with the running maximum subtracted.
 void attention_causal(const float* q, int64_t ldq, int64_t T, int64_t n_heads, const KvCache& cache,
                       int64_t layer, int64_t pos0, float* out, int64_t ldo);
+
+}  // namespace sparsellm
+
+// ---- the whole model -----------------------------------------------------------------------
+namespace sparsellm {
+
+// A read-only memory map of a whole file (the packed model). Throws std::runtime_error naming
+// the file when it cannot be opened or mapped.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path);
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  const uint8_t* data() const { return data_; }
+  int64_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  const uint8_t* data_ = nullptr;
+  int64_t size_ = 0;
+};
+
+struct ModelConfig {
+  int64_t vocab = 0, d_model = 0, n_layers = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int64_t max_positions = 0;
+  bool gated = true;
+  bool rmsnorm = true;         // false: LayerNorm
+  bool rope = true;            // false: learned positions
+  int64_t position_offset = 0; // learned positions: index offset (OPT: 2)
+  double rope_theta = 10000.0;
+  float norm_eps = 1e-5f;
+};
+
+// One layer's weights, pointing into caller-owned memory (the mapped file). Biases and norm
+// weights are f32; matrices f32 or bf16.
+struct LayerWeights {
+  const float* attn_norm_w = nullptr;
+  const float* attn_norm_b = nullptr;
+  WeightView q, k, v, o;
+  const float* q_b = nullptr;
+  const float* k_b = nullptr;
+  const float* v_b = nullptr;
+  const float* o_b = nullptr;
+  const float* ffn_norm_w = nullptr;
+  const float* ffn_norm_b = nullptr;
+  int64_t d_ff = 0;
+  DType ffn_dtype = DType::BF16;
+  const void* ffn_a = nullptr;  // gated: W_gate [F, d]; non-gated: W_up [F, d]
+  const void* ffn_b = nullptr;  // gated: updown [F, 2, d]; non-gated: down_t [F, d]
+  const float* up_b = nullptr;
+  const float* down_b = nullptr;
+  ActKind act = ActKind::Relu;
+  // Non-ReLU activations: a hidden unit is inactive when |act(pre)| <= threshold. < 0: none.
+  float threshold = -1.f;
+  TwellParams twell;
+};
+
+struct ModelWeights {
+  WeightView embed;      // [vocab, d]
+  WeightView pos_embed;  // [max_positions + offset, d] (learned positions)
+  WeightView lm_head;    // [vocab, d] (= embed when tied)
+  const float* final_norm_w = nullptr;
+  const float* final_norm_b = nullptr;
+  std::vector<LayerWeights> layers;
+};
+
+// How the FFN of ReLU layers runs. Non-ReLU layers always run the dense path (with their
+// threshold applied when the model stores one).
+enum class RunMode { Dense = 0, Sparse = 1, Auto = 2 };
+
+// Per-layer FFN activity measured over the tokens run since the last reset_stats().
+struct LayerActivity {
+  int64_t tokens = 0;          // rows whose non-zeros were counted
+  int64_t nnz = 0;             // non-zero hidden units summed over those rows
+  int64_t max_row_nnz = 0;
+  int64_t overflow_tiles = 0;  // TwELL tiles over capacity (recomputed exactly, never dropped)
+  int64_t overflow_rows = 0;
+  int64_t sparse_calls = 0, dense_calls = 0;
+};
+
+// A decoder-only transformer over mapped weights, with its KV cache. Not reentrant.
+class Model {
+ public:
+  // `context`: KV-cache positions (<= max_positions). `keep_alive` holds the mapping.
+  Model(const ModelConfig& cfg, ModelWeights weights, int64_t context, std::shared_ptr<void> keep_alive);
+
+  const ModelConfig& config() const { return cfg_; }
+  int64_t context() const { return cache_.capacity; }
+  // Positions already in the cache (the next token's position).
+  int64_t position() const { return cache_.length; }
+  void reset() { cache_.length = 0; }
+
+  // Runs T tokens at positions position() .. position() + T − 1 and appends them to the cache.
+  // logits: [vocab] for the last token, or [T, vocab] when all_logits. Throws
+  // std::invalid_argument when a token is out of range or the context would overflow.
+  void forward(const int32_t* tokens, int64_t T, bool all_logits, RunMode mode, float* logits);
+
+  const std::vector<LayerActivity>& activity() const { return activity_; }
+  void reset_stats();
+  // Calls with at most this many tokens use the decode kernels.
+  static constexpr int64_t kDecodeMaxTokens = 4;
+
+ private:
+  void attention_block(int64_t layer, int64_t T, int64_t pos0);
+  void ffn_block(int64_t layer, int64_t T, RunMode mode);
+  void ffn_dense_generic(int64_t layer, int64_t T);
+
+  ModelConfig cfg_;
+  ModelWeights w_;
+  std::shared_ptr<void> keep_alive_;
+  std::vector<std::unique_ptr<FfnLayer>> ffn_;
+  KvCache cache_;
+  std::vector<LayerActivity> activity_;
+  // Work buffers [T, ·], grown on demand.
+  std::vector<float> x_, h_, q_, k_, v_, att_, y_, g_, u_;
+};
 
 }  // namespace sparsellm

@@ -1,0 +1,230 @@
+// The whole-model forward pass (sparsellm/model.h): embeddings → pre-norm blocks (attention
+// with a KV cache, FFN) → final norm → LM head. Projections go through gemm(); ReLU FFNs through
+// the TwELL kernels of ffn.h (prefill: gate GEMM + fused up/down; few tokens: decode kernels);
+// other activations through a dense path here (with the stored threshold applied, if any).
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "sparsellm/cpu_info.h"
+#include "sparsellm/gemm.h"
+#include "sparsellm/model.h"
+
+namespace sparsellm {
+
+// ---- MappedFile ------------------------------------------------------------------------------
+
+MappedFile::MappedFile(const std::string& path) : path_(path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::runtime_error(path + ": cannot open: " + std::strerror(errno));
+  struct stat st{};
+  if (::fstat(fd, &st) != 0) {
+    int e = errno;
+    ::close(fd);
+    throw std::runtime_error(path + ": cannot stat: " + std::strerror(e));
+  }
+  size_ = static_cast<int64_t>(st.st_size);
+  if (size_ > 0) {
+    void* p = ::mmap(nullptr, static_cast<size_t>(size_), PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {
+      int e = errno;
+      ::close(fd);
+      throw std::runtime_error(path + ": cannot memory-map: " + std::strerror(e));
+    }
+    data_ = static_cast<const uint8_t*>(p);
+  }
+  ::close(fd);  // the mapping stays valid
+}
+
+MappedFile::~MappedFile() {
+  if (data_) ::munmap(const_cast<uint8_t*>(data_), static_cast<size_t>(size_));
+}
+
+// ---- Model -----------------------------------------------------------------------------------
+
+namespace {
+
+void grow(std::vector<float>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+}
+
+FfnMode ffn_mode(RunMode m) {
+  switch (m) {
+    case RunMode::Dense: return FfnMode::Dense;
+    case RunMode::Sparse: return FfnMode::Sparse;
+    default: return FfnMode::Auto;
+  }
+}
+
+float act_value(float v, ActKind act) {
+  switch (act) {
+    case ActKind::Relu: return v > 0.f ? v : 0.f;
+    case ActKind::Silu: return v / (1.f + std::exp(-v));
+    case ActKind::GeluErf: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+    case ActKind::GeluTanh: {
+      const float k = 0.79788456080286536f;
+      return 0.5f * v * (1.f + std::tanh(k * (v + 0.044715f * v * v * v)));
+    }
+    default: return v;
+  }
+}
+
+}  // namespace
+
+Model::Model(const ModelConfig& cfg, ModelWeights weights, int64_t context, std::shared_ptr<void> keep_alive)
+    : cfg_(cfg), w_(std::move(weights)), keep_alive_(std::move(keep_alive)) {
+  if (cfg_.n_layers != static_cast<int64_t>(w_.layers.size())) throw std::invalid_argument("model: layer count mismatch");
+  if (cfg_.n_kv_heads < 1 || cfg_.n_heads % cfg_.n_kv_heads != 0)
+    throw std::invalid_argument("model: n_heads must be a multiple of n_kv_heads");
+  if (cfg_.rope && cfg_.head_dim % 2 != 0) throw std::invalid_argument("model: RoPE needs an even head_dim");
+  if (context < 1 || context > cfg_.max_positions)
+    throw std::invalid_argument("model: context must be in [1, " + std::to_string(cfg_.max_positions) + "]");
+  for (const LayerWeights& L : w_.layers) {
+    FfnLayerConfig fc;
+    fc.d_model = cfg_.d_model;
+    fc.d_ff = L.d_ff;
+    fc.gated = cfg_.gated;
+    fc.dtype = L.ffn_dtype;
+    fc.twell = L.twell;
+    ffn_.push_back(std::make_unique<FfnLayer>(fc, L.ffn_a, L.ffn_b, L.up_b, L.down_b));
+  }
+  cache_.allocate(cfg_.n_layers, cfg_.n_kv_heads, cfg_.head_dim, context);
+  activity_.assign(static_cast<size_t>(cfg_.n_layers), LayerActivity{});
+}
+
+void Model::reset_stats() { activity_.assign(static_cast<size_t>(cfg_.n_layers), LayerActivity{}); }
+
+void Model::forward(const int32_t* tokens, int64_t T, bool all_logits, RunMode mode, float* logits) {
+  if (T < 1) throw std::invalid_argument("forward: no tokens");
+  const int64_t pos0 = cache_.length;
+  if (pos0 + T > cache_.capacity)
+    throw std::invalid_argument("forward: " + std::to_string(pos0 + T) + " positions exceed the context of " +
+                                std::to_string(cache_.capacity));
+  for (int64_t t = 0; t < T; ++t)
+    if (tokens[t] < 0 || tokens[t] >= cfg_.vocab)
+      throw std::invalid_argument("forward: token id " + std::to_string(tokens[t]) + " is outside the vocabulary of " +
+                                  std::to_string(cfg_.vocab));
+  const int64_t d = cfg_.d_model;
+  grow(x_, T * d);
+  grow(h_, T * d);
+  grow(y_, T * d);
+  embed_tokens(w_.embed, tokens, T, x_.data(), d);
+  if (!cfg_.rope) add_learned_positions(w_.pos_embed, pos0, cfg_.position_offset, T, x_.data(), d);
+  for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+    attention_block(l, T, pos0);
+    ffn_block(l, T, mode);
+  }
+  cache_.length = pos0 + T;
+  const int64_t rows = all_logits ? T : 1;
+  const float* src = x_.data() + (all_logits ? 0 : (T - 1) * d);
+  if (cfg_.rmsnorm) rms_norm(src, d, rows, d, w_.final_norm_w, cfg_.norm_eps, h_.data(), d);
+  else layer_norm(src, d, rows, d, w_.final_norm_w, w_.final_norm_b, cfg_.norm_eps, h_.data(), d);
+  gemm(h_.data(), d, rows, w_.lm_head, logits, cfg_.vocab);
+}
+
+void Model::attention_block(int64_t l, int64_t T, int64_t pos0) {
+  const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
+  const int64_t d = cfg_.d_model, qd = cfg_.n_heads * cfg_.head_dim, kd = cfg_.n_kv_heads * cfg_.head_dim;
+  grow(q_, T * qd);
+  grow(k_, T * kd);
+  grow(v_, T * kd);
+  grow(att_, T * qd);
+  if (cfg_.rmsnorm) rms_norm(x_.data(), d, T, d, L.attn_norm_w, cfg_.norm_eps, h_.data(), d);
+  else layer_norm(x_.data(), d, T, d, L.attn_norm_w, L.attn_norm_b, cfg_.norm_eps, h_.data(), d);
+  gemm(h_.data(), d, T, L.q, q_.data(), qd);
+  gemm(h_.data(), d, T, L.k, k_.data(), kd);
+  gemm(h_.data(), d, T, L.v, v_.data(), kd);
+  if (L.q_b) add_bias(q_.data(), qd, T, qd, L.q_b);
+  if (L.k_b) add_bias(k_.data(), kd, T, kd, L.k_b);
+  if (L.v_b) add_bias(v_.data(), kd, T, kd, L.v_b);
+  if (cfg_.rope) {
+    rope_rotate_half(q_.data(), qd, T, cfg_.n_heads, cfg_.head_dim, pos0, cfg_.rope_theta);
+    rope_rotate_half(k_.data(), kd, T, cfg_.n_kv_heads, cfg_.head_dim, pos0, cfg_.rope_theta);
+  }
+  kv_cache_store(cache_, l, k_.data(), kd, v_.data(), kd, T, pos0);
+  attention_causal(q_.data(), qd, T, cfg_.n_heads, cache_, l, pos0, att_.data(), qd);
+  gemm(att_.data(), qd, T, L.o, y_.data(), d);
+  if (L.o_b) add_bias(y_.data(), d, T, d, L.o_b);
+  add_inplace(x_.data(), d, y_.data(), d, T, d);
+}
+
+void Model::ffn_block(int64_t l, int64_t T, RunMode mode) {
+  const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
+  const int64_t d = cfg_.d_model;
+  if (cfg_.rmsnorm) rms_norm(x_.data(), d, T, d, L.ffn_norm_w, cfg_.norm_eps, h_.data(), d);
+  else layer_norm(x_.data(), d, T, d, L.ffn_norm_w, L.ffn_norm_b, cfg_.norm_eps, h_.data(), d);
+  LayerActivity& a = activity_[static_cast<size_t>(l)];
+  if (L.act == ActKind::Relu && L.threshold <= 0.f) {
+    FfnLayer& f = *ffn_[static_cast<size_t>(l)];
+    const FfnStats s = T <= kDecodeMaxTokens ? f.decode(h_.data(), T, y_.data(), ffn_mode(mode))
+                                             : f.forward(h_.data(), T, y_.data(), ffn_mode(mode));
+    if (s.rows > 0) {
+      a.tokens += s.rows;
+      a.nnz += s.nnz;
+      a.max_row_nnz = std::max(a.max_row_nnz, s.max_row_nnz);
+      a.overflow_tiles += s.overflow_tiles;
+      a.overflow_rows += s.overflow_rows;
+    }
+    (s.path == FfnPath::Sparse ? a.sparse_calls : a.dense_calls) += 1;
+  } else {
+    ffn_dense_generic(l, T);
+    a.dense_calls += 1;
+  }
+  add_inplace(x_.data(), d, y_.data(), d, T, d);
+}
+
+// Dense FFN for any activation: g = act(x·W_gateᵀ) (⊙ x·W_upᵀ when gated), with hidden units
+// whose |act| <= threshold zeroed when the layer stores a threshold; y = h·W_downᵀ (+ b).
+// Counts the non-zero hidden units per token.
+void Model::ffn_dense_generic(int64_t l, int64_t T) {
+  const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
+  FfnLayer& f = *ffn_[static_cast<size_t>(l)];
+  const int64_t d = cfg_.d_model, F = L.d_ff;
+  grow(g_, T * F);
+  gemm(h_.data(), d, T, f.gate_view(), g_.data(), F);
+  if (cfg_.gated) {
+    grow(u_, T * F);
+    gemm(h_.data(), d, T, f.up_view(), u_.data(), F);
+  }
+  const float* up_b = L.up_b;
+  const float thr = L.threshold;
+  const bool gated = cfg_.gated;
+  std::vector<int64_t> nnz(static_cast<size_t>(T), 0);
+#pragma omp parallel for num_threads(num_threads()) if (T * F >= 16384)
+  for (int64_t t = 0; t < T; ++t) {
+    float* gr = g_.data() + t * F;
+    const float* ur = gated ? u_.data() + t * F : nullptr;
+    int64_t n = 0;
+    for (int64_t j = 0; j < F; ++j) {
+      float pre = gr[j];
+      if (!gated && up_b) pre += up_b[j];
+      float av = act_value(pre, L.act);
+      if (thr >= 0.f && std::fabs(av) <= thr) av = 0.f;
+      n += av != 0.f;  // active units of the activation (as the TwELL path counts them)
+      if (gated) {
+        float up = ur[j] + (up_b ? up_b[j] : 0.f);
+        av *= up;
+      }
+      gr[j] = av;
+    }
+    nnz[static_cast<size_t>(t)] = n;
+  }
+  gemm(g_.data(), F, T, f.down_standard(), y_.data(), d);
+  if (L.down_b) add_bias(y_.data(), d, T, d, L.down_b);
+  LayerActivity& a = activity_[static_cast<size_t>(l)];
+  for (int64_t n : nnz) {
+    a.nnz += n;
+    a.max_row_nnz = std::max(a.max_row_nnz, n);
+  }
+  a.tokens += T;
+}
+
+}  // namespace sparsellm

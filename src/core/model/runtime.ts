@@ -1,0 +1,201 @@
+// The native model runtime: a packed model memory-mapped by the engine, its tokenizer, and a
+// KV cache that persists across calls. Dense Hugging Face checkpoints are packed on the fly into
+// a temporary file (removed as soon as the engine has mapped it).
+import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { engine, type NativeAddon } from '../native.js';
+import { SparseLlmError, UsageError } from '../errors.js';
+import { openPacked, type PackedModel } from '../format/reader.js';
+import type { PackedLayer, StorageDType } from '../format/metadata.js';
+import { openCheckpoint } from '../checkpoint/dense.js';
+import { packInputFromCheckpoint } from '../format/source.js';
+import { writePacked } from '../format/writer.js';
+import { ByteTokenizer, tokenizerFromJsonBytes, type Tokenizer } from '../tokenizer/index.js';
+import type { ModelSpec } from './spec.js';
+
+/** How ReLU FFNs run: dense GEMMs, TwELL sparse kernels, or the engine's per-call choice. */
+export type FfnRunMode = 'dense' | 'sparse' | 'auto';
+
+/** FFN activity of one layer, measured over the tokens run since the last resetActivity(). */
+export interface LayerActivity {
+  layer: number;
+  dFF: number;
+  /** Tokens whose non-zeros were counted. */
+  tokens: number;
+  /** Mean non-zero hidden units per token (null when nothing was counted). */
+  nnzMean: number | null;
+  nnzMax: number;
+  /** TwELL tiles over capacity (recomputed exactly through the dense fallback). */
+  overflowTiles: number;
+  overflowRows: number;
+  sparseCalls: number;
+  denseCalls: number;
+}
+
+interface NativeModel {
+  forward(tokens: Int32Array, allLogits: boolean, mode: FfnRunMode): Float32Array;
+  reset(): void;
+  position(): number;
+  activity(): { tokens: number; nnz: number; maxRowNnz: number; overflowTiles: number; overflowRows: number; sparseCalls: number; denseCalls: number }[];
+  resetActivity(): void;
+  close(): void;
+}
+
+type ModelAddon = NativeAddon & {
+  Model: new (path: string, spec: ModelSpec, layers: readonly PackedLayer[], tensors: Record<string, { offset: number; bytes: number; dtype: string; shape: number[] }>, context: number) => NativeModel;
+};
+
+export interface LoadOptions {
+  /** KV-cache positions (default: the model's maximum). */
+  context?: number;
+  /** Called with a one-line notice (e.g. when a dense checkpoint is packed on the fly). */
+  onNotice?: (text: string) => void;
+  /** Storage dtype when packing a dense checkpoint on the fly (default BF16). */
+  dtype?: StorageDType;
+}
+
+export class ModelRuntime {
+  private closed = false;
+  private constructor(
+    private readonly native: NativeModel,
+    readonly spec: ModelSpec,
+    readonly layers: readonly PackedLayer[],
+    readonly tokenizer: Tokenizer | undefined,
+    readonly context: number,
+    readonly path: string,
+    /** Bytes of the mapped weights file. */
+    readonly weightsBytes: number,
+    readonly storageDtype: StorageDType,
+    /** True when the model came from a dense checkpoint packed on the fly. */
+    readonly packedOnTheFly: boolean,
+  ) {}
+
+  /** Opens a packed .sllm file, or packs a dense checkpoint (directory or .safetensors) on the fly. */
+  static async load(path: string, opts: LoadOptions = {}): Promise<ModelRuntime> {
+    const st = await stat(path);
+    if (st.isDirectory() || path.endsWith('.safetensors') || path.endsWith('.index.json')) {
+      const ckpt = await openCheckpoint(path);
+      const dir = await mkdtemp(join(tmpdir(), 'sparsellm-'));
+      const tmp = join(dir, 'model.sllm');
+      try {
+        opts.onNotice?.(`packing dense checkpoint ${path} on the fly (not saved; \`sparsellm pack\` keeps a .sllm file)`);
+        const input = await packInputFromCheckpoint(ckpt);
+        await writePacked(input, tmp, { dtype: opts.dtype ?? 'BF16', force: true });
+        await ckpt.close();
+        // Once mapped, the file can go: the mapping keeps its pages.
+        return await ModelRuntime.open(tmp, opts, true, path);
+      } finally {
+        await ckpt.close().catch(() => undefined);
+        await rm(dir, { recursive: true, force: true });
+      }
+    }
+    return ModelRuntime.open(path, opts, false, path);
+  }
+
+  private static async open(file: string, opts: LoadOptions, onTheFly: boolean, shownPath: string): Promise<ModelRuntime> {
+    const pm = await openPacked(file);
+    try {
+      const spec = pm.spec;
+      const context = opts.context ?? spec.maxPositions;
+      if (!Number.isInteger(context) || context < 1 || context > spec.maxPositions) {
+        throw new UsageError(`--context must be in [1, ${spec.maxPositions}] for this model (its maximum), got ${context}`);
+      }
+      const tokenizer = await loadPackedTokenizer(pm, shownPath);
+      if (tokenizer && tokenizer.vocabSize > spec.vocabSize) {
+        throw new SparseLlmError(`${shownPath}: the tokenizer has ${tokenizer.vocabSize} ids but the model only ${spec.vocabSize}`);
+      }
+      const tensors: Record<string, { offset: number; bytes: number; dtype: string; shape: number[] }> = {};
+      for (const name of pm.tensorNames()) {
+        const t = pm.tensor(name);
+        tensors[name] = { offset: t.offset, bytes: t.bytes, dtype: t.dtype, shape: t.shape };
+      }
+      const addon = engine() as ModelAddon;
+      let native: NativeModel;
+      try {
+        native = new addon.Model(file, spec, pm.layers, tensors, context);
+      } catch (e) {
+        throw new SparseLlmError(onTheFly ? `${shownPath}: ${(e as Error).message}` : (e as Error).message);
+      }
+      return new ModelRuntime(native, spec, pm.layers, tokenizer, context, shownPath, pm.fileSize, pm.storageDtype, onTheFly);
+    } finally {
+      await pm.close();
+    }
+  }
+
+  private live(): NativeModel {
+    if (this.closed) throw new SparseLlmError('model runtime used after close()');
+    return this.native;
+  }
+
+  /** Tokens already in the KV cache (the position of the next token). */
+  get position(): number {
+    return this.live().position();
+  }
+
+  /**
+   * Runs `tokens` after what the cache holds and appends them to it. Returns the logits of the
+   * last token ([vocab]) or, with allLogits, of every token ([T · vocab], row-major).
+   */
+  forward(tokens: readonly number[] | Int32Array, opts: { allLogits?: boolean; mode?: FfnRunMode } = {}): Float32Array {
+    const ids = tokens instanceof Int32Array ? tokens : Int32Array.from(tokens);
+    if (ids.length === 0) throw new UsageError('no tokens to run');
+    const pos = this.position;
+    if (pos + ids.length > this.context) {
+      throw new UsageError(`${pos + ids.length} tokens do not fit the context of ${this.context} positions`);
+    }
+    for (const id of ids) {
+      if (!(id >= 0 && id < this.spec.vocabSize)) throw new UsageError(`token id ${id} is outside the model's vocabulary (${this.spec.vocabSize})`);
+    }
+    return this.live().forward(ids, !!opts.allLogits, opts.mode ?? 'auto');
+  }
+
+  /** Empties the KV cache. */
+  reset(): void {
+    this.live().reset();
+  }
+
+  activity(): LayerActivity[] {
+    return this.live()
+      .activity()
+      .map((a, i) => ({
+        layer: i,
+        dFF: this.spec.dFF[i]!,
+        tokens: a.tokens,
+        nnzMean: a.tokens > 0 ? a.nnz / a.tokens : null,
+        nnzMax: a.maxRowNnz,
+        overflowTiles: a.overflowTiles,
+        overflowRows: a.overflowRows,
+        sparseCalls: a.sparseCalls,
+        denseCalls: a.denseCalls,
+      }));
+  }
+
+  resetActivity(): void {
+    this.live().resetActivity();
+  }
+
+  /** Unmaps the weights and frees the cache. */
+  close(): void {
+    if (this.closed) return;
+    this.native.close();
+    this.closed = true;
+  }
+}
+
+async function loadPackedTokenizer(pm: PackedModel, shownPath: string): Promise<Tokenizer | undefined> {
+  const info = pm.tokenizer;
+  if (info.kind === 'byte') return new ByteTokenizer();
+  if (info.kind === 'none') return undefined;
+  const json = await pm.tokenizerJson();
+  const cfgBytes = await pm.tokenizerConfigJson();
+  let config: Record<string, unknown> = {};
+  if (cfgBytes) {
+    try {
+      config = JSON.parse(Buffer.from(cfgBytes).toString('utf8')) as Record<string, unknown>;
+    } catch {
+      config = {};
+    }
+  }
+  return tokenizerFromJsonBytes(json!, shownPath, config, pm.spec.eosTokenId);
+}
