@@ -190,7 +190,7 @@ function checkInput(input: PackInput, layout: readonly PackedTensorDecl[]): void
  */
 export async function writePacked(input: PackInput, outPath: string, options: WritePackedOptions = {}): Promise<WritePackedResult> {
   const storage = options.dtype ?? 'BF16';
-  const chunkBytes = Math.max(1 << 16, options.chunkBytes ?? 16 << 20);
+  const chunkBytes = Math.max(64, options.chunkBytes ?? 16 << 20);
   await checkOutputPath(outPath, !!options.force);
   const meta = packedMetadataFor(input, storage, options.toolVersion ?? 'unknown');
   const layout = packedLayout(meta.spec, meta.layers, storage, meta.tokenizer);
@@ -201,7 +201,14 @@ export async function writePacked(input: PackInput, outPath: string, options: Wr
   const plan = planSafetensors({ tensors: decls, metadata, alignment: ALIGNMENT });
   const placeholderAt = findPlaceholder(plan.header);
   await removeStaleTemps(outPath);
-  const writer = await SafetensorsWriter.create(outPath, { tensors: decls, metadata, alignment: ALIGNMENT });
+  let writer: SafetensorsWriter;
+  try {
+    writer = await SafetensorsWriter.create(outPath, { tensors: decls, metadata, alignment: ALIGNMENT });
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    if (!err.code) throw e;
+    throw new SparseLlmError(`${outPath}: output directory ${dirname(resolve(outPath))} is not writable (${err.code}: cannot create a file there)`);
+  }
   if (writer.size !== plan.size) {
     await writer.abort();
     throw new SparseLlmError(`${outPath}: internal error: writer plan differs from the expected layout`);
