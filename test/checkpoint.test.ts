@@ -9,9 +9,10 @@ import { openCheckpoint, type DenseCheckpoint } from '../src/core/checkpoint/ind
 import { SafetensorsFile } from '../src/core/checkpoint/safetensors.js';
 import { canonicalTensors } from '../src/core/model/canonical.js';
 import type { ModelSpec } from '../src/core/model/spec.js';
-import { FormatError, ModelError } from '../src/core/errors.js';
+import { FormatError, ModelError, SparseLlmError } from '../src/core/errors.js';
 import { generateFixtures, DEFAULT_SEED, FIXTURE_NAMES } from '../fixtures/generate.js';
 import { tempDir } from './helpers/tmp.js';
+import { Rng } from './helpers/rng.js';
 import { FIXTURES_DIR, FIXTURE_PATHS, copyFixture, rewriteSafetensors } from './helpers/fixtures.js';
 
 const dir = tempDir(after);
@@ -437,5 +438,136 @@ describe('bad checkpoints', () => {
     await expectOpenError(d, ModelError, /no config\.json in .* \(a checkpoint needs config\.json beside its safetensors files\)/);
     await expectOpenError(join(dir, 'does-not-exist'), ModelError, /does-not-exist: no such file or directory/);
     await expectOpenError(join(d, 'config.txt'), ModelError, /no such file or directory/);
+  });
+});
+
+describe('fuzz', () => {
+  // Random damage to fixture files: each case must end in a clean FormatError/ModelError naming a
+  // file of the checkpoint, or in a read that returns every tensor whole, with the values unchanged
+  // except where the data bytes themselves were changed. Never a crash, a hang or a stray exception.
+  test('300 mutated checkpoints: a clean error or a correct read', async () => {
+    const seed = Rng.seedFromEnv(4242);
+    console.log(`checkpoint fuzz seed=${seed}`);
+    const rng = new Rng(seed);
+    const bases = ['llama-relu-gqa', 'gpt2', 'opt', 'llama-sharded', 'qwen2-bias', 'mistral-gqa'];
+    const work = join(dir, 'fuzz');
+    const originals = new Map<string, Map<string, Float32Array>>();
+    for (const b of bases) {
+      copyFixture(b, work);
+      const values = new Map<string, Float32Array>();
+      await withCheckpoint(join(work, b), async (ck) => {
+        for (const n of ck.tensorNames()) values.set(n, await ck.readF32(n));
+      });
+      originals.set(b, values);
+    }
+    const weird: unknown[] = [null, -1, 0, 1.5, 'x', 1e9, true, {}, [], 2 ** 60, '', [1, 2]];
+    const pick = <T,>(xs: readonly T[]): T => xs[rng.int(0, xs.length - 1)]!;
+    const tally: Record<string, number> = { ok: 0, error: 0 };
+    for (let c = 0; c < 300; c++) {
+      const base = pick(bases);
+      const bdir = join(work, base);
+      const files = readdirSync(bdir).filter((f) => f.endsWith('.safetensors') || f.endsWith('.json'));
+      const file = join(bdir, pick(files));
+      const before = readFileSync(file);
+      let bytes = Buffer.from(before);
+      const headerEnd = 8 + Number(bytes.readBigUInt64LE(0) & 0xffffffn);
+      const isJson = file.endsWith('.json');
+      const kind = isJson ? pick(['json-edit', 'flip', 'truncate'] as const) : pick(['flip-header', 'truncate', 'length', 'header-edit', 'append', 'flip-data', 'flip-data'] as const);
+      let dataFlip = false;
+      switch (kind) {
+        case 'flip':
+        case 'flip-header': {
+          const at = rng.int(0, Math.min(bytes.length, isJson ? bytes.length : headerEnd) - 1);
+          bytes[at]! ^= 1 << rng.int(0, 7);
+          break;
+        }
+        case 'flip-data': {
+          if (headerEnd >= bytes.length) break;
+          bytes[rng.int(headerEnd, bytes.length - 1)]! ^= 1 << rng.int(0, 7);
+          dataFlip = true;
+          break;
+        }
+        case 'truncate':
+          bytes = bytes.subarray(0, rng.int(0, bytes.length - 1));
+          break;
+        case 'append':
+          bytes = Buffer.concat([bytes, Buffer.from([rng.int(0, 255), rng.int(0, 255)])]);
+          break;
+        case 'length':
+          bytes.writeBigUInt64LE(rng.uniform() < 0.5 ? BigInt(Math.max(0, headerEnd - 8 + rng.int(-16, 16))) : BigInt(rng.u32()) * BigInt(rng.u32()), 0);
+          break;
+        case 'header-edit':
+        case 'json-edit': {
+          const text = isJson ? bytes.toString('utf8') : bytes.subarray(8, headerEnd).toString('utf8');
+          const obj = JSON.parse(text) as Record<string, any>;
+          let target: Record<string, any> = obj;
+          if (!isJson || file.endsWith('index.json')) {
+            const holder = file.endsWith('index.json') ? obj.weight_map : obj;
+            const key = pick(Object.keys(holder));
+            if (file.endsWith('index.json')) {
+              if (rng.uniform() < 0.5) delete holder[key];
+              else holder[key] = pick(['model-00001-of-00003.safetensors', 'nope.safetensors', 7, '../x']);
+              target = {};
+            } else target = holder[key];
+          }
+          const keys = Object.keys(target);
+          if (keys.length > 0) {
+            const key = pick(keys);
+            if (rng.uniform() < 0.25) delete target[key];
+            else target[key] = pick(weird);
+          }
+          const json = Buffer.from(JSON.stringify(obj));
+          if (isJson) bytes = json;
+          else {
+            const len = Buffer.alloc(8);
+            len.writeBigUInt64LE(BigInt(json.length));
+            bytes = Buffer.concat([len, json, bytes.subarray(headerEnd)]);
+          }
+          break;
+        }
+      }
+      writeFileSync(file, bytes);
+      const what = `case ${c}: ${kind} on ${relative(work, file)}`;
+      let timer: NodeJS.Timeout | undefined;
+      const timeout = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`${what}: hung`)), 10_000);
+      });
+      try {
+        await Promise.race([
+          timeout,
+          (async () => {
+            let ck: DenseCheckpoint;
+            try {
+              ck = await openCheckpoint(bdir);
+            } catch (e) {
+              assert.ok(e instanceof FormatError || e instanceof ModelError, `${what}: unexpected ${e instanceof Error ? e.stack : String(e)}`);
+              assert.ok((e as SparseLlmError).message.startsWith(bdir), `${what}: message names the file: ${(e as Error).message}`);
+              tally.error!++;
+              return;
+            }
+            try {
+              const orig = originals.get(base)!;
+              let diffs = 0;
+              for (const n of ck.tensorNames()) {
+                const got = await ck.readF32(n);
+                assert.equal(got.length, ck.entry(n).shape.reduce((a, b) => a * b, 1), `${what}: ${n} length`);
+                const want = orig.get(n);
+                if (!want) continue;
+                for (let i = 0; i < got.length; i++) if (!Object.is(got[i], want[i])) diffs++;
+              }
+              assert.ok(diffs <= (dataFlip ? 1 : 0), `${what}: ${diffs} values changed`);
+              tally.ok!++;
+            } finally {
+              await ck.close();
+            }
+          })(),
+        ]);
+      } finally {
+        clearTimeout(timer);
+        writeFileSync(file, before);
+      }
+    }
+    console.log(`checkpoint fuzz: ${tally.ok} read correctly, ${tally.error} rejected cleanly`);
+    assert.ok(tally.error! > 100 && tally.ok! > 20, 'the mutations exercise both outcomes');
   });
 });

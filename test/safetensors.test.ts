@@ -189,6 +189,14 @@ describe('safetensors writer failures', () => {
     assert.deepEqual(readdirSync(sub), []);
   });
 
+  test('a missing or unwritable output directory is a clear error', async () => {
+    const t = randomTensor('w', 'F32', [4]);
+    await assert.rejects(SafetensorsWriter.create(join(dir, 'no-such-dir', 'out.safetensors'), { tensors: [t] }), /cannot write: directory .*no-such-dir does not exist/);
+    const file = fresh('plain-file');
+    writeFileSync(file, 'x');
+    await assert.rejects(SafetensorsWriter.create(join(file, 'out.safetensors'), { tensors: [t] }), /cannot write: .*plain-file is not a directory/);
+  });
+
   test('out-of-order, undeclared and overflowing writes are refused', async () => {
     const a = randomTensor('a', 'F32', [10]);
     const b = randomTensor('b', 'F32', [10]);

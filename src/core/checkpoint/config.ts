@@ -11,6 +11,10 @@ export type SupportedModelType = (typeof SUPPORTED_MODEL_TYPES)[number];
 
 type Config = Record<string, unknown>;
 
+/** Upper bound on any size field of a config (layers, widths, vocabulary, positions). */
+const MAX_DIM = 1 << 24;
+const MAX_LAYERS = 4096;
+
 /** Reads fields of one config, collecting every missing required field before failing. */
 class Fields {
   private readonly missing: string[] = [];
@@ -27,6 +31,13 @@ class Fields {
       return 0;
     }
     return this.checkInt(key);
+  }
+
+  /** A required layer count (bounded tighter than other sizes: per-layer lists are built from it). */
+  layers(key: string): number {
+    const n = this.int(key);
+    if (n > MAX_LAYERS) throw this.error(`${key} = ${n} is implausibly large (limit ${MAX_LAYERS})`);
+    return n;
   }
 
   /** An optional positive integer. */
@@ -70,6 +81,8 @@ class Fields {
   private checkInt(key: string): number {
     const v = this.config[key];
     if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) throw this.error(`${key} must be a positive integer, found ${JSON.stringify(v)}`);
+    // No real model comes near this; the bound keeps a corrupt config from making huge tensor lists.
+    if (v > MAX_DIM) throw this.error(`${key} = ${v} is implausibly large (limit ${MAX_DIM})`);
     return v;
   }
 }
@@ -141,7 +154,7 @@ function llamaFamily(config: Config, file: string, modelType: string): ModelSpec
   const f = new Fields(config, file, modelType);
   const dModel = f.int('hidden_size');
   const dFF = f.int('intermediate_size');
-  const nLayers = f.int('num_hidden_layers');
+  const nLayers = f.layers('num_hidden_layers');
   const nHeads = f.int('num_attention_heads');
   const vocabSize = f.int('vocab_size');
   f.done();
@@ -197,7 +210,7 @@ function llamaFamily(config: Config, file: string, modelType: string): ModelSpec
 function gpt2(config: Config, file: string): ModelSpec {
   const f = new Fields(config, file, 'gpt2');
   const dModel = f.int('n_embd');
-  const nLayers = f.int('n_layer');
+  const nLayers = f.layers('n_layer');
   const nHeads = f.int('n_head');
   const vocabSize = f.int('vocab_size');
   const maxPositions = f.int('n_positions');
@@ -236,7 +249,7 @@ function opt(config: Config, file: string): ModelSpec {
   const f = new Fields(config, file, 'opt');
   const dModel = f.int('hidden_size');
   const dFF = f.int('ffn_dim');
-  const nLayers = f.int('num_hidden_layers');
+  const nLayers = f.layers('num_hidden_layers');
   const nHeads = f.int('num_attention_heads');
   const vocabSize = f.int('vocab_size');
   const maxPositions = f.int('max_position_embeddings');

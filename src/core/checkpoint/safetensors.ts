@@ -405,7 +405,17 @@ export class SafetensorsWriter {
   static async create(path: string, options: WriterOptions): Promise<SafetensorsWriter> {
     const plan = planSafetensors(options);
     const tempPath = join(dirname(path), `.${basename(path)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
-    const fh = await open(tempPath, 'wx');
+    let fh: FileHandle;
+    try {
+      fh = await open(tempPath, 'wx');
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException;
+      const dir = dirname(path);
+      if (err.code === 'ENOENT') throw new SparseLlmError(`${path}: cannot write: directory ${dir} does not exist`);
+      if (err.code === 'EACCES' || err.code === 'EPERM' || err.code === 'EROFS') throw new SparseLlmError(`${path}: cannot write: directory ${dir} is not writable`);
+      if (err.code === 'ENOTDIR') throw new SparseLlmError(`${path}: cannot write: ${dir} is not a directory`);
+      throw new SparseLlmError(`${path}: cannot write: ${err.message}`);
+    }
     const writer = new SafetensorsWriter(path, tempPath, fh, plan);
     try {
       await writer.writeAt(plan.header, 0);
