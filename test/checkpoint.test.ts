@@ -5,7 +5,7 @@ import { test, describe, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { join, relative } from 'node:path';
-import { openCheckpoint, type DenseCheckpoint } from '../src/core/checkpoint/index.js';
+import { openCheckpoint, specFromConfig, type DenseCheckpoint } from '../src/core/checkpoint/index.js';
 import { SafetensorsFile } from '../src/core/checkpoint/safetensors.js';
 import { canonicalTensors } from '../src/core/model/canonical.js';
 import type { ModelSpec } from '../src/core/model/spec.js';
@@ -170,6 +170,47 @@ describe('fixtures read to the expected ModelSpec', () => {
       });
     });
   }
+});
+
+describe('config.json → ModelSpec defaults and mappings', () => {
+  const llama = { model_type: 'llama', hidden_size: 64, intermediate_size: 100, num_hidden_layers: 3, num_attention_heads: 4, vocab_size: 300 };
+  test('llama defaults: MHA, head_dim from hidden_size, silu, untied, theta 10000, eps 1e-6, 2048 positions', () => {
+    const s = specFromConfig({ ...llama }, 'c.json');
+    assert.equal(s.nKvHeads, 4);
+    assert.equal(s.headDim, 16);
+    assert.equal(s.activation, 'silu');
+    assert.equal(s.tiedEmbeddings, false);
+    assert.equal(s.ropeTheta, 10000);
+    assert.equal(s.normEps, 1e-6);
+    assert.equal(s.maxPositions, 2048);
+    assert.deepEqual(s.dFF, [100, 100, 100]);
+    assert.equal(s.qkvBias, false);
+    assert.equal(s.slidingWindow, undefined);
+  });
+  test('activations', () => {
+    const act = (hidden_act: string): string => specFromConfig({ ...llama, hidden_act }, 'c.json').activation;
+    assert.equal(act('relu'), 'relu');
+    assert.equal(act('gelu'), 'gelu');
+    assert.equal(act('gelu_pytorch_tanh'), 'gelu_tanh');
+    assert.equal(act('silu'), 'silu');
+    const g = { model_type: 'gpt2', n_embd: 32, n_layer: 1, n_head: 4, vocab_size: 10, n_positions: 16 };
+    assert.equal(specFromConfig(g, 'c.json').activation, 'gelu_tanh');
+    assert.equal(specFromConfig({ ...g, activation_function: 'relu' }, 'c.json').activation, 'relu');
+    assert.equal(specFromConfig(g, 'c.json').dFF[0], 128);
+    assert.equal(specFromConfig({ ...g, n_inner: 50 }, 'c.json').dFF[0], 50);
+  });
+  test('eos lists, qwen2 biases, mistral window, head_dim given', () => {
+    const s = specFromConfig({ ...llama, eos_token_id: [7, 8, 9], bos_token_id: 5 }, 'c.json');
+    assert.equal(s.eosTokenId, 7);
+    assert.deepEqual(s.eosTokenIds, [7, 8, 9]);
+    assert.equal(s.bosTokenId, 5);
+    assert.equal(specFromConfig({ ...llama, model_type: 'qwen2' }, 'c.json').qkvBias, true);
+    assert.equal(specFromConfig({ ...llama, model_type: 'mistral', sliding_window: 32 }, 'c.json').slidingWindow, 32);
+    assert.equal(specFromConfig({ ...llama, model_type: 'mistral', sliding_window: null }, 'c.json').slidingWindow, undefined);
+    assert.equal(specFromConfig({ ...llama, head_dim: 24, num_key_value_heads: 1 }, 'c.json').headDim, 24);
+    assert.throws(() => specFromConfig({ ...llama, num_attention_heads: 5 }, 'c.json'), /hidden_size 64 is not a multiple of num_attention_heads 5, and head_dim is not given/);
+    assert.throws(() => specFromConfig({ ...llama, num_hidden_layers: 1e6 }, 'c.json'), /num_hidden_layers = 1000000 is implausibly large/);
+  });
 });
 
 describe('tensors in canonical orientation', () => {
