@@ -338,6 +338,21 @@ describe('safetensors reader rejects malformed files', () => {
     await expectFormatError(join(dir, 'nope.safetensors'), /no such file/);
   });
 
+  test('header order need not follow data order (as in files written by other tools)', async () => {
+    const data = new Uint8Array(12).map((_, i) => i);
+    const path = writeRawSafetensors(fresh(), {
+      z: { dtype: 'F32', shape: [1], data_offsets: [8, 12] },
+      __metadata__: { format: 'pt' },
+      a: { dtype: 'BF16', shape: [2, 2], data_offsets: [0, 8] },
+    }, data);
+    const f = await SafetensorsFile.open(path);
+    assert.deepEqual(f.names(), ['a', 'z']);
+    assert.deepEqual(await f.readTensorBytes('z'), data.subarray(8));
+    assert.deepEqual(await f.readTensorBytes('a'), data.subarray(0, 8));
+    assert.equal(f.metadata.format, 'pt');
+    await f.close();
+  });
+
   test('an empty header with no data is a valid (empty) file', async () => {
     const f = await SafetensorsFile.open(writeRawSafetensors(fresh(), {}));
     assert.deepEqual(f.names(), []);
