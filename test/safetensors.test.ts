@@ -108,6 +108,10 @@ describe('safetensors round trip', () => {
     assert.ok(parts.length > 1);
     assert.deepEqual(Buffer.concat(parts), Buffer.from(big.bytes));
     assert.deepEqual(await f.readRange('big', 8, 12), big.bytes.subarray(8, 20));
+    const into = new Uint8Array(16);
+    assert.deepEqual(await f.readInto('big', 3996 - 16, into), big.bytes.subarray(3980, 3996));
+    await assert.rejects(f.readInto('big', 3990, into), /range \[3990, 4006\) is outside tensor 'big' \(4000 bytes\)/);
+    await assert.rejects(f.readRange('small', 0, 35), /is outside tensor 'small'/);
     assert.deepEqual(await f.readTensorBytes('small'), small.bytes);
     await f.close();
   });

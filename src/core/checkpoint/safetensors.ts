@@ -182,6 +182,18 @@ export class SafetensorsFile {
     return out;
   }
 
+  /** Fills `target` with the bytes starting `offset` bytes into tensor `name` (no allocation). */
+  async readInto(name: string, offset: number, target: Uint8Array): Promise<Uint8Array> {
+    this.checkOpen();
+    const t = this.info(name);
+    const length = target.byteLength;
+    if (!Number.isSafeInteger(offset) || offset < 0 || offset + length > t.end - t.begin) {
+      throw new SparseLlmError(`${this.path}: range [${offset}, ${offset + length}) is outside tensor '${name}' (${t.end - t.begin} bytes)`);
+    }
+    await readExactly(this.fh, this.path, target, 0, length, t.begin + offset);
+    return target;
+  }
+
   /**
    * Streams tensor `name` in chunks of at most `chunkBytes` (rounded down to whole elements).
    * Each yielded array is freshly allocated.
