@@ -59,3 +59,27 @@ void set_gemm_tuning(const GemmTuning& tuning);
 double memory_bandwidth_gbs(int64_t bytes = int64_t(1) << 30);
 
 }  // namespace sparsellm
+
+namespace sparsellm {
+
+// Native timing of one GEMM shape, so benchmarks are not distorted by the caller's language:
+// fresh random non-zero inputs (uniform in [-1, 1]) are allocated here, `warmup` untimed runs,
+// then `repeats` runs timed with a steady clock. impl "ours" is gemm(); "openblas" is
+// openblas_sgemm() (f32 weights only). `cold_bytes` > 0 cycles through enough copies of W to
+// span that many bytes, so each run streams W from memory rather than the caches.
+struct GemmTimingRequest {
+  int64_t M = 1, K = 1, N = 1;
+  DType dtype = DType::F32;
+  bool openblas = false;
+  int repeats = 10;
+  int warmup = 2;
+  int64_t cold_bytes = 0;
+};
+struct GemmTiming {
+  double median_ms = 0, min_ms = 0, max_ms = 0;
+  int repeats = 0;
+  int64_t weight_copies = 1;
+};
+GemmTiming time_gemm(const GemmTimingRequest& request);
+
+}  // namespace sparsellm
