@@ -243,8 +243,7 @@ double dense_ffn_forward_train(const float* x, int64_t M, const DenseFfnWeights&
       }
   });
   gemm(x, d, M, w.up, tape.u.data(), F);
-  static thread_local std::vector<float> H;
-  H.resize(static_cast<size_t>(M * F));
+  std::vector<float> H(static_cast<size_t>(M * F));
   double l1 = 0;
 #pragma omp parallel for schedule(static) reduction(+ : l1) num_threads(num_threads())
   for (int64_t i = 0; i < M * F; ++i) {
