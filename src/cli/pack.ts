@@ -47,7 +47,6 @@ async function runPack(checkpointPath: string, opts: PackOptions): Promise<void>
   try {
     const spec = ckpt.spec;
     const input = await packInputFromCheckpoint(ckpt);
-    out.note(`${spec.modelType}: ${spec.nLayers} layers, d_model ${spec.dModel}, d_ff ${spec.dFF[0]}, ${spec.gated ? 'gated' : 'non-gated'} ${spec.activation} FFN → ${dtype}`);
     let bar: Progress | undefined;
     let result;
     try {
@@ -56,7 +55,7 @@ async function runPack(checkpointPath: string, opts: PackOptions): Promise<void>
         force: !!opts.force,
         toolVersion: VERSION,
         onStart: (total) => {
-          bar = out.progress('packing', total, 'bytes');
+          bar = out.progress(`packing ${spec.modelType} (${spec.nLayers} layers) → ${dtype}`, total, 'bytes');
         },
         onProgress: (n) => bar?.tick(n),
       });

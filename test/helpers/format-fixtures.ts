@@ -212,3 +212,70 @@ function roundTo(v: Float32Array, dtype: DType): Float32Array {
   }
   return out;
 }
+
+export interface SyntheticOptions {
+  dModel: number;
+  dFF: number;
+  nLayers: number;
+  vocab: number;
+  dtype: DType;
+  seed?: number;
+  /** Called with bytes written. */
+  onProgress?: (bytes: number) => void;
+}
+
+/**
+ * A large Llama-shaped checkpoint (config.json + model.safetensors) written fast: one seeded block
+ * of random values reused at a different offset for each tensor, streamed in 16 MiB chunks.
+ * Returns the safetensors file size.
+ */
+export async function writeSyntheticLlama(dir: string, o: SyntheticOptions): Promise<number> {
+  mkdirSync(dir, { recursive: true });
+  const heads = Math.max(1, Math.round(o.dModel / 128));
+  const config = {
+    model_type: 'llama', hidden_size: o.dModel, intermediate_size: o.dFF, num_hidden_layers: o.nLayers, num_attention_heads: heads,
+    num_key_value_heads: heads, vocab_size: o.vocab, max_position_embeddings: 4096, hidden_act: 'relu', rms_norm_eps: 1e-5, tie_word_embeddings: false,
+  };
+  writeFileSync(join(dir, 'config.json'), JSON.stringify(config, null, 2));
+  const d = o.dModel;
+  const tensors: { name: string; dtype: DType; shape: number[] }[] = [{ name: 'model.embed_tokens.weight', dtype: o.dtype, shape: [o.vocab, d] }];
+  for (let i = 0; i < o.nLayers; i++) {
+    const L = `model.layers.${i}.`;
+    tensors.push({ name: L + 'input_layernorm.weight', dtype: o.dtype, shape: [d] });
+    for (const p of ['q', 'k', 'v', 'o']) tensors.push({ name: `${L}self_attn.${p}_proj.weight`, dtype: o.dtype, shape: [d, d] });
+    tensors.push({ name: L + 'post_attention_layernorm.weight', dtype: o.dtype, shape: [d] });
+    tensors.push({ name: L + 'mlp.gate_proj.weight', dtype: o.dtype, shape: [o.dFF, d] });
+    tensors.push({ name: L + 'mlp.up_proj.weight', dtype: o.dtype, shape: [o.dFF, d] });
+    tensors.push({ name: L + 'mlp.down_proj.weight', dtype: o.dtype, shape: [d, o.dFF] });
+  }
+  tensors.push({ name: 'model.norm.weight', dtype: o.dtype, shape: [d] });
+  tensors.push({ name: 'lm_head.weight', dtype: o.dtype, shape: [o.vocab, d] });
+  const rng = new Rng(o.seed ?? 99);
+  const elem = o.dtype === 'F32' ? 4 : 2;
+  const blockElems = (1 << 20) + 7; // odd length: tensors do not line up with block boundaries
+  const block = encodeFromF32(rng.normalArray(blockElems, 0.02), o.dtype);
+  const chunk = new Uint8Array(16 << 20);
+  const path = join(dir, 'model.safetensors');
+  const w = await SafetensorsWriter.create(path, { tensors });
+  let shift = 0;
+  for (const t of tensors) {
+    let left = t.shape.reduce((a, b) => a * b, 1) * elem;
+    shift = (shift + 4099 * elem) % block.length;
+    let pos = shift;
+    while (left > 0) {
+      const nBytes = Math.min(left, chunk.length);
+      let filled = 0;
+      while (filled < nBytes) {
+        const take = Math.min(nBytes - filled, block.length - pos);
+        chunk.set(block.subarray(pos, pos + take), filled);
+        filled += take;
+        pos = (pos + take) % block.length;
+      }
+      await w.write(t.name, chunk.subarray(0, nBytes));
+      o.onProgress?.(nBytes);
+      left -= nBytes;
+    }
+  }
+  await w.finish();
+  return w.size;
+}
