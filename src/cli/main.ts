@@ -5,6 +5,7 @@ import { SparseLlmError } from '../core/errors.js';
 import { VERSION } from './version.js';
 import { registerInfo } from './info.js';
 import { registerPack } from './pack.js';
+import { registerInfer } from './infer.js';
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -17,6 +18,7 @@ export function buildProgram(): Command {
     .exitOverride();
   registerInfo(program);
   registerPack(program);
+  registerInfer(program);
   return program;
 }
 

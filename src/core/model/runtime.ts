@@ -47,8 +47,9 @@ type ModelAddon = NativeAddon & {
 };
 
 export interface LoadOptions {
-  /** KV-cache positions (default: the model's maximum). */
+  /** KV-cache positions (default: `defaultContext` capped at the model's maximum, else the maximum). */
   context?: number;
+  defaultContext?: number;
   /** Called with a one-line notice (e.g. when a dense checkpoint is packed on the fly). */
   onNotice?: (text: string) => void;
   /** Storage dtype when packing a dense checkpoint on the fly (default BF16). */
@@ -97,7 +98,7 @@ export class ModelRuntime {
     const pm = await openPacked(file);
     try {
       const spec = pm.spec;
-      const context = opts.context ?? spec.maxPositions;
+      const context = opts.context ?? Math.min(opts.defaultContext ?? spec.maxPositions, spec.maxPositions);
       if (!Number.isInteger(context) || context < 1 || context > spec.maxPositions) {
         throw new UsageError(`--context must be in [1, ${spec.maxPositions}] for this model (its maximum), got ${context}`);
       }
