@@ -5,6 +5,7 @@
 // Each function is the plain reference and the one that runs; OpenMP over rows or heads.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -198,6 +199,13 @@ class Model {
 
   const std::vector<LayerActivity>& activity() const { return activity_; }
   void reset_stats();
+
+  // Calibration hook (sparsellm prune): when set, every FFN runs the dense path and, after each
+  // layer, the observer gets that layer's activations for the call: act [T, F] = act(pre), before
+  // any threshold, and hidden [T, F] = the hidden units h that W_down consumes (act ⊙ up when
+  // gated, after the threshold). Both buffers are only valid during the call. Empty: none.
+  using FfnObserver = std::function<void(int64_t layer, int64_t T, int64_t F, const float* act, const float* hidden)>;
+  void set_ffn_observer(FfnObserver observer) { observer_ = std::move(observer); }
   // Calls with at most this many tokens use the decode kernels.
   static constexpr int64_t kDecodeMaxTokens = 4;
 
@@ -212,8 +220,9 @@ class Model {
   std::vector<std::unique_ptr<FfnLayer>> ffn_;
   KvCache cache_;
   std::vector<LayerActivity> activity_;
+  FfnObserver observer_;
   // Work buffers [T, ·], grown on demand.
-  std::vector<float> x_, h_, q_, k_, v_, att_, y_, g_, u_;
+  std::vector<float> x_, h_, q_, k_, v_, att_, y_, g_, u_, obs_act_;
 };
 
 }  // namespace sparsellm

@@ -2,6 +2,7 @@
 // and validated the header, src/core/format/reader.ts) passes the spec and each tensor's file
 // offset; this file maps the file, checks every tensor lies inside it with the expected shape,
 // and builds the engine's views. No math here.
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -113,6 +114,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                         InstanceMethod("position", &ModelWrap::Position),
                         InstanceMethod("activity", &ModelWrap::Activity),
                         InstanceMethod("resetActivity", &ModelWrap::ResetActivity),
+                        InstanceMethod("setFfnObserver", &ModelWrap::SetFfnObserver),
                         InstanceMethod("close", &ModelWrap::Close)});
   }
 
@@ -270,12 +272,38 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return info.Env().Undefined();
   }
 
+  // setFfnObserver(fn | null): fn(layer, T, F, act: Float32Array, hidden: Float32Array) after every
+  // FFN of every forward (copies; see Model::set_ffn_observer). An exception in fn fails forward.
+  Napi::Value SetFfnObserver(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Model& m = model(env);
+    if (info.Length() != 1 || !(info[0].IsFunction() || info[0].IsNull()))
+      throw_js(env, "setFfnObserver(fn: function | null): bad arguments");
+    if (info[0].IsNull()) {
+      m.set_ffn_observer(nullptr);
+      observer_.Reset();
+      return env.Undefined();
+    }
+    observer_ = Napi::Persistent(info[0].As<Napi::Function>());
+    m.set_ffn_observer([this, env](int64_t layer, int64_t T, int64_t F, const float* act, const float* hidden) {
+      const size_t n = static_cast<size_t>(T * F);
+      Napi::Float32Array a = Napi::Float32Array::New(env, n);
+      Napi::Float32Array h = Napi::Float32Array::New(env, n);
+      std::copy(act, act + n, a.Data());
+      std::copy(hidden, hidden + n, h.Data());
+      observer_.Call({Napi::Number::New(env, static_cast<double>(layer)), Napi::Number::New(env, static_cast<double>(T)),
+                      Napi::Number::New(env, static_cast<double>(F)), a, h});
+    });
+    return env.Undefined();
+  }
+
   Napi::Value Close(const Napi::CallbackInfo& info) {
     model_.reset();
     return info.Env().Undefined();
   }
 
   std::unique_ptr<Model> model_;
+  Napi::FunctionReference observer_;
 };
 
 AddonRegistrar reg([](Napi::Env env, Napi::Object exports) { exports.Set("Model", ModelWrap::Define(env)); });

@@ -162,7 +162,7 @@ void Model::ffn_block(int64_t l, int64_t T, RunMode mode) {
   if (cfg_.rmsnorm) rms_norm(x_.data(), d, T, d, L.ffn_norm_w, cfg_.norm_eps, h_.data(), d);
   else layer_norm(x_.data(), d, T, d, L.ffn_norm_w, L.ffn_norm_b, cfg_.norm_eps, h_.data(), d);
   LayerActivity& a = activity_[static_cast<size_t>(l)];
-  if (L.act == ActKind::Relu && L.threshold <= 0.f) {
+  if (L.act == ActKind::Relu && L.threshold <= 0.f && !observer_) {
     FfnLayer& f = *ffn_[static_cast<size_t>(l)];
     const FfnStats s = T <= kDecodeMaxTokens ? f.decode(h_.data(), T, y_.data(), ffn_mode(mode))
                                              : f.forward(h_.data(), T, y_.data(), ffn_mode(mode));
@@ -197,6 +197,11 @@ void Model::ffn_dense_generic(int64_t l, int64_t T) {
   const float* up_b = L.up_b;
   const float thr = L.threshold;
   const bool gated = cfg_.gated;
+  float* obs = nullptr;  // act(pre) before the threshold, for the observer
+  if (observer_) {
+    grow(obs_act_, T * F);
+    obs = obs_act_.data();
+  }
   std::vector<int64_t> nnz(static_cast<size_t>(T), 0);
 #pragma omp parallel for num_threads(num_threads()) if (T * F >= 16384)
   for (int64_t t = 0; t < T; ++t) {
@@ -207,6 +212,7 @@ void Model::ffn_dense_generic(int64_t l, int64_t T) {
       float pre = gr[j];
       if (!gated && up_b) pre += up_b[j];
       float av = act_value(pre, L.act);
+      if (obs) obs[t * F + j] = av;
       if (thr >= 0.f && std::fabs(av) <= thr) av = 0.f;
       n += av != 0.f;  // active units of the activation (as the TwELL path counts them)
       if (gated) {
@@ -217,6 +223,7 @@ void Model::ffn_dense_generic(int64_t l, int64_t T) {
     }
     nnz[static_cast<size_t>(t)] = n;
   }
+  if (observer_) observer_(l, T, F, obs, g_.data());
   gemm(g_.data(), F, T, f.down_standard(), y_.data(), d);
   if (L.down_b) add_bias(y_.data(), d, T, d, L.down_b);
   LayerActivity& a = activity_[static_cast<size_t>(l)];

@@ -39,8 +39,15 @@ interface NativeModel {
   position(): number;
   activity(): { tokens: number; nnz: number; maxRowNnz: number; overflowTiles: number; overflowRows: number; sparseCalls: number; denseCalls: number }[];
   resetActivity(): void;
+  setFfnObserver(fn: FfnObserver | null): void;
   close(): void;
 }
+
+/**
+ * Receives, after each layer's FFN, that call's activations: act [T, F] = act(pre) before any
+ * threshold, and hidden [T, F] = the hidden units W_down consumes (row-major, fresh copies).
+ */
+export type FfnObserver = (layer: number, T: number, F: number, act: Float32Array, hidden: Float32Array) => void;
 
 type ModelAddon = NativeAddon & {
   Model: new (path: string, spec: ModelSpec, layers: readonly PackedLayer[], tensors: Record<string, { offset: number; bytes: number; dtype: string; shape: number[] }>, context: number) => NativeModel;
@@ -174,6 +181,14 @@ export class ModelRuntime {
 
   resetActivity(): void {
     this.live().resetActivity();
+  }
+
+  /**
+   * Calibration hook: while set, every FFN runs its dense path and `fn` sees its activations
+   * (see FfnObserver). An exception thrown by `fn` fails the forward. null removes it.
+   */
+  setFfnObserver(fn: FfnObserver | null): void {
+    this.live().setFfnObserver(fn);
   }
 
   /** Unmaps the weights and frees the cache. */
