@@ -16,6 +16,7 @@ import {
   ALIGNMENT,
   denseLayers,
   encodeMetadata,
+  type PackedLayer,
   type PackedMetadata,
   type SourceFile,
   type StorageDType,
@@ -44,6 +45,10 @@ export interface PackInput {
   sourceFiles: SourceFile[];
   /** Tokenizer files found with the checkpoint. */
   tokenizer: { kind: 'huggingface'; json: Uint8Array; config: Uint8Array | null } | { kind: 'byte' } | { kind: 'none' };
+  /** Per-layer FFN entries of a pruned / calibrated model (sparsellm prune); default: dense layers. */
+  layers?: readonly PackedLayer[];
+  /** Layer i's neuron map (packed neuron → source neuron), for each layer whose entry names one. */
+  neuronMap?(layer: number): Int32Array;
 }
 
 export interface WritePackedOptions {
@@ -147,7 +152,7 @@ export function packedMetadataFor(input: PackInput, storageDtype: StorageDType, 
   return {
     storageDtype,
     spec,
-    layers: denseLayers(spec),
+    layers: input.layers ? input.layers.map((l) => ({ ...l })) : denseLayers(spec),
     tokenizer,
     provenance: {
       tool: 'sparsellm',
@@ -303,8 +308,12 @@ async function writeTensor(input: PackInput, t: PackedTensorDecl, meta: PackedMe
       if (tok.kind !== 'huggingface') throw new SparseLlmError('internal error: tokenizer tensor without a tokenizer');
       return emit(t.name, t.name === 'tokenizer.json' ? tok.json : tok.config!);
     }
-    case 'neuron_map':
-      throw new SparseLlmError(`internal error: dense packing has no neuron map (${t.name})`);
+    case 'neuron_map': {
+      if (!input.neuronMap) throw new SparseLlmError(`internal error: dense packing has no neuron map (${t.name})`);
+      const map = input.neuronMap(s.layer);
+      if (map.length !== t.shape[0]) throw new SparseLlmError(`internal error: neuron map of layer ${s.layer} has ${map.length} entries, expected ${t.shape[0]}`);
+      return emit(t.name, new Uint8Array(map.buffer, map.byteOffset, map.byteLength));
+    }
   }
 }
 
