@@ -1,0 +1,545 @@
+// Trainer (sparsellm/train.h): forward and hand-written backward of the whole Llama-family
+// model, the per-layer choice between the dense and Hybrid FFN kernels, dead-neuron tracking,
+// gradient clipping and AdamW.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+
+#include "sparsellm/cpu_info.h"
+#include "sparsellm/train.h"
+#include "train_ops.h"
+
+namespace sparsellm {
+
+using namespace trainops;
+
+namespace {
+
+size_t sz(int64_t n) { return static_cast<size_t>(n); }
+
+uint64_t mix(uint64_t a, uint64_t b) {
+  uint64_t z = a ^ (b + 0x9e3779b97f4a7c15ULL + (a << 6) + (a >> 2));
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+Trainer::Trainer(const TrainModelConfig& c, const TrainHyper& h) : cfg_(c), hp_(h) {
+  if (c.vocab < 2 || c.d_model < 2 || c.n_layers < 1 || c.n_heads < 1 || c.d_ff < 1 || c.context < 2)
+    throw std::invalid_argument("Trainer: vocab, d_model, layers, heads, d_ff and context must be positive");
+  if (c.d_model % c.n_heads != 0 || (c.d_model / c.n_heads) % 2 != 0)
+    throw std::invalid_argument("Trainer: d_model must be a multiple of heads with an even head width");
+  if (c.vocab > (int64_t(1) << 31) - 1) throw std::invalid_argument("Trainer: vocabulary too large");
+  const int64_t d = c.d_model, F = c.d_ff, V = c.vocab;
+  int64_t off = 0;
+  auto take = [&](int64_t n) { const int64_t o = off; off += n; return o; };
+  off_embed_ = take(V * d);
+  tensors_.push_back({"model.embed_tokens.weight", V, d});
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    LayerOffsets L{};
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    L.attn_norm = take(d);
+    no_decay_.push_back({L.attn_norm, L.attn_norm + d});
+    L.q = take(d * d);
+    L.k = take(d * d);
+    L.v = take(d * d);
+    L.o = take(d * d);
+    L.ffn_norm = take(d);
+    no_decay_.push_back({L.ffn_norm, L.ffn_norm + d});
+    L.gate = take(F * d);
+    L.updown = take(2 * F * d);
+    lo_.push_back(L);
+    tensors_.push_back({p + "input_layernorm.weight", d, 1});
+    tensors_.push_back({p + "self_attn.q_proj.weight", d, d});
+    tensors_.push_back({p + "self_attn.k_proj.weight", d, d});
+    tensors_.push_back({p + "self_attn.v_proj.weight", d, d});
+    tensors_.push_back({p + "self_attn.o_proj.weight", d, d});
+    tensors_.push_back({p + "post_attention_layernorm.weight", d, 1});
+    tensors_.push_back({p + "mlp.gate_proj.weight", F, d});
+    tensors_.push_back({p + "mlp.up_proj.weight", F, d});
+    tensors_.push_back({p + "mlp.down_proj.weight", d, F});
+  }
+  off_final_norm_ = take(d);
+  no_decay_.push_back({off_final_norm_, off_final_norm_ + d});
+  tensors_.push_back({"model.norm.weight", d, 1});
+  n_params_ = off;
+  w_.assign(sz(n_params_), 0.f);
+  g_.assign(sz(n_params_), 0.f);
+  m_.assign(sz(n_params_), 0.f);
+  v_.assign(sz(n_params_), 0.f);
+  const size_t nl = sz(c.n_layers);
+  st_.hybrid.assign(nl, hp_.ffn_path == FfnTrainPath::Hybrid ? 1 : 0);
+  st_.last_nnz.assign(nl, 0.0);
+  st_.fired.assign(nl * sz(F), 0);
+  st_.dead.assign(nl, 0);
+  acts_.resize(nl);
+  dn_.resize(nl);
+  gt_.resize(nl);
+  ut_.resize(nl);
+  dense_fresh_.assign(nl, 0);
+  rope_tables(c.context, d / c.n_heads, c.rope_theta, cos_, sin_);
+}
+
+void Trainer::init_weights() {
+  const int64_t d = cfg_.d_model, F = cfg_.d_ff;
+  std::mt19937_64 rng(mix(hp_.seed, 0x1417));
+  std::normal_distribution<float> nd(0.f, hp_.init_std);
+  const float out_scale = static_cast<float>(1.0 / std::sqrt(2.0 * static_cast<double>(cfg_.n_layers)));
+  auto fill = [&](int64_t off, int64_t n, float s) {
+    for (int64_t i = 0; i < n; ++i) w_[sz(off + i)] = nd(rng) * s;
+  };
+  fill(off_embed_, cfg_.vocab * d, 1.f);
+  for (const LayerOffsets& L : lo_) {
+    std::fill(w_.begin() + L.attn_norm, w_.begin() + L.attn_norm + d, 1.f);
+    std::fill(w_.begin() + L.ffn_norm, w_.begin() + L.ffn_norm + d, 1.f);
+    fill(L.q, d * d, 1.f);
+    fill(L.k, d * d, 1.f);
+    fill(L.v, d * d, 1.f);
+    fill(L.o, d * d, out_scale);
+    fill(L.gate, F * d, 1.f);
+    for (int64_t j = 0; j < F; ++j) {
+      fill(L.updown + j * 2 * d, d, 1.f);
+      fill(L.updown + j * 2 * d + d, d, out_scale);
+    }
+  }
+  std::fill(w_.begin() + off_final_norm_, w_.begin() + off_final_norm_ + d, 1.f);
+  std::fill(dense_fresh_.begin(), dense_fresh_.end(), 0);
+}
+
+namespace {
+// Which tensor a name is: returns the kind and the layer (or -1).
+enum class Kind { Embed, AttnNorm, Q, K, V, O, FfnNorm, Gate, Up, Down, FinalNorm, Unknown };
+Kind parse_name(const std::string& n, int64_t& layer) {
+  layer = -1;
+  if (n == "model.embed_tokens.weight") return Kind::Embed;
+  if (n == "model.norm.weight") return Kind::FinalNorm;
+  const std::string pre = "model.layers.";
+  if (n.compare(0, pre.size(), pre) != 0) return Kind::Unknown;
+  size_t i = pre.size(), j = i;
+  while (j < n.size() && n[j] >= '0' && n[j] <= '9') ++j;
+  if (j == i || j >= n.size() || n[j] != '.' || j - i > 9) return Kind::Unknown;
+  layer = std::stoll(n.substr(i, j - i));
+  const std::string rest = n.substr(j + 1);
+  if (rest == "input_layernorm.weight") return Kind::AttnNorm;
+  if (rest == "self_attn.q_proj.weight") return Kind::Q;
+  if (rest == "self_attn.k_proj.weight") return Kind::K;
+  if (rest == "self_attn.v_proj.weight") return Kind::V;
+  if (rest == "self_attn.o_proj.weight") return Kind::O;
+  if (rest == "post_attention_layernorm.weight") return Kind::FfnNorm;
+  if (rest == "mlp.gate_proj.weight") return Kind::Gate;
+  if (rest == "mlp.up_proj.weight") return Kind::Up;
+  if (rest == "mlp.down_proj.weight") return Kind::Down;
+  return Kind::Unknown;
+}
+}  // namespace
+
+void Trainer::get_tensor(const std::string& name, float* out) const {
+  int64_t l = -1;
+  const Kind k = parse_name(name, l);
+  const int64_t d = cfg_.d_model, F = cfg_.d_ff;
+  if (k == Kind::Unknown || (l >= cfg_.n_layers)) throw std::invalid_argument("Trainer: unknown tensor " + name);
+  auto copy = [&](int64_t off, int64_t n) { std::memcpy(out, w_.data() + off, sizeof(float) * sz(n)); };
+  const LayerOffsets* L = l >= 0 ? &lo_[sz(l)] : nullptr;
+  switch (k) {
+    case Kind::Embed: copy(off_embed_, cfg_.vocab * d); break;
+    case Kind::FinalNorm: copy(off_final_norm_, d); break;
+    case Kind::AttnNorm: copy(L->attn_norm, d); break;
+    case Kind::FfnNorm: copy(L->ffn_norm, d); break;
+    case Kind::Q: copy(L->q, d * d); break;
+    case Kind::K: copy(L->k, d * d); break;
+    case Kind::V: copy(L->v, d * d); break;
+    case Kind::O: copy(L->o, d * d); break;
+    case Kind::Gate: copy(L->gate, F * d); break;
+    case Kind::Up:
+      for (int64_t j = 0; j < F; ++j) std::memcpy(out + j * d, w_.data() + L->updown + j * 2 * d, sizeof(float) * sz(d));
+      break;
+    case Kind::Down:
+      transpose(w_.data() + L->updown + d, 2 * d, F, d, out, F);
+      break;
+    default: break;
+  }
+}
+
+void Trainer::set_tensor(const std::string& name, const float* in) {
+  int64_t l = -1;
+  const Kind k = parse_name(name, l);
+  const int64_t d = cfg_.d_model, F = cfg_.d_ff;
+  if (k == Kind::Unknown || (l >= cfg_.n_layers)) throw std::invalid_argument("Trainer: unknown tensor " + name);
+  auto copy = [&](int64_t off, int64_t n) { std::memcpy(w_.data() + off, in, sizeof(float) * sz(n)); };
+  const LayerOffsets* L = l >= 0 ? &lo_[sz(l)] : nullptr;
+  switch (k) {
+    case Kind::Embed: copy(off_embed_, cfg_.vocab * d); break;
+    case Kind::FinalNorm: copy(off_final_norm_, d); break;
+    case Kind::AttnNorm: copy(L->attn_norm, d); break;
+    case Kind::FfnNorm: copy(L->ffn_norm, d); break;
+    case Kind::Q: copy(L->q, d * d); break;
+    case Kind::K: copy(L->k, d * d); break;
+    case Kind::V: copy(L->v, d * d); break;
+    case Kind::O: copy(L->o, d * d); break;
+    case Kind::Gate: copy(L->gate, F * d); break;
+    case Kind::Up:
+      for (int64_t j = 0; j < F; ++j) std::memcpy(w_.data() + L->updown + j * 2 * d, in + j * d, sizeof(float) * sz(d));
+      break;
+    case Kind::Down:
+      transpose(in, F, d, F, w_.data() + L->updown + d, 2 * d);
+      break;
+    default: break;
+  }
+  std::fill(dense_fresh_.begin(), dense_fresh_.end(), 0);
+}
+
+void Trainer::zero_grad() { std::fill(g_.begin(), g_.end(), 0.f); }
+
+void Trainer::check_tokens(const int32_t* tokens, int64_t n, int64_t T) const {
+  if (T < 1 || T > cfg_.context)
+    throw std::invalid_argument("Trainer: sequence length " + std::to_string(T) + " outside 1.." +
+                                std::to_string(cfg_.context));
+  for (int64_t i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] >= cfg_.vocab)
+      throw std::invalid_argument("Trainer: token " + std::to_string(tokens[i]) + " outside the vocabulary (" +
+                                  std::to_string(cfg_.vocab) + ")");
+}
+
+// Dense-path copies of layer l's FFN weights in the layouts the dense kernels read.
+void Trainer::dense_copies(int64_t l) {
+  if (dense_fresh_[sz(l)]) return;
+  const int64_t d = cfg_.d_model, F = cfg_.d_ff;
+  const LayerOffsets& L = lo_[sz(l)];
+  dn_[sz(l)].resize(sz(d * F));
+  gt_[sz(l)].resize(sz(d * F));
+  ut_[sz(l)].resize(sz(d * F));
+  transpose(w_.data() + L.updown + d, 2 * d, F, d, dn_[sz(l)].data(), F);
+  transpose(w_.data() + L.gate, d, F, d, gt_[sz(l)].data(), F);
+  transpose(w_.data() + L.updown, 2 * d, F, d, ut_[sz(l)].data(), F);
+  dense_fresh_[sz(l)] = 1;
+}
+
+void Trainer::ffn_forward(int64_t l, LayerActs& a, const float* x, int64_t M, float* y, LayerStepStats& ls) {
+  const int64_t d = cfg_.d_model, F = cfg_.d_ff;
+  const LayerOffsets& L = lo_[sz(l)];
+  const WeightView gate{w_.data() + L.gate, DType::F32, F, d, d};
+  const UpDownView ud{w_.data() + L.updown, DType::F32, F, d, d};
+  a.hybrid = st_.hybrid[sz(l)] != 0;
+  if (a.hybrid) {
+    HybridParams p;
+    p.ell_width = hp_.ell_width;
+    const HybridForwardResult r = hybrid_forward(x, M, gate, ud, p, a.htape, y);
+    ls.nnz += r.stats.nnz;
+    ls.max_row_nnz = std::max(ls.max_row_nnz, r.stats.max_row_nnz);
+    ls.tail_rows += static_cast<int64_t>(a.htape.tail_rows.size());
+    ls.l1 += r.l1;
+    ls.saved_bytes = std::max(ls.saved_bytes, a.htape.saved_bytes());
+  } else {
+    dense_copies(l);
+    DenseFfnWeights w;
+    w.gate = gate;
+    w.up = ud.up();
+    w.down = {dn_[sz(l)].data(), DType::F32, d, F, F};
+    w.gate_t = {gt_[sz(l)].data(), DType::F32, d, F, F};
+    w.up_t = {ut_[sz(l)].data(), DType::F32, d, F, F};
+    w.down_t = ud.down_t();
+    ls.l1 += dense_ffn_forward_train(x, M, w, a.dtape, y);
+    int64_t nnz = 0, mx = 0;
+#pragma omp parallel for schedule(static) reduction(+ : nnz) reduction(max : mx) num_threads(num_threads())
+    for (int64_t m = 0; m < M; ++m) {
+      int64_t n = 0;
+      const float* gm = a.dtape.g.data() + m * F;
+      for (int64_t j = 0; j < F; ++j) n += gm[j] > 0.f;
+      nnz += n;
+      mx = std::max(mx, n);
+    }
+    ls.nnz += nnz;
+    ls.max_row_nnz = std::max(ls.max_row_nnz, mx);
+    ls.saved_bytes = std::max(ls.saved_bytes, a.dtape.saved_bytes());
+  }
+  ls.hybrid = a.hybrid;
+  ls.tokens += M;
+}
+
+void Trainer::ffn_backward(int64_t l, LayerActs& a, const float* x, const float* dy, int64_t M, float lam, float* dx) {
+  const int64_t d = cfg_.d_model, F = cfg_.d_ff;
+  const LayerOffsets& L = lo_[sz(l)];
+  const WeightView gate{w_.data() + L.gate, DType::F32, F, d, d};
+  const UpDownView ud{w_.data() + L.updown, DType::F32, F, d, d};
+  std::vector<float> dgate(sz(F * d)), dud(sz(2 * F * d));
+  if (a.hybrid) {
+    hybrid_backward(x, dy, gate, ud, a.htape, lam, dx, dgate.data(), dud.data());
+    add_to(g_.data() + L.gate, dgate.data(), F * d);
+    add_to(g_.data() + L.updown, dud.data(), 2 * F * d);
+  } else {
+    DenseFfnWeights w;
+    w.gate = gate;
+    w.up = ud.up();
+    w.down = {dn_[sz(l)].data(), DType::F32, d, F, F};
+    w.gate_t = {gt_[sz(l)].data(), DType::F32, d, F, F};
+    w.up_t = {ut_[sz(l)].data(), DType::F32, d, F, F};
+    w.down_t = ud.down_t();
+    float* dup = dud.data();
+    float* ddown = dud.data() + F * d;  // [d, F]
+    dense_ffn_backward(x, dy, M, w, a.dtape, lam, dx, dgate.data(), dup, ddown);
+    add_to(g_.data() + L.gate, dgate.data(), F * d);
+    float* gu = g_.data() + L.updown;
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+    for (int64_t j = 0; j < F; ++j) {
+      float* row = gu + j * 2 * d;
+      for (int64_t i = 0; i < d; ++i) row[i] += dup[j * d + i];
+      for (int64_t i = 0; i < d; ++i) row[d + i] += ddown[i * F + j];
+    }
+  }
+}
+
+void Trainer::track_firing(int64_t l, const LayerActs& a, int64_t M) {
+  const int64_t F = cfg_.d_ff;
+  uint8_t* fired = st_.fired.data() + l * F;
+  if (a.hybrid) {
+    const HybridTape& t = a.htape;
+    size_t ti = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      if (ti < t.tail_rows.size() && t.tail_rows[ti] == m) {
+        const float* tg = t.tail_g.data() + static_cast<int64_t>(ti) * F;
+        for (int64_t j = 0; j < F; ++j) fired[j] |= tg[j] > 0.f;
+        ++ti;
+        continue;
+      }
+      const int32_t* c = t.col.data() + m * t.W;
+      for (int32_t k = 0; k < t.row_nnz[sz(m)]; ++k) fired[c[k]] = 1;
+    }
+  } else {
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+    for (int64_t j = 0; j < F; ++j) {
+      if (fired[j]) continue;
+      for (int64_t m = 0; m < M; ++m)
+        if (a.dtape.g[sz(m * F + j)] > 0.f) {
+          fired[j] = 1;
+          break;
+        }
+    }
+  }
+}
+
+StepStats Trainer::forward_backward(const int32_t* tokens, int64_t B, int64_t T, double scale, bool backward,
+                                    EvalStats* eval) {
+  const int64_t d = cfg_.d_model, F = cfg_.d_ff, V = cfg_.vocab, H = cfg_.n_heads, hd = d / H;
+  const int64_t NL = cfg_.n_layers, M = B * T;
+  (void)F;
+  if (B < 1) throw std::invalid_argument("Trainer: need at least one sequence");
+  check_tokens(tokens, B * (T + 1), T);
+  std::vector<int32_t> inp(sz(M)), tgt(sz(M));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      inp[sz(b * T + t)] = tokens[b * (T + 1) + t];
+      tgt[sz(b * T + t)] = tokens[b * (T + 1) + t + 1];
+    }
+  StepStats s;
+  s.layers.resize(sz(NL));
+  const float* W = w_.data();
+  std::vector<float> x(sz(M * d)), tmp(sz(M * d));
+  for (int64_t m = 0; m < M; ++m) std::memcpy(x.data() + m * d, W + off_embed_ + inp[sz(m)] * d, sizeof(float) * sz(d));
+  int64_t kept = 0;
+  for (int64_t l = 0; l < NL; ++l) {
+    LayerActs& a = acts_[sz(l)];
+    const LayerOffsets& L = lo_[sz(l)];
+    for (auto* v : {&a.x_in, &a.xn1, &a.q, &a.k, &a.v, &a.att, &a.x_mid, &a.xn2}) v->resize(sz(M * d));
+    a.rstd1.resize(sz(M));
+    a.rstd2.resize(sz(M));
+    a.P.resize(sz(B * H * T * T));
+    a.x_in = x;
+    rmsnorm_forward(x.data(), M, d, W + L.attn_norm, cfg_.norm_eps, a.xn1.data(), a.rstd1.data());
+    linear_forward(a.xn1.data(), M, d, W + L.q, d, a.q.data());
+    linear_forward(a.xn1.data(), M, d, W + L.k, d, a.k.data());
+    linear_forward(a.xn1.data(), M, d, W + L.v, d, a.v.data());
+    rope_apply(a.q.data(), B, T, H, hd, cos_.data(), sin_.data(), false);
+    rope_apply(a.k.data(), B, T, H, hd, cos_.data(), sin_.data(), false);
+    attention_forward(a.q.data(), a.k.data(), a.v.data(), B, T, H, hd, a.P.data(), a.att.data());
+    linear_forward(a.att.data(), M, d, W + L.o, d, tmp.data());
+    add_to(x.data(), tmp.data(), M * d);
+    a.x_mid = x;
+    rmsnorm_forward(x.data(), M, d, W + L.ffn_norm, cfg_.norm_eps, a.xn2.data(), a.rstd2.data());
+    ffn_forward(l, a, a.xn2.data(), M, tmp.data(), s.layers[sz(l)]);
+    add_to(x.data(), tmp.data(), M * d);
+    if (backward) track_firing(l, a, M);
+    kept += static_cast<int64_t>(sizeof(float)) * (8 * M * d + 2 * M + B * H * T * T) + s.layers[sz(l)].saved_bytes;
+  }
+  std::vector<float> xnf(sz(M * d)), rstdf(sz(M)), logits(sz(M * V));
+  rmsnorm_forward(x.data(), M, d, W + off_final_norm_, cfg_.norm_eps, xnf.data(), rstdf.data());
+  linear_forward(xnf.data(), M, d, W + off_embed_, V, logits.data());
+  const double ce_sum = cross_entropy(logits.data(), tgt.data(), M, V, static_cast<float>(scale / static_cast<double>(M)));
+  double l1 = 0;
+  for (auto& ls : s.layers) l1 += ls.l1;
+  l1 /= static_cast<double>(NL);
+  s.ce = ce_sum / static_cast<double>(M);
+  s.l1 = l1;
+  s.loss = s.ce + hp_.l1 * l1;
+  s.tokens = M;
+  kept += static_cast<int64_t>(sizeof(float)) * (3 * M * d + M + M * V);
+  saved_bytes_ = kept;
+  peak_saved_bytes_ = std::max(peak_saved_bytes_, kept);
+  if (eval) {
+    eval->ce += ce_sum;
+    eval->l1 += l1 * static_cast<double>(M);
+    eval->tokens += M;
+    for (int64_t l = 0; l < NL; ++l) eval->nnz[sz(l)] += s.layers[sz(l)].nnz;
+  }
+  if (!backward) return s;
+
+  // ---- backward ----
+  Scratch sc;
+  float* G = g_.data();
+  std::vector<float> dxnf(sz(M * d)), dx(sz(M * d)), dxn(sz(M * d)), dq(sz(M * d)), dk(sz(M * d)),
+      dv(sz(M * d)), datt(sz(M * d));
+  linear_backward(xnf.data(), logits.data(), M, d, W + off_embed_, V, dxnf.data(), G + off_embed_, sc);
+  rmsnorm_backward(x.data(), rstdf.data(), W + off_final_norm_, dxnf.data(), M, d, dx.data(), false, G + off_final_norm_);
+  const float lam = static_cast<float>(hp_.l1 * scale / static_cast<double>(NL));
+  for (int64_t l = NL - 1; l >= 0; --l) {
+    LayerActs& a = acts_[sz(l)];
+    const LayerOffsets& L = lo_[sz(l)];
+    // x_out = x_mid + ffn(rmsnorm(x_mid))
+    ffn_backward(l, a, a.xn2.data(), dx.data(), M, lam, dxn.data());
+    rmsnorm_backward(a.x_mid.data(), a.rstd2.data(), W + L.ffn_norm, dxn.data(), M, d, dx.data(), true, G + L.ffn_norm);
+    // x_mid = x_in + o(attention(rope(q), rope(k), v))
+    linear_backward(a.att.data(), dx.data(), M, d, W + L.o, d, datt.data(), G + L.o, sc);
+    attention_backward(a.q.data(), a.k.data(), a.v.data(), a.P.data(), datt.data(), B, T, H, hd, dq.data(), dk.data(),
+                       dv.data());
+    rope_apply(dq.data(), B, T, H, hd, cos_.data(), sin_.data(), true);
+    rope_apply(dk.data(), B, T, H, hd, cos_.data(), sin_.data(), true);
+    linear_backward(a.xn1.data(), dq.data(), M, d, W + L.q, d, dxn.data(), G + L.q, sc);
+    linear_backward(a.xn1.data(), dk.data(), M, d, W + L.k, d, tmp.data(), G + L.k, sc);
+    add_to(dxn.data(), tmp.data(), M * d);
+    linear_backward(a.xn1.data(), dv.data(), M, d, W + L.v, d, tmp.data(), G + L.v, sc);
+    add_to(dxn.data(), tmp.data(), M * d);
+    rmsnorm_backward(a.x_in.data(), a.rstd1.data(), W + L.attn_norm, dxn.data(), M, d, dx.data(), true, G + L.attn_norm);
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    float* ge = G + off_embed_ + inp[sz(m)] * d;
+    const float* dm = dx.data() + m * d;
+    for (int64_t i = 0; i < d; ++i) ge[i] += dm[i];
+  }
+  return s;
+}
+
+StepStats Trainer::accumulate(const int32_t* tokens, int64_t B, int64_t T, double scale) {
+  return forward_backward(tokens, B, T, scale, true, nullptr);
+}
+
+EvalStats Trainer::evaluate(const int32_t* tokens, int64_t B, int64_t T) {
+  EvalStats e;
+  e.nnz.assign(sz(cfg_.n_layers), 0);
+  forward_backward(tokens, B, T, 1.0, false, &e);
+  e.ce /= static_cast<double>(e.tokens);
+  e.l1 /= static_cast<double>(e.tokens);
+  return e;
+}
+
+StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64_t T, float lr) {
+  if (n_micro < 1) throw std::invalid_argument("Trainer.step: need at least one micro-batch");
+  if (!(lr >= 0.f) || !std::isfinite(lr)) throw std::invalid_argument("Trainer.step: learning rate must be >= 0");
+  const int64_t NL = cfg_.n_layers;
+  check_tokens(tokens, n_micro * B * (T + 1), T);
+  // Per-layer path: forced, or (Auto) re-decided every recheck_steps from the last measurement.
+  for (int64_t l = 0; l < NL; ++l) {
+    if (hp_.ffn_path == FfnTrainPath::Dense) st_.hybrid[sz(l)] = 0;
+    else if (hp_.ffn_path == FfnTrainPath::Hybrid) st_.hybrid[sz(l)] = 1;
+    else if (st_.step > 0 && hp_.recheck_steps > 0 && st_.step % hp_.recheck_steps == 0)
+      st_.hybrid[sz(l)] = st_.last_nnz[sz(l)] < hp_.hybrid_cutoff ? 1 : 0;
+  }
+  zero_grad();
+  StepStats total;
+  total.layers.resize(sz(NL));
+  const double scale = 1.0 / static_cast<double>(n_micro);
+  for (int64_t i = 0; i < n_micro; ++i) {
+    const StepStats s = accumulate(tokens + i * B * (T + 1), B, T, scale);
+    total.loss += s.loss * scale;
+    total.ce += s.ce * scale;
+    total.l1 += s.l1 * scale;
+    total.tokens += s.tokens;
+    for (int64_t l = 0; l < NL; ++l) {
+      LayerStepStats& t = total.layers[sz(l)];
+      const LayerStepStats& u = s.layers[sz(l)];
+      t.tokens += u.tokens;
+      t.nnz += u.nnz;
+      t.max_row_nnz = std::max(t.max_row_nnz, u.max_row_nnz);
+      t.tail_rows += u.tail_rows;
+      t.l1 += u.l1 * scale;
+      t.hybrid = u.hybrid;
+      t.saved_bytes = std::max(t.saved_bytes, u.saved_bytes);
+    }
+  }
+  // Global gradient norm (float64, fixed order) and clipping.
+  double ss = 0;
+  {
+    const int64_t n = n_params_;
+    const int64_t chunk = 1 << 16;
+    const int64_t nc = (n + chunk - 1) / chunk;
+    std::vector<double> part(sz(nc), 0.0);
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+    for (int64_t c = 0; c < nc; ++c) {
+      double a = 0;
+      for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) a += static_cast<double>(g_[sz(i)]) * g_[sz(i)];
+      part[sz(c)] = a;
+    }
+    for (double p : part) ss += p;
+  }
+  total.grad_norm = std::sqrt(ss);
+  if (!std::isfinite(total.grad_norm))
+    throw std::runtime_error("Trainer.step: the gradient is not finite (loss diverged; lower the learning rate)");
+  const float gscale = (hp_.clip > 0.f && total.grad_norm > hp_.clip) ? static_cast<float>(hp_.clip / total.grad_norm) : 1.f;
+  st_.step += 1;
+  const double c1 = 1.0 - std::pow(static_cast<double>(hp_.beta1), static_cast<double>(st_.step));
+  const double c2 = 1.0 - std::pow(static_cast<double>(hp_.beta2), static_cast<double>(st_.step));
+  int64_t pos = 0;
+  auto run = [&](int64_t b, int64_t e, float wd) {
+    if (e > b)
+      adamw(w_.data() + b, g_.data() + b, m_.data() + b, v_.data() + b, e - b, lr, hp_.beta1, hp_.beta2, hp_.eps, wd,
+            c1, c2, gscale);
+  };
+  for (const auto& r : no_decay_) {
+    run(pos, r.first, hp_.weight_decay);
+    run(r.first, r.second, 0.f);
+    pos = r.second;
+  }
+  run(pos, n_params_, hp_.weight_decay);
+  std::fill(dense_fresh_.begin(), dense_fresh_.end(), 0);
+  for (int64_t l = 0; l < NL; ++l)
+    st_.last_nnz[sz(l)] = static_cast<double>(total.layers[sz(l)].nnz) / static_cast<double>(total.layers[sz(l)].tokens);
+  end_of_step(total.tokens, total);
+  return total;
+}
+
+// Dead-neuron window: when it completes, count the neurons that never fired and (optionally)
+// re-initialise their gate rows (fresh Normal(0, init_std) draws, moments zeroed).
+void Trainer::end_of_step(int64_t tokens, StepStats& s) {
+  const int64_t NL = cfg_.n_layers, F = cfg_.d_ff, d = cfg_.d_model;
+  st_.window_tokens += tokens;
+  if (hp_.dead_window > 0 && st_.window_tokens >= hp_.dead_window) {
+    for (int64_t l = 0; l < NL; ++l) {
+      const uint8_t* fired = st_.fired.data() + l * F;
+      int64_t dead = 0;
+      std::mt19937_64 rng(mix(mix(hp_.seed, static_cast<uint64_t>(st_.step)), static_cast<uint64_t>(l) + 77));
+      std::normal_distribution<float> nd(0.f, hp_.init_std);
+      for (int64_t j = 0; j < F; ++j) {
+        if (fired[j]) continue;
+        ++dead;
+        if (!hp_.reinit_dead) continue;
+        const int64_t off = lo_[sz(l)].gate + j * d;
+        for (int64_t i = 0; i < d; ++i) {
+          w_[sz(off + i)] = nd(rng);
+          m_[sz(off + i)] = 0.f;
+          v_[sz(off + i)] = 0.f;
+        }
+        ++s.reinitialised;
+      }
+      st_.dead[sz(l)] = dead;
+    }
+    std::fill(st_.fired.begin(), st_.fired.end(), 0);
+    st_.window_tokens = 0;
+    if (s.reinitialised) std::fill(dense_fresh_.begin(), dense_fresh_.end(), 0);
+  }
+  for (int64_t l = 0; l < NL; ++l) s.layers[sz(l)].dead = st_.dead[sz(l)];
+}
+
+}  // namespace sparsellm

@@ -1,0 +1,265 @@
+// The training building blocks other than the FFN (whose kernels live in hybrid.cpp): linear
+// layers through the dense GEMM, RMSNorm, RoPE, causal attention (forward keeps the
+// probabilities, backward), cross-entropy, AdamW. Each forward sits next to its backward.
+// f32 storage; reductions that decide a row's scale are accumulated in float64.
+#include "train_ops.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "sparsellm/cpu_info.h"
+#include "sparsellm/gemm.h"
+
+namespace sparsellm::trainops {
+
+void transpose(const float* in, int64_t ld_in, int64_t rows, int64_t cols, float* out, int64_t ld_out) {
+  const int64_t Bk = 64;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads())
+  for (int64_t r0 = 0; r0 < rows; r0 += Bk)
+    for (int64_t c0 = 0; c0 < cols; c0 += Bk)
+      for (int64_t c = c0; c < std::min(cols, c0 + Bk); ++c)
+        for (int64_t r = r0; r < std::min(rows, r0 + Bk); ++r) out[c * ld_out + r] = in[r * ld_in + c];
+}
+
+// y [M, dout] = x [M, din] · Wᵀ, W [dout, din].
+void linear_forward(const float* x, int64_t M, int64_t din, const float* W, int64_t dout, float* y) {
+  gemm(x, din, M, WeightView{W, DType::F32, dout, din, din}, y, dout);
+}
+
+// dx [M, din] = dy · W (overwritten, unless dx is null); dW [dout, din] += dyᵀ · x.
+void linear_backward(const float* x, const float* dy, int64_t M, int64_t din, const float* W, int64_t dout,
+                     float* dx, float* dW, Scratch& s) {
+  if (dx) {
+    s.wt.resize(static_cast<size_t>(din * dout));
+    transpose(W, din, dout, din, s.wt.data(), dout);  // Wᵀ [din, dout]
+    gemm(dy, dout, M, WeightView{s.wt.data(), DType::F32, din, dout, dout}, dx, din);
+  }
+  s.at.resize(static_cast<size_t>(dout * M));
+  s.bt.resize(static_cast<size_t>(din * M));
+  s.out.resize(static_cast<size_t>(dout * din));
+  transpose(dy, dout, M, dout, s.at.data(), M);  // dyᵀ [dout, M]
+  transpose(x, din, M, din, s.bt.data(), M);     // xᵀ [din, M]
+  gemm(s.at.data(), M, dout, WeightView{s.bt.data(), DType::F32, din, M, M}, s.out.data(), din);
+  add_to(dW, s.out.data(), dout * din);
+}
+
+void add_to(float* dst, const float* src, int64_t n) {
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+// y[t] = x[t] · r[t] ⊙ w, r[t] = 1/sqrt(mean(x[t]²) + eps). x, y [M, d]; rstd [M].
+void rmsnorm_forward(const float* x, int64_t M, int64_t d, const float* w, float eps, float* y, float* rstd) {
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t t = 0; t < M; ++t) {
+    const float* xt = x + t * d;
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(xt[i]) * xt[i];
+    const float r = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(d) + eps));
+    rstd[t] = r;
+    float* yt = y + t * d;
+    for (int64_t i = 0; i < d; ++i) yt[i] = xt[i] * r * w[i];
+  }
+}
+
+// dx [M, d] (+= when accumulate, else overwritten) and dw [d] += Σ_t dy ⊙ x·r.
+//   dx = r·(dy ⊙ w) − x · r³/d · Σ_i dy_i w_i x_i
+void rmsnorm_backward(const float* x, const float* rstd, const float* w, const float* dy, int64_t M, int64_t d,
+                      float* dx, bool accumulate, float* dw) {
+  const int nt = num_threads();
+  std::vector<double> part(static_cast<size_t>(nt * d), 0.0);
+#pragma omp parallel num_threads(nt)
+  {
+    double* pw = part.data() + static_cast<int64_t>(omp_get_thread_num()) * d;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < M; ++t) {
+      const float* xt = x + t * d;
+      const float* gt = dy + t * d;
+      const double r = rstd[t];
+      double dot = 0;
+      for (int64_t i = 0; i < d; ++i) {
+        dot += static_cast<double>(gt[i]) * w[i] * xt[i];
+        pw[i] += static_cast<double>(gt[i]) * xt[i] * r;
+      }
+      const double c = dot * r * r * r / static_cast<double>(d);
+      float* dxt = dx + t * d;
+      for (int64_t i = 0; i < d; ++i) {
+        const float v = static_cast<float>(r * gt[i] * w[i] - xt[i] * c);
+        dxt[i] = accumulate ? dxt[i] + v : v;
+      }
+    }
+  }
+  for (int64_t i = 0; i < d; ++i) {
+    double s = 0;
+    for (int k = 0; k < nt; ++k) s += part[static_cast<size_t>(k * d + i)];
+    dw[i] += static_cast<float>(s);
+  }
+}
+
+void rope_tables(int64_t positions, int64_t hd, double theta, std::vector<float>& cos_t, std::vector<float>& sin_t) {
+  const int64_t half = hd / 2;
+  cos_t.resize(static_cast<size_t>(positions * half));
+  sin_t.resize(static_cast<size_t>(positions * half));
+  for (int64_t p = 0; p < positions; ++p)
+    for (int64_t i = 0; i < half; ++i) {
+      const double a = static_cast<double>(p) * std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
+      cos_t[static_cast<size_t>(p * half + i)] = static_cast<float>(std::cos(a));
+      sin_t[static_cast<size_t>(p * half + i)] = static_cast<float>(std::sin(a));
+    }
+}
+
+// In place on x [B·T, H·hd]: the pair (i, i + hd/2) of each head at position t is rotated by
+// +angle (forward) or −angle (backward: the transpose of the rotation).
+void rope_apply(float* x, int64_t B, int64_t T, int64_t H, int64_t hd, const float* cos_t, const float* sin_t,
+                bool inverse) {
+  const int64_t half = hd / 2;
+  const float sg = inverse ? -1.f : 1.f;
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t r = 0; r < B * T; ++r) {
+    const int64_t t = r % T;
+    const float* c = cos_t + t * half;
+    const float* s = sin_t + t * half;
+    for (int64_t h = 0; h < H; ++h) {
+      float* xh = x + r * H * hd + h * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = xh[i], b = xh[i + half];
+        xh[i] = a * c[i] - sg * b * s[i];
+        xh[i + half] = b * c[i] + sg * a * s[i];
+      }
+    }
+  }
+}
+
+// Causal attention. q, k, v, out [B·T, H·hd]; P [B, H, T, T] (row t holds the softmax over
+// keys 0..t; the rest zero). Scores scaled by 1/sqrt(hd).
+void attention_forward(const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t H, int64_t hd,
+                       float* P, float* out) {
+  const int64_t D = H * hd;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads())
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t t = 0; t < T; ++t) {
+        float* p = P + ((b * H + h) * T + t) * T;
+        const float* qt = q + (b * T + t) * D + h * hd;
+        float mx = -INFINITY;
+        for (int64_t s = 0; s <= t; ++s) {
+          const float* ks = k + (b * T + s) * D + h * hd;
+          float acc = 0;
+          for (int64_t i = 0; i < hd; ++i) acc += qt[i] * ks[i];
+          p[s] = acc * scale;
+          mx = std::max(mx, p[s]);
+        }
+        double sum = 0;
+        for (int64_t s = 0; s <= t; ++s) {
+          p[s] = std::exp(p[s] - mx);
+          sum += p[s];
+        }
+        const float inv = static_cast<float>(1.0 / sum);
+        for (int64_t s = 0; s <= t; ++s) p[s] *= inv;
+        for (int64_t s = t + 1; s < T; ++s) p[s] = 0.f;
+        float* ot = out + (b * T + t) * D + h * hd;
+        for (int64_t i = 0; i < hd; ++i) ot[i] = 0.f;
+        for (int64_t s = 0; s <= t; ++s) {
+          const float* vs = v + (b * T + s) * D + h * hd;
+          const float ps = p[s];
+          for (int64_t i = 0; i < hd; ++i) ot[i] += ps * vs[i];
+        }
+      }
+    }
+}
+
+// dq, dk, dv [B·T, H·hd] overwritten.
+//   dP = dO·vᵀ; dS = P ⊙ (dP − Σ_s dP⊙P); dq = dS·k·scale; dk = dSᵀ·q·scale; dv = Pᵀ·dO
+void attention_backward(const float* q, const float* k, const float* v, const float* P, const float* dout, int64_t B,
+                        int64_t T, int64_t H, int64_t hd, float* dq, float* dk, float* dv) {
+  const int64_t D = H * hd;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<float> ds(static_cast<size_t>(T));
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t t = 0; t < T; ++t) {
+          float* z1 = dk + (b * T + t) * D + h * hd;
+          float* z2 = dv + (b * T + t) * D + h * hd;
+          for (int64_t i = 0; i < hd; ++i) z1[i] = z2[i] = 0.f;
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          const float* p = P + ((b * H + h) * T + t) * T;
+          const float* dot = dout + (b * T + t) * D + h * hd;
+          const float* qt = q + (b * T + t) * D + h * hd;
+          double rs = 0;
+          for (int64_t s = 0; s <= t; ++s) {
+            const float* vs = v + (b * T + s) * D + h * hd;
+            float acc = 0;
+            for (int64_t i = 0; i < hd; ++i) acc += dot[i] * vs[i];
+            ds[static_cast<size_t>(s)] = acc;
+            rs += static_cast<double>(acc) * p[s];
+          }
+          float* dqt = dq + (b * T + t) * D + h * hd;
+          for (int64_t i = 0; i < hd; ++i) dqt[i] = 0.f;
+          const float rsf = static_cast<float>(rs);
+          for (int64_t s = 0; s <= t; ++s) {
+            const float g = p[s] * (ds[static_cast<size_t>(s)] - rsf) * scale;
+            const float* ks = k + (b * T + s) * D + h * hd;
+            float* dks = dk + (b * T + s) * D + h * hd;
+            float* dvs = dv + (b * T + s) * D + h * hd;
+            const float ps = p[s];
+            for (int64_t i = 0; i < hd; ++i) {
+              dqt[i] += g * ks[i];
+              dks[i] += g * qt[i];
+              dvs[i] += ps * dot[i];
+            }
+          }
+        }
+      }
+  }
+}
+
+// Row-wise softmax cross-entropy. logits [M, V] are replaced by dlogits = (softmax − onehot)·gscale.
+// Returns Σ_rows −log softmax[target] (float64).
+double cross_entropy(float* logits, const int32_t* targets, int64_t M, int64_t V, float gscale) {
+  std::vector<double> row(static_cast<size_t>(M));
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t m = 0; m < M; ++m) {
+    float* l = logits + m * V;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < V; ++i) mx = std::max(mx, l[i]);
+    double sum = 0;
+    for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<double>(l[i] - mx));
+    const int32_t tg = targets[m];
+    row[static_cast<size_t>(m)] = std::log(sum) - static_cast<double>(l[tg] - mx);
+    const double inv = 1.0 / sum;
+    for (int64_t i = 0; i < V; ++i) {
+      const double pr = std::exp(static_cast<double>(l[i] - mx)) * inv;
+      l[i] = static_cast<float>((pr - (i == tg ? 1.0 : 0.0)) * gscale);
+    }
+  }
+  double total = 0;
+  for (int64_t m = 0; m < M; ++m) total += row[static_cast<size_t>(m)];
+  return total;
+}
+
+// AdamW on w[begin, end): m = β1 m + (1−β1) g; v = β2 v + (1−β2) g²;
+// w −= lr · (m̂ / (sqrt(v̂) + eps) + wd · w), with bias corrections c1 = 1 − β1^t, c2 = 1 − β2^t.
+void adamw(float* w, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2, float eps, float wd,
+           double c1, double c2, float gscale) {
+  const float ic1 = static_cast<float>(1.0 / c1);
+  const float ic2 = static_cast<float>(1.0 / c2);
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i] * gscale;
+    const float mi = b1 * m[i] + (1.f - b1) * gi;
+    const float vi = b2 * v[i] + (1.f - b2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    w[i] -= lr * ((mi * ic1) / (std::sqrt(vi * ic2) + eps) + wd * w[i]);
+  }
+}
+
+}  // namespace sparsellm::trainops

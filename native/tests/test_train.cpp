@@ -1,0 +1,369 @@
+// Whole-model training engine (sparsellm/train.h) against a float64 forward written here from
+// the definitions (independent of the engine's code): the engine's loss must match it, and the
+// engine's f32 analytic gradient must match central finite differences of the float64 loss.
+// Also: the Hybrid FFN path gives the same gradient as the dense path; a fixed batch is
+// overfit; bad inputs are rejected.
+//
+// Tolerances. Loss: 1e-5 relative (f32 sums of a few hundred terms, eps_f32·sqrt(n) ≈ 1e-6).
+// Gradient vs finite differences (float64 loss, central, step 1e-5): truncation error O(step²)
+// ≈ 1e-10 and rounding ≈ 1e-16/1e-5, so the comparison measures the f32 gradient, whose
+// relative error (Frobenius over the sampled coordinates) should be ~1e-6..1e-5; we require
+// 2e-4. A wrong term (a missing backward path, a sign, a transposition) gives O(1e-1) or more.
+// Hybrid vs dense gradient: same f32 math in a different order; we require 1e-5 relative.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#include "check.h"
+#include "sparsellm/train.h"
+
+using namespace sparsellm;
+
+namespace {
+
+struct Tiny {
+  TrainModelConfig cfg;
+  int64_t B = 2, T = 7;
+};
+
+// float64 forward of the model over the engine's flat parameter layout (see train.h).
+double ref_loss(const Tiny& tc, const std::vector<double>& w, const std::vector<int32_t>& tok, double lambda) {
+  const TrainModelConfig& c = tc.cfg;
+  const int64_t d = c.d_model, F = c.d_ff, V = c.vocab, H = c.n_heads, hd = d / H, B = tc.B, T = tc.T, M = B * T;
+  int64_t off = 0;
+  auto take = [&](int64_t n) { const int64_t o = off; off += n; return o; };
+  const int64_t emb = take(V * d);
+  std::vector<double> x(static_cast<size_t>(M * d));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < d; ++i) x[(b * T + t) * d + i] = w[emb + tok[b * (T + 1) + t] * d + i];
+  auto rms = [&](const std::vector<double>& in, int64_t wo) {
+    std::vector<double> y(in.size());
+    for (int64_t m = 0; m < M; ++m) {
+      double ss = 0;
+      for (int64_t i = 0; i < d; ++i) ss += in[m * d + i] * in[m * d + i];
+      const double r = 1.0 / std::sqrt(ss / d + c.norm_eps);
+      for (int64_t i = 0; i < d; ++i) y[m * d + i] = in[m * d + i] * r * w[wo + i];
+    }
+    return y;
+  };
+  auto lin = [&](const std::vector<double>& in, int64_t wo, int64_t dout, int64_t din) {
+    std::vector<double> y(static_cast<size_t>(M * dout), 0.0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t o = 0; o < dout; ++o) {
+        double a = 0;
+        for (int64_t i = 0; i < din; ++i) a += in[m * din + i] * w[wo + o * din + i];
+        y[m * dout + o] = a;
+      }
+    return y;
+  };
+  auto rope = [&](std::vector<double>& q) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t i = 0; i < hd / 2; ++i) {
+            const double ang = t * std::pow(c.rope_theta, -2.0 * i / hd);
+            double& a = q[(b * T + t) * d + h * hd + i];
+            double& e = q[(b * T + t) * d + h * hd + i + hd / 2];
+            const double a0 = a, e0 = e;
+            a = a0 * std::cos(ang) - e0 * std::sin(ang);
+            e = e0 * std::cos(ang) + a0 * std::sin(ang);
+          }
+  };
+  double l1_total = 0;
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const int64_t an = take(d), wq = take(d * d), wk = take(d * d), wv = take(d * d), wo = take(d * d);
+    const int64_t fn = take(d), gate = take(F * d), ud = take(2 * F * d);
+    std::vector<double> xn = rms(x, an);
+    std::vector<double> q = lin(xn, wq, d, d), k = lin(xn, wk, d, d), v = lin(xn, wv, d, d);
+    rope(q);
+    rope(k);
+    std::vector<double> att(static_cast<size_t>(M * d), 0.0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t t = 0; t < T; ++t) {
+          std::vector<double> s(static_cast<size_t>(t + 1));
+          double mx = -1e300;
+          for (int64_t u = 0; u <= t; ++u) {
+            double a = 0;
+            for (int64_t i = 0; i < hd; ++i) a += q[(b * T + t) * d + h * hd + i] * k[(b * T + u) * d + h * hd + i];
+            s[u] = a / std::sqrt(static_cast<double>(hd));
+            mx = std::max(mx, s[u]);
+          }
+          double sum = 0;
+          for (auto& e : s) sum += (e = std::exp(e - mx));
+          for (int64_t u = 0; u <= t; ++u)
+            for (int64_t i = 0; i < hd; ++i) att[(b * T + t) * d + h * hd + i] += s[u] / sum * v[(b * T + u) * d + h * hd + i];
+        }
+    std::vector<double> o = lin(att, wo, d, d);
+    for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
+    xn = rms(x, fn);
+    double l1 = 0;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < F; ++j) {
+        double g = 0, u = 0;
+        for (int64_t i = 0; i < d; ++i) {
+          g += xn[m * d + i] * w[gate + j * d + i];
+          u += xn[m * d + i] * w[ud + j * 2 * d + i];
+        }
+        const double h = (g > 0 ? g : 0) * u;
+        l1 += std::fabs(h);
+        for (int64_t i = 0; i < d; ++i) x[m * d + i] += h * w[ud + j * 2 * d + d + i];
+      }
+    l1_total += l1 / M;
+  }
+  const int64_t fnorm = take(d);
+  std::vector<double> xf = rms(x, fnorm);
+  std::vector<double> logits = lin(xf, emb, V, d);
+  double ce = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const double* lg = logits.data() + (b * T + t) * V;
+      double mx = *std::max_element(lg, lg + V), sum = 0;
+      for (int64_t i = 0; i < V; ++i) sum += std::exp(lg[i] - mx);
+      ce += std::log(sum) + mx - lg[tok[b * (T + 1) + t + 1]];
+    }
+  return ce / M + lambda * l1_total / c.n_layers;
+}
+
+std::vector<int32_t> random_tokens(std::mt19937_64& rng, int64_t n, int64_t V) {
+  std::uniform_int_distribution<int32_t> u(0, static_cast<int32_t>(V - 1));
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = u(rng);
+  return t;
+}
+
+// Makes the weights less uniform than the init: random norms and a larger scale so that the
+// attention, the norms and the FFN all carry gradient of comparable size.
+void perturb(Trainer& tr, std::mt19937_64& rng) {
+  std::normal_distribution<float> nd(0.f, 0.3f);
+  for (auto& w : tr.params()) w += nd(rng);
+}
+
+void gradient_check(FfnTrainPath path, double lambda) {
+  std::mt19937_64 rng(check::test_seed() + static_cast<uint64_t>(path) * 31);
+  Tiny tc;
+  tc.cfg.vocab = 37;
+  tc.cfg.d_model = 16;
+  tc.cfg.n_layers = 2;
+  tc.cfg.n_heads = 2;
+  tc.cfg.d_ff = 40;
+  tc.cfg.context = 9;
+  TrainHyper hp;
+  hp.l1 = static_cast<float>(lambda);
+  hp.ffn_path = path;
+  hp.ell_width = 9;  // some rows overflow into the hybrid tail
+  hp.seed = rng();
+  Trainer tr(tc.cfg, hp);
+  tr.init_weights();
+  perturb(tr, rng);
+  const std::vector<int32_t> tok = random_tokens(rng, tc.B * (tc.T + 1), tc.cfg.vocab);
+  // Hybrid is applied by step(); for accumulate() set the state directly.
+  for (auto& h : tr.state().hybrid) h = path == FfnTrainPath::Hybrid;
+  tr.zero_grad();
+  const StepStats s = tr.accumulate(tok.data(), tc.B, tc.T, 1.0);
+  std::vector<double> w(tr.params().begin(), tr.params().end());
+  const double ref = ref_loss(tc, w, tok, lambda);
+  CHECK(std::fabs(s.loss - ref) <= 1e-5 * std::fabs(ref), "path %d: loss %.9g vs float64 %.9g", int(path), s.loss, ref);
+  // Sample coordinates from every parameter region.
+  const size_t n = w.size();
+  std::vector<size_t> idx;
+  for (size_t i = 0; i < 400; ++i) idx.push_back(static_cast<size_t>(rng() % n));
+  std::vector<double> fd, an;
+  const double hstep = 1e-5;
+  for (size_t i : idx) {
+    const double w0 = w[i];
+    w[i] = w0 + hstep;
+    const double lp = ref_loss(tc, w, tok, lambda);
+    w[i] = w0 - hstep;
+    const double lm = ref_loss(tc, w, tok, lambda);
+    w[i] = w0;
+    fd.push_back((lp - lm) / (2 * hstep));
+    an.push_back(tr.grads()[i]);
+  }
+  const double err = check::rel_error(an.data(), fd.data(), fd.size());
+  double nrm = 0;
+  for (double v : fd) nrm += v * v;
+  std::fprintf(stderr, "  path %d λ=%g: loss %.6f, gradient rel. error %.2e (|fd| %.3e)\n", int(path), lambda, s.loss, err,
+               std::sqrt(nrm));
+  CHECK(err <= 2e-4, "path %d: gradient vs finite differences rel. error %.3e", int(path), err);
+}
+
+void hybrid_equals_dense() {
+  std::mt19937_64 rng(check::test_seed() + 5);
+  TrainModelConfig c;
+  c.vocab = 51;
+  c.d_model = 24;
+  c.n_layers = 2;
+  c.n_heads = 3;
+  c.d_ff = 300;
+  c.context = 13;
+  TrainHyper hp;
+  hp.l1 = 0.05f;
+  hp.ell_width = 150;  // about half of the 300 neurons fire: rows on both sides of W
+  hp.seed = rng();
+  Trainer dense(c, hp), hyb(c, hp);
+  dense.init_weights();
+  perturb(dense, rng);
+  hyb.params() = dense.params();
+  const std::vector<int32_t> tok = random_tokens(rng, 3 * 14, c.vocab);
+  for (auto& h : hyb.state().hybrid) h = 1;
+  dense.zero_grad();
+  hyb.zero_grad();
+  const StepStats sd = dense.accumulate(tok.data(), 3, 13, 0.5);
+  const StepStats sh = hyb.accumulate(tok.data(), 3, 13, 0.5);
+  std::vector<double> ref(dense.grads().begin(), dense.grads().end());
+  const double err = check::rel_error(hyb.grads().data(), ref.data(), ref.size());
+  int64_t tail = 0;
+  for (auto& l : sh.layers) tail += l.tail_rows;
+  std::fprintf(stderr, "  hybrid vs dense gradient rel. error %.2e (tail rows %lld, nnz/token %.1f)\n", err,
+               static_cast<long long>(tail), double(sh.layers[0].nnz) / sh.layers[0].tokens);
+  CHECK(err <= 1e-5, "hybrid vs dense gradient rel. error %.3e", err);
+  CHECK(std::fabs(sd.loss - sh.loss) <= 1e-6 * std::fabs(sd.loss), "loss %.9g vs %.9g", sd.loss, sh.loss);
+  CHECK(tail > 0 && tail < 3 * 13 * 2, "the test must exercise both ELL and tail rows (tail %lld)", static_cast<long long>(tail));
+}
+
+void overfit() {
+  std::mt19937_64 rng(check::test_seed() + 9);
+  TrainModelConfig c;
+  c.vocab = 29;
+  c.d_model = 32;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.d_ff = 96;
+  c.context = 16;
+  TrainHyper hp;
+  hp.seed = rng();
+  hp.l1 = 1e-3f;
+  hp.recheck_steps = 5;
+  hp.hybrid_cutoff = 1e9;  // switch to hybrid at step 5: the run crosses both paths
+  hp.dead_window = 64;
+  Trainer tr(c, hp);
+  tr.init_weights();
+  const std::vector<int32_t> tok = random_tokens(rng, 2 * 2 * 17, c.vocab);
+  double first = 0, last = 0;
+  bool saw_hybrid = false;
+  for (int i = 0; i < 60; ++i) {
+    const StepStats s = tr.step(tok.data(), 2, 2, 16, 1e-2f);
+    if (i == 0) first = s.ce;
+    last = s.ce;
+    saw_hybrid = saw_hybrid || s.layers[0].hybrid;
+  }
+  std::fprintf(stderr, "  overfit: ce %.4f -> %.4f\n", first, last);
+  CHECK(last < 0.2 * first, "fixed batch not overfit: %.4f -> %.4f", first, last);
+  CHECK(saw_hybrid, "auto path never switched to hybrid");
+}
+
+// One step() against AdamW written here in float64 from the gradient of accumulate(): clipping
+// to the global norm, bias corrections, decoupled decay on every tensor but the norms.
+// Tolerance 1e-6 absolute on weights of size ~0.3 after an update of size lr (f32 rounding).
+void adamw_step() {
+  std::mt19937_64 rng(check::test_seed() + 13);
+  TrainModelConfig c;
+  c.vocab = 19;
+  c.d_model = 8;
+  c.n_layers = 1;
+  c.n_heads = 2;
+  c.d_ff = 12;
+  c.context = 6;
+  TrainHyper hp;
+  hp.seed = rng();
+  hp.clip = 0.5f;
+  hp.weight_decay = 0.1f;
+  hp.ffn_path = FfnTrainPath::Dense;
+  Trainer a(c, hp), b(c, hp);
+  a.init_weights();
+  perturb(a, rng);
+  b.params() = a.params();
+  const std::vector<int32_t> tok = random_tokens(rng, 2 * 7, c.vocab);
+  const float lr = 0.01f;
+  for (int it = 0; it < 2; ++it) {
+    b.zero_grad();
+    b.accumulate(tok.data(), 2, 6, 1.0);
+    std::vector<double> g(b.grads().begin(), b.grads().end());
+    double nrm = 0;
+    for (double v : g) nrm += v * v;
+    nrm = std::sqrt(nrm);
+    const double sc = nrm > hp.clip ? hp.clip / nrm : 1.0;
+    const double t = it + 1;
+    const double c1 = 1 - std::pow(0.9, t), c2 = 1 - std::pow(0.95, t);
+    const int64_t d = c.d_model;
+    const int64_t attn_norm = c.vocab * d, ffn_norm = attn_norm + d + 4 * d * d;
+    const int64_t final_norm = static_cast<int64_t>(g.size()) - d;
+    std::vector<double> expect(g.size());
+    for (size_t i = 0; i < g.size(); ++i) {
+      const int64_t ii = static_cast<int64_t>(i);
+      const bool norm = (ii >= attn_norm && ii < attn_norm + d) || (ii >= ffn_norm && ii < ffn_norm + d) || ii >= final_norm;
+      const double gi = g[i] * sc;
+      const double m = 0.9 * b.moment1()[i] + 0.1 * gi;
+      const double v = 0.95 * b.moment2()[i] + 0.05 * gi * gi;
+      b.moment1()[i] = static_cast<float>(m);
+      b.moment2()[i] = static_cast<float>(v);
+      expect[i] = b.params()[i] - lr * ((m / c1) / (std::sqrt(v / c2) + 1e-8) + (norm ? 0.0 : 0.1 * b.params()[i]));
+      b.params()[i] = static_cast<float>(expect[i]);
+    }
+    const StepStats s = a.step(tok.data(), 1, 2, 6, lr);
+    CHECK(std::fabs(s.grad_norm - nrm) <= 1e-5 * nrm, "grad norm %.8g vs %.8g", s.grad_norm, nrm);
+    double worst = 0;
+    for (size_t i = 0; i < g.size(); ++i) worst = std::max(worst, std::fabs(a.params()[i] - expect[i]));
+    CHECK(worst <= 1e-6, "AdamW step %d: max weight difference %.3e", it, worst);
+  }
+}
+
+void bad_inputs() {
+  TrainModelConfig c;
+  c.vocab = 10;
+  c.d_model = 8;
+  c.n_layers = 1;
+  c.n_heads = 2;
+  c.d_ff = 8;
+  c.context = 4;
+  TrainHyper hp;
+  Trainer tr(c, hp);
+  tr.init_weights();
+  std::vector<int32_t> tok(5, 3);
+  bool threw = false;
+  try {
+    tr.step(tok.data(), 1, 1, 5, 1e-3f);  // T > context
+  } catch (const std::invalid_argument&) { threw = true; }
+  CHECK(threw, "sequence longer than the context accepted");
+  tok[2] = 10;
+  threw = false;
+  try {
+    tr.step(tok.data(), 1, 1, 4, 1e-3f);
+  } catch (const std::invalid_argument&) { threw = true; }
+  CHECK(threw, "token outside the vocabulary accepted");
+  threw = false;
+  try {
+    TrainModelConfig bad = c;
+    bad.n_heads = 3;
+    Trainer t2(bad, hp);
+  } catch (const std::invalid_argument&) { threw = true; }
+  CHECK(threw, "d_model not a multiple of heads accepted");
+  // tensor round trip through the standard layouts
+  std::vector<float> down(8 * 8), back(8 * 8);
+  tr.get_tensor("model.layers.0.mlp.down_proj.weight", down.data());
+  for (auto& v : down) v += 1.f;
+  tr.set_tensor("model.layers.0.mlp.down_proj.weight", down.data());
+  tr.get_tensor("model.layers.0.mlp.down_proj.weight", back.data());
+  CHECK(down == back, "down_proj round trip differs");
+  threw = false;
+  try {
+    tr.get_tensor("model.layers.1.mlp.up_proj.weight", back.data());
+  } catch (const std::invalid_argument&) { threw = true; }
+  CHECK(threw, "tensor of a missing layer accepted");
+}
+
+}  // namespace
+
+int main() {
+  gradient_check(FfnTrainPath::Dense, 0.0);
+  gradient_check(FfnTrainPath::Dense, 0.03);
+  gradient_check(FfnTrainPath::Hybrid, 0.03);
+  hybrid_equals_dense();
+  adamw_step();
+  overfit();
+  bad_inputs();
+  return check::finish("test_train");
+}
