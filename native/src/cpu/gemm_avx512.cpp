@@ -102,11 +102,18 @@ void pack_w_bf16(const uint16_t* W, int64_t ldw, int64_t cols, int64_t kc, float
 template <int R>
 void micro_rows(int64_t kc, const float* a, const float* w, float* c, int64_t ldc, int cols, bool accumulate) {
   __m512 c0[R], c1[R];
-  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    c0[r] = c1[r] = _mm512_setzero_ps();
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 16), _MM_HINT_T0);
+  }
 #pragma GCC unroll 2
   for (int64_t k = 0; k < kc; ++k) {
     const __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16);
     _mm_prefetch(reinterpret_cast<const char*>(w + 16 * NR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(a + 32 * MR), _MM_HINT_T0);
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512 ar = _mm512_set1_ps(a[r]);
       c0[r] = _mm512_fmadd_ps(ar, w0, c0[r]);
@@ -116,6 +123,7 @@ void micro_rows(int64_t kc, const float* a, const float* w, float* c, int64_t ld
     w += NR;
   }
   const __mmask16 m0 = mask16(cols), m1 = mask16(cols - 16);
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     float* cr = c + r * ldc;
     if (accumulate) {
