@@ -6,6 +6,7 @@ import { VERSION } from './version.js';
 import { registerInfo } from './info.js';
 import { registerPack } from './pack.js';
 import { registerInfer } from './infer.js';
+import { registerPrune } from './prune.js';
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -19,6 +20,7 @@ export function buildProgram(): Command {
   registerInfo(program);
   registerPack(program);
   registerInfer(program);
+  registerPrune(program);
   return program;
 }
 

@@ -129,6 +129,24 @@ function refuseUnless(f: Fields, config: Config, key: string, ok: (v: unknown) =
  * `tiedEmbeddings` is what the config says; the checkpoint reader also treats a missing lm_head as tied.
  */
 export function specFromConfig(config: Config, file: string): ModelSpec {
+  return withPrunedWidths(specFromConfigBase(config, file), config, file);
+}
+
+/**
+ * Per-layer FFN widths of a checkpoint pruned by `sparsellm prune` (config key
+ * `sparsellm_intermediate_sizes`: one positive integer per layer, none above the config's width).
+ */
+function withPrunedWidths(spec: ModelSpec, config: Config, file: string): ModelSpec {
+  const v = (config as Record<string, unknown>).sparsellm_intermediate_sizes;
+  if (v === undefined) return spec;
+  const max = Math.max(...spec.dFF);
+  if (!Array.isArray(v) || v.length !== spec.nLayers || !v.every((x) => typeof x === 'number' && Number.isSafeInteger(x) && x >= 1 && x <= max)) {
+    throw new ModelError(file, `sparsellm_intermediate_sizes must list ${spec.nLayers} integers in [1, ${max}] (one per layer), found ${JSON.stringify(v).slice(0, 80)}`);
+  }
+  return { ...spec, dFF: [...(v as number[])] };
+}
+
+function specFromConfigBase(config: Config, file: string): ModelSpec {
   if (typeof config !== 'object' || config === null || Array.isArray(config)) throw new ModelError(file, 'config.json is not a JSON object');
   const modelType = config.model_type;
   const supported = SUPPORTED_MODEL_TYPES.join(', ');
