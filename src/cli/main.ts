@@ -7,6 +7,7 @@ import { registerInfo } from './info.js';
 import { registerPack } from './pack.js';
 import { registerInfer } from './infer.js';
 import { registerPrune } from './prune.js';
+import { registerBench } from './bench.js';
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -21,6 +22,7 @@ export function buildProgram(): Command {
   registerPack(program);
   registerInfer(program);
   registerPrune(program);
+  registerBench(program);
   return program;
 }
 
