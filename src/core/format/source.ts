@@ -3,6 +3,7 @@
 import { readFile, stat } from 'node:fs/promises';
 import { basename, dirname, join, relative } from 'node:path';
 import type { DenseCheckpoint } from '../checkpoint/dense.js';
+import { SafetensorsFile } from '../checkpoint/safetensors.js';
 import { dtypeSize, type DType } from '../dtype.js';
 import { FormatError } from '../errors.js';
 import type { PackInput } from './writer.js';
@@ -21,6 +22,33 @@ async function readIfFile(path: string): Promise<Uint8Array | null> {
 export function checkpointDir(ckpt: DenseCheckpoint): string {
   const config = ckpt.sourceFiles.find((f) => basename(f.path) === 'config.json');
   return config ? dirname(config.path) : dirname(ckpt.path);
+}
+
+/**
+ * A stored tensor's bytes in chunks of `step` bytes, read ahead: while the consumer works on one
+ * chunk the next is being read into a second buffer. Two buffers are reused throughout, so memory
+ * stays at 2 × step whatever the tensor's size; a chunk is valid until the consumer asks for the
+ * next one. The file is opened (and its header validated again) through the safetensors reader.
+ */
+async function* identityChunks(file: string, name: string, dtype: DType, total: number, step: number): AsyncGenerator<{ dtype: DType; bytes: Uint8Array }> {
+  const f = await SafetensorsFile.open(file, { dtypes: [dtype] });
+  try {
+    const size = Math.min(step, total);
+    const bufs = [new Uint8Array(size), new Uint8Array(total > size ? size : 0)];
+    const read = (k: number) => f.readInto(name, k * step, bufs[k % 2]!.subarray(0, Math.min(step, total - k * step)));
+    const chunks = Math.ceil(total / step);
+    let pending = read(0);
+    for (let k = 0; k < chunks; k++) {
+      const bytes = await pending;
+      if (k + 1 < chunks) {
+        pending = read(k + 1);
+        pending.catch(() => undefined); // surfaced when awaited; never an unhandled rejection
+      }
+      yield { dtype, bytes };
+    }
+  } finally {
+    await f.close();
+  }
 }
 
 /** Wraps an open dense checkpoint for writePacked. The checkpoint stays owned by the caller. */
@@ -47,7 +75,7 @@ export async function packInputFromCheckpoint(ckpt: DenseCheckpoint): Promise<Pa
       if (e.transform.kind === 'identity') {
         const dtype: DType = e.dtype;
         if (nRows * rowElems === 0) return;
-        for await (const bytes of ckpt.rawChunks(name, step * rowElems * dtypeSize(dtype))) yield { dtype, bytes };
+        yield* identityChunks(e.file, e.sourceName, dtype, nRows * rowElems * dtypeSize(dtype), step * rowElems * dtypeSize(dtype));
         return;
       }
       // Reordered in the source (GPT-2 Conv1D / fused qkv): the whole tensor as exact f32 values.

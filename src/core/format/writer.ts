@@ -10,7 +10,7 @@ import { planSafetensors, SafetensorsWriter, type TensorDecl } from '../checkpoi
 import { dtypeSize, type DType } from '../dtype.js';
 import { ModelError, SparseLlmError } from '../errors.js';
 import type { ModelSpec } from '../model/spec.js';
-import { convertBytes, interleaveUpDown, transposeBlock } from './convert.js';
+import { convertBytes, interleaveUpDown, Scratch, transposeBlock } from './convert.js';
 import { packedLayout, type PackedTensorDecl } from './layout.js';
 import {
   ALIGNMENT,
@@ -62,7 +62,7 @@ export interface WritePackedOptions {
   onStart?: (totalBytes: number) => void;
   /** Aborts the write (the temporary file is removed). */
   signal?: AbortSignal;
-  /** Bytes of output per chunk for plain tensors (default 16 MiB). */
+  /** Bytes of f32 values per chunk (default 4 MiB): bounds the memory of one step. */
   chunkBytes?: number;
   /** The tool version recorded in the provenance. */
   toolVersion?: string;
@@ -195,7 +195,7 @@ function checkInput(input: PackInput, layout: readonly PackedTensorDecl[]): void
  */
 export async function writePacked(input: PackInput, outPath: string, options: WritePackedOptions = {}): Promise<WritePackedResult> {
   const storage = options.dtype ?? 'BF16';
-  const chunkBytes = Math.max(64, options.chunkBytes ?? 16 << 20);
+  const chunkBytes = Math.max(64, options.chunkBytes ?? 4 << 20);
   await checkOutputPath(outPath, !!options.force);
   const meta = packedMetadataFor(input, storage, options.toolVersion ?? 'unknown');
   const layout = packedLayout(meta.spec, meta.layers, storage, meta.tokenizer);
@@ -322,7 +322,8 @@ async function copyRows(input: PackInput, canonical: string, outName: string, to
   const src = input.describe(canonical)!;
   const rowElems = src.shape.length <= 1 ? 1 : src.shape.slice(1).reduce((a, b) => a * b, 1);
   const step = Math.max(1, Math.floor(chunkBytes / Math.max(1, rowElems * 4)));
-  for await (const c of input.rowChunks(canonical, step)) await emit(outName, convertBytes(c.bytes, c.dtype, to));
+  const scratch = new Scratch();
+  for await (const c of input.rowChunks(canonical, step)) await emit(outName, convertBytes(c.bytes, c.dtype, to, scratch));
 }
 
 /** All of a canonical tensor, as bytes of one dtype. */
@@ -359,18 +360,26 @@ async function writeNeuronMajor(
   const down = await readWhole(input, `layers.${layer}.ffn.down.weight`);
   const perNeuron = (kind === 'updown' ? 2 : 1) * d * 4;
   const block = Math.max(1, Math.floor(chunkBytes / perNeuron));
+  const scratch = new Scratch();
+  const elemIn = dtypeSize(down.dtype);
+  const elemOut = dtypeSize(storage);
   const upChunks = kind === 'updown' ? input.rowChunks(`layers.${layer}.ffn.up.weight`, block)[Symbol.asyncIterator]() : undefined;
-  for (let j = 0; j < F; j += block) {
-    const j1 = Math.min(F, j + block);
-    const colsT = convertBytes(transposeBlock(down.bytes, d, F, j, j1, dtypeSize(down.dtype)), down.dtype, storage);
-    if (!upChunks) {
-      await emit(outName, colsT);
-      continue;
+  try {
+    for (let j = 0; j < F; j += block) {
+      const j1 = Math.min(F, j + block);
+      const n = j1 - j;
+      const t = transposeBlock(down.bytes, d, F, j, j1, elemIn, scratch.get('transpose', n * d * elemIn));
+      const colsT = convertBytes(t, down.dtype, storage, scratch, 'down');
+      if (!upChunks) {
+        await emit(outName, colsT);
+        continue;
+      }
+      const next = await upChunks.next();
+      if (next.done) throw new SparseLlmError(`${input.path}: internal error: W_up of layer ${layer} ended early`);
+      const up = convertBytes(next.value.bytes, next.value.dtype, storage, scratch, 'up');
+      await emit(outName, interleaveUpDown(up, colsT, n, d, elemOut, scratch.get('updown', 2 * n * d * elemOut)));
     }
-    const next = await upChunks.next();
-    if (next.done) throw new SparseLlmError(`${input.path}: internal error: W_up of layer ${layer} ended early`);
-    const up = convertBytes(next.value.bytes, next.value.dtype, storage);
-    await emit(outName, interleaveUpDown(up, colsT, j1 - j, d, dtypeSize(storage)));
+  } finally {
+    await upChunks?.return?.(undefined);
   }
-  if (upChunks) await upChunks.return?.(undefined);
 }
