@@ -293,6 +293,40 @@ describe('writePacked → openPacked', () => {
     assert.equal(header['layers.0.ffn.up'].dtype, 'BF16');
   });
 
+  test('a checkpoint of mixed dtypes, with unused tensors of other dtypes, packs and verifies', async () => {
+    const ckDir = fresh('mixed');
+    await writeTinyCheckpoint(ckDir, { arch: 'llama', dtype: 'F32', seed: 11 });
+    const st = join(ckDir, 'model.safetensors');
+    const raw = readFileSync(st);
+    const len = Number(raw.readBigUInt64LE(0));
+    const header = JSON.parse(raw.subarray(8, 8 + len).toString('utf8'));
+    const tensors = Object.entries<any>(header)
+      .filter(([k]) => k !== '__metadata__')
+      .map(([name, e]) => {
+        const f32 = new Float32Array(raw.buffer.slice(raw.byteOffset + 8 + len + e.data_offsets[0], raw.byteOffset + 8 + len + e.data_offsets[1]));
+        const dtype: DType = e.shape.length >= 2 ? 'BF16' : 'F32';
+        return { name, dtype: dtype as string, shape: e.shape as number[], bytes: fromF32(f32, dtype) };
+      });
+    tensors.push({ name: 'model.layers.0.self_attn.rotary_emb.inv_freq', dtype: 'I64', shape: [4], bytes: new Uint8Array(32) });
+    const w = await SafetensorsWriter.create(st, { tensors });
+    for (const t of tensors) await w.write(t.name, t.bytes);
+    await w.finish();
+    const ck = await openCheckpoint(ckDir);
+    try {
+      const out = join(ckDir, 'm.sllm');
+      await writePacked(await packInputFromCheckpoint(ck), out, { dtype: 'F16', chunkBytes: 512 });
+      const p = await openPacked(out);
+      try {
+        const v = await verifyPacked(p, ck);
+        assert.ok(v.ok, JSON.stringify(v.examples));
+      } finally {
+        await p.close();
+      }
+    } finally {
+      await ck.close();
+    }
+  });
+
   test('a file packed twice from the same source has the same content hash', async () => {
     const ckDir = fresh('twice');
     await writeTinyCheckpoint(ckDir, { arch: 'opt', seed: 7 });

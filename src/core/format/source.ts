@@ -3,7 +3,10 @@
 import { readFile, stat } from 'node:fs/promises';
 import { basename, dirname, join, relative } from 'node:path';
 import type { DenseCheckpoint } from '../checkpoint/dense.js';
-import { SafetensorsFile } from '../checkpoint/safetensors.js';
+import { SAFETENSORS_DTYPE_SIZES, SafetensorsFile } from '../checkpoint/safetensors.js';
+
+/** The checkpoint reader accepted the file with any dtype on tensors it does not use; so do we. */
+const ALL_DTYPES = Object.keys(SAFETENSORS_DTYPE_SIZES);
 import { dtypeSize, type DType } from '../dtype.js';
 import { FormatError } from '../errors.js';
 import type { PackInput } from './writer.js';
@@ -31,7 +34,7 @@ export function checkpointDir(ckpt: DenseCheckpoint): string {
  * next one. The file is opened (and its header validated again) through the safetensors reader.
  */
 async function* identityChunks(file: string, name: string, dtype: DType, total: number, step: number): AsyncGenerator<{ dtype: DType; bytes: Uint8Array }> {
-  const f = await SafetensorsFile.open(file, { dtypes: [dtype] });
+  const f = await SafetensorsFile.open(file, { dtypes: ALL_DTYPES });
   try {
     const size = Math.min(step, total);
     const bufs = [new Uint8Array(size), new Uint8Array(total > size ? size : 0)];
