@@ -29,6 +29,7 @@ import { engine } from '../core/native.js';
 import { parseIntList, parsePositiveInt } from './options.js';
 import { Output } from './ui.js';
 import { VERSION } from './version.js';
+import { addModelBenchOptions, modelBenchCommand, type ModelBenchFlags } from './bench-model.js';
 
 interface BenchFlags {
   dModel: number;
@@ -71,7 +72,7 @@ function parseNonNegativeInt(name: string) {
 }
 
 export function registerBench(program: Command): void {
-  program
+  const bench = program
     .command('bench')
     .description(
       'benchmark the FFN kernels: dense vs TwELL sparse forward and dense vs hybrid forward+backward at several ' +
@@ -102,10 +103,12 @@ export function registerBench(program: Command): void {
     .option('--csv', 'print CSV on stdout, one row per case and implementation')
     .option('--markdown', 'print the result tables as Markdown instead of boxed tables')
     .option('--plot <file.svg>', 'write an SVG chart of speedup against density')
-    .option('-q, --quiet', 'no progress or notices')
-    .action(async (flags: BenchFlags) => {
-      await benchCommand(flags);
-    });
+    .option('-q, --quiet', 'no progress or notices');
+  // Model-level mode (src/cli/bench-model.ts): --model selects it.
+  addModelBenchOptions(bench).action(async (flags: BenchFlags & ModelBenchFlags) => {
+    if (flags.model !== undefined) return modelBenchCommand(flags);
+    await benchCommand(flags);
+  });
 }
 
 async function benchCommand(flags: BenchFlags): Promise<void> {

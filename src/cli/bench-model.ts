@@ -1,0 +1,96 @@
+// `sparsellm bench --model <model>`: the model-level mode of `bench` (src/cli/bench.ts keeps the
+// kernel mode). Prefill and decode throughput, dense against sparse FFNs in the same run, bytes
+// per decoded token against the machine's measured bandwidth, peak memory, per-layer sparsity.
+import type { Command } from 'commander';
+import { setThreads, engine } from '../core/native.js';
+import { UsageError } from '../core/errors.js';
+import { benchModel, type ModelBenchResult } from '../core/model/bench.js';
+import { loadAverage1m, logicalCpus, sourceCommit } from '../core/bench/runinfo.js';
+import { parsePositiveInt } from './options.js';
+import { Output, formatBytes } from './ui.js';
+import { VERSION } from './version.js';
+
+export interface ModelBenchFlags {
+  model?: string;
+  prefill: number;
+  decode: number;
+  decodePrompt: number;
+  threads?: number;
+  repeats: number;
+  warmup: number;
+  seed: number;
+  backend: 'auto' | 'cpu' | 'cuda';
+  bandwidth?: boolean;
+  json?: boolean;
+  csv?: boolean;
+  markdown?: boolean;
+  quiet?: boolean;
+}
+
+/** Adds the model-mode options to the bench command (they are ignored without --model). */
+export function addModelBenchOptions(cmd: Command): Command {
+  return cmd
+    .option('--model <model>', 'benchmark a whole model (a packed .sllm or a dense checkpoint) instead of the FFN kernels')
+    .option('--prefill <n>', 'with --model: prompt tokens of the timed prefill', parsePositiveInt('--prefill'), 512)
+    .option('--decode <n>', 'with --model: tokens of the timed decode', parsePositiveInt('--decode'), 128)
+    .option('--decode-prompt <n>', 'with --model: tokens in the cache before the timed decode', parsePositiveInt('--decode-prompt'), 16)
+    .option('--no-bandwidth', 'with --model: skip measuring the machine memory bandwidth');
+}
+
+export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
+  if (flags.csv) throw new UsageError('--csv is not available with --model; use --json or --markdown');
+  if (flags.backend === 'cuda') throw new UsageError('--backend cuda: this build has no CUDA model runtime yet; use --backend cpu');
+  const out = new Output({ json: flags.json, quiet: flags.quiet });
+  setThreads(flags.threads);
+  const info = engine().buildInfo();
+  const loadStart = loadAverage1m();
+  out.note(`sparsellm ${VERSION} bench --model ${flags.model}: cpu (${info.cpu.brand}, ${info.cpu.isa}, ${info.cpu.threads} threads), load ${loadStart}`);
+  const total = (flags.warmup + flags.repeats) * 2;
+  const bar = out.progress('bench', total);
+  let r: ModelBenchResult;
+  try {
+    r = await benchModel(flags.model!, {
+      prefillTokens: flags.prefill,
+      decodeTokens: flags.decode,
+      decodePrompt: flags.decodePrompt,
+      repeats: flags.repeats,
+      warmup: flags.warmup,
+      seed: flags.seed,
+      bandwidth: flags.bandwidth !== false,
+      onProgress: () => bar.tick(1),
+      onNotice: (s) => out.note(s),
+    });
+    bar.finish();
+  } catch (e) {
+    bar.fail();
+    throw e;
+  }
+  const loadEnd = loadAverage1m();
+  const machine = { cpu: info.cpu.brand, isa: info.cpu.isa, threads: info.cpu.threads, cpus: logicalCpus(), loadAverage: { start: loadStart, end: loadEnd } };
+  if (flags.json) {
+    out.result({ tool: 'sparsellm bench --model', version: VERSION, commit: sourceCommit(), machine, ...r });
+    return;
+  }
+  const fmt = (x: number) => (x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2));
+  const head = ['path', `prefill ${flags.prefill} tok/s`, `decode tok/s`, 'decode bytes/token', 'decode GB/s'];
+  const rows = [r.dense, r.sparse].map((p) => [p.mode, fmt(p.prefillTokensPerSecond), fmt(p.decodeTokensPerSecond), formatBytes(p.decodeBytesPerToken), fmt(p.decodeGBs)]);
+  rows.push(['sparse/dense', `${r.speedup.prefill.toFixed(2)}×`, `${r.speedup.decode.toFixed(2)}×`, `${(r.sparse.decodeBytesPerToken / r.dense.decodeBytesPerToken).toFixed(2)}×`, '']);
+  const layerHead = ['layer', 'd_ff', 'nnz/token mean', 'max', 'overflow tiles'];
+  const layerRows = r.layers.map((l) => [l.layer, l.dFF, l.nnzMean === null ? '-' : l.nnzMean.toFixed(1), l.nnzMax, l.overflowTiles]);
+  const summary =
+    `${r.spec.modelType}, ${r.spec.nLayers} layers, d_model ${r.spec.dModel}, ${r.storageDtype} weights ${formatBytes(r.weightsBytes)}; ` +
+    `peak RSS ${formatBytes(r.peakRssBytes)}` +
+    (r.memoryBandwidthGBs ? `; machine read bandwidth ${fmt(r.memoryBandwidthGBs)} GB/s, dense decode reaches ${(100 * r.denseDecodeBandwidthFraction!).toFixed(0)}%` : '');
+  if (flags.markdown) {
+    const md = (h: (string | number)[], rs: (string | number)[][]) =>
+      [`| ${h.join(' | ')} |`, `|${h.map(() => ' --- ').join('|')}|`, ...rs.map((x) => `| ${x.join(' | ')} |`)].join('\n') + '\n';
+    process.stdout.write(`${summary}\n\n${md(head, rows)}\n${md(layerHead, layerRows)}`);
+  } else {
+    out.say(summary);
+    out.table(head, rows);
+    out.table(layerHead, layerRows);
+  }
+  if (loadStart > 0.5 * logicalCpus()) {
+    out.note(`note: the machine was busy (1-minute load ${loadStart} at start, ${loadEnd} at end, ${logicalCpus()} CPUs): absolute times are noisy; the same-run ratios are more reliable`);
+  }
+}

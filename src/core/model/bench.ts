@@ -1,0 +1,165 @@
+// Model-level benchmark: prefill and decode throughput of one model, dense against sparse FFNs
+// in the same run (alternating, median of the repeats), with the bytes each path reads per
+// decoded token, the memory bandwidth they reach against the machine's measured bandwidth, peak
+// memory and the FFN sparsity observed.
+import { engine, type NativeAddon } from '../native.js';
+import { UsageError } from '../errors.js';
+import { ModelRuntime, type FfnRunMode, type LayerActivity } from './runtime.js';
+import type { ModelSpec } from './spec.js';
+
+export interface ModelBenchOptions {
+  prefillTokens: number;
+  decodeTokens: number;
+  /** Prompt length before the timed decode (the KV cache the decode attends to). */
+  decodePrompt: number;
+  repeats: number;
+  warmup: number;
+  seed: number;
+  /** Measure the machine's read bandwidth (about a second). */
+  bandwidth: boolean;
+  onProgress?: (done: number, total: number) => void;
+  onNotice?: (text: string) => void;
+}
+
+export interface PathResult {
+  mode: FfnRunMode;
+  prefillTokensPerSecond: number;
+  prefillSeconds: number[];
+  decodeTokensPerSecond: number;
+  decodeSeconds: number[];
+  /** Weight and KV-cache bytes one decoded token reads (estimate from the model shape and the measured non-zeros). */
+  decodeBytesPerToken: number;
+  /** decodeBytesPerToken × decode tokens/s. */
+  decodeGBs: number;
+}
+
+export interface ModelBenchResult {
+  model: string;
+  spec: Pick<ModelSpec, 'modelType' | 'nLayers' | 'dModel' | 'nHeads' | 'nKvHeads' | 'vocabSize' | 'activation'> & { dFF: number[] };
+  storageDtype: string;
+  weightsBytes: number;
+  peakRssBytes: number;
+  options: Omit<ModelBenchOptions, 'onProgress' | 'onNotice'>;
+  memoryBandwidthGBs: number | null;
+  dense: PathResult;
+  sparse: PathResult;
+  speedup: { prefill: number; decode: number };
+  /** Dense decode bandwidth as a fraction of the measured machine bandwidth. */
+  denseDecodeBandwidthFraction: number | null;
+  layers: LayerActivity[];
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+function tokens(n: number, vocab: number, seed: number): number[] {
+  let s = seed >>> 0 || 1;
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) {
+    s ^= s << 13;
+    s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    s >>>= 0;
+    out.push(s % vocab);
+  }
+  return out;
+}
+
+/** Bytes of weights (and KV cache) one decoded token reads, dense or with `nnz[i]` active neurons. */
+export function decodeBytes(spec: ModelSpec, elem: number, kvPositions: number, nnz?: (number | null)[]): number {
+  const d = spec.dModel;
+  const qd = spec.nHeads * spec.headDim;
+  const kd = spec.nKvHeads * spec.headDim;
+  let bytes = 0;
+  for (let i = 0; i < spec.nLayers; i++) {
+    const F = spec.dFF[i]!;
+    bytes += (qd * d + 2 * kd * d + d * qd) * elem; // q, k, v, o
+    bytes += 2 * kvPositions * kd * 4; // K and V cache (f32)
+    const active = nnz?.[i] ?? null;
+    // gated: gate + up + down; non-gated: up + down. Sparse: the gate (or up) stays dense.
+    const perNeuron = spec.gated ? 2 * d : d;
+    bytes += F * d * elem + (active === null ? F : Math.min(F, active)) * perNeuron * elem;
+  }
+  bytes += spec.vocabSize * d * elem; // LM head
+  return bytes;
+}
+
+export async function benchModel(path: string, opts: ModelBenchOptions): Promise<ModelBenchResult> {
+  const need = Math.max(opts.prefillTokens, opts.decodePrompt + opts.decodeTokens);
+  const rt = await ModelRuntime.load(path, { context: undefined, defaultContext: need, onNotice: opts.onNotice });
+  try {
+    if (need > rt.context) {
+      throw new UsageError(`the benchmark needs ${need} positions but the model holds ${rt.context}; lower --prefill or --decode`);
+    }
+    const spec = rt.spec;
+    const prefill = tokens(opts.prefillTokens, spec.vocabSize, opts.seed);
+    const prompt = tokens(opts.decodePrompt, spec.vocabSize, opts.seed + 1);
+    const next = tokens(opts.decodeTokens, spec.vocabSize, opts.seed + 2);
+    const modes: FfnRunMode[] = ['dense', 'sparse'];
+    const times: Record<string, { prefill: number[]; decode: number[] }> = { dense: { prefill: [], decode: [] }, sparse: { prefill: [], decode: [] } };
+    const total = (opts.warmup + opts.repeats) * modes.length;
+    let done = 0;
+    let sparseActivity: LayerActivity[] = [];
+    for (let r = 0; r < opts.warmup + opts.repeats; r++) {
+      // Alternate the order so that neither path always runs first after the other.
+      const order = r % 2 ? [...modes].reverse() : modes;
+      for (const mode of order) {
+        if (mode === 'sparse') rt.resetActivity();
+        rt.reset();
+        const t0 = performance.now();
+        rt.forward(prefill, { mode });
+        const t1 = performance.now();
+        rt.reset();
+        if (prompt.length) rt.forward(prompt, { mode });
+        const t2 = performance.now();
+        for (const id of next) rt.forward([id], { mode });
+        const t3 = performance.now();
+        if (r >= opts.warmup) {
+          times[mode]!.prefill.push((t1 - t0) / 1000);
+          times[mode]!.decode.push((t3 - t2) / 1000);
+        }
+        if (mode === 'sparse') sparseActivity = rt.activity();
+        opts.onProgress?.(++done, total);
+      }
+    }
+    const bandwidth = opts.bandwidth ? ((engine() as NativeAddon & { memoryBandwidth(bytes?: number): number }).memoryBandwidth()) : null;
+    const elem = rt.storageDtype === 'F32' ? 4 : 2;
+    const kvAvg = opts.decodePrompt + opts.decodeTokens / 2;
+    const result = (mode: FfnRunMode): PathResult => {
+      const t = times[mode]!;
+      const dec = opts.decodeTokens / median(t.decode);
+      const bytes = decodeBytes(spec, elem, kvAvg, mode === 'dense' ? undefined : sparseActivity.map((a) => (a.sparseCalls > 0 ? a.nnzMean : null)));
+      return {
+        mode,
+        prefillTokensPerSecond: opts.prefillTokens / median(t.prefill),
+        prefillSeconds: t.prefill,
+        decodeTokensPerSecond: dec,
+        decodeSeconds: t.decode,
+        decodeBytesPerToken: bytes,
+        decodeGBs: (bytes * dec) / 1e9,
+      };
+    };
+    const dense = result('dense');
+    const sparse = result('sparse');
+    return {
+      model: path,
+      spec: { modelType: spec.modelType, nLayers: spec.nLayers, dModel: spec.dModel, nHeads: spec.nHeads, nKvHeads: spec.nKvHeads, vocabSize: spec.vocabSize, activation: spec.activation, dFF: spec.dFF },
+      storageDtype: rt.storageDtype,
+      weightsBytes: rt.weightsBytes,
+      peakRssBytes: process.resourceUsage().maxRSS * 1024,
+      options: { prefillTokens: opts.prefillTokens, decodeTokens: opts.decodeTokens, decodePrompt: opts.decodePrompt, repeats: opts.repeats, warmup: opts.warmup, seed: opts.seed, bandwidth: opts.bandwidth },
+      memoryBandwidthGBs: bandwidth,
+      dense,
+      sparse,
+      speedup: { prefill: sparse.prefillTokensPerSecond / dense.prefillTokensPerSecond, decode: sparse.decodeTokensPerSecond / dense.decodeTokensPerSecond },
+      denseDecodeBandwidthFraction: bandwidth ? dense.decodeGBs / bandwidth : null,
+      layers: sparseActivity,
+    };
+  } finally {
+    rt.close();
+  }
+}

@@ -1,0 +1,43 @@
+// `sparsellm bench --model`: the model-level mode of bench, on a small fixture (spawns the CLI).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import { REPO_ROOT, FIXTURE_PATHS } from './helpers/fixtures.js';
+import { decodeBytes } from '../src/core/model/bench.js';
+import type { ModelSpec } from '../src/core/model/spec.js';
+
+const BIN = join(REPO_ROOT, 'bin', 'sparsellm.js');
+const run = (args: string[]) => spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env: { ...process.env, OMP_NUM_THREADS: '2' } });
+
+test('bench --model --json: dense and sparse paths, ratios, sparsity per layer', () => {
+  const r = run(['bench', '--model', FIXTURE_PATHS.opt!, '--prefill', '24', '--decode', '6', '--repeats', '2', '--warmup', '0', '--no-bandwidth', '--json', '-q']);
+  assert.equal(r.status, 0, r.stderr);
+  const j = JSON.parse(r.stdout);
+  assert.equal(j.dense.mode, 'dense');
+  assert.equal(j.sparse.mode, 'sparse');
+  assert.equal(j.dense.prefillSeconds.length, 2);
+  assert.ok(j.dense.prefillTokensPerSecond > 0 && j.sparse.decodeTokensPerSecond > 0);
+  assert.ok(Math.abs(j.speedup.decode - j.sparse.decodeTokensPerSecond / j.dense.decodeTokensPerSecond) < 1e-9);
+  assert.equal(j.layers.length, 2);
+  assert.ok(j.layers[0].nnzMean > 0 && j.layers[0].nnzMean < 80);
+  assert.equal(j.memoryBandwidthGBs, null);
+  assert.ok(j.peakRssBytes > 0);
+  assert.ok(j.sparse.decodeBytesPerToken < j.dense.decodeBytesPerToken);
+});
+
+test('bench --model: usage errors', () => {
+  let r = run(['bench', '--model', FIXTURE_PATHS.opt!, '--csv']);
+  assert.equal(r.status, 2, r.stderr);
+  r = run(['bench', '--model', FIXTURE_PATHS.opt!, '--prefill', '500', '-q']);
+  assert.equal(r.status, 2, r.stderr);
+  assert.match(r.stderr, /--context must be in \[1, 128\]|holds 128/);
+});
+
+test('decode bytes per token: dense counts every matrix once, sparse only the active neurons after the gate', () => {
+  const spec = { dModel: 8, nLayers: 1, nHeads: 2, nKvHeads: 1, headDim: 4, dFF: [10], gated: true, vocabSize: 5 } as ModelSpec;
+  // q 8x8, k 4x8, v 4x8, o 8x8 = 192; gate 80 + up/down 160; lm head 40 → 472 elements; KV 0.
+  assert.equal(decodeBytes(spec, 2, 0), 472 * 2);
+  assert.equal(decodeBytes(spec, 2, 0, [3]), (192 + 80 + 3 * 16 + 40) * 2);
+  assert.equal(decodeBytes(spec, 2, 10), 472 * 2 + 2 * 10 * 4 * 4);
+});
