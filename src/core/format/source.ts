@@ -10,6 +10,8 @@ const ALL_DTYPES = Object.keys(SAFETENSORS_DTYPE_SIZES);
 import { dtypeSize, type DType } from '../dtype.js';
 import { FormatError } from '../errors.js';
 import type { PackInput } from './writer.js';
+import { neuronMapName } from './metadata.js';
+import { readPruneSidecar } from '../prune/sidecar.js';
 
 async function readIfFile(path: string): Promise<Uint8Array | null> {
   try {
@@ -60,7 +62,24 @@ export async function packInputFromCheckpoint(ckpt: DenseCheckpoint): Promise<Pa
   const json = await readIfFile(join(dir, 'tokenizer.json'));
   const config = json ? await readIfFile(join(dir, 'tokenizer_config.json')) : null;
   const names = new Set(ckpt.tensorNames());
+  // A checkpoint pruned by `sparsellm prune` keeps its neuron maps and thresholds (sparsellm_prune.json).
+  const sidecar = await readPruneSidecar(dir, ckpt.spec);
+  const pruned = sidecar
+    ? {
+        layers: sidecar.layers.map((l, i) => ({
+          dFF: ckpt.spec.dFF[i]!,
+          sourceDFF: l.sourceDFF,
+          activation: ckpt.spec.activation,
+          twell: null,
+          neuronMap: l.neuronMap ? neuronMapName(i) : null,
+          threshold: l.threshold,
+          calibration: null,
+        })),
+        neuronMap: (i: number) => Int32Array.from(sidecar.layers[i]!.neuronMap ?? []),
+      }
+    : {};
   return {
+    ...pruned,
     spec: ckpt.spec,
     path: ckpt.path,
     sourceFiles: ckpt.sourceFiles.map((f) => ({ name: relative(dir, f.path) || basename(f.path), bytes: f.bytes })),
