@@ -119,8 +119,7 @@ std::vector<float> run_epilogue(const Data& d, int64_t n_align, bool* cover_ok, 
   return C;
 }
 
-void check_case(const Case& c, const char* isa) {
-  Data d = make(c);
+void check_case(const Case& c, const Data& d, const char* isa) {
   const double tol = tolerance(c.K);
   const char* dt = c.dtype == DType::F32 ? "f32" : "bf16";
   bool pad_ok = false;
@@ -164,6 +163,9 @@ std::vector<Case> cases() {
 
 int main() {
   const CpuInfo& info = cpu_info();
+  const std::vector<Case> all = cases();
+  std::vector<Data> data;
+  for (const Case& c : all) data.push_back(make(c));
   const Isa best = active_isa();
   for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Avx512}) {
     if ((isa == Isa::Avx2 && !info.avx2_fma) || (isa == Isa::Avx512 && !info.avx512)) {
@@ -176,7 +178,7 @@ int main() {
     }
     set_isa_limit(isa);
     std::fprintf(stderr, "checking the %s path (kernel %s)\n", isa_name(isa), gemm_kernel_name());
-    for (const Case& c : cases()) check_case(c, isa_name(isa));
+    for (size_t i = 0; i < all.size(); ++i) check_case(all[i], data[i], isa_name(isa));
     // The same cases once more with the small-M kernel disabled and tiny blocks, so that the
     // packed path also sees M = 1..4 and every K/N/M block edge.
     const GemmTuning saved = gemm_tuning();
@@ -187,13 +189,13 @@ int main() {
     tiny.mc_epilogue = 9;
     tiny.gemv_max_m = 0;
     set_gemm_tuning(tiny);
-    for (const Case& c : cases()) check_case(c, isa_name(isa));
-    // And the small-M kernel forced up to M = 8.
+    for (size_t i = 0; i < all.size(); ++i) check_case(all[i], data[i], isa_name(isa));
+    // And the small-M kernel forced up to M = 40 (all row-group remainders).
     GemmTuning wide = saved;
-    wide.gemv_max_m = 8;
+    wide.gemv_max_m = 40;
     set_gemm_tuning(wide);
-    for (const Case& c : cases())
-      if (c.M <= 8) check_case(c, isa_name(isa));
+    for (size_t i = 0; i < all.size(); ++i)
+      if (all[i].M <= 40) check_case(all[i], data[i], isa_name(isa));
     set_gemm_tuning(saved);
   }
   set_isa_limit(best);
