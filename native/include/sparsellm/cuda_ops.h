@@ -1,0 +1,257 @@
+// The CUDA backend's operations, behind a plain C++ header: no CUDA types here, so the Node-API
+// bindings and the C++ tests include it without going through nvcc. Everything declared here is
+// defined only in builds with the CUDA backend (SPARSELLM_HAVE_CUDA); callers test that macro.
+//
+// Conventions: device pointers are plain pointers; bf16 values are uint16_t bit patterns
+// (round to nearest even, as sparsellm::f32_to_bf16); matrices are row-major with an explicit
+// leading dimension in elements. Tensor-core kernels need bf16 leading dimensions that are
+// multiples of 8 and 16-byte aligned base pointers (the layer pads its buffers so); M, N and K
+// are otherwise arbitrary. All work runs on the legacy default stream, in order. Errors throw
+// std::runtime_error naming the CUDA call and the reason.
+//
+// Semantics mirror the CPU engine (gemm.h, twell.h, ffn.h) with bf16 operands and activations
+// and f32 accumulation; docs/kernels.md ("CUDA") describes the kernels.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "sparsellm/ffn.h"
+#include "sparsellm/twell.h"
+
+namespace sparsellm::cuda {
+
+// Throws std::runtime_error with the reason (sparsellm::cuda_status().reason) unless a device
+// of compute capability 8.0 or newer is usable; selects device 0.
+void require_device();
+
+// --- Device memory --------------------------------------------------------------------------
+
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t bytes) { reserve(bytes); }
+  ~DeviceBuffer();
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) { o.ptr_ = nullptr; o.bytes_ = 0; }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+  // Grow-only: when `bytes` exceeds the capacity the old memory is freed (contents lost).
+  void reserve(size_t bytes);
+  void* data() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+  template <typename T> T* as() const { return static_cast<T*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+void upload(void* dst_device, const void* src_host, size_t bytes);
+void download(void* dst_host, const void* src_device, size_t bytes);
+void memset_device(void* dst_device, int value, size_t bytes);
+void synchronize();
+// Device-side conversions of a [rows, cols] matrix (leading dimensions in elements).
+void f32_to_bf16_device(const float* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows, int64_t cols);
+void bf16_to_f32_device(const uint16_t* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
+// dst [cols, rows] = srcᵀ for bf16 src [rows, cols].
+void transpose_bf16_device(const uint16_t* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows, int64_t cols);
+
+// Device-side timing: milliseconds between two points of the stream (cudaEvent pairs).
+class EventTimer {
+ public:
+  EventTimer();
+  ~EventTimer();
+  EventTimer(const EventTimer&) = delete;
+  EventTimer& operator=(const EventTimer&) = delete;
+  void start();
+  double stop_ms();  // waits for the stop event
+
+ private:
+  void* a_ = nullptr;
+  void* b_ = nullptr;
+};
+
+// --- Dense GEMM -----------------------------------------------------------------------------
+
+enum class EpiOp : int { None = 0, Relu = 1, MulAux = 2 };
+
+// What happens to each finished accumulator v = (A·Wᵀ)[m, n]:
+//   v += bias[n] (when bias); then Relu: v = max(v, 0); MulAux: v *= aux[m, n] (bf16);
+//   then out[m, n] = v as f32 or bf16.
+struct Epilogue {
+  EpiOp op = EpiOp::None;
+  const float* bias = nullptr;     // [N] f32 or null
+  const uint16_t* aux = nullptr;   // MulAux: bf16 [M, N] (ldaux)
+  int64_t ldaux = 0;
+  bool out_bf16 = false;
+  void* out = nullptr;             // f32 or bf16 [M, N] (ldo)
+  int64_t ldo = 0;
+};
+
+// out = epi(A · Wᵀ): A bf16 [M, K] (lda), W bf16 [N, K] (ldw), f32 accumulation on tensor cores
+// (mma.sync m16n8k16, cp.async multi-stage pipeline, predicated edges).
+void gemm_bf16(const uint16_t* A, int64_t lda, const uint16_t* W, int64_t ldw, int64_t M,
+               int64_t N, int64_t K, const Epilogue& epi);
+// The same product for a few rows (M ≤ 8): memory-bound, one warp per output column.
+void gemv_bf16(const uint16_t* A, int64_t lda, const uint16_t* W, int64_t ldw, int64_t M,
+               int64_t N, int64_t K, const Epilogue& epi);
+constexpr int64_t kGemvMaxRows = 8;
+
+// cuBLAS, loaded at run time (libcublas.so.13 or .so.12; SPARSELLM_CUBLAS names a file), as
+// the reference our GEMM is compared with. available() says why not when absent.
+struct Cublas {
+  static bool available(std::string* reason = nullptr);
+  static std::string library();  // the file that was loaded
+  // out f32 or bf16 [M, N] = A · Wᵀ (cublasGemmEx, bf16 inputs, f32 compute).
+  static void gemm_bf16(const uint16_t* A, int64_t lda, const uint16_t* W, int64_t ldw, int64_t M,
+                        int64_t N, int64_t K, void* out, int64_t ldo, bool out_bf16);
+};
+
+// NVML, loaded at run time (libnvidia-ml.so.1): the GPU's energy counter.
+struct Nvml {
+  static bool available(std::string* reason = nullptr);
+  // Total energy consumed by the current device since the driver loaded, in millijoules.
+  static uint64_t energy_mj();
+  static std::string driver_version();
+};
+
+// --- TwELL on the device ----------------------------------------------------------------------
+
+// The CPU layout (twell.h) with each entry in one 32-bit word: high 16 bits the value's bf16
+// bits, low 16 bits its column within the tile. count is the true number of positives (it may
+// exceed cap: the tile overflows and its entries are incomplete; the consumer then recomputes
+// the row densely). Only the first min(count, cap) entries of a tile are written.
+struct DeviceTwell {
+  int64_t rows = 0, cols = 0, tiles = 0;
+  int tile = 0, cap = 0;
+  int32_t* count = nullptr;     // [rows, tiles]
+  uint32_t* entries = nullptr;  // [rows, tiles, cap]
+};
+
+// Tile widths the gate kernel packs (the GEMM's N block must hold whole tiles).
+bool twell_tile_supported(int tile);
+
+// g = relu(A · Wᵀ + bias) packed as TwELL in the epilogue of the tensor-core GEMM (no dense
+// [M, N] buffer is written). `out` must have rows = M, cols = N and buffers of that shape.
+void twell_gate_bf16(const uint16_t* A, int64_t lda, const uint16_t* W, int64_t ldw, int64_t M,
+                     int64_t N, int64_t K, const float* bias, const DeviceTwell& out);
+
+// Device-side statistics of a TwELL (filled by twell_finalize).
+struct TwellDeviceStats {
+  unsigned long long nnz, overflow_tiles, overflow_rows, max_row_nnz;
+};
+// Sums the counts: statistics into `stats` (device), and the overflowing rows' indices into
+// `overflow_rows` (device int32 [rows], in no particular order; their number is
+// stats->overflow_rows). `stats` is zeroed first.
+void twell_finalize(const DeviceTwell& g, TwellDeviceStats* stats, int32_t* overflow_rows);
+
+// Fused up+down over the TwELL rows: y[m] = Σ_j g[m,j] · (x[m]·up[j]) · down_t[j] (+ bias)
+// (gated: up != null), or y[m] = Σ_j h[m,j] · down_t[j] (+ bias) (non-gated: up == null).
+// Neuron j's rows are up + j·ldw and down_t + j·ldw (the interleaved updown layout passes
+// up = updown, down_t = updown + ld, ldw = 2·ld). x bf16 [M, d] (ldx), y f32 [M, d] (ldy).
+// Rows with an overflowing tile get the contributions of their other tiles only: the caller
+// recomputes them (overflow_rows). A warp per row; the hidden vector never leaves registers.
+// `generic` forces the any-shape kernel (used by tests; otherwise chosen when d % 8 or d > 4096).
+void twell_updown_bf16(const uint16_t* x, int64_t ldx, const DeviceTwell& g, const uint16_t* up,
+                       const uint16_t* down_t, int64_t ldw, int64_t d, const float* down_bias,
+                       float* y, int64_t ldy, bool generic = false);
+
+// Decode (few tokens): g = relu'd gate (gated) or relu'd up+bias (non-gated), f32 [M, F] (ldg).
+// y[m] = Σ_{j: g>0} g[m,j]·(x[m]·up[j])·down_t[j] (+ bias), reading only the active neurons'
+// rows. y f32 [M, d] (ldy) is overwritten.
+void decode_sparse_bf16(const uint16_t* x, int64_t ldx, int64_t M, const float* g, int64_t ldg,
+                        int64_t F, const uint16_t* up, const uint16_t* down_t, int64_t ldw,
+                        int64_t d, const float* down_bias, float* y, int64_t ldy);
+
+// Row gather/scatter for the dense fallback of overflowing rows (rows: device int32 [n]).
+void gather_rows_bf16(const uint16_t* src, int64_t lds, const int32_t* rows, int64_t n,
+                      int64_t cols, uint16_t* dst, int64_t ldd);
+void scatter_rows_f32(const float* src, int64_t lds, const int32_t* rows, int64_t n, int64_t cols,
+                      float* dst, int64_t ldd);
+// Per-row count of strictly positive values of a bf16 [rows, cols] matrix into stats (nnz and
+// max_row_nnz; the other fields zeroed).
+void count_positive_bf16(const uint16_t* a, int64_t lda, int64_t rows, int64_t cols,
+                         TwellDeviceStats* stats);
+
+// --- The FFN layer ----------------------------------------------------------------------------
+
+// One FFN block on the GPU, the counterpart of sparsellm::FfnLayer (ffn.h): weights are rounded
+// to bf16 and kept in the kernel layout (gated: W_gate [F, d] and updown [F, 2, d]; non-gated:
+// W_up and down_t) plus the standard W_down [d, F] the dense path's GEMM reads. Activations are
+// bf16 on the device, outputs f32. Not reentrant.
+//
+//   dense:  three tensor-core GEMMs (ReLU, g ⊙ u fused in epilogues)
+//   sparse: TwELL gate GEMM → fused up+down; rows with an overflowing tile are recomputed by
+//           dense GEMMs on just those rows (exact, never silently dropped)
+//   auto:   TwELL gate GEMM, then sparse, or dense when the counts say the dense GEMMs would be
+//           cheaper (cost model in docs/kernels.md, "CUDA")
+class CudaFfnLayer {
+ public:
+  // Standard layouts (nn.Linear), host f32: gate [F, d] (gated only), up [F, d], down [d, F],
+  // up_bias [F] (non-gated only, may be null), down_bias [d] (may be null). cfg.dtype is
+  // ignored: the device copy is bf16.
+  CudaFfnLayer(const FfnLayerConfig& cfg, const float* gate, const float* up, const float* down,
+               const float* up_bias, const float* down_bias);
+  ~CudaFfnLayer();
+  CudaFfnLayer(const CudaFfnLayer&) = delete;
+  CudaFfnLayer& operator=(const CudaFfnLayer&) = delete;
+
+  const FfnLayerConfig& config() const;
+  int64_t weight_bytes() const;  // bytes of the bf16 kernel-layout weights on the device
+  int64_t d_padded() const;      // leading dimension of device activations x (multiple of 8)
+
+  // Host f32 in and out (x rounded to bf16 on the device).
+  FfnStats forward(const float* x, int64_t M, float* y, FfnMode mode);
+  FfnStats decode(const float* x, int64_t M, float* y, FfnMode mode);
+
+  // Device in and out: x bf16 [M, d_padded()], y f32 [M, d] (ld d). With stats = false the
+  // call needs no host round trip unless rows overflow (the statistics read-back is skipped
+  // where possible; sparse mode still reads the overflow count).
+  FfnStats forward_device(const uint16_t* x, int64_t M, float* y, FfnMode mode, bool stats = true);
+  FfnStats decode_device(const uint16_t* x, int64_t M, float* y, FfnMode mode);
+
+  // For tests: force the any-shape fused kernel.
+  void set_generic_kernels(bool on);
+  // The TwELL of the last sparse/auto forward (device), and the rows the fallback recomputed.
+  DeviceTwell last_twell() const;
+  int64_t last_fallback_rows() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// --- Benchmarks (device-side timing after warm-up; used by scripts/gpu-check.sh) ---------------
+
+struct GpuBenchOptions {
+  int64_t d_model = 2048, d_ff = 5632, tokens = 131072;
+  bool gated = true;
+  double nnz_per_token = 29;  // target mean non-zeros per token (the gate bias is calibrated)
+  int repeats = 20, warmup = 3;
+  int decode_tokens = 1;
+  double energy_seconds = 2.0;  // minimum run time of each energy measurement
+  TwellParams twell;
+};
+
+struct GpuBenchRow {
+  std::string name;       // e.g. "ffn forward dense"
+  double median_ms = 0, min_ms = 0, max_ms = 0;
+  double tflops = 0;      // useful or dense-equivalent, see `note`
+  double mj_per_token = -1;  // energy per token (NVML) or -1
+  std::string note;
+};
+
+struct GpuBenchResult {
+  std::string device, driver, cublas;  // cublas: library file or "absent: <reason>"
+  double measured_nnz_per_token = 0;
+  int64_t overflow_rows = 0;
+  std::vector<GpuBenchRow> rows;
+  std::vector<std::string> log;  // lines of detail
+};
+
+GpuBenchResult run_gpu_benchmarks(const GpuBenchOptions& options);
+
+}  // namespace sparsellm::cuda

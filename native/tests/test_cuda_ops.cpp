@@ -1,0 +1,328 @@
+// CUDA backend vs the CPU engine and float64 references (native/include/sparsellm/cuda_ops.h).
+// Fresh random inputs of awkward shapes every run (seed printed). Where no usable GPU is present
+// (or the build has no CUDA backend) the test prints the reason and exits 77, which ctest
+// reports as skipped.
+//
+// Tolerances (relative Frobenius error against float64 on the same bf16-rounded inputs):
+//   f32 outputs of one GEMM: f32 accumulation of exact bf16 products, 1e-4 (K ≤ 2048 terms);
+//   bf16 outputs: one rounding of 2^-9 relative, 8e-3;
+//   FFN outputs: g and h are rounded to bf16 on the way (TwELL values, dense hidden), 2e-2.
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "check.h"
+#include "ffn_test_util.h"
+#include "sparsellm/cuda_status.h"
+#include "sparsellm/ffn.h"
+
+#ifdef SPARSELLM_HAVE_CUDA
+#include "sparsellm/cuda_ops.h"
+#endif
+
+namespace {
+constexpr int kSkip = 77;
+}
+
+#ifndef SPARSELLM_HAVE_CUDA
+int main() {
+  std::printf("test_cuda_ops: skipped: %s\n", sparsellm::cuda_status().reason.c_str());
+  return kSkip;
+}
+#else
+
+using namespace sparsellm;
+using namespace sparsellm::cuda;
+using ffntest::rng;
+
+namespace {
+
+uint16_t bf(float v) { return f32_to_bf16(v); }
+float rb(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+std::vector<float> random_vec(size_t n, double scale) {
+  std::normal_distribution<double> nd(0.0, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = rb(static_cast<float>(nd(rng())));
+  return v;
+}
+
+// Host bf16 matrix [rows, ld] from f32 [rows, cols]; padding filled with a poison pattern that
+// must never be read as data (a large value that would show in the results).
+std::vector<uint16_t> to_bf16(const std::vector<float>& a, int64_t rows, int64_t cols, int64_t ld) {
+  std::vector<uint16_t> out(static_cast<size_t>(rows * ld), bf(1e4f));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[r * ld + c] = bf(a[r * cols + c]);
+  return out;
+}
+
+DeviceBuffer to_device(const void* p, size_t bytes) {
+  DeviceBuffer b(bytes);
+  upload(b.data(), p, bytes);
+  return b;
+}
+
+int64_t pad8(int64_t v) { return (v + 7) / 8 * 8; }
+
+// --- dense GEMM and GEMV ------------------------------------------------------------------------
+
+void test_gemm_case(int64_t M, int64_t N, int64_t K, bool gemv) {
+  const int64_t lda = pad8(K) + (gemv ? 0 : 8), ldw = pad8(K), ldo = N + 3;
+  std::vector<float> A = random_vec(static_cast<size_t>(M * K), 1.0), W = random_vec(static_cast<size_t>(N * K), 0.5),
+                     bias = random_vec(static_cast<size_t>(N), 1.0), aux = random_vec(static_cast<size_t>(M * N), 1.0);
+  std::vector<double> ref(static_cast<size_t>(M * N));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0;
+      for (int64_t k = 0; k < K; ++k) s += static_cast<double>(A[m * K + k]) * W[n * K + k];
+      ref[m * N + n] = s;
+    }
+  auto Ab = to_bf16(A, M, K, lda), Wb = to_bf16(W, N, K, ldw), auxb = to_bf16(aux, M, N, N);
+  DeviceBuffer dA = to_device(Ab.data(), Ab.size() * 2), dW = to_device(Wb.data(), Wb.size() * 2),
+               dbias = to_device(bias.data(), bias.size() * 4), daux = to_device(auxb.data(), auxb.size() * 2);
+  auto run = gemv ? gemv_bf16 : gemm_bf16;
+  const char* which = gemv ? "gemv" : "gemm";
+  for (int mode = 0; mode < 3; ++mode) {
+    // mode 0: f32 out + bias; 1: bf16 relu; 2: bf16 mul aux
+    const bool out_bf16 = mode > 0;
+    const size_t es = out_bf16 ? 2 : 4;
+    DeviceBuffer dO(static_cast<size_t>(M * ldo) * es);
+    memset_device(dO.data(), 0xff, static_cast<size_t>(M * ldo) * es);  // NaN poison
+    Epilogue e;
+    e.op = mode == 0 ? EpiOp::None : mode == 1 ? EpiOp::Relu : EpiOp::MulAux;
+    e.bias = mode == 0 ? dbias.as<float>() : nullptr;
+    e.aux = mode == 2 ? daux.as<uint16_t>() : nullptr;
+    e.ldaux = N;
+    e.out_bf16 = out_bf16;
+    e.out = dO.data();
+    e.ldo = ldo;
+    run(dA.as<uint16_t>(), lda, dW.as<uint16_t>(), ldw, M, N, K, e);
+    std::vector<uint8_t> raw(static_cast<size_t>(M * ldo) * es);
+    download(raw.data(), dO.data(), raw.size());
+    std::vector<float> got(static_cast<size_t>(M * N));
+    std::vector<double> want(static_cast<size_t>(M * N));
+    int64_t pad_touched = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < ldo; ++n) {
+        float v;
+        if (out_bf16) {
+          uint16_t h;
+          std::memcpy(&h, raw.data() + (m * ldo + n) * 2, 2);
+          v = bf16_to_f32(h);
+        } else {
+          std::memcpy(&v, raw.data() + (m * ldo + n) * 4, 4);
+        }
+        if (n >= N) {
+          pad_touched += !std::isnan(v);
+          continue;
+        }
+        got[m * N + n] = v;
+        double r = ref[m * N + n];
+        if (mode == 0) r += bias[n];
+        if (mode == 1) r = r > 0 ? r : 0;
+        if (mode == 2) r *= aux[m * N + n];
+        want[m * N + n] = r;
+      }
+    }
+    const double err = check::rel_error(got.data(), want.data(), got.size());
+    const double tol = out_bf16 ? 8e-3 : 1e-4;
+    CHECK(err < tol, "%s M=%lld N=%lld K=%lld epilogue %d: rel error %.3g (tol %.1g)", which, (long long)M, (long long)N,
+          (long long)K, mode, err, tol);
+    CHECK(pad_touched == 0, "%s M=%lld N=%lld K=%lld: %lld elements outside [M, N] written", which, (long long)M,
+          (long long)N, (long long)K, (long long)pad_touched);
+  }
+  if (!gemv) {
+    std::string why;
+    if (Cublas::available(&why)) {
+      DeviceBuffer dO(static_cast<size_t>(M * ldo) * 4);
+      Cublas::gemm_bf16(dA.as<uint16_t>(), lda, dW.as<uint16_t>(), ldw, M, N, K, dO.data(), ldo, false);
+      std::vector<float> raw(static_cast<size_t>(M * ldo)), got(static_cast<size_t>(M * N));
+      download(raw.data(), dO.data(), raw.size() * 4);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) got[m * N + n] = raw[m * ldo + n];
+      const double err = check::rel_error(got.data(), ref.data(), got.size());
+      CHECK(err < 1e-4, "cuBLAS M=%lld N=%lld K=%lld: rel error %.3g", (long long)M, (long long)N, (long long)K, err);
+    }
+  }
+}
+
+void test_gemm() {
+  const int64_t shapes[][3] = {{1, 7, 13}, {7, 300, 100}, {300, 257, 72}, {130, 129, 40}, {257, 520, 2048}, {64, 64, 8}};
+  for (const auto& s : shapes) test_gemm_case(s[0], s[1], s[2], false);
+  const int64_t vshapes[][3] = {{1, 300, 100}, {3, 77, 13}, {8, 520, 264}, {5, 33, 2048}};
+  for (const auto& s : vshapes) test_gemm_case(s[0], s[1], s[2], true);
+}
+
+// --- TwELL gate ---------------------------------------------------------------------------------
+
+// Exact inputs (small integers, weights in 1/8): the f32 gate equals the float64 one, so the
+// pattern, counts and overflow must match the reference exactly.
+void test_twell_gate(int64_t M, int64_t d, int64_t F, int tile, int compression, double density, int heavy_every) {
+  ffntest::Problem p = ffntest::make_problem(M, d, F, density, heavy_every, 3.0, true, false);
+  std::vector<double> z = ffntest::ref_linear(p.x, M, d, p.gate, F, nullptr);
+  const int64_t ld = pad8(d);
+  auto xb = to_bf16(p.x, M, d, ld), wb = to_bf16(p.gate, F, d, ld);
+  DeviceBuffer dx = to_device(xb.data(), xb.size() * 2), dw = to_device(wb.data(), wb.size() * 2);
+  DeviceTwell t;
+  t.rows = M;
+  t.cols = F;
+  t.tile = tile;
+  t.cap = tile / compression - 1;
+  t.tiles = (F + tile - 1) / tile;
+  DeviceBuffer dc(static_cast<size_t>(M * t.tiles) * 4), de(static_cast<size_t>(M * t.tiles * t.cap) * 4);
+  memset_device(dc.data(), 0xff, dc.bytes());
+  t.count = dc.as<int32_t>();
+  t.entries = de.as<uint32_t>();
+  twell_gate_bf16(dx.as<uint16_t>(), ld, dw.as<uint16_t>(), ld, M, F, d, nullptr, t);
+  std::vector<int32_t> cnt(static_cast<size_t>(M * t.tiles));
+  std::vector<uint32_t> ent(static_cast<size_t>(M * t.tiles * t.cap));
+  download(cnt.data(), dc.data(), cnt.size() * 4);
+  download(ent.data(), de.data(), ent.size() * 4);
+  int64_t bad_count = 0, bad_entry = 0, overflow = 0, ref_overflow_rows = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    bool row_of = false;
+    for (int64_t tt = 0; tt < t.tiles; ++tt) {
+      std::vector<std::pair<int, double>> pos;
+      for (int64_t j = tt * tile; j < std::min<int64_t>(F, (tt + 1) * tile); ++j)
+        if (z[m * F + j] > 0) pos.push_back({static_cast<int>(j - tt * tile), z[m * F + j]});
+      const int c = cnt[m * t.tiles + tt];
+      bad_count += c != static_cast<int>(pos.size());
+      if (c > t.cap) {
+        ++overflow;
+        row_of = true;
+      }
+      for (int e = 0; e < std::min<int>(t.cap, static_cast<int>(pos.size())); ++e) {
+        const uint32_t w = ent[(m * t.tiles + tt) * t.cap + e];
+        const float v = bf16_to_f32(static_cast<uint16_t>(w >> 16));
+        const int idx = static_cast<int>(w & 0xffff);
+        if (idx != pos[e].first || std::fabs(v - pos[e].second) > 4e-3 * std::fabs(pos[e].second)) ++bad_entry;
+      }
+    }
+    ref_overflow_rows += row_of;
+  }
+  CHECK(bad_count == 0, "twell gate M=%lld d=%lld F=%lld T=%d: %lld wrong tile counts", (long long)M, (long long)d,
+        (long long)F, tile, (long long)bad_count);
+  CHECK(bad_entry == 0, "twell gate M=%lld d=%lld F=%lld T=%d: %lld wrong entries", (long long)M, (long long)d, (long long)F,
+        tile, (long long)bad_entry);
+  // finalize: statistics and the overflow row list
+  DeviceBuffer ds(sizeof(TwellDeviceStats)), dr(static_cast<size_t>(M) * 4);
+  twell_finalize(t, ds.as<TwellDeviceStats>(), dr.as<int32_t>());
+  TwellDeviceStats st{};
+  download(&st, ds.data(), sizeof st);
+  int64_t nnz = 0;
+  for (double v : z) nnz += v > 0;
+  CHECK(static_cast<int64_t>(st.nnz) == nnz, "finalize nnz %llu vs %lld", st.nnz, (long long)nnz);
+  CHECK(static_cast<int64_t>(st.overflow_tiles) == overflow, "finalize overflow tiles %llu vs %lld", st.overflow_tiles,
+        (long long)overflow);
+  CHECK(static_cast<int64_t>(st.overflow_rows) == ref_overflow_rows, "finalize overflow rows %llu vs %lld",
+        st.overflow_rows, (long long)ref_overflow_rows);
+  std::printf("  twell gate M=%lld d=%lld F=%lld T=%d cap=%d: nnz %lld, overflowing tiles %lld in %lld rows\n",
+              (long long)M, (long long)d, (long long)F, tile, t.cap, (long long)nnz, (long long)overflow,
+              (long long)ref_overflow_rows);
+}
+
+// --- the FFN layer: sparse / dense / auto / decode vs CPU and float64 ------------------------------
+
+void test_layer_case(int64_t M, int64_t d, int64_t F, bool gated, double density, int heavy_every, int tile,
+                     bool generic, bool expect_fallback) {
+  ffntest::Problem p = ffntest::make_problem(M, d, F, density, heavy_every, 3.0, true, !gated);
+  if (!gated) p.up = p.gate;  // the TwELL producer is the up projection (exact biases kept)
+  // The GPU keeps bf16 weights and activations: round them so every path sees the same values.
+  ffntest::round_bf16(p.x);
+  ffntest::round_bf16(p.gate);
+  ffntest::round_bf16(p.up);
+  ffntest::round_bf16(p.down);
+  const std::vector<double> ref = ffntest::ref_ffn(p, gated);
+  FfnLayerConfig cfg;
+  cfg.d_model = d;
+  cfg.d_ff = F;
+  cfg.gated = gated;
+  cfg.dtype = DType::BF16;
+  cfg.twell.tile = tile;
+  cfg.twell.compression = 8;
+  const float* ub = p.up_bias.empty() ? nullptr : p.up_bias.data();
+  const float* db = p.down_bias.empty() ? nullptr : p.down_bias.data();
+  FfnLayer cpu(cfg, gated ? p.gate.data() : nullptr, p.up.data(), p.down.data(), ub, db);
+  CudaFfnLayer gpu(cfg, gated ? p.gate.data() : nullptr, p.up.data(), p.down.data(), ub, db);
+  gpu.set_generic_kernels(generic);
+  std::vector<float> yc(static_cast<size_t>(M * d)), yg(static_cast<size_t>(M * d));
+  const FfnStats sc = cpu.forward(p.x.data(), M, yc.data(), FfnMode::Sparse);
+  const char* kind = gated ? "gated" : "non-gated";
+  for (FfnMode mode : {FfnMode::Sparse, FfnMode::Dense, FfnMode::Auto}) {
+    std::fill(yg.begin(), yg.end(), std::nanf(""));
+    const FfnStats sg = gpu.forward(p.x.data(), M, yg.data(), mode);
+    const double e_ref = check::rel_error(yg.data(), ref.data(), yg.size());
+    std::vector<double> cpu_d(yc.begin(), yc.end());
+    const double e_cpu = check::rel_error(yg.data(), cpu_d.data(), yg.size());
+    CHECK(e_ref < 2e-2 && e_cpu < 2e-2, "layer %s M=%lld d=%lld F=%lld T=%d%s mode %d: rel error %.3g vs float64, %.3g vs CPU",
+          kind, (long long)M, (long long)d, (long long)F, tile, generic ? " generic" : "", static_cast<int>(mode), e_ref,
+          e_cpu);
+    CHECK(sg.nnz == sc.nnz, "layer %s M=%lld mode %d: nnz %lld (GPU) vs %lld (CPU)", kind, (long long)M,
+          static_cast<int>(mode), (long long)sg.nnz, (long long)sc.nnz);
+    if (mode == FfnMode::Sparse) {
+      CHECK(sg.overflow_tiles == sc.overflow_tiles && sg.overflow_rows == sc.overflow_rows,
+            "layer %s M=%lld: overflow %lld tiles / %lld rows (GPU) vs %lld / %lld (CPU)", kind, (long long)M,
+            (long long)sg.overflow_tiles, (long long)sg.overflow_rows, (long long)sc.overflow_tiles,
+            (long long)sc.overflow_rows);
+      CHECK(gpu.last_fallback_rows() == sg.overflow_rows, "fallback rows %lld vs overflow rows %lld",
+            (long long)gpu.last_fallback_rows(), (long long)sg.overflow_rows);
+      if (expect_fallback)
+        CHECK(sg.overflow_rows > 0, "layer %s M=%lld: the case was built to overflow, but no tile did", kind, (long long)M);
+      std::printf("  layer %s M=%lld d=%lld F=%lld T=%d%s: nnz/token %.1f, overflow rows %lld, err %.2e (f64) %.2e (CPU)\n",
+                  kind, (long long)M, (long long)d, (long long)F, tile, generic ? " generic" : "",
+                  static_cast<double>(sg.nnz) / static_cast<double>(M), (long long)sg.overflow_rows, e_ref, e_cpu);
+    }
+  }
+  if (M <= kGemvMaxRows) {
+    for (FfnMode mode : {FfnMode::Sparse, FfnMode::Dense}) {
+      std::fill(yg.begin(), yg.end(), std::nanf(""));
+      const FfnStats sg = gpu.decode(p.x.data(), M, yg.data(), mode);
+      const double e_ref = check::rel_error(yg.data(), ref.data(), yg.size());
+      CHECK(e_ref < 2e-2, "decode %s M=%lld d=%lld F=%lld mode %d: rel error %.3g", kind, (long long)M, (long long)d,
+            (long long)F, static_cast<int>(mode), e_ref);
+      if (mode == FfnMode::Sparse)
+        CHECK(sg.nnz == sc.nnz, "decode %s M=%lld: nnz %lld vs CPU %lld", kind, (long long)M, (long long)sg.nnz,
+              (long long)sc.nnz);
+    }
+  }
+}
+
+void test_layers() {
+  // tokens 1, 7, 300; d_ff not a multiple of the tile; overflowing tiles (every 5th token heavy).
+  for (bool gated : {true, false}) {
+    test_layer_case(1, 64, 1000, gated, 0.03, 0, 256, false, false);
+    test_layer_case(7, 72, 300, gated, 0.05, 3, 256, false, false);
+    test_layer_case(300, 64, 1000, gated, 0.03, 5, 256, false, true);
+    test_layer_case(300, 100, 520, gated, 0.03, 5, 128, false, true);  // d % 8 != 0: any-shape kernel
+    test_layer_case(77, 64, 1000, gated, 0.03, 5, 64, true, true);     // forced any-shape kernel, T = 64
+    test_layer_case(5, 2560, 700, gated, 0.02, 0, 32, false, false);   // d > 2048 (16 chunks per lane)
+  }
+}
+
+}  // namespace
+
+int main() {
+  const CudaStatus s = cuda_status();
+  if (!s.usable) {
+    std::printf("test_cuda_ops: skipped: %s\n", s.reason.c_str());
+    return kSkip;
+  }
+  check::test_seed();
+  try {
+    require_device();
+    std::printf("test_cuda_ops: %s\n", s.devices.empty() ? "?" : s.devices[0].name.c_str());
+    std::string why;
+    if (!Cublas::available(&why)) std::printf("  cuBLAS comparison skipped: %s\n", why.c_str());
+    test_gemm();
+    test_twell_gate(300, 64, 1000, 256, 8, 0.03, 5);
+    test_twell_gate(7, 40, 300, 128, 8, 0.05, 3);
+    test_twell_gate(130, 72, 700, 64, 4, 0.05, 4);
+    test_twell_gate(1, 16, 100, 32, 2, 0.2, 0);
+    test_layers();
+  } catch (const std::exception& e) {
+    CHECK(false, "exception: %s", e.what());
+  }
+  return check::finish("test_cuda_ops");
+}
+#endif
