@@ -1,6 +1,8 @@
 // Trainer (sparsellm/train.h): forward and hand-written backward of the whole Llama-family
 // model, the per-layer choice between the dense and Hybrid FFN kernels, dead-neuron tracking,
 // gradient clipping and AdamW.
+#include <malloc.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -30,6 +32,11 @@ uint64_t mix(uint64_t a, uint64_t b) {
 }  // namespace
 
 Trainer::Trainer(const TrainModelConfig& c, const TrainHyper& h) : cfg_(c), hp_(h) {
+  // The passes allocate and free activation-sized buffers (up to tens of MB) every micro-batch.
+  // Keep them in the heap instead of fresh mmaps: otherwise every call pays page faults on
+  // memory the kernel must zero again (measured: half the step time of a small model).
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 512 << 20);
   if (c.vocab < 2 || c.d_model < 2 || c.n_layers < 1 || c.n_heads < 1 || c.d_ff < 1 || c.context < 2)
     throw std::invalid_argument("Trainer: vocab, d_model, layers, heads, d_ff and context must be positive");
   if (c.d_model % c.n_heads != 0 || (c.d_model / c.n_heads) % 2 != 0)

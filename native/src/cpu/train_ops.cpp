@@ -149,6 +149,7 @@ void attention_forward(const float* q, const float* k, const float* v, int64_t B
         for (int64_t s = 0; s <= t; ++s) {
           const float* ks = k + (b * T + s) * D + h * hd;
           float acc = 0;
+#pragma omp simd reduction(+ : acc)
           for (int64_t i = 0; i < hd; ++i) acc += qt[i] * ks[i];
           p[s] = acc * scale;
           mx = std::max(mx, p[s]);
@@ -166,6 +167,7 @@ void attention_forward(const float* q, const float* k, const float* v, int64_t B
         for (int64_t s = 0; s <= t; ++s) {
           const float* vs = v + (b * T + s) * D + h * hd;
           const float ps = p[s];
+#pragma omp simd
           for (int64_t i = 0; i < hd; ++i) ot[i] += ps * vs[i];
         }
       }
@@ -197,6 +199,7 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
           for (int64_t s = 0; s <= t; ++s) {
             const float* vs = v + (b * T + s) * D + h * hd;
             float acc = 0;
+#pragma omp simd reduction(+ : acc)
             for (int64_t i = 0; i < hd; ++i) acc += dot[i] * vs[i];
             ds[static_cast<size_t>(s)] = acc;
             rs += static_cast<double>(acc) * p[s];
@@ -210,11 +213,12 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
             float* dks = dk + (b * T + s) * D + h * hd;
             float* dvs = dv + (b * T + s) * D + h * hd;
             const float ps = p[s];
-            for (int64_t i = 0; i < hd; ++i) {
-              dqt[i] += g * ks[i];
-              dks[i] += g * qt[i];
-              dvs[i] += ps * dot[i];
-            }
+#pragma omp simd
+            for (int64_t i = 0; i < hd; ++i) dqt[i] += g * ks[i];
+#pragma omp simd
+            for (int64_t i = 0; i < hd; ++i) dks[i] += g * qt[i];
+#pragma omp simd
+            for (int64_t i = 0; i < hd; ++i) dvs[i] += ps * dot[i];
           }
         }
       }
