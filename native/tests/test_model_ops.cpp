@@ -234,15 +234,19 @@ void test_attention() {
     double e = check::rel_error(got.data(), ref.data(), ref.size());
     CHECK(e < 2e-5, "attention heads=%lld kv=%lld hd=%lld: rel error %g", (long long)c.heads, (long long)c.kv_heads,
           (long long)c.hd, e);
-    // Prefill in two chunks (a second prompt part after the first) gives the same rows.
+    // Prefill in chunks (later prompt parts after the first; 5 < kAttentionGemmMinTokens <= 8)
+    // gives the same rows.
     KvCache c2;
     c2.allocate(layers, c.kv_heads, c.hd, total);
     std::vector<float> out2(total * qd);
-    const int64_t split = 13;
-    kv_cache_store(c2, layer, k.data(), kd, v.data(), kd, split, 0);
-    attention_causal(q.data(), qd, split, c.heads, c2, layer, 0, out2.data(), qd);
-    kv_cache_store(c2, layer, &k[split * kd], kd, &v[split * kd], kd, total - split, split);
-    attention_causal(&q[split * qd], qd, total - split, c.heads, c2, layer, split, &out2[split * qd], qd);
+    int64_t a = 0;
+    for (int64_t len : {5, 8, 11, 100}) {
+      const int64_t b = std::min(total, a + len);
+      if (a >= total) break;
+      kv_cache_store(c2, layer, &k[a * kd], kd, &v[a * kd], kd, b - a, a);
+      attention_causal(&q[a * qd], qd, b - a, c.heads, c2, layer, a, &out2[a * qd], qd);
+      a = b;
+    }
     double e2 = check::rel_error(out2.data(), ref.data(), ref.size());
     CHECK(e2 < 2e-5, "attention chunked prefill: rel error %g", e2);
   }
@@ -251,13 +255,18 @@ void test_attention() {
 }  // namespace
 
 int main() {
-  for (int threads : {1, 2}) {
-    set_num_threads(threads);
-    test_embeddings();
-    test_norms();
-    test_rope();
-    test_activations();
-    test_attention();
+  const Isa best = active_isa();
+  for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Avx512}) {
+    if (static_cast<int>(isa) > static_cast<int>(best)) continue;
+    set_isa_limit(isa);  // the attention softmax has per-ISA builds
+    for (int threads : {1, 2}) {
+      set_num_threads(threads);
+      test_embeddings();
+      test_norms();
+      test_rope();
+      test_activations();
+      test_attention();
+    }
   }
   return check::finish("test_model_ops");
 }

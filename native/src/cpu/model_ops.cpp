@@ -8,7 +8,9 @@
 #include <cstring>
 #include <vector>
 
+#include "model_kernels.h"
 #include "sparsellm/cpu_info.h"
+#include "sparsellm/gemm.h"
 #include "sparsellm/model.h"
 
 namespace sparsellm {
@@ -210,18 +212,29 @@ void KvCache::allocate(int64_t layers, int64_t kv_heads, int64_t hd, int64_t pos
 
 void kv_cache_store(KvCache& cache, int64_t layer, const float* k, int64_t ldk, const float* v, int64_t ldv,
                     int64_t T, int64_t pos0) {
-  const int64_t hd = cache.head_dim;
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t h = 0; h < cache.n_kv_heads; ++h) {
-      std::memcpy(cache.k_at(layer, h, pos0 + t), k + t * ldk + h * hd, sizeof(float) * hd);
-      std::memcpy(cache.v_at(layer, h, pos0 + t), v + t * ldv + h * hd, sizeof(float) * hd);
-    }
+  const int64_t hd = cache.head_dim, cap = cache.capacity;
+  for (int64_t h = 0; h < cache.n_kv_heads; ++h) {
+    for (int64_t t = 0; t < T; ++t) std::memcpy(cache.k_at(layer, h, pos0 + t), k + t * ldk + h * hd, sizeof(float) * hd);
+    float* vt = cache.v_t(layer, h);
+    for (int64_t i = 0; i < hd; ++i)
+      for (int64_t t = 0; t < T; ++t) vt[i * cap + pos0 + t] = v[t * ldv + h * hd + i];
   }
 }
 
-void attention_causal(const float* q, int64_t ldq, int64_t T, int64_t n_heads, const KvCache& cache,
-                      int64_t layer, int64_t pos0, float* out, int64_t ldo) {
-  const int64_t hd = cache.head_dim;
+void softmax_causal_rows(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64_t pos0, float scale) {
+  switch (active_isa()) {
+    case Isa::Avx512: return softmax_causal_rows_avx512(S, ldS, T, n_cols, pos0, scale);
+    case Isa::Avx2: return softmax_causal_rows_avx2(S, ldS, T, n_cols, pos0, scale);
+    default: return softmax_causal_rows_impl(S, ldS, T, n_cols, pos0, scale, num_threads());
+  }
+}
+
+namespace {
+
+// Few queries: one pass per (query, head) over the cache; threads split the (query, head) pairs.
+void attention_rows(const float* q, int64_t ldq, int64_t T, int64_t n_heads, const KvCache& cache, int64_t layer,
+                    int64_t pos0, float* out, int64_t ldo) {
+  const int64_t hd = cache.head_dim, cap = cache.capacity;
   const int64_t group = n_heads / cache.n_kv_heads;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const int64_t max_keys = pos0 + T;
@@ -230,7 +243,6 @@ void attention_causal(const float* q, int64_t ldq, int64_t T, int64_t n_heads, c
   const int64_t work = n_heads * T;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (work > 1 && max_keys * hd * work >= 32768)
   for (int64_t item = 0; item < work; ++item) {
-    // Largest query positions first spreads the causal triangle across threads.
     const int64_t t = T - 1 - item / n_heads;
     const int64_t h = item % n_heads;
     const int64_t kvh = h / group;
@@ -238,7 +250,7 @@ void attention_causal(const float* q, int64_t ldq, int64_t T, int64_t n_heads, c
     const float* qr = q + t * ldq + h * hd;
     const int64_t n_keys = pos0 + t + 1;
     const float* K = cache.k_at(layer, kvh, 0);
-    const float* V = cache.v_at(layer, kvh, 0);
+    const float* Vt = cache.v_t(layer, kvh);
     float mx = -INFINITY;
     for (int64_t j = 0; j < n_keys; ++j) {
       const float* kr = K + j * hd;
@@ -257,13 +269,36 @@ void attention_causal(const float* q, int64_t ldq, int64_t T, int64_t n_heads, c
     }
     const float inv = 1.f / sum;
     float* orow = out + t * ldo + h * hd;
-    std::fill(orow, orow + hd, 0.f);
-    for (int64_t j = 0; j < n_keys; ++j) {
-      const float p = scores[j] * inv;
-      const float* vr = V + j * hd;
-#pragma omp simd
-      for (int64_t i = 0; i < hd; ++i) orow[i] += p * vr[i];
+    for (int64_t i = 0; i < hd; ++i) {
+      const float* vr = Vt + i * cap;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < n_keys; ++j) acc += scores[j] * vr[j];
+      orow[i] = acc * inv;
     }
+  }
+}
+
+}  // namespace
+
+void attention_causal(const float* q, int64_t ldq, int64_t T, int64_t n_heads, const KvCache& cache,
+                      int64_t layer, int64_t pos0, float* out, int64_t ldo) {
+  if (T < kAttentionGemmMinTokens) return attention_rows(q, ldq, T, n_heads, cache, layer, pos0, out, ldo);
+  // Many queries: per head, S = Q_h·K_hᵀ [T, keys] (GEMM), causal softmax in place, O_h = S·V_h
+  // (GEMM against the transposed values). Keys past a row's position are zeroed by the softmax,
+  // so the second product adds nothing for them.
+  const int64_t hd = cache.head_dim, cap = cache.capacity;
+  const int64_t group = n_heads / cache.n_kv_heads;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  const int64_t keys = pos0 + T;
+  std::vector<float> S(static_cast<size_t>(T * keys));
+  for (int64_t h = 0; h < n_heads; ++h) {
+    const int64_t kvh = h / group;
+    const WeightView K{cache.k_at(layer, kvh, 0), DType::F32, keys, hd, hd};
+    gemm(q + h * hd, ldq, T, K, S.data(), keys);
+    softmax_causal_rows(S.data(), keys, T, keys, pos0, scale);
+    const WeightView Vt{cache.v_t(layer, kvh), DType::F32, hd, keys, cap};
+    gemm(S.data(), keys, T, Vt, out + h * hd, ldo);
   }
 }
 

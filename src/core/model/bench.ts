@@ -126,6 +126,8 @@ export async function benchModel(path: string, opts: ModelBenchOptions): Promise
         opts.onProgress?.(++done, total);
       }
     }
+    // Peak memory of the model runs, read before the bandwidth probe allocates its own buffer.
+    const peakRssBytes = process.resourceUsage().maxRSS * 1024;
     const bandwidth = opts.bandwidth ? ((engine() as NativeAddon & { memoryBandwidth(bytes?: number): number }).memoryBandwidth()) : null;
     const elem = rt.storageDtype === 'F32' ? 4 : 2;
     const kvAvg = opts.decodePrompt + opts.decodeTokens / 2;
@@ -150,7 +152,7 @@ export async function benchModel(path: string, opts: ModelBenchOptions): Promise
       spec: { modelType: spec.modelType, nLayers: spec.nLayers, dModel: spec.dModel, nHeads: spec.nHeads, nKvHeads: spec.nKvHeads, vocabSize: spec.vocabSize, activation: spec.activation, dFF: spec.dFF },
       storageDtype: rt.storageDtype,
       weightsBytes: rt.weightsBytes,
-      peakRssBytes: process.resourceUsage().maxRSS * 1024,
+      peakRssBytes,
       options: { prefillTokens: opts.prefillTokens, decodeTokens: opts.decodeTokens, decodePrompt: opts.decodePrompt, repeats: opts.repeats, warmup: opts.warmup, seed: opts.seed, bandwidth: opts.bandwidth },
       memoryBandwidthGBs: bandwidth,
       dense,

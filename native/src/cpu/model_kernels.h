@@ -1,0 +1,62 @@
+// Internal: the row softmax of causal attention, compiled once per ISA (model_attention_*.cpp)
+// from the same plain loops, and dispatched at run time. Everything here has internal linkage
+// so that the AVX-512 / AVX2 builds of these inline functions never leak into portable code.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace sparsellm {
+
+// S [T, n_cols] (ldS): row t keeps columns 0 .. pos0 + t (clamped to n_cols) and becomes
+// softmax(scale · S[t, :n]) there, zeros after. Threads split the rows.
+void softmax_causal_rows(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64_t pos0, float scale);
+void softmax_causal_rows_avx2(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64_t pos0, float scale);
+void softmax_causal_rows_avx512(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64_t pos0, float scale);
+
+namespace {
+
+// exp(x) for x <= 0 (inputs after subtracting the row maximum), relative error < 2e-7, as
+// straight-line code the compiler vectorises: Cody-Waite reduction by ln 2 and a degree-6
+// polynomial (the Cephes expf coefficients), scaled by 2^n through the exponent bits.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return y * __builtin_bit_cast(float, bits);
+}
+
+inline void softmax_causal_rows_impl(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64_t pos0, float scale,
+                                     int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (T * n_cols >= 16384)
+  for (int64_t t = 0; t < T; ++t) {
+    float* row = S + t * ldS;
+    const int64_t n = pos0 + t + 1 < n_cols ? pos0 + t + 1 : n_cols;
+    float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
+    mx *= scale;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      const float e = exp_nonpositive(row[j] * scale - mx);
+      row[j] = e;
+      sum += e;
+    }
+    const float inv = 1.f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+    if (n < n_cols) std::memset(row + n, 0, sizeof(float) * static_cast<size_t>(n_cols - n));
+  }
+}
+
+}  // namespace
+}  // namespace sparsellm
