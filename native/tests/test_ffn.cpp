@@ -118,11 +118,11 @@ void run_case(const Case& c, bool* saw_overflow, bool* saw_dense_auto, bool* saw
         if (mode == FfnMode::Sparse && which == 0) {
           if (first.empty()) first = y;
           else {
-            // token-parallel sparse forward: same order of operations whatever the thread count
-            // when M >= threads; with fewer tokens the partial sums differ only in rounding.
+            // the thread count changes the token blocking (and with fewer tokens than threads the
+            // split of each token's active list), so results agree within f32 rounding only
             std::vector<double> f64(first.begin(), first.end());
             const double e = check::rel_error(y.data(), f64.data(), y.size());
-            CHECK(e <= (c.M >= 2 ? 0.0 : 1e-6), "%s: threads 1 vs 2 differ by %.3g", what.c_str(), e);
+            CHECK(e <= 1e-6, "%s: threads 1 vs 2 differ by %.3g", what.c_str(), e);
           }
         }
       }

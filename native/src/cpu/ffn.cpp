@@ -104,6 +104,78 @@ void sparse_rows(const Twell& g, const float* bias, int64_t d, float* y, int64_t
   }
 }
 
+// Token-blocked, neuron-major variant for denser activations: the tokens are cut into blocks of
+// B; within a block the active (token, neuron) pairs are sorted by neuron (counting sort), and
+// each active neuron's weights are read ONCE for all the block's tokens that use it
+// (`neuron(j, toks, vals, n, m0)`, tokens relative to m0). Blocks go to threads.
+template <typename Fn>
+void batched_rows(const Twell& g, const float* bias, int64_t d, float* y, int64_t ldy, int64_t B, Fn neuron) {
+  const int64_t M = g.rows, F = g.cols;
+  const int64_t nblocks = (M + B - 1) / B;
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<int32_t> cnt(static_cast<size_t>(F) + 1), js, tok, ctok;
+    std::vector<float> vs, cval;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const int64_t m0 = b * B, m1 = std::min(M, m0 + B);
+      int64_t total = 0;
+      for (int64_t m = m0; m < m1; ++m) total += g.row_nnz[m];
+      if (static_cast<int64_t>(js.size()) < total + 1) {
+        js.resize(static_cast<size_t>(total) + 1);
+        tok.resize(static_cast<size_t>(total) + 1);
+        vs.resize(static_cast<size_t>(total) + 1);
+        ctok.resize(static_cast<size_t>(total) + 1);
+        cval.resize(static_cast<size_t>(total) + 1);
+      }
+      int64_t off = 0;
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t n = detail::gather_row(g, m, js.data() + off, vs.data() + off);
+        for (int64_t i = off; i < off + n; ++i) tok[static_cast<size_t>(i)] = static_cast<int32_t>(m - m0);
+        off += n;
+        init_row(y + m * ldy, bias, d);
+      }
+      std::fill(cnt.begin(), cnt.end(), 0);
+      for (int64_t i = 0; i < off; ++i) ++cnt[static_cast<size_t>(js[static_cast<size_t>(i)]) + 1];
+      for (int64_t j = 0; j < F; ++j) cnt[static_cast<size_t>(j) + 1] += cnt[static_cast<size_t>(j)];
+      for (int64_t i = 0; i < off; ++i) {
+        const int32_t pos = cnt[static_cast<size_t>(js[static_cast<size_t>(i)])]++;
+        ctok[static_cast<size_t>(pos)] = tok[static_cast<size_t>(i)];
+        cval[static_cast<size_t>(pos)] = vs[static_cast<size_t>(i)];
+      }
+      // cnt[j] is now the end of neuron j's run (and the start of j+1's); `next` is the next
+      // active neuron (-1: none), whose weights the kernel prefetches.
+      int32_t start = 0;
+      int64_t j = 0;
+      while (j < F && cnt[static_cast<size_t>(j)] == 0) ++j;
+      while (j < F) {
+        const int32_t end = cnt[static_cast<size_t>(j)];
+        int64_t next = j + 1;
+        while (next < F && cnt[static_cast<size_t>(next)] == end) ++next;
+        neuron(j, ctok.data() + start, cval.data() + start, static_cast<int64_t>(end - start), m0, next < F ? next : -1);
+        start = end;
+        j = next;
+      }
+    }
+  }
+}
+
+// Tokens per block of the neuron-major variant, and the mean number of a block's tokens per
+// neuron from which it is used (below it, the per-token kernel: little reuse to gain).
+constexpr int64_t kBatchTokens = 128;
+constexpr double kBatchMinReuse = 0.5;
+
+int64_t batch_tokens(const Twell& g) {
+  const int nt = num_threads();
+  const int64_t M = g.rows;
+  if (M < 2) return 0;
+  const int64_t B = std::max<int64_t>(1, std::min<int64_t>(kBatchTokens, (M + nt - 1) / nt));
+  int64_t nnz = 0;
+  for (int64_t m = 0; m < M; ++m) nnz += g.row_nnz[m];
+  const double reuse = static_cast<double>(nnz) / static_cast<double>(M) * static_cast<double>(B) / static_cast<double>(g.cols);
+  return reuse >= kBatchMinReuse && B >= 2 ? B : 0;
+}
+
 }  // namespace
 
 void twell_updown(const float* x, int64_t ldx, const Twell& g, const UpDownView& ud,
@@ -113,6 +185,15 @@ void twell_updown(const float* x, int64_t ldx, const Twell& g, const UpDownView&
   if (ud.dtype != DType::F32 && ud.dtype != DType::BF16) throw std::invalid_argument("twell_updown: weights must be f32 or bf16");
   const detail::FfnOps& ops = detail::ffn_ops();
   const int64_t d = ud.cols;
+  if (const int64_t B = batch_tokens(g)) {
+    const int64_t es = dtype_size(ud.dtype);
+    const char* base = static_cast<const char*>(ud.data);
+    batched_rows(g, down_bias, d, y, ldy, B, [&](int64_t j, const int32_t* toks, const float* vals, int64_t n, int64_t m0, int64_t next) {
+      ops.updown_batch(x + m0 * ldx, ldx, toks, vals, n, base + j * 2 * ud.ld * es, ud.dtype, ud.ld, d, y + m0 * ldy, ldy,
+                       next >= 0 ? base + next * 2 * ud.ld * es : nullptr);
+    });
+    return;
+  }
   sparse_rows(g, down_bias, d, y, ldy, [&](int64_t m, const int32_t* js, const float* vs, int64_t n, float* ym) {
     ops.updown(x + m * ldx, js, vs, n, ud.data, ud.dtype, ud.ld, d, ym, nullptr);
   });
@@ -125,6 +206,15 @@ void twell_down(const Twell& h, const WeightView& down_t, const float* down_bias
   if (down_t.dtype != DType::F32 && down_t.dtype != DType::BF16) throw std::invalid_argument("twell_down: weights must be f32 or bf16");
   const detail::FfnOps& ops = detail::ffn_ops();
   const int64_t d = down_t.cols;
+  if (const int64_t B = batch_tokens(h)) {
+    const int64_t es = dtype_size(down_t.dtype);
+    const char* base = static_cast<const char*>(down_t.data);
+    batched_rows(h, down_bias, d, y, ldy, B, [&](int64_t j, const int32_t* toks, const float* vals, int64_t n, int64_t m0, int64_t next) {
+      ops.down_batch(toks, vals, n, base + j * down_t.ld * es, down_t.dtype, d, y + m0 * ldy, ldy,
+                     next >= 0 ? base + next * down_t.ld * es : nullptr);
+    });
+    return;
+  }
   sparse_rows(h, down_bias, d, y, ldy, [&](int64_t, const int32_t* js, const float* vs, int64_t n, float* ym) {
     ops.down(js, vs, n, down_t.data, down_t.dtype, down_t.ld, d, ym);
   });

@@ -67,7 +67,22 @@ void down(const int32_t* j, const float* h, int64_t cnt, const void* w, DType dt
     axpy(y, h[i], static_cast<const char*>(w) + static_cast<int64_t>(j[i]) * ldw * es, dt, d);
 }
 
-const FfnOps kPortable{dot, axpy, updown, down};
+void updown_batch(const float* x, int64_t ldx, const int32_t* t, const float* g, int64_t n,
+                  const void* b, DType dt, int64_t ld, int64_t d, float* y, int64_t ldy, const void*) {
+  const int64_t es = dtype_size(dt);
+  const void* dn = static_cast<const char*>(b) + ld * es;
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = dot(x + static_cast<int64_t>(t[i]) * ldx, b, dt, d);
+    axpy(y + static_cast<int64_t>(t[i]) * ldy, g[i] * u, dn, dt, d);
+  }
+}
+
+void down_batch(const int32_t* t, const float* h, int64_t n, const void* w, DType dt, int64_t d,
+                float* y, int64_t ldy, const void*) {
+  for (int64_t i = 0; i < n; ++i) axpy(y + static_cast<int64_t>(t[i]) * ldy, h[i], w, dt, d);
+}
+
+const FfnOps kPortable{dot, axpy, updown, down, updown_batch, down_batch};
 
 }  // namespace
 

@@ -20,6 +20,15 @@ struct FfnOps {
   // Sparse down for one token: y += Σ_i h[i]·w[j[i]·ldw : +d]
   void (*down)(const int32_t* j, const float* h, int64_t cnt, const void* w, DType dt,
                int64_t ldw, int64_t d, float* y);
+  // One neuron applied to several tokens of a block (the weights are read once for all):
+  //   for i < n: u = x[t[i]·ldx]·b[0:d];  y[t[i]·ldy] += (g[i]·u)·b[ld:ld+d]
+  // `next` (may be null): the next neuron's block, prefetched meanwhile.
+  void (*updown_batch)(const float* x, int64_t ldx, const int32_t* t, const float* g, int64_t n,
+                       const void* b, DType dt, int64_t ld, int64_t d, float* y, int64_t ldy,
+                       const void* next);
+  //   for i < n: y[t[i]·ldy] += h[i]·w[0:d]
+  void (*down_batch)(const int32_t* t, const float* h, int64_t n, const void* w, DType dt,
+                     int64_t d, float* y, int64_t ldy, const void* next);
 };
 
 const FfnOps& ffn_ops();  // for the active ISA

@@ -103,7 +103,108 @@ void down(const int32_t* j, const float* h, int64_t cnt, const void* w, DType dt
   else down_t(j, h, cnt, static_cast<const uint16_t*>(w), ldw, d, y);
 }
 
-const FfnOps kAvx2{dot, axpy, updown, down};
+template <int R, typename W>
+inline void dots_r(const float* const* xr, const W* w, int64_t d, float* u) {
+  __m256 a[R][2];
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= d; k += 16) {
+    const __m256 w0 = load8(w + k), w1 = load8(w + k + 8);
+    for (int r = 0; r < R; ++r) {
+      a[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr[r] + k), w0, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr[r] + k + 8), w1, a[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = hsum(_mm256_add_ps(a[r][0], a[r][1]));
+    for (int64_t q = k; q < d; ++q) s += xr[r][q] * wval(w, q);
+    u[r] = s;
+  }
+}
+
+template <int R, typename W>
+inline void axpys_r(float* const* yr, const float* h, const W* w, int64_t d) {
+  __m256 hv[R];
+  for (int r = 0; r < R; ++r) hv[r] = _mm256_set1_ps(h[r]);
+  int64_t k = 0;
+  for (; k + 8 <= d; k += 8) {
+    const __m256 w0 = load8(w + k);
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(yr[r] + k, _mm256_fmadd_ps(hv[r], w0, _mm256_loadu_ps(yr[r] + k)));
+  }
+  for (; k < d; ++k) {
+    const float wk = wval(w, k);
+    for (int r = 0; r < R; ++r) yr[r][k] += h[r] * wk;
+  }
+}
+
+template <typename W>
+void dots(const float* x, int64_t ldx, const int32_t* t, int64_t n, const W* w, int64_t d, float* u) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const float* xr[4] = {x + t[i] * ldx, x + t[i + 1] * ldx, x + t[i + 2] * ldx, x + t[i + 3] * ldx};
+    dots_r<4>(xr, w, d, u + i);
+  }
+  for (; i < n; ++i) {
+    const float* xr[1] = {x + t[i] * ldx};
+    dots_r<1>(xr, w, d, u + i);
+  }
+}
+
+template <typename W>
+void axpys(float* y, int64_t ldy, const int32_t* t, const float* h, int64_t n, const W* w, int64_t d) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    float* yr[4] = {y + t[i] * ldy, y + t[i + 1] * ldy, y + t[i + 2] * ldy, y + t[i + 3] * ldy};
+    axpys_r<4>(yr, h + i, w, d);
+  }
+  for (; i < n; ++i) {
+    float* yr[1] = {y + t[i] * ldy};
+    axpys_r<1>(yr, h + i, w, d);
+  }
+}
+
+// Prefetches d elements at p (one weight row) into L2, a line at a time.
+template <typename W>
+inline void prefetch_row(const W* p, int64_t d) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(W));
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+}
+
+template <typename W>
+void updown_batch_t(const float* x, int64_t ldx, const int32_t* t, const float* g, int64_t n,
+                    const W* b, int64_t ld, int64_t d, float* y, int64_t ldy, const W* next) {
+  if (next) prefetch_row(next, d);
+  float h[64];
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    const int64_t c = n - i0 < 64 ? n - i0 : 64;
+    dots(x, ldx, t + i0, c, b, d, h);
+    for (int64_t i = 0; i < c; ++i) h[i] *= g[i0 + i];
+    if (next && i0 == 0) prefetch_row(next + ld, d);
+    axpys(y, ldy, t + i0, h, c, b + ld, d);
+  }
+}
+
+void updown_batch(const float* x, int64_t ldx, const int32_t* t, const float* g, int64_t n,
+                  const void* b, DType dt, int64_t ld, int64_t d, float* y, int64_t ldy, const void* next) {
+  if (dt == DType::F32)
+    updown_batch_t(x, ldx, t, g, n, static_cast<const float*>(b), ld, d, y, ldy, static_cast<const float*>(next));
+  else
+    updown_batch_t(x, ldx, t, g, n, static_cast<const uint16_t*>(b), ld, d, y, ldy, static_cast<const uint16_t*>(next));
+}
+
+void down_batch(const int32_t* t, const float* h, int64_t n, const void* w, DType dt, int64_t d,
+                float* y, int64_t ldy, const void* next) {
+  if (dt == DType::F32) {
+    if (next) prefetch_row(static_cast<const float*>(next), d);
+    axpys(y, ldy, t, h, n, static_cast<const float*>(w), d);
+  } else {
+    if (next) prefetch_row(static_cast<const uint16_t*>(next), d);
+    axpys(y, ldy, t, h, n, static_cast<const uint16_t*>(w), d);
+  }
+}
+
+const FfnOps kAvx2{dot, axpy, updown, down, updown_batch, down_batch};
 
 }  // namespace
 

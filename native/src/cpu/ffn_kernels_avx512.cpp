@@ -110,7 +110,122 @@ void down(const int32_t* j, const float* h, int64_t cnt, const void* w, DType dt
   else down_t(j, h, cnt, static_cast<const uint16_t*>(w), ldw, d, y);
 }
 
-const FfnOps kAvx512{dot, axpy, updown, down};
+// R tokens against one weight row: u[r] = x_r · w (two accumulators per token so that
+// 2R independent FMA chains hide the latency).
+template <int R, typename W>
+inline void dots_r(const float* const* xr, const W* w, int64_t d, float* u) {
+  __m512 a[R][2];
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= d; k += 32) {
+    const __m512 w0 = load16(w + k), w1 = load16(w + k + 16);
+    for (int r = 0; r < R; ++r) {
+      a[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[r] + k), w0, a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[r] + k + 16), w1, a[r][1]);
+    }
+  }
+  for (; k < d; k += 16) {
+    const __mmask16 m = d - k >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(d - k);
+    const __m512 w0 = load16m(w + k, m);
+    for (int r = 0; r < R; ++r) a[r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xr[r] + k), w0, a[r][0]);
+  }
+  for (int r = 0; r < R; ++r) u[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+}
+
+// R tokens: y_r += h[r] · w
+template <int R, typename W>
+inline void axpys_r(float* const* yr, const float* h, const W* w, int64_t d) {
+  __m512 hv[R];
+  for (int r = 0; r < R; ++r) hv[r] = _mm512_set1_ps(h[r]);
+  int64_t k = 0;
+  for (; k + 16 <= d; k += 16) {
+    const __m512 w0 = load16(w + k);
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(yr[r] + k, _mm512_fmadd_ps(hv[r], w0, _mm512_loadu_ps(yr[r] + k)));
+  }
+  if (k < d) {
+    const __mmask16 m = tail_mask(d - k);
+    const __m512 w0 = load16m(w + k, m);
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(yr[r] + k, m, _mm512_fmadd_ps(hv[r], w0, _mm512_maskz_loadu_ps(m, yr[r] + k)));
+  }
+}
+
+template <typename W>
+void dots(const float* x, int64_t ldx, const int32_t* t, int64_t n, const W* w, int64_t d, float* u) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const float* xr[4] = {x + t[i] * ldx, x + t[i + 1] * ldx, x + t[i + 2] * ldx, x + t[i + 3] * ldx};
+    dots_r<4>(xr, w, d, u + i);
+  }
+  const float* xr[3] = {nullptr, nullptr, nullptr};
+  for (int64_t r = i; r < n; ++r) xr[r - i] = x + t[r] * ldx;
+  switch (n - i) {
+    case 3: dots_r<3>(xr, w, d, u + i); break;
+    case 2: dots_r<2>(xr, w, d, u + i); break;
+    case 1: dots_r<1>(xr, w, d, u + i); break;
+    default: break;
+  }
+}
+
+template <typename W>
+void axpys(float* y, int64_t ldy, const int32_t* t, const float* h, int64_t n, const W* w, int64_t d) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    float* yr[4] = {y + t[i] * ldy, y + t[i + 1] * ldy, y + t[i + 2] * ldy, y + t[i + 3] * ldy};
+    axpys_r<4>(yr, h + i, w, d);
+  }
+  float* yr[3] = {nullptr, nullptr, nullptr};
+  for (int64_t r = i; r < n; ++r) yr[r - i] = y + t[r] * ldy;
+  switch (n - i) {
+    case 3: axpys_r<3>(yr, h + i, w, d); break;
+    case 2: axpys_r<2>(yr, h + i, w, d); break;
+    case 1: axpys_r<1>(yr, h + i, w, d); break;
+    default: break;
+  }
+}
+
+// Prefetches d elements at p (one weight row) into L2, a line at a time.
+template <typename W>
+inline void prefetch_row(const W* p, int64_t d) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(W));
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+}
+
+template <typename W>
+void updown_batch_t(const float* x, int64_t ldx, const int32_t* t, const float* g, int64_t n,
+                    const W* b, int64_t ld, int64_t d, float* y, int64_t ldy, const W* next) {
+  if (next) prefetch_row(next, d);
+  float h[64];
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    const int64_t c = n - i0 < 64 ? n - i0 : 64;
+    dots(x, ldx, t + i0, c, b, d, h);
+    for (int64_t i = 0; i < c; ++i) h[i] *= g[i0 + i];
+    if (next && i0 == 0) prefetch_row(next + ld, d);
+    axpys(y, ldy, t + i0, h, c, b + ld, d);
+  }
+}
+
+void updown_batch(const float* x, int64_t ldx, const int32_t* t, const float* g, int64_t n,
+                  const void* b, DType dt, int64_t ld, int64_t d, float* y, int64_t ldy, const void* next) {
+  if (dt == DType::F32)
+    updown_batch_t(x, ldx, t, g, n, static_cast<const float*>(b), ld, d, y, ldy, static_cast<const float*>(next));
+  else
+    updown_batch_t(x, ldx, t, g, n, static_cast<const uint16_t*>(b), ld, d, y, ldy, static_cast<const uint16_t*>(next));
+}
+
+void down_batch(const int32_t* t, const float* h, int64_t n, const void* w, DType dt, int64_t d,
+                float* y, int64_t ldy, const void* next) {
+  if (dt == DType::F32) {
+    if (next) prefetch_row(static_cast<const float*>(next), d);
+    axpys(y, ldy, t, h, n, static_cast<const float*>(w), d);
+  } else {
+    if (next) prefetch_row(static_cast<const uint16_t*>(next), d);
+    axpys(y, ldy, t, h, n, static_cast<const uint16_t*>(w), d);
+  }
+}
+
+const FfnOps kAvx512{dot, axpy, updown, down, updown_batch, down_batch};
 
 }  // namespace
 
