@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The ONE script a GPU session runs (from the project root, with Node.js on PATH):
+#
+#   bash .device/on-gpu.sh bash scripts/gpu-check.sh
+#
+# Prepared here first (no GPU needed; see docs/benchmarks.md, "CUDA"):
+#   flock /tmp/sparsellm-native.lock npm run build:native && npm run build:ts && bash ../shared/device/prepare.sh
+# and carried: .device dist native/build/Release native/build/test_cuda_ops (node_modules too
+# when it fits the 64 MiB limit: it adds the addon-level test test/cuda.test.ts).
+#
+# Steps: GPU and driver; CUDA correctness (C++ test vs CPU engine and float64; addon test when
+# tsx is present); benchmarks on the shapes (scripts/gpu-bench.mjs). Full logs under
+# $OUT (or ./gpu-check-out); the short table is printed last. Sized for one 10-minute command.
+set -uo pipefail
+OUT="${OUT:-$PWD/gpu-check-out}"
+mkdir -p "$OUT"
+status=0
+
+echo "== GPU"
+nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt" | head -20
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv 2>&1 | tee -a "$OUT/nvidia-smi.txt"
+
+# cuBLAS: the CUDA toolkit's, or the one PyTorch ships, when not on the loader path.
+if [[ -z "${SPARSELLM_CUBLAS:-}" ]]; then
+  for c in /usr/local/cuda/lib64/libcublas.so.13 /usr/local/cuda/lib64/libcublas.so.12 \
+           $(python3 -c "import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], 'lib'))" 2>/dev/null)/libcublas.so.12; do
+    if [[ -f "$c" ]]; then export SPARSELLM_CUBLAS="$c"; break; fi
+  done
+fi
+echo "SPARSELLM_CUBLAS=${SPARSELLM_CUBLAS:-<loader path>}" | tee "$OUT/env.txt"
+
+echo "== CUDA correctness: native/build/test_cuda_ops"
+timeout 240 native/build/test_cuda_ops > "$OUT/test_cuda_ops.log" 2>&1
+rc=$?
+tail -25 "$OUT/test_cuda_ops.log"
+echo "test_cuda_ops exit $rc (0 pass, 77 skipped, else failed)"
+[[ $rc -ne 0 ]] && status=1
+
+if [[ -x node_modules/.bin/tsx || -f node_modules/tsx/dist/loader.mjs ]]; then
+  echo "== CUDA correctness through the addon: test/cuda.test.ts"
+  timeout 120 node --import tsx --test test/cuda.test.ts > "$OUT/cuda-test.log" 2>&1
+  rc=$?
+  grep -E "^# (pass|fail|skipped)|^not ok" "$OUT/cuda-test.log"
+  [[ $rc -ne 0 ]] && status=1
+else
+  echo "== test/cuda.test.ts skipped: node_modules (tsx) not carried"
+fi
+
+echo "== Benchmarks (scripts/gpu-bench.mjs)"
+timeout 360 node scripts/gpu-bench.mjs --out "$OUT" 2> "$OUT/gpu-bench.log" | tee "$OUT/gpu-bench-table.md"
+rc=${PIPESTATUS[0]}
+grep -E "relative error|measured|median" "$OUT/gpu-bench.log" | head -40
+[[ $rc -ne 0 ]] && status=1
+
+echo
+echo "== Summary (full logs in $OUT)"
+grep -E "all checks passed|check\(s\) failed|skipped" "$OUT/test_cuda_ops.log" | tail -1
+cat "$OUT/gpu-bench-table.md"
+exit $status
