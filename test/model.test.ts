@@ -252,6 +252,21 @@ test('dense checkpoint directory is packed on the fly with a notice; tokenizer f
   }
 });
 
+test('mistral sliding window: the context is capped at the window (exact there), larger is refused', async () => {
+  const dir = copyFixture('mistral-gqa', tmp);
+  const cfgPath = join(dir, 'config.json');
+  const cfg = JSON.parse(readFileSync(cfgPath, 'utf8'));
+  cfg.sliding_window = 16;
+  writeFileSync(cfgPath, JSON.stringify(cfg));
+  const rt = await ModelRuntime.load(dir);
+  try {
+    assert.equal(rt.context, 16);
+  } finally {
+    rt.close();
+  }
+  await assert.rejects(ModelRuntime.load(dir, { context: 17 }), /sliding attention window \(16 tokens\)/);
+});
+
 test('corrupted and newer-version packed files are clear errors', async () => {
   const good = packed.get('llama-silu')!;
   const bytes = readFileSync(good);

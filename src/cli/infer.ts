@@ -173,6 +173,7 @@ async function runInfer(modelPath: string, opts: InferOptions): Promise<void> {
       seed,
       mode,
       eosId: tok.eosId,
+      stopIds: rt.spec.eosTokenIds,
       sampleLimit: Math.min(tok.vocabSize, rt.spec.vocabSize),
       onToken: out.json ? undefined : (id) => process.stdout.write(stream.push(id)),
     });

@@ -99,6 +99,8 @@ export interface GenerateOptions extends SamplerOptions {
   mode: FfnRunMode;
   /** Stop when this id is produced (it is not emitted). */
   eosId?: number;
+  /** More ids that end the text (e.g. a config listing several end-of-sequence ids). */
+  stopIds?: readonly number[];
   /** Sample only ids below this (the tokenizer's size, when smaller than the model's vocabulary). */
   sampleLimit?: number;
   onToken?: (id: number) => void;
@@ -127,7 +129,7 @@ export function generate(rt: ModelRuntime, prompt: readonly number[], opts: Gene
   let stoppedAt: GenerateResult['stoppedAt'] = 'max-tokens';
   while (out.length < opts.maxTokens) {
     const id = sampler.sample(logits, opts.sampleLimit);
-    if (opts.eosId !== undefined && id === opts.eosId) {
+    if ((opts.eosId !== undefined && id === opts.eosId) || opts.stopIds?.includes(id)) {
       stoppedAt = 'eos';
       break;
     }

@@ -105,7 +105,13 @@ export class ModelRuntime {
     const pm = await openPacked(file);
     try {
       const spec = pm.spec;
-      const context = opts.context ?? Math.min(opts.defaultContext ?? spec.maxPositions, spec.maxPositions);
+      // Sliding-window attention (mistral) equals full attention while the context fits the
+      // window; beyond it the runtime would be wrong, so the context is capped there.
+      const limit = Math.min(spec.maxPositions, spec.slidingWindow ?? Infinity);
+      const context = opts.context ?? Math.min(opts.defaultContext ?? limit, limit);
+      if (spec.slidingWindow !== undefined && context > spec.slidingWindow) {
+        throw new UsageError(`--context ${context} exceeds the model's sliding attention window (${spec.slidingWindow} tokens), which this runtime does not implement; use --context ${spec.slidingWindow} or less`);
+      }
       if (!Number.isInteger(context) || context < 1 || context > spec.maxPositions) {
         throw new UsageError(`--context must be in [1, ${spec.maxPositions}] for this model (its maximum), got ${context}`);
       }
