@@ -6,6 +6,7 @@
 import { renameSync, writeFileSync } from 'node:fs';
 import { type Command, InvalidArgumentError, Option } from 'commander';
 import {
+  type BenchCase,
   type BenchOp,
   type DensityTarget,
   type FfnShape,
@@ -19,6 +20,7 @@ import {
   parseOpList,
 } from '../core/bench/cases.js';
 import { createBenchEngine } from '../core/bench/engine.js';
+import { cudaAvailability, cudaSupports } from '../core/engine/cuda.js';
 import { speedupSeries, speedupSvg } from '../core/bench/plot.js';
 import { type RunInfo, markdownTable, resultTables, toCsv, toJsonDocument } from '../core/bench/render.js';
 import { cpuHasAvx512, loadAverage1m, logicalCpus, osText, sourceCommit } from '../core/bench/runinfo.js';
@@ -140,7 +142,7 @@ async function benchCommand(flags: BenchFlags): Promise<void> {
     out.note('OPENBLAS_CORETYPE=SkylakeX set for this process (AVX-512 CPU; set OPENBLAS_CORETYPE yourself to choose another core)');
   }
 
-  const backend = resolveBackend(flags.backend);
+  const backend = resolveBackend(flags.backend, cases, out);
   const eng = createBenchEngine(backend, flags.threads);
   if (flags.baseline === 'openblas') {
     const blas = eng.openblas();
@@ -259,14 +261,16 @@ async function benchCommand(flags: BenchFlags): Promise<void> {
   }
 }
 
-/** auto → the best backend with FFN kernels (the CPU in this build); cuda is refused with the reason. */
-function resolveBackend(name: 'auto' | 'cpu' | 'cuda'): 'cpu' {
+/** auto → CUDA when a GPU is usable and runs every case, else the CPU (saying why); cuda is refused with the reason. */
+function resolveBackend(name: 'auto' | 'cpu' | 'cuda', cases: BenchCase[], out: Output): 'cpu' | 'cuda' {
+  if (name === 'cpu') return 'cpu';
+  const cuda = cudaAvailability();
   if (name === 'cuda') {
-    const cuda = engine().buildInfo().cuda;
-    const why = !cuda.compiled
-      ? `this build has no CUDA code (${cuda.reason})`
-      : `the CUDA part of this build only queries devices; the FFN and GEMM kernels are CPU-only so far${cuda.usable ? '' : ` (and: ${cuda.reason})`}`;
-    throw new UsageError(`--backend cuda: no CUDA FFN kernels in this build: ${why}; use --backend cpu`);
+    if (!cuda.usable) throw new UsageError(`--backend cuda: ${cuda.reason}; use --backend cpu`);
+    return 'cuda';
   }
+  const blocked = cases.map(cudaSupports).find((r) => r !== true);
+  if (cuda.usable && blocked === undefined) return 'cuda';
+  out.note(`backend auto: cpu (CUDA not used: ${cuda.usable ? blocked : cuda.reason})`);
   return 'cpu';
 }

@@ -1,6 +1,7 @@
 // The CPU engine as the benchmark drives it: adapts the typed wrappers of the native FFN layer
 // (core/engine/ffn.ts) and dense GEMM (core/engine/gemm.ts) to the BenchEngine interface.
 import { FfnLayer } from '../engine/ffn.js';
+import { createCudaBenchEngine } from '../engine/cuda.js';
 import { gemm, openblasInfo, timeGemm } from '../engine/gemm.js';
 import { engine, setThreads } from '../native.js';
 import type { BenchCase } from './cases.js';
@@ -67,8 +68,9 @@ export function createCpuBenchEngine(threads?: number): BenchEngine {
   };
 }
 
-/** The engine for a backend name already resolved by the command (only 'cpu' has FFN kernels). */
-export function createBenchEngine(backend: 'cpu', threads?: number): BenchEngine {
+/** The engine for a backend name already resolved by the command. */
+export function createBenchEngine(backend: 'cpu' | 'cuda', threads?: number): BenchEngine {
+  if (backend === 'cuda') return createCudaBenchEngine();
   if (backend !== 'cpu') throw new Error(`no benchmark engine for backend '${backend}'`);
   return createCpuBenchEngine(threads);
 }

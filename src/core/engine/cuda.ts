@@ -192,6 +192,13 @@ function forwardEntry(tokens: number): 'decode' | 'forward' {
   return tokens === 1 ? 'decode' : 'forward';
 }
 
+/** Whether the CUDA bench engine runs a case; the reason when it cannot. */
+export function cudaSupports(c: BenchCase): true | string {
+  if (c.op === 'ffn-train') return 'the CUDA backend has no training kernels yet (train cases run on --backend cpu)';
+  if (c.dtype !== 'bf16') return `the CUDA kernels take bf16 operands, this ${c.op} case is ${c.dtype} (--dtype bf16)`;
+  return true;
+}
+
 /** The CUDA backend as `sparsellm bench` drives it (forward and GEMM cases; no training yet). */
 export function createCudaBenchEngine(): BenchEngine {
   const a = cudaAvailability();
@@ -200,11 +207,7 @@ export function createCudaBenchEngine(): BenchEngine {
     backend: 'cuda',
     isa: a.device ?? 'cuda',
     threads: 1,
-    supports(c: BenchCase) {
-      if (c.op === 'ffn-train') return 'the CUDA backend has no training kernels yet (use --backend cpu for train cases)';
-      if (c.dtype !== 'bf16') return 'the CUDA kernels take bf16 operands (--dtype bf16)';
-      return true;
-    },
+    supports: cudaSupports,
     createFfn(w: FfnWeights): BenchFfnLayer {
       const layer = new CudaFfnLayer({
         dModel: w.shape.dModel,
