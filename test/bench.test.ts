@@ -282,6 +282,16 @@ test('runner: every case measured, speedups from paired rounds, counts from the 
   assert.ok(calls.includes('forward dense 1'), 'a calibration call with one repeat');
 });
 
+test('runner: a case over its time budget gets fewer rounds, never under 3', async () => {
+  const eng = engineDouble();
+  const cases = buildCases({ shape: SMALL, ops: ['ffn-train'], densities: parseDensityList('5%'), tokens: [7], dtype: {} });
+  // dense 63 ms + hybrid 14 ms per round: a 200 ms budget allows 2 rounds, so 3 are run.
+  const [r] = await runCases(eng, cases, { repeats: 9, warmup: 2, seed: SEED, minSampleMs: 1, caseBudgetMs: 200 });
+  assert.deepEqual(r!.impls.map((i) => i.samples.length), [3, 3]);
+  const [r2] = await runCases(eng, cases, { repeats: 4, warmup: 0, seed: SEED, minSampleMs: 1, caseBudgetMs: 1e6 });
+  assert.deepEqual(r2!.impls.map((i) => i.samples.length), [4, 4]);
+});
+
 test('renderers: tables per op, CSV columns, JSON document, Markdown', async () => {
   const { results } = await smallRun();
   const info: RunInfo = {

@@ -24,8 +24,10 @@ import type { BenchEngine, BenchFfnLayer, CaseResult, ImplResult, NativeTiming, 
 export interface RunOptions {
   /** Timed rounds per case (each implementation gives one sample per round). */
   repeats: number;
-  /** Untimed calls of each implementation before its first timed round. */
+  /** Untimed calls of each implementation before its first timed round (at least one is made). */
   warmup: number;
+  /** Rounds are cut (to no fewer than 3) when a case would take longer than this (default 20 s). */
+  caseBudgetMs?: number;
   seed: number;
   /** A sample repeats the call back to back until it lasts about this long (default 20 ms). */
   minSampleMs?: number;
@@ -52,19 +54,25 @@ interface Measured {
 }
 
 /**
- * Times implementations of one case in `repeats` rounds. Each implementation first runs `warmup`
- * untimed calls and one calibration call that sets how many back-to-back calls make a sample;
- * the round order rotates so that no implementation always runs right after the same one.
+ * Times implementations of one case in rounds. Each implementation first runs max(1, warmup)
+ * untimed calls; the last of them is timed to size the samples (how many back-to-back calls make
+ * one). Then `repeats` rounds each take one sample of every implementation, the order rotating so
+ * that no implementation always runs right after the same one. A case whose rounds would take
+ * longer than `budgetMs` in all gets fewer rounds (never under 3, never more than asked).
  */
-async function measure(impls: Timed[], repeats: number, warmup: number, minSampleMs: number): Promise<Measured[]> {
+async function measure(impls: Timed[], repeats: number, warmup: number, minSampleMs: number, budgetMs: number): Promise<Measured[]> {
   const inner: number[] = [];
+  let roundMs = 0;
   for (const impl of impls) {
-    const t = impl.run(1, warmup).medianMs;
-    inner.push(Math.min(256, Math.max(1, Math.ceil(minSampleMs / Math.max(t, 1e-3)))));
+    const t = Math.max(impl.run(1, Math.max(0, warmup - 1)).medianMs, 1e-3);
+    const k = Math.min(256, Math.max(1, Math.ceil(minSampleMs / t)));
+    inner.push(k);
+    roundMs += k * t;
     await yieldToLoop();
   }
+  const rounds = Math.min(repeats, Math.max(3, Math.floor(budgetMs / roundMs)));
   const samples: number[][] = impls.map(() => []);
-  for (let r = 0; r < repeats; r++) {
+  for (let r = 0; r < rounds; r++) {
     for (let k = 0; k < impls.length; k++) {
       const i = (k + r) % impls.length;
       samples[i]!.push(impls[i]!.run(inner[i]!, 0).medianMs);
@@ -144,6 +152,7 @@ function unionActive(engine: BenchEngine, w: FfnWeights, x: Float32Array, tokens
 export async function runCases(engine: BenchEngine, cases: readonly BenchCase[], opts: RunOptions): Promise<CaseResult[]> {
   const fixtures = new Fixtures(engine, opts.seed);
   const minSampleMs = opts.minSampleMs ?? 20;
+  const budgetMs = opts.caseBudgetMs ?? 20_000;
   const results: CaseResult[] = [];
   for (let i = 0; i < cases.length; i++) {
     const c = cases[i]!;
@@ -181,6 +190,7 @@ export async function runCases(engine: BenchEngine, cases: readonly BenchCase[],
         opts.repeats,
         opts.warmup,
         minSampleMs,
+        budgetMs,
       );
       const impls = implResults(ms, 'dense', denseEquivalentFlops(c));
       for (const r of impls) {
@@ -213,6 +223,7 @@ export async function runCases(engine: BenchEngine, cases: readonly BenchCase[],
         opts.repeats,
         opts.warmup,
         minSampleMs,
+        budgetMs,
       );
       const impls = implResults(ms, 'dense', denseEquivalentFlops(c));
       for (const r of impls) {
@@ -254,6 +265,7 @@ async function runGemm(
     opts.repeats,
     opts.warmup,
     minSampleMs,
+    opts.caseBudgetMs ?? 20_000,
   );
   const baseline = blas.available ? 'openblas' : 'ours';
   const impls = implResults(ms, baseline, denseEquivalentFlops(c));
