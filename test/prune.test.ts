@@ -216,6 +216,70 @@ test('SiLU --target-sparsity 0.5: each layer within ±2%; logits match the float
   assert.ok(r.perplexityBefore && r.perplexityAfter);
 });
 
+/** Kills `neurons` of every layer of a gpt2 / opt checkpoint: up weights and bias of the neuron set so it never activates. */
+async function killNonGated(dir: string, neurons: number[]): Promise<void> {
+  const file = join(dir, 'model.safetensors');
+  const set = new Set(neurons);
+  await rewriteSafetensors(file, file + '.new', (ts) =>
+    ts.map((t) => {
+      const bytes = new Uint8Array(t.bytes);
+      const elem = t.dtype === 'F32' ? 4 : 2;
+      const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+      if (/mlp\.c_fc\.weight$/.test(t.name)) {
+        // GPT-2 Conv1D: stored [d, F]; neuron j is column j.
+        const [rows, cols] = t.shape as [number, number];
+        for (let r = 0; r < rows; r++) for (const j of set) bytes.fill(0, (r * cols + j) * elem, (r * cols + j + 1) * elem);
+      } else if (/fc1\.weight$/.test(t.name)) {
+        const cols = t.shape[1]!;
+        for (const j of set) bytes.fill(0, j * cols * elem, (j + 1) * cols * elem);
+      } else if (/(mlp\.c_fc|fc1)\.bias$/.test(t.name)) {
+        // gelu(0) = 0 (GPT-2); relu(−1) = 0 (OPT, F16 −1 = 0xBC00).
+        for (const j of set) {
+          if (elem === 4) view.setFloat32(j * 4, 0, true);
+          else view.setUint16(j * 2, 0xbc00, true);
+        }
+      } else return t;
+      return { ...t, bytes };
+    }),
+  );
+  renameSync(file + '.new', file);
+}
+
+test('non-gated models (GPT-2 Conv1D layout, OPT): dead neurons removed from weights and biases, packed and dense outputs agree and are exact', async () => {
+  for (const [name, opts] of [['opt', {}], ['gpt2', { thresholds: [0.02] }]] as const) {
+    const dir = copyFixture(name, join(tmp, 'ng'));
+    copyFileSync(TOKENIZER, join(dir, 'tokenizer.json'));
+    const F = (JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8')).ffn_dim as number | undefined) ?? 4 * (JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8')).n_embd as number);
+    const rng = new Rng(SEED + 11);
+    const dead = [...Array(F).keys()].filter(() => rng.uniform() < 0.3);
+    await killNonGated(dir, dead);
+    // Reference: the same thresholds, nothing removed, f32.
+    const ref = join(tmp, 'ng', `${name}-ref.sllm`);
+    const packedOut = join(tmp, 'ng', `${name}-pruned.sllm`);
+    const denseOut = join(tmp, 'ng', `${name}-pruned`);
+    await prune(dir, { ...base(), ...opts, output: ref, dtype: 'F32' });
+    const r = await prune(dir, { ...base(), ...opts, dropDead: true, output: packedOut, dtype: 'F32' });
+    await prune(dir, { ...base(), ...opts, dropDead: true, output: denseOut });
+    for (const L of r.layers) assert.ok(L.removed >= dead.length, `${name} layer ${L.layer}: removed ${L.removed} < ${dead.length}`);
+    const cfg = JSON.parse(readFileSync(join(denseOut, 'config.json'), 'utf8'));
+    assert.deepEqual(cfg.sparsellm_intermediate_sizes, r.layers.map((l) => l.dFFOut));
+    const a = await ModelRuntime.load(ref, { context: 128 });
+    const b = await ModelRuntime.load(packedOut, { context: 128 });
+    const c = await ModelRuntime.load(denseOut, { context: 128, dtype: 'F32' });
+    try {
+      const ids = a.tokenizer!.encode(readFileSync(text, 'utf8')).slice(0, 640);
+      const ab = maxLogitDiff(a, b, ids, 128);
+      assert.ok(ab.diff <= 1e-5 * Math.max(1, ab.scale), `${name}: pruned vs unpruned ${ab.diff} (scale ${ab.scale})`);
+      const bc = maxLogitDiff(b, c, ids, 128);
+      assert.ok(bc.diff <= 1e-5 * Math.max(1, bc.scale), `${name}: dense directory vs packed ${bc.diff} (scale ${bc.scale})`);
+    } finally {
+      a.close();
+      b.close();
+      c.close();
+    }
+  }
+});
+
 test('bad inputs: clear errors and warnings', async () => {
   await assert.rejects(prune(silu, { ...base(), targetSparsity: 1.5 }), (e: unknown) => e instanceof UsageError && /\(0, 1\)/.test((e as Error).message));
   await assert.rejects(prune(relu, { ...base(), targetSparsity: 0.5 }), (e: unknown) => e instanceof UsageError && /ReLU/.test((e as Error).message));

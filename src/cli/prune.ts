@@ -155,10 +155,13 @@ async function runPrune(model: string, opts: PruneCliOptions): Promise<void> {
   if (report.perplexityBefore) {
     const b = report.perplexityBefore.perplexity;
     const a = report.perplexityAfter?.perplexity;
-    out.say(
-      `held-out perplexity (${report.heldOut.tokens} tokens, ${report.heldOut.source === 'eval' ? '--eval' : 'text after the calibration tokens'}): ${b.toFixed(4)}` +
-        (a !== undefined ? ` → ${a.toFixed(4)} (${a >= b ? '+' : ''}${((100 * (a - b)) / b).toFixed(3)}%)` : ''),
-    );
+    const where = `held-out perplexity (${report.heldOut.tokens} tokens, ${report.heldOut.source === 'eval' ? '--eval' : 'text after the calibration tokens'})`;
+    if (!Number.isFinite(b) || (a !== undefined && !Number.isFinite(a))) {
+      // A model that gives some held-out token zero probability in f32 (e.g. synthetic weights).
+      out.say(`${where}: not finite (mean NLL ${report.perplexityBefore.nll.toFixed(3)}` + (a !== undefined ? ` → ${report.perplexityAfter!.nll.toFixed(3)}` : '') + ' nats)');
+    } else {
+      out.say(`${where}: ${b.toFixed(4)}` + (a !== undefined ? ` → ${a.toFixed(4)} (${a >= b ? '+' : ''}${((100 * (a - b)) / b).toFixed(3)}%)` : ''));
+    }
   }
   if (report.calibrationLogitMaxDiff !== null) {
     out.say(`logits on the first calibration window: max |difference| ${report.calibrationLogitMaxDiff.toExponential(2)} (relative ${report.calibrationLogitRelDiff!.toExponential(2)})`);
