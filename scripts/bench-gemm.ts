@@ -21,6 +21,8 @@ const repeats = arg('repeats', 7);
 const rounds = arg('rounds', 3);
 setThreads(threads);
 
+const sleep = (ms: number): void => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms) as unknown as void;
+
 const median = (xs: number[]): number => {
   const s = [...xs].sort((a, b) => a - b);
   const h = s.length >> 1;
@@ -50,6 +52,8 @@ function measure(M: number, K: number, N: number, dtype: GemmDType): Row {
   for (let r = 0; r < rounds; r++) {
     const impls: GemmImpl[] = ob.available ? (r % 2 ? ['openblas', 'ours'] : ['ours', 'openblas']) : ['ours'];
     for (const impl of impls) {
+      // Let the other library's worker threads stop spinning before timing this one.
+      sleep(200);
       // OpenBLAS multiplies f32 weights only: the bf16 row compares with its f32 sgemm.
       const t = timeGemm({ M, K, N, dtype: impl === 'openblas' ? 'f32' : dtype, impl, repeats: reps, warmup });
       per[impl].med.push(t.medianMs);

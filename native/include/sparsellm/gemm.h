@@ -48,7 +48,7 @@ struct GemmTuning {
   int64_t kc = 512;           // K block: one packed W slab is kc x nc floats (kept in L2)
   int64_t nc = 256;           // columns per thread work item (rounded to the tile / n_align)
   int64_t mc = 1024;          // rows of A packed at once by gemm (bounds the packed-A buffer)
-  int64_t mc_epilogue = 196;  // rows of an epilogue block (its C block is mc_epilogue x nc)
+  int64_t mc_epilogue = 280;  // rows of an epilogue block (its C block is mc_epilogue x nc)
   int64_t gemv_max_m = 16;    // M up to this goes to the streaming small-M kernel
 };
 GemmTuning gemm_tuning();

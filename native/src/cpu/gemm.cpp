@@ -209,20 +209,24 @@ void run_gemv(const Kernels& kr, const float* A, int64_t lda, int64_t M, const W
               int64_t n_align, int threads) {
   const int64_t N = W.rows, K = W.cols;
   const GemmTuning& t = tuning_ref();
-  // Column blocks for the epilogue; each thread takes a contiguous range of them so that the
-  // weight rows it streams are contiguous in memory.
-  const int64_t nb = column_block(N, sink.epilogue ? t.nc : round_up(div_up(N, threads), 16), 16, n_align, threads, 1);
+  // Blocks of contiguous W rows (each streams contiguous memory), a few per thread and handed
+  // out dynamically, so that a thread delayed by the OS does not hold the others up; for the
+  // epilogue, blocks of about nc columns aligned to n_align.
+  const int64_t nb = sink.epilogue ? column_block(N, t.nc, 16, n_align, threads, 1)
+                                   : column_block(N, round_up(div_up(N, 4 * threads), 16), 16, 0, threads, 4);
   const int64_t blocks = div_up(N, nb);
   ErrorSlot err;
   threads = static_cast<int>(std::min<int64_t>(threads, blocks));
 #pragma omp parallel num_threads(threads)
   {
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t b0 = blocks * tid / nt, b1 = blocks * (tid + 1) / nt;
-    try {
-      float* buf = sink.epilogue ? t_cblock.get(static_cast<size_t>(M * nb)) : nullptr;
-      for (int64_t b = b0; b < b1 && !err.failed; ++b) {
+    const int tid = omp_get_thread_num();
+    float* buf = nullptr;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (err.failed) continue;
+      try {
         const int64_t n0 = b * nb, n1 = std::min(N, n0 + nb);
+        if (sink.epilogue && !buf) buf = t_cblock.get(static_cast<size_t>(M * nb));
         float* c = sink.epilogue ? buf : sink.C + n0;
         const int64_t ldc = sink.epilogue ? nb : sink.ldc;
         if (W.dtype == DType::BF16)
@@ -230,9 +234,9 @@ void run_gemv(const Kernels& kr, const float* A, int64_t lda, int64_t M, const W
         else
           kr.gemv_f32(A, lda, M, static_cast<const float*>(W.data), W.ld, K, n0, n1, c, ldc);
         if (sink.epilogue) (*sink.epilogue)(0, M, n0, n1, buf, nb, tid);
+      } catch (...) {
+        err.capture();
       }
-    } catch (...) {
-      err.capture();
     }
   }
   err.rethrow();
@@ -262,7 +266,7 @@ void run_packed(const Kernels& kr, const float* A, int64_t lda, int64_t M, const
     const int64_t items = nblocks * msplit;
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
       for (int64_t p = 0; p < panels; ++p)
         kr.pack_a(A + (mc0 + p * mr) * lda, lda, std::min<int64_t>(mr, rows - p * mr), K, apack + p * mr * K);
       const int tid = omp_get_thread_num();
