@@ -142,7 +142,7 @@ async function benchCommand(flags: BenchFlags): Promise<void> {
     out.note('OPENBLAS_CORETYPE=SkylakeX set for this process (AVX-512 CPU; set OPENBLAS_CORETYPE yourself to choose another core)');
   }
 
-  const backend = resolveBackend(flags.backend, cases, out);
+  const { backend, why: backendWhy } = resolveBackend(flags.backend, cases);
   const eng = createBenchEngine(backend, flags.threads);
   if (flags.baseline === 'openblas') {
     const blas = eng.openblas();
@@ -200,6 +200,7 @@ async function benchCommand(flags: BenchFlags): Promise<void> {
     `sparsellm ${VERSION} bench: ${cases.length} cases on ${backend} (${info.cpu.brand}, ${eng.isa}, ${eng.threads} threads)` +
       `${runInfo.commit ? `, commit ${runInfo.commit}` : ''}, load ${runInfo.machine.loadAverage.start}`,
   );
+  if (backendWhy) out.note(backendWhy);
 
   const progress = out.progress('bench', cases.length);
   let results: CaseResult[];
@@ -261,16 +262,15 @@ async function benchCommand(flags: BenchFlags): Promise<void> {
   }
 }
 
-/** auto → CUDA when a GPU is usable and runs every case, else the CPU (saying why); cuda is refused with the reason. */
-function resolveBackend(name: 'auto' | 'cpu' | 'cuda', cases: BenchCase[], out: Output): 'cpu' | 'cuda' {
-  if (name === 'cpu') return 'cpu';
+/** auto → CUDA when a GPU is usable and runs every case, else the CPU (`why` says why); cuda is refused with the reason. */
+function resolveBackend(name: 'auto' | 'cpu' | 'cuda', cases: BenchCase[]): { backend: 'cpu' | 'cuda'; why?: string } {
+  if (name === 'cpu') return { backend: 'cpu' };
   const cuda = cudaAvailability();
   if (name === 'cuda') {
     if (!cuda.usable) throw new UsageError(`--backend cuda: ${cuda.reason}; use --backend cpu`);
-    return 'cuda';
+    return { backend: 'cuda' };
   }
   const blocked = cases.map(cudaSupports).find((r) => r !== true);
-  if (cuda.usable && blocked === undefined) return 'cuda';
-  out.note(`backend auto: cpu (CUDA not used: ${cuda.usable ? blocked : cuda.reason})`);
-  return 'cpu';
+  if (cuda.usable && blocked === undefined) return { backend: 'cuda' };
+  return { backend: 'cpu', why: `backend auto: cpu (CUDA not used: ${cuda.usable ? blocked : cuda.reason})` };
 }
