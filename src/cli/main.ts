@@ -8,6 +8,7 @@ import { registerPack } from './pack.js';
 import { registerInfer } from './infer.js';
 import { registerPrune } from './prune.js';
 import { registerBench } from './bench.js';
+import { registerTrain } from './train.js';
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -23,6 +24,7 @@ export function buildProgram(): Command {
   registerInfer(program);
   registerPrune(program);
   registerBench(program);
+  registerTrain(program);
   return program;
 }
 
