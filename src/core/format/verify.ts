@@ -1,12 +1,12 @@
 // Verification of a packed file against its source checkpoint (`sparsellm pack --verify`).
-// Independent of the writer's fast paths: the source is read through the checkpoint reader's
-// readF32 (canonical orientation, exact f32), and each stored element is compared with the scalar
-// round-to-nearest-even conversion of ../dtype.ts; NaN must stay NaN. Memory: one tensor at a time
-// (for an FFN layer: W_up, W_down and the packed tensor).
+// Independent of the writer's fast paths: the source is read through the checkpoint reader
+// (raw chunks decoded by ../dtype.ts, or readF32 for reordered tensors), and each stored element is
+// compared with the scalar round-to-nearest-even conversion of ../dtype.ts; NaN must stay NaN.
+// Memory: a few MiB of rows at a time, plus one layer's W_down as f32 for the FFN tensors.
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { DenseCheckpoint } from '../checkpoint/dense.js';
-import { f32ToBf16Bits, f32ToF16Bits } from '../dtype.js';
+import { decodeToF32, dtypeSize, f32ToBf16Bits, f32ToF16Bits } from '../dtype.js';
 import type { PackedModel } from './reader.js';
 import { checkpointDir } from './source.js';
 
@@ -46,7 +46,8 @@ class Checker {
   constructor(private readonly maxExamples = 8) {}
 
   /** `get(i)` gives the source value of packed element i. */
-  compare(tensor: string, dtype: string, packed: Uint8Array, count: number, get: (i: number) => number): void {
+  /** `base` is the flat index of packed[0] in the whole tensor (for the report). */
+  compare(tensor: string, dtype: string, packed: Uint8Array, count: number, get: (i: number) => number, base = 0): void {
     const view = new DataView(packed.buffer, packed.byteOffset, packed.byteLength);
     this.elements += count;
     for (let i = 0; i < count; i++) {
@@ -70,7 +71,7 @@ class Checker {
       }
       if (!ok) {
         this.mismatches++;
-        if (this.examples.length < this.maxExamples) this.examples.push({ tensor, index: i, expected: `${exp} (${x})`, actual: act });
+        if (this.examples.length < this.maxExamples) this.examples.push({ tensor, index: base + i, expected: `${exp} (${x})`, actual: act });
       }
     }
   }
@@ -88,48 +89,78 @@ class Checker {
 }
 
 /**
+ * The canonical tensor `name` as f32 values, `rows` rows at a time (the last chunk may be shorter):
+ * identity-stored tensors stream through the checkpoint's raw chunks, decoded with ../dtype.ts;
+ * reordered ones (GPT-2) come whole from readF32.
+ */
+async function* sourceRows(source: DenseCheckpoint, name: string, rows: number): AsyncGenerator<Float32Array> {
+  const e = source.entry(name);
+  const rowElems = e.shape.length <= 1 ? 1 : e.shape.slice(1).reduce((a, b) => a * b, 1);
+  if (e.transform.kind !== 'identity') {
+    const all = await source.readF32(name);
+    for (let at = 0; at < all.length; at += rows * rowElems) yield all.subarray(at, at + rows * rowElems);
+    return;
+  }
+  for await (const raw of source.rawChunks(name, Math.max(1, rows) * rowElems * dtypeSize(e.dtype))) yield decodeToF32(raw, e.dtype);
+}
+
+/**
  * Re-reads every tensor of `packed` and compares it with `source`. `onProgress` gets packed bytes
  * checked (total: the sum of tensor sizes, then the file's data section again for the hash).
+ * Memory: a few MiB of rows at a time, plus one layer's W_down (f32) for the FFN tensors.
  */
 export async function verifyPacked(packed: PackedModel, source: DenseCheckpoint, onProgress?: (bytes: number) => void): Promise<VerifyResult> {
   const c = new Checker();
   const spec = packed.spec;
   const d = spec.dModel;
   const names = packed.tensorNames();
+  const STEP = 4 << 20; // bytes of f32 per step
   for (const name of names) {
     const t = packed.tensor(name);
-    const bytes = await packed.readBytes(name);
     const ffn = /^layers\.(\d+)\.ffn\.(gate|updown|up|down_t)$/.exec(name);
+    const elem = t.dtype === 'U8' ? 1 : t.dtype === 'F32' || t.dtype === 'I32' ? 4 : 2;
     if (t.dtype === 'U8') {
       const file = await readFile(join(checkpointDir(source), name));
-      c.compareBytes(name, bytes, new Uint8Array(file));
-    } else if (ffn) {
-      const i = Number(ffn[1]);
-      const F = spec.dFF[i]!;
-      const kind = ffn[2]!;
-      if (kind === 'gate' || kind === 'up') {
-        const w = await source.readF32(`layers.${i}.ffn.${kind}.weight`);
-        c.compare(name, t.dtype, bytes, F * d, (k) => w[k]!);
-      } else {
-        const down = await source.readF32(`layers.${i}.ffn.down.weight`); // [d, F]
-        if (kind === 'down_t') {
-          c.compare(name, t.dtype, bytes, F * d, (k) => down[(k % d) * F + Math.floor(k / d)]!);
-        } else {
-          const up = await source.readF32(`layers.${i}.ffn.up.weight`); // [F, d]
-          c.compare(name, t.dtype, bytes, F * 2 * d, (k) => {
-            const j = Math.floor(k / (2 * d));
-            const r = Math.floor(k / d) % 2;
-            const col = k % d;
-            return r === 0 ? up[j * d + col]! : down[col * F + j]!;
-          });
-        }
-      }
+      c.compareBytes(name, await packed.readBytes(name), new Uint8Array(file));
     } else if (t.dtype === 'I32') {
       // Neuron maps come from pruning, not from the dense source: nothing to compare with.
-      continue;
+    } else if (ffn && (ffn[2] === 'updown' || ffn[2] === 'down_t')) {
+      const i = Number(ffn[1]);
+      const F = spec.dFF[i]!;
+      const down = await source.readF32(`layers.${i}.ffn.down.weight`); // [d, F]
+      const per = ffn[2] === 'updown' ? 2 * d : d;
+      const block = Math.max(1, Math.floor(STEP / (per * 4)));
+      const up = ffn[2] === 'updown' ? sourceRows(source, `layers.${i}.ffn.up.weight`, block)[Symbol.asyncIterator]() : undefined;
+      try {
+        for (let j0 = 0; j0 < F; j0 += block) {
+          const n = Math.min(block, F - j0);
+          const bytes = await packed.readRange(name, j0 * per * elem, n * per * elem);
+          if (!up) {
+            c.compare(name, t.dtype, bytes, n * d, (k) => down[(k % d) * F + j0 + Math.floor(k / d)]!, j0 * d);
+          } else {
+            const rows = await up.next();
+            if (rows.done) throw new Error(`internal: W_up of layer ${i} ended early`);
+            const u = rows.value;
+            c.compare(name, t.dtype, bytes, n * 2 * d, (k) => {
+              const j = Math.floor(k / (2 * d));
+              const col = k % d;
+              return Math.floor(k / d) % 2 === 0 ? u[j * d + col]! : down[col * F + j0 + j]!;
+            }, j0 * 2 * d);
+          }
+        }
+      } finally {
+        await up?.return(undefined);
+      }
     } else {
-      const w = await source.readF32(name);
-      c.compare(name, t.dtype, bytes, w.length, (k) => w[k]!);
+      const canonical = ffn ? `layers.${ffn[1]}.ffn.${ffn[2]}.weight` : name;
+      const rowElems = t.shape.length <= 1 ? 1 : t.shape.slice(1).reduce((a, b) => a * b, 1);
+      let at = 0;
+      for await (const w of sourceRows(source, canonical, Math.max(1, Math.floor(STEP / (rowElems * 4))))) {
+        const bytes = await packed.readRange(name, at * elem, w.length * elem);
+        c.compare(name, t.dtype, bytes, w.length, (k) => w[k]!, at);
+        at += w.length;
+      }
+      if (at * elem !== t.bytes) throw new Error(`internal: verified ${at} elements of '${name}', which has ${t.bytes / elem}`);
     }
     onProgress?.(t.bytes);
   }
