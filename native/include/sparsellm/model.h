@@ -70,20 +70,21 @@ void add_inplace(float* x, int64_t ldx, const float* y, int64_t ldy, int64_t T, 
 struct KvCache {
   int64_t n_layers = 0, n_kv_heads = 0, head_dim = 0, capacity = 0;
   int64_t length = 0;
-  std::vector<float> k, v;
+  // Not zero-filled: positions >= length are never read, and untouched pages cost no memory.
+  std::unique_ptr<float[]> k, v;
 
   void allocate(int64_t layers, int64_t kv_heads, int64_t hd, int64_t positions);
   // Key of `pos`: head_dim contiguous floats.
   float* k_at(int64_t layer, int64_t head, int64_t pos) {
-    return k.data() + ((layer * n_kv_heads + head) * capacity + pos) * head_dim;
+    return k.get() + ((layer * n_kv_heads + head) * capacity + pos) * head_dim;
   }
   const float* k_at(int64_t layer, int64_t head, int64_t pos) const {
-    return k.data() + ((layer * n_kv_heads + head) * capacity + pos) * head_dim;
+    return k.get() + ((layer * n_kv_heads + head) * capacity + pos) * head_dim;
   }
   // Values of one head, transposed: element (i, pos) at [i * capacity + pos].
-  float* v_t(int64_t layer, int64_t head) { return v.data() + (layer * n_kv_heads + head) * capacity * head_dim; }
+  float* v_t(int64_t layer, int64_t head) { return v.get() + (layer * n_kv_heads + head) * capacity * head_dim; }
   const float* v_t(int64_t layer, int64_t head) const {
-    return v.data() + (layer * n_kv_heads + head) * capacity * head_dim;
+    return v.get() + (layer * n_kv_heads + head) * capacity * head_dim;
   }
 };
 

@@ -206,8 +206,8 @@ void KvCache::allocate(int64_t layers, int64_t kv_heads, int64_t hd, int64_t pos
   capacity = positions;
   length = 0;
   const size_t n = static_cast<size_t>(layers * kv_heads * positions * hd);
-  k.assign(n, 0.f);
-  v.assign(n, 0.f);
+  k.reset(new float[n]);
+  v.reset(new float[n]);
 }
 
 void kv_cache_store(KvCache& cache, int64_t layer, const float* k, int64_t ldk, const float* v, int64_t ldv,
