@@ -300,6 +300,90 @@ void test_layers() {
   }
 }
 
+// --- hybrid training step vs float64 and the CPU trainer -----------------------------------------
+
+void test_hybrid_case(int64_t M, int64_t d, int64_t F, double density, int heavy_every, int tile, int ell_width,
+                      float l1) {
+  ffntest::Problem p = ffntest::make_problem(M, d, F, density, heavy_every, 3.0, true, false);
+  ffntest::round_bf16(p.x);
+  ffntest::round_bf16(p.gate);
+  ffntest::round_bf16(p.up);
+  ffntest::round_bf16(p.down);
+  std::vector<float> dy = random_vec(static_cast<size_t>(M * d), 1.0);  // bf16-exact
+  // float64 reference of forward and backward
+  const std::vector<double> z = ffntest::ref_linear(p.x, M, d, p.gate, F, nullptr);
+  const std::vector<double> u = ffntest::ref_linear(p.x, M, d, p.up, F, nullptr);
+  std::vector<double> h(z.size()), y(static_cast<size_t>(M * d), 0.0), dx(static_cast<size_t>(M * d), 0.0),
+      dWg(static_cast<size_t>(F * d), 0.0), dWu(static_cast<size_t>(F * d), 0.0), dWd(static_cast<size_t>(d * F), 0.0);
+  double l1ref = 0;
+  for (size_t i = 0; i < z.size(); ++i) {
+    h[i] = (z[i] > 0 ? z[i] : 0.0) * u[i];
+    l1ref += std::fabs(h[i]);
+  }
+  l1ref /= static_cast<double>(M);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < F; ++j) {
+      const double hv = h[m * F + j];
+      for (int64_t i = 0; i < d; ++i) y[m * d + i] += hv * p.down[i * F + j];
+      if (!(z[m * F + j] > 0)) continue;
+      double dh = 0;
+      for (int64_t i = 0; i < d; ++i) dh += static_cast<double>(dy[m * d + i]) * p.down[i * F + j];
+      dh += (hv > 0 ? 1.0 : hv < 0 ? -1.0 : 0.0) * l1 / static_cast<double>(M);
+      const double g = z[m * F + j], du = dh * g, dg = dh * u[m * F + j];
+      for (int64_t k = 0; k < d; ++k) {
+        dx[m * d + k] += du * p.up[j * d + k] + dg * p.gate[j * d + k];
+        dWu[j * d + k] += du * p.x[m * d + k];
+        dWg[j * d + k] += dg * p.x[m * d + k];
+      }
+      for (int64_t i = 0; i < d; ++i) dWd[i * F + j] += hv * dy[m * d + i];
+    }
+  }
+  FfnLayerConfig cfg;
+  cfg.d_model = d;
+  cfg.d_ff = F;
+  cfg.gated = true;
+  cfg.dtype = DType::F32;
+  cfg.twell.tile = tile;
+  cfg.twell.compression = 8;
+  CudaFfnLayer layer(cfg, p.gate.data(), p.up.data(), p.down.data(), nullptr, nullptr);
+  CudaFfnTrainer tr(layer);
+  HybridParams hp;
+  hp.ell_width = ell_width;
+  hp.l1 = l1;
+  hp.twell = cfg.twell;
+  std::vector<float> gy(static_cast<size_t>(M * d), std::nanf("")), gdx(gy.size(), std::nanf(""));
+  const TrainStepStats st = tr.step(p.x.data(), dy.data(), M, hp, gy.data(), gdx.data());
+  std::vector<float> gg(static_cast<size_t>(F * d), std::nanf("")), gu(gg.size(), std::nanf("")), gd(gg.size(), std::nanf(""));
+  tr.export_grads(gg.data(), gu.data(), gd.data());
+  const double tol = 2e-2;
+  const double ey = check::rel_error(gy.data(), y.data(), y.size()), edx = check::rel_error(gdx.data(), dx.data(), dx.size()),
+               eg = check::rel_error(gg.data(), dWg.data(), dWg.size()), eu = check::rel_error(gu.data(), dWu.data(), dWu.size()),
+               ed = check::rel_error(gd.data(), dWd.data(), dWd.size());
+  CHECK(ey < tol && edx < tol && eg < tol && eu < tol && ed < tol,
+        "hybrid M=%lld d=%lld F=%lld T=%d W=%d: rel errors y %.3g dx %.3g dWgate %.3g dWup %.3g dWdown %.3g", (long long)M,
+        (long long)d, (long long)F, tile, ell_width, ey, edx, eg, eu, ed);
+  CHECK(std::fabs(st.l1 - l1ref) <= 1e-2 * std::max(1e-12, std::fabs(l1ref)), "hybrid l1 %.6g vs %.6g", st.l1, l1ref);
+  int64_t nnz = 0;
+  for (double v : z) nnz += v > 0;
+  CHECK(st.sparsity.nnz == nnz, "hybrid nnz %lld vs %lld", (long long)st.sparsity.nnz, (long long)nnz);
+  // The CPU trainer on the same (bf16-exact) values.
+  FfnLayer cpu(cfg, p.gate.data(), p.up.data(), p.down.data(), nullptr, nullptr);
+  FfnTrainer ct(cpu);
+  std::vector<float> cy(gy.size()), cdx(gy.size());
+  ct.step(p.x.data(), dy.data(), M, TrainMode::Hybrid, hp, cy.data(), cdx.data());
+  std::vector<double> cyd(cy.begin(), cy.end()), cdxd(cdx.begin(), cdx.end());
+  const double ecy = check::rel_error(gy.data(), cyd.data(), cyd.size()), ecdx = check::rel_error(gdx.data(), cdxd.data(), cdxd.size());
+  CHECK(ecy < tol && ecdx < tol, "hybrid vs CPU trainer: y %.3g dx %.3g", ecy, ecdx);
+  std::printf("  hybrid M=%lld d=%lld F=%lld T=%d W=%d: tail rows %lld, errors y %.2e dx %.2e dW %.2e/%.2e/%.2e\n",
+              (long long)M, (long long)d, (long long)F, tile, ell_width, (long long)st.tail_rows, ey, edx, eg, eu, ed);
+}
+
+void test_hybrid() {
+  test_hybrid_case(7, 40, 300, 0.05, 3, 64, 128, 0.f);
+  test_hybrid_case(300, 37, 520, 0.03, 5, 128, 24, 0.5f);   // tail rows over W and by overflow, d odd
+  test_hybrid_case(33, 64, 1000, 0.03, 4, 256, 8, 0.1f);    // most heavy rows in the tail
+}
+
 }  // namespace
 
 int main() {
@@ -320,6 +404,7 @@ int main() {
     test_twell_gate(130, 72, 700, 64, 4, 0.05, 4);
     test_twell_gate(1, 16, 100, 32, 2, 0.2, 0);
     test_layers();
+    test_hybrid();
   } catch (const std::exception& e) {
     CHECK(false, "exception: %s", e.what());
   }

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "sparsellm/ffn.h"
+#include "sparsellm/hybrid.h"
 #include "sparsellm/twell.h"
 
 namespace sparsellm::cuda {
@@ -80,7 +81,7 @@ enum class EpiOp : int { None = 0, Relu = 1, MulAux = 2 };
 
 // What happens to each finished accumulator v = (A·Wᵀ)[m, n]:
 //   v += bias[n] (when bias); then Relu: v = max(v, 0); MulAux: v *= aux[m, n] (bf16);
-//   then out[m, n] = v as f32 or bf16.
+//   then out[m, n] = v as f32 or bf16 (or out[m, n] += v with accumulate, f32 only).
 struct Epilogue {
   EpiOp op = EpiOp::None;
   const float* bias = nullptr;     // [N] f32 or null
@@ -89,6 +90,7 @@ struct Epilogue {
   bool out_bf16 = false;
   void* out = nullptr;             // f32 or bf16 [M, N] (ldo)
   int64_t ldo = 0;
+  bool accumulate = false;         // f32 out only: out[m, n] += v instead of =
 };
 
 // out = epi(A · Wᵀ): A bf16 [M, K] (lda), W bf16 [N, K] (ldw), f32 accumulation on tensor cores
@@ -215,9 +217,47 @@ class CudaFfnLayer {
 
   // For tests: force the any-shape fused kernel.
   void set_generic_kernels(bool on);
+
+  // The device weights (bf16, kernel layout, rows padded to dp / Fp elements).
+  struct Weights {
+    const uint16_t* act = nullptr;       // gated: W_gate [F, dp]; non-gated: W_up [F, dp]
+    const uint16_t* rows = nullptr;      // gated: updown [F, 2, dp]; non-gated: down_t [F, dp]
+    const uint16_t* down_std = nullptr;  // W_down [d, Fp]
+    int64_t d = 0, F = 0, dp = 0, Fp = 0;
+    bool gated = true;
+  };
+  Weights device_weights() const;
   // The TwELL of the last sparse/auto forward (device), and the rows the fallback recomputed.
   DeviceTwell last_twell() const;
   int64_t last_fallback_rows() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// --- Hybrid training (gated layers) -----------------------------------------------------------
+
+// One training step of a gated CudaFfnLayer with the sparse Hybrid kernels (hybrid.h's math):
+//   forward: TwELL gate GEMM; rows with at most ell_width non-zeros and no overflowing tile go
+//            through the sparse kernels (u evaluated only at the pattern and kept for backward);
+//            the other rows ("tail") through dense GEMMs on just those rows;
+//   backward: dh = dy·W_down at the pattern + λ·sign(h)/M, du = dh·g, dg = dh·u, dx = du·W_up +
+//            dg·W_gate (sparse, a warp per row); weight gradients by neuron (the pattern's
+//            entries sorted by neuron, a warp per neuron and matrix), tail rows by GEMMs.
+// Everything stays on the device until export_grads. Tail rows here also include rows with an
+// overflowing TwELL tile (the CPU only routes rows over ell_width), so tail_rows may differ from
+// the CPU's while every result is exact.
+class CudaFfnTrainer {
+ public:
+  explicit CudaFfnTrainer(CudaFfnLayer& layer);
+  ~CudaFfnTrainer();
+  CudaFfnTrainer(const CudaFfnTrainer&) = delete;
+  CudaFfnTrainer& operator=(const CudaFfnTrainer&) = delete;
+  // Host f32 x, dy [M, d] (rounded to bf16 on the device); y, dx [M, d] overwritten.
+  TrainStepStats step(const float* x, const float* dy, int64_t M, const HybridParams& p, float* y, float* dx);
+  // The last step's weight gradients in standard layouts: dgate [F, d], dup [F, d], ddown [d, F].
+  void export_grads(float* dgate, float* dup, float* ddown) const;
 
  private:
   struct Impl;

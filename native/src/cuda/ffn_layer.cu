@@ -166,6 +166,19 @@ int64_t CudaFfnLayer::weight_bytes() const {
 }
 int64_t CudaFfnLayer::d_padded() const { return impl_->dp; }
 void CudaFfnLayer::set_generic_kernels(bool on) { impl_->generic = on; }
+CudaFfnLayer::Weights CudaFfnLayer::device_weights() const {
+  const Impl& L = *impl_;
+  Weights w;
+  w.act = L.act.as<uint16_t>();
+  w.rows = L.rows.as<uint16_t>();
+  w.down_std = L.down_std.as<uint16_t>();
+  w.d = L.d;
+  w.F = L.F;
+  w.dp = L.dp;
+  w.Fp = L.Fp;
+  w.gated = L.gated;
+  return w;
+}
 DeviceTwell CudaFfnLayer::last_twell() const { return impl_->tw; }
 int64_t CudaFfnLayer::last_fallback_rows() const { return impl_->last_fallback; }
 

@@ -52,6 +52,8 @@ EpiParams plain_params(const Epilogue& e) {
   p.ldo = e.ldo;
   const size_t pair = e.out_bf16 ? 4 : 8;
   p.vec2 = (e.ldo % 2 == 0 && aligned(e.out, pair)) ? 1 : 0;
+  p.accumulate = e.accumulate ? 1 : 0;
+  if (e.accumulate && e.out_bf16) throw std::invalid_argument("gemm: accumulation needs an f32 output");
   if (!e.out) throw std::invalid_argument("gemm: no output");
   if (e.op == EpiOp::MulAux && !e.aux) throw std::invalid_argument("gemm: MulAux needs aux");
   return p;

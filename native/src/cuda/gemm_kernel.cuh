@@ -27,6 +27,7 @@ struct EpiParams {
   void* out = nullptr;
   int64_t ldo = 0;
   int vec2 = 0;  // pairs (n, n+1) may be stored/loaded as one aligned access
+  int accumulate = 0;  // f32 out only: out += v
   // TwELL packing (gate GEMM)
   int twell = 0;
   int tile = 0, cap = 0;
@@ -83,6 +84,7 @@ __device__ __forceinline__ float epi_value(const EpiParams& ep, int64_t m, int64
 }
 __device__ __forceinline__ void epi_store(const EpiParams& ep, int64_t m, int64_t n, float v) {
   if (ep.out_bf16) static_cast<uint16_t*>(ep.out)[m * ep.ldo + n] = static_cast<uint16_t>(f32_to_bf16_bits(v));
+  else if (ep.accumulate) static_cast<float*>(ep.out)[m * ep.ldo + n] += v;
   else static_cast<float*>(ep.out)[m * ep.ldo + n] = v;
 }
 
@@ -215,8 +217,15 @@ __global__ void __launch_bounds__(gemm_threads<BN>(), 1)
             if (ep.out_bf16)
               *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(ep.out) + m * ep.ldo + n) =
                   f32_to_bf16_bits(v0) | (f32_to_bf16_bits(v1) << 16);
-            else
-              *reinterpret_cast<float2*>(static_cast<float*>(ep.out) + m * ep.ldo + n) = make_float2(v0, v1);
+            else {
+              float2* o = reinterpret_cast<float2*>(static_cast<float*>(ep.out) + m * ep.ldo + n);
+              if (ep.accumulate) {
+                const float2 p = *o;
+                *o = make_float2(p.x + v0, p.y + v1);
+              } else {
+                *o = make_float2(v0, v1);
+              }
+            }
           } else {
             epi_store(ep, m, n, v0);
             epi_store(ep, m, n + 1, v1);
