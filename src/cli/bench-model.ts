@@ -75,6 +75,7 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
   const head = ['path', `prefill ${flags.prefill} tok/s`, `decode tok/s`, 'decode bytes/token', 'decode GB/s'];
   const rows = [r.dense, r.sparse].map((p) => [p.mode, fmt(p.prefillTokensPerSecond), fmt(p.decodeTokensPerSecond), formatBytes(p.decodeBytesPerToken), fmt(p.decodeGBs)]);
   rows.push(['sparse/dense', `${r.speedup.prefill.toFixed(2)}×`, `${r.speedup.decode.toFixed(2)}×`, `${(r.sparse.decodeBytesPerToken / r.dense.decodeBytesPerToken).toFixed(2)}×`, '']);
+  rows.push(['dense/sparse CPU time', `${r.cpuTimeRatio.prefill.toFixed(2)}×`, `${r.cpuTimeRatio.decode.toFixed(2)}×`, '', '']);
   const layerHead = ['layer', 'd_ff', 'nnz/token mean', 'max', 'overflow tiles'];
   const layerRows = r.layers.map((l) => [l.layer, l.dFF, l.nnzMean === null ? '-' : l.nnzMean.toFixed(1), l.nnzMax, l.overflowTiles]);
   const summary =

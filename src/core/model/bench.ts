@@ -27,6 +27,12 @@ export interface PathResult {
   prefillSeconds: number[];
   decodeTokensPerSecond: number;
   decodeSeconds: number[];
+  /**
+   * Process CPU time (user + system, all threads) per run, medians: less disturbed than wall time
+   * when other work shares the machine (but OpenMP waiting threads count too).
+   */
+  prefillCpuSeconds: number;
+  decodeCpuSeconds: number;
   /** Weight and KV-cache bytes one decoded token reads (estimate from the model shape and the measured non-zeros). */
   decodeBytesPerToken: number;
   /** decodeBytesPerToken × decode tokens/s. */
@@ -44,6 +50,8 @@ export interface ModelBenchResult {
   dense: PathResult;
   sparse: PathResult;
   speedup: { prefill: number; decode: number };
+  /** Dense CPU time over sparse CPU time, prefill and decode. */
+  cpuTimeRatio: { prefill: number; decode: number };
   /** Dense decode bandwidth as a fraction of the measured machine bandwidth. */
   denseDecodeBandwidthFraction: number | null;
   layers: LayerActivity[];
@@ -100,7 +108,11 @@ export async function benchModel(path: string, opts: ModelBenchOptions): Promise
     const prompt = tokens(opts.decodePrompt, spec.vocabSize, opts.seed + 1);
     const next = tokens(opts.decodeTokens, spec.vocabSize, opts.seed + 2);
     const modes: FfnRunMode[] = ['dense', 'sparse'];
-    const times: Record<string, { prefill: number[]; decode: number[] }> = { dense: { prefill: [], decode: [] }, sparse: { prefill: [], decode: [] } };
+    const times: Record<string, { prefill: number[]; decode: number[]; prefillCpu: number[]; decodeCpu: number[] }> = {
+      dense: { prefill: [], decode: [], prefillCpu: [], decodeCpu: [] },
+      sparse: { prefill: [], decode: [], prefillCpu: [], decodeCpu: [] },
+    };
+    const cpu = (u: NodeJS.CpuUsage) => (u.user + u.system) / 1e6;
     const total = (opts.warmup + opts.repeats) * modes.length;
     let done = 0;
     let sparseActivity: LayerActivity[] = [];
@@ -110,17 +122,23 @@ export async function benchModel(path: string, opts: ModelBenchOptions): Promise
       for (const mode of order) {
         if (mode === 'sparse') rt.resetActivity();
         rt.reset();
+        const c0 = process.cpuUsage();
         const t0 = performance.now();
         rt.forward(prefill, { mode });
         const t1 = performance.now();
+        const c1 = process.cpuUsage(c0);
         rt.reset();
         if (prompt.length) rt.forward(prompt, { mode });
+        const c2 = process.cpuUsage();
         const t2 = performance.now();
         for (const id of next) rt.forward([id], { mode });
         const t3 = performance.now();
+        const c3 = process.cpuUsage(c2);
         if (r >= opts.warmup) {
           times[mode]!.prefill.push((t1 - t0) / 1000);
           times[mode]!.decode.push((t3 - t2) / 1000);
+          times[mode]!.prefillCpu.push(cpu(c1));
+          times[mode]!.decodeCpu.push(cpu(c3));
         }
         if (mode === 'sparse') sparseActivity = rt.activity();
         opts.onProgress?.(++done, total);
@@ -141,6 +159,8 @@ export async function benchModel(path: string, opts: ModelBenchOptions): Promise
         prefillSeconds: t.prefill,
         decodeTokensPerSecond: dec,
         decodeSeconds: t.decode,
+        prefillCpuSeconds: median(t.prefillCpu),
+        decodeCpuSeconds: median(t.decodeCpu),
         decodeBytesPerToken: bytes,
         decodeGBs: (bytes * dec) / 1e9,
       };
@@ -158,6 +178,7 @@ export async function benchModel(path: string, opts: ModelBenchOptions): Promise
       dense,
       sparse,
       speedup: { prefill: sparse.prefillTokensPerSecond / dense.prefillTokensPerSecond, decode: sparse.decodeTokensPerSecond / dense.decodeTokensPerSecond },
+      cpuTimeRatio: { prefill: dense.prefillCpuSeconds / sparse.prefillCpuSeconds, decode: dense.decodeCpuSeconds / sparse.decodeCpuSeconds },
       denseDecodeBandwidthFraction: bandwidth ? dense.decodeGBs / bandwidth : null,
       layers: sparseActivity,
     };
