@@ -105,7 +105,8 @@ class FfnTrainer {
   TrainMode last_ = TrainMode::Dense;
   bool have_grads_ = false;
   std::vector<float> gate_t_, up_t_;
-  std::vector<float> dgate_, dup_, ddown_;  // dense: [F,d], [F,d], [d,F]; hybrid: dgate_, dup_ = dupdown [F,2,d]
+  std::vector<float> dgate_, dup_, ddown_;  // dense: [F,d], [F,d], [d,F]; hybrid: dgate_ too
+  std::vector<float> dupdown_;              // hybrid: [F,2,d]
   HybridTape htape_;
   DenseTape dtape_;
 };

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -40,6 +41,22 @@ void check_f32(const WeightView& gate, const UpDownView& ud, const char* who) {
   if (gate.rows != ud.rows || gate.cols != ud.cols)
     throw std::invalid_argument(std::string(who) + ": gate and updown shapes differ");
 }
+
+// Growable, uninitialised scratch that keeps its memory between calls (no page faults and no
+// zero-filling per training step). Pointers are taken on the calling thread, before any
+// parallel region.
+template <typename T>
+struct Scratch {
+  std::unique_ptr<T[]> p;
+  size_t n = 0;
+  T* get(size_t need) {
+    if (!p || need > n) {
+      n = std::max<size_t>(need, 1);
+      p.reset(new T[n]);
+    }
+    return p.get();
+  }
+};
 
 Twell& hybrid_twell() {
   static thread_local Twell tw;
@@ -81,12 +98,15 @@ HybridForwardResult hybrid_forward(const float* x, int64_t M, const WeightView& 
   tape.tail_u.resize(static_cast<size_t>(nt * F));
 
   // Tail rows: dense up GEMM on their gathered inputs.
-  std::vector<float> xt(static_cast<size_t>(nt * d));
+  static thread_local Scratch<float> s_xt;
+  static thread_local Scratch<int64_t> s_tail_of;
+  float* xt = s_xt.get(static_cast<size_t>(nt * d));
   for (int64_t i = 0; i < nt; ++i)
-    std::memcpy(xt.data() + i * d, x + tape.tail_rows[static_cast<size_t>(i)] * d, sizeof(float) * d);
-  if (nt) gemm(xt.data(), d, nt, ud.up(), tape.tail_u.data(), F);
+    std::memcpy(xt + i * d, x + tape.tail_rows[static_cast<size_t>(i)] * d, sizeof(float) * d);
+  if (nt) gemm(xt, d, nt, ud.up(), tape.tail_u.data(), F);
 
-  std::vector<int64_t> tail_of(static_cast<size_t>(M), -1);
+  int64_t* tail_of = s_tail_of.get(static_cast<size_t>(M));
+  std::fill(tail_of, tail_of + M, int64_t{-1});
   for (int64_t i = 0; i < nt; ++i) tail_of[static_cast<size_t>(tape.tail_rows[static_cast<size_t>(i)])] = i;
 
   double l1 = 0;
@@ -135,92 +155,126 @@ void hybrid_backward(const float* x, const float* dy, const WeightView& gate, co
   const int64_t nt = static_cast<int64_t>(tape.tail_rows.size());
   const float* up = static_cast<const float*>(ud.data);
   const float* gw = static_cast<const float*>(gate.data);
-  const WeightView down_t = ud.down_t();
+  const float* dn = static_cast<const float*>(ud.down_t().data);
+  const int64_t ldu = 2 * ud.ld, ldg = gate.ld;
+
+  static thread_local Scratch<float> s_dyt, s_dht, s_eg, s_eu, s_dxp;
+  static thread_local Scratch<int64_t> s_cs, s_fill;
+  static thread_local Scratch<int32_t> s_erow, s_etail;
 
   // Tail rows: dh = dy · W_down by a dense GEMM over their gathered upstream gradients.
-  std::vector<float> dyt(static_cast<size_t>(nt * d)), dht(static_cast<size_t>(nt * F));
+  float* dyt = s_dyt.get(static_cast<size_t>(nt * d));
+  float* dht = s_dht.get(static_cast<size_t>(nt * F));
   for (int64_t i = 0; i < nt; ++i)
-    std::memcpy(dyt.data() + i * d, dy + tape.tail_rows[static_cast<size_t>(i)] * d, sizeof(float) * d);
-  if (nt) gemm(dyt.data(), d, nt, down_t, dht.data(), F);
+    std::memcpy(dyt + i * d, dy + tape.tail_rows[static_cast<size_t>(i)] * d, sizeof(float) * d);
+  if (nt) gemm(dyt, d, nt, ud.down_t(), dht, F);
 
-  // Entry lists: ELL rows use their slots; tail rows get compact lists after the ELL block.
-  std::vector<int64_t> start(static_cast<size_t>(M) + 1);
+  // The pattern transposed (CSC, by a counting sort): for each neuron, its (row, g, u) entries,
+  // and for tail entries the index of their dense dh.
+  int64_t* cs = s_cs.get(static_cast<size_t>(F) + 1);
+  std::fill(cs, cs + F + 1, int64_t{0});
   std::vector<int64_t> tail_of(static_cast<size_t>(M), -1);
   for (int64_t i = 0; i < nt; ++i) tail_of[static_cast<size_t>(tape.tail_rows[static_cast<size_t>(i)])] = i;
-  start[0] = 0;
-  for (int64_t m = 0; m < M; ++m) start[static_cast<size_t>(m) + 1] = start[static_cast<size_t>(m)] + tape.row_nnz[static_cast<size_t>(m)];
-  const int64_t E = start[static_cast<size_t>(M)];
-  std::vector<int32_t> ej(static_cast<size_t>(E));
-  std::vector<float> edu(static_cast<size_t>(E)), edg(static_cast<size_t>(E)), eh(static_cast<size_t>(E));
-
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads())
   for (int64_t m = 0; m < M; ++m) {
-    const float* dym = dy + m * d;
-    float* dxm = dx + m * d;
-    std::memset(dxm, 0, sizeof(float) * d);
-    const int64_t s = start[static_cast<size_t>(m)];
     const int64_t ti = tail_of[static_cast<size_t>(m)];
-    int64_t n = 0;
+    if (ti < 0) {
+      const int32_t* cm = tape.col.data() + m * W;
+      for (int32_t k = 0; k < tape.row_nnz[static_cast<size_t>(m)]; ++k) ++cs[cm[k] + 1];
+    } else {
+      const float* tg = tape.tail_g.data() + ti * F;
+      for (int64_t j = 0; j < F; ++j) cs[j + 1] += tg[j] > 0.f;
+    }
+  }
+  for (int64_t j = 0; j < F; ++j) cs[j + 1] += cs[j];
+  const int64_t E = cs[F];
+  int64_t* fill = s_fill.get(static_cast<size_t>(F));
+  std::copy(cs, cs + F, fill);
+  int32_t* erow = s_erow.get(static_cast<size_t>(E));
+  int32_t* etail = s_etail.get(static_cast<size_t>(E));
+  float* eg = s_eg.get(static_cast<size_t>(E));
+  float* eu = s_eu.get(static_cast<size_t>(E));
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t ti = tail_of[static_cast<size_t>(m)];
     if (ti < 0) {
       const int32_t* cm = tape.col.data() + m * W;
       const float* gm = tape.g.data() + m * W;
       const float* um = tape.u.data() + m * W;
-      n = tape.row_nnz[static_cast<size_t>(m)];
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t j = cm[k];
-        const float dh = ops.dot(dym, static_cast<const float*>(down_t.data) + j * down_t.ld, DType::F32, d) + lam * sgn(um[k]);
-        ej[static_cast<size_t>(s + k)] = static_cast<int32_t>(j);
-        edu[static_cast<size_t>(s + k)] = dh * gm[k];
-        edg[static_cast<size_t>(s + k)] = dh * um[k];
-        eh[static_cast<size_t>(s + k)] = gm[k] * um[k];
+      for (int32_t k = 0; k < tape.row_nnz[static_cast<size_t>(m)]; ++k) {
+        const int64_t pos = fill[cm[k]]++;
+        erow[pos] = static_cast<int32_t>(m);
+        etail[pos] = -1;
+        eg[pos] = gm[k];
+        eu[pos] = um[k];
       }
     } else {
       const float* tg = tape.tail_g.data() + ti * F;
       const float* tu = tape.tail_u.data() + ti * F;
-      const float* th = dht.data() + ti * F;
       for (int64_t j = 0; j < F; ++j) {
         if (!(tg[j] > 0.f)) continue;
-        const float dh = th[j] + lam * sgn(tu[j]);
-        ej[static_cast<size_t>(s + n)] = static_cast<int32_t>(j);
-        edu[static_cast<size_t>(s + n)] = dh * tg[j];
-        edg[static_cast<size_t>(s + n)] = dh * tu[j];
-        eh[static_cast<size_t>(s + n)] = tg[j] * tu[j];
-        ++n;
+        const int64_t pos = fill[j]++;
+        erow[pos] = static_cast<int32_t>(m);
+        etail[pos] = static_cast<int32_t>(ti);
+        eg[pos] = tg[j];
+        eu[pos] = tu[j];
       }
-    }
-    // dx = du · W_up + dg · W_gate over the row's entries.
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t j = ej[static_cast<size_t>(s + k)];
-      ops.axpy(dxm, edu[static_cast<size_t>(s + k)], up + j * 2 * ud.ld, DType::F32, d);
-      ops.axpy(dxm, edg[static_cast<size_t>(s + k)], gw + j * gate.ld, DType::F32, d);
     }
   }
 
-  // Weight gradients, neuron by neuron (no write conflicts): the pattern transposed (CSC).
-  std::vector<int64_t> cs(static_cast<size_t>(F) + 1, 0);
-  for (int64_t e = 0; e < E; ++e) ++cs[static_cast<size_t>(ej[static_cast<size_t>(e)]) + 1];
-  for (int64_t j = 0; j < F; ++j) cs[static_cast<size_t>(j) + 1] += cs[static_cast<size_t>(j)];
-  std::vector<int64_t> fill(cs.begin(), cs.end() - 1);
-  std::vector<int32_t> erow(static_cast<size_t>(E));
-  std::vector<int64_t> eidx(static_cast<size_t>(E));
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t e = start[static_cast<size_t>(m)]; e < start[static_cast<size_t>(m) + 1]; ++e) {
-      const int64_t pos = fill[static_cast<size_t>(ej[static_cast<size_t>(e)])]++;
-      erow[static_cast<size_t>(pos)] = static_cast<int32_t>(m);
-      eidx[static_cast<size_t>(pos)] = e;
+  // Neuron-major pass: each neuron's three weight rows are read once; for each of its entries
+  //   dh = dy_m·W_down[:, j] (+ λ·sign(h)/M), du = dh·g, dg = dh·u,
+  //   dx_m += du·W_up[j] + dg·W_gate[j]   (into the thread's partial dx),
+  //   dW_gate[j] += dg·x_m, dW_up[j] += du·x_m, dW_down[:, j] += h·dy_m.
+  // Static schedule: the partials, summed in thread order, are deterministic for a thread count.
+  const int nthreads = num_threads();
+  float* dxp = s_dxp.get(static_cast<size_t>(nthreads) * M * d);
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int t = omp_get_thread_num(), team = omp_get_num_threads();
+    float* mine = dxp + static_cast<size_t>(t) * M * d;
+    std::memset(mine, 0, sizeof(float) * M * d);
+#pragma omp for schedule(static, 16)
+    for (int64_t j = 0; j < F; ++j) {
+      float* gj = dgate + j * d;
+      float* uj = dupdown + j * 2 * d;
+      float* dj = uj + d;
+      const int64_t q0 = cs[j], q1 = cs[j + 1];
+      if (q0 == q1) {  // never active: zero gradient
+        std::memset(gj, 0, sizeof(float) * d);
+        std::memset(uj, 0, sizeof(float) * 2 * d);
+        continue;
+      }
+      const float* upj = up + j * ldu;
+      const float* gwj = gw + j * ldg;
+      const float* dnj = dn + j * ldu;
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t m = erow[q];
+        const float* dym = dy + m * d;
+        const float* xm = x + m * d;
+        const float g = eg[q], u = eu[q];
+        const float dh0 = etail[q] < 0 ? ops.dot(dym, dnj, DType::F32, d) : dht[static_cast<int64_t>(etail[q]) * F + j];
+        const float dh = dh0 + lam * sgn(u);
+        const float du = dh * g, dg = dh * u, h = g * u;
+        ops.axpy(mine + m * d, du, upj, DType::F32, d);
+        ops.axpy(mine + m * d, dg, gwj, DType::F32, d);
+        if (q == q0) {  // the first entry writes the gradient rows (no zeroing pass)
+          for (int64_t k = 0; k < d; ++k) {
+            gj[k] = dg * xm[k];
+            uj[k] = du * xm[k];
+            dj[k] = h * dym[k];
+          }
+        } else {
+          ops.axpy(gj, dg, xm, DType::F32, d);
+          ops.axpy(uj, du, xm, DType::F32, d);
+          ops.axpy(dj, h, dym, DType::F32, d);
+        }
+      }
     }
-#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads())
-  for (int64_t j = 0; j < F; ++j) {
-    float* gj = dgate + j * d;
-    float* uj = dupdown + j * 2 * d;
-    float* dj = uj + d;
-    std::memset(gj, 0, sizeof(float) * d);
-    std::memset(uj, 0, sizeof(float) * 2 * d);
-    for (int64_t q = cs[static_cast<size_t>(j)]; q < cs[static_cast<size_t>(j) + 1]; ++q) {
-      const int64_t m = erow[static_cast<size_t>(q)], e = eidx[static_cast<size_t>(q)];
-      ops.axpy(gj, edg[static_cast<size_t>(e)], x + m * d, DType::F32, d);
-      ops.axpy(uj, edu[static_cast<size_t>(e)], x + m * d, DType::F32, d);
-      ops.axpy(dj, eh[static_cast<size_t>(e)], dy + m * d, DType::F32, d);
+    // implicit barrier; then dx = Σ partials (thread order)
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * d; ++i) {
+      float s = 0.f;
+      for (int u = 0; u < team; ++u) s += dxp[static_cast<size_t>(u) * M * d + i];
+      dx[i] = s;
     }
   }
 }
@@ -243,14 +297,15 @@ double dense_ffn_forward_train(const float* x, int64_t M, const DenseFfnWeights&
       }
   });
   gemm(x, d, M, w.up, tape.u.data(), F);
-  std::vector<float> H(static_cast<size_t>(M * F));
+  static thread_local Scratch<float> s_h;
+  float* H = s_h.get(static_cast<size_t>(M * F));
   double l1 = 0;
 #pragma omp parallel for schedule(static) reduction(+ : l1) num_threads(num_threads())
   for (int64_t i = 0; i < M * F; ++i) {
     H[static_cast<size_t>(i)] = G[i] * tape.u[static_cast<size_t>(i)];
     l1 += std::fabs(static_cast<double>(H[static_cast<size_t>(i)]));
   }
-  gemm(H.data(), F, M, w.down, y, d);
+  gemm(H, F, M, w.down, y, d);
   return M ? l1 / static_cast<double>(M) : 0.0;
 }
 
@@ -259,8 +314,11 @@ void dense_ffn_backward(const float* x, const float* dy, int64_t M, const DenseF
                         float* ddown) {
   const int64_t F = w.gate.rows, d = w.gate.cols;
   const float lam = M ? l1 / static_cast<float>(M) : 0.f;
-  std::vector<float> dU(static_cast<size_t>(M * F)), dG(static_cast<size_t>(M * F)), H(static_cast<size_t>(M * F));
-  gemm(dy, d, M, w.down_t, dU.data(), F);  // dh
+  static thread_local Scratch<float> s_du, s_dg, s_h, s_tmp, s_dut, s_dgt, s_ht, s_xt, s_dyt;
+  float* dU = s_du.get(static_cast<size_t>(M * F));
+  float* dG = s_dg.get(static_cast<size_t>(M * F));
+  float* H = s_h.get(static_cast<size_t>(M * F));
+  gemm(dy, d, M, w.down_t, dU, F);  // dh
   const float* G = tape.g.data();
   const float* U = tape.u.data();
 #pragma omp parallel for schedule(static) num_threads(num_threads())
@@ -272,23 +330,27 @@ void dense_ffn_backward(const float* x, const float* dy, int64_t M, const DenseF
     dG[static_cast<size_t>(i)] = G[i] > 0.f ? dh * U[i] : 0.f;
   }
   // dx = dU · W_up + dG · W_gate
-  std::vector<float> tmp(static_cast<size_t>(M * d));
-  gemm(dU.data(), F, M, w.up_t, dx, d);
-  gemm(dG.data(), F, M, w.gate_t, tmp.data(), d);
-  for (int64_t i = 0; i < M * d; ++i) dx[i] += tmp[static_cast<size_t>(i)];
+  float* tmp = s_tmp.get(static_cast<size_t>(M * d));
+  gemm(dU, F, M, w.up_t, dx, d);
+  gemm(dG, F, M, w.gate_t, tmp, d);
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t i = 0; i < M * d; ++i) dx[i] += tmp[i];
   // Weight gradients as GEMMs over the token dimension (K = M), on transposed operands.
-  std::vector<float> dUt(static_cast<size_t>(F * M)), dGt(static_cast<size_t>(F * M)), Ht(static_cast<size_t>(F * M));
-  std::vector<float> xt(static_cast<size_t>(d * M)), dyt(static_cast<size_t>(d * M));
-  transpose(dU.data(), F, M, F, dUt.data());
-  transpose(dG.data(), F, M, F, dGt.data());
-  transpose(H.data(), F, M, F, Ht.data());
-  transpose(x, d, M, d, xt.data());
-  transpose(dy, d, M, d, dyt.data());
-  const WeightView xT{xt.data(), DType::F32, d, M, M};
-  const WeightView hT{Ht.data(), DType::F32, F, M, M};
-  gemm(dUt.data(), M, F, xT, dup, d);
-  gemm(dGt.data(), M, F, xT, dgate, d);
-  gemm(dyt.data(), M, d, hT, ddown, F);
+  float* dUt = s_dut.get(static_cast<size_t>(F * M));
+  float* dGt = s_dgt.get(static_cast<size_t>(F * M));
+  float* Ht = s_ht.get(static_cast<size_t>(F * M));
+  float* xt = s_xt.get(static_cast<size_t>(d * M));
+  float* dyt = s_dyt.get(static_cast<size_t>(d * M));
+  transpose(dU, F, M, F, dUt);
+  transpose(dG, F, M, F, dGt);
+  transpose(H, F, M, F, Ht);
+  transpose(x, d, M, d, xt);
+  transpose(dy, d, M, d, dyt);
+  const WeightView xT{xt, DType::F32, d, M, M};
+  const WeightView hT{Ht, DType::F32, F, M, M};
+  gemm(dUt, M, F, xT, dup, d);
+  gemm(dGt, M, F, xT, dgate, d);
+  gemm(dyt, M, d, hT, ddown, F);
 }
 
 // --- FfnTrainer -------------------------------------------------------------------------------
@@ -343,9 +405,9 @@ TrainStepStats FfnTrainer::step(const float* x, const float* dy, int64_t M, Trai
     st.sparsity.max_row_nnz = mx;
   } else {
     dgate_.resize(static_cast<size_t>(F * d));
-    dup_.resize(static_cast<size_t>(F * 2 * d));
+    dupdown_.resize(static_cast<size_t>(F * 2 * d));
     const HybridForwardResult r = hybrid_forward(x, M, layer_.gate_view(), layer_.updown_view(), p, htape_, y);
-    hybrid_backward(x, dy, layer_.gate_view(), layer_.updown_view(), htape_, p.l1, dx, dgate_.data(), dup_.data());
+    hybrid_backward(x, dy, layer_.gate_view(), layer_.updown_view(), htape_, p.l1, dx, dgate_.data(), dupdown_.data());
     st.sparsity = r.stats;
     st.l1 = r.l1;
     st.saved_bytes = htape_.saved_bytes();
@@ -366,8 +428,8 @@ void FfnTrainer::export_grads(float* dgate, float* dup, float* ddown) const {
     return;
   }
   for (int64_t j = 0; j < F; ++j) {
-    std::memcpy(dup + j * d, dup_.data() + j * 2 * d, sizeof(float) * d);
-    for (int64_t i = 0; i < d; ++i) ddown[i * F + j] = dup_[static_cast<size_t>(j * 2 * d + d + i)];
+    std::memcpy(dup + j * d, dupdown_.data() + j * 2 * d, sizeof(float) * d);
+    for (int64_t i = 0; i < d; ++i) ddown[i * F + j] = dupdown_[static_cast<size_t>(j * 2 * d + d + i)];
   }
 }
 

@@ -35,19 +35,24 @@ void pack_block(Twell& out, const float* bias, int64_t m0, int64_t m1, int64_t n
       const size_t slot = static_cast<size_t>(m * out.tiles + t);
       float* val = out.value + slot * cap;
       uint16_t* idx = out.index + slot * cap;
-      int n = 0;
       if (bias) {
         const float* b = bias + t0;
         for (int k = 0; k < w; ++k) ct[k] += b[k];
       }
-      for (int k = 0; k < w; ++k) {
-        const float v = ct[k];
-        if (v > 0.f) {
-          if (n < cap) {
-            val[n] = v;
-            idx[n] = static_cast<uint16_t>(k);
+      // Count first (a vectorisable, branch-free pass over the cache-resident tile), then either
+      // pack the few positives or, for an overflowing tile, copy it ReLU'd: a dense gate costs a
+      // count and a copy, with no data-dependent branch per element.
+      int n = 0;
+      for (int k = 0; k < w; ++k) n += ct[k] > 0.f ? 1 : 0;
+      if (n <= cap) {
+        int q = 0;
+        for (int k = 0; k < w && q < n; ++k) {
+          const float v = ct[k];
+          if (v > 0.f) {
+            val[q] = v;
+            idx[q] = static_cast<uint16_t>(k);
+            ++q;
           }
-          ++n;
         }
       }
       out.count[slot] = n;
