@@ -267,6 +267,27 @@ test('mistral sliding window: the context is capped at the window (exact there),
   await assert.rejects(ModelRuntime.load(dir, { context: 17 }), /sliding attention window \(16 tokens\)/);
 });
 
+test('a packed model recording the byte tokenizer: ids are bytes, end of text past a 256-id vocabulary is never fed', async () => {
+  const ckpt = await openCheckpoint(FIXTURE_PATHS['llama-relu-gqa']!);
+  const input = await packInputFromCheckpoint(ckpt);
+  input.tokenizer = { kind: 'byte' };
+  const file = join(tmp, 'byte.sllm');
+  await writePacked(input, file);
+  await ckpt.close();
+  const rt = await ModelRuntime.load(file, { context: 32 });
+  try {
+    assert.equal(rt.tokenizer?.kind, 'byte');
+    assert.equal(rt.tokenizer?.eosId, 256);
+    const ids = rt.tokenizer!.encode('héllo');
+    assert.deepEqual(ids, [...Buffer.from('héllo')]);
+    const g = generate(rt, ids, { maxTokens: 5, temperature: 0, topK: 0, topP: 1, seed: 0, mode: 'auto', sampleLimit: 256 });
+    assert.equal(g.tokens.length, 5);
+    assert.throws(() => rt.forward([256]), /outside the model's vocabulary/);
+  } finally {
+    rt.close();
+  }
+});
+
 test('corrupted and newer-version packed files are clear errors', async () => {
   const good = packed.get('llama-silu')!;
   const bytes = readFileSync(good);

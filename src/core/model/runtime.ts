@@ -116,9 +116,8 @@ export class ModelRuntime {
         throw new UsageError(`--context must be in [1, ${spec.maxPositions}] for this model (its maximum), got ${context}`);
       }
       const tokenizer = await loadPackedTokenizer(pm, shownPath);
-      if (tokenizer && tokenizer.vocabSize > spec.vocabSize) {
-        throw new SparseLlmError(`${shownPath}: the tokenizer has ${tokenizer.vocabSize} ids but the model only ${spec.vocabSize}`);
-      }
+      // A tokenizer with more ids than the model is allowed (ids past the model's vocabulary are
+      // refused when fed, and never sampled).
       const tensors: Record<string, { offset: number; bytes: number; dtype: string; shape: number[] }> = {};
       for (const name of pm.tensorNames()) {
         const t = pm.tensor(name);
