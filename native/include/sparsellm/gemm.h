@@ -40,6 +40,8 @@ void gemm_reference(const float* A, int64_t lda, int64_t M, const WeightView& W,
 
 // Name of the register tile the current ISA dispatches to (e.g. "avx512 14x32").
 const char* gemm_kernel_name();
+// The largest M that goes to the small-M (streaming) kernel under the current ISA and tuning.
+int64_t gemm_gemv_max_m();
 
 // Blocking parameters (process-wide). Defaults suit a core with 48 KiB L1 and 1 MiB L2; each
 // can also be set by an environment variable read once at start-up (SPARSELLM_GEMM_KC, _NC,
@@ -49,7 +51,9 @@ struct GemmTuning {
   int64_t nc = 256;           // columns per thread work item (rounded to the tile / n_align)
   int64_t mc = 1024;          // rows of A packed at once by gemm (bounds the packed-A buffer)
   int64_t mc_epilogue = 280;  // rows of an epilogue block (its C block is mc_epilogue x nc)
-  int64_t gemv_max_m = 16;    // M up to this goes to the streaming small-M kernel
+  int64_t gemv_max_m = -1;    // M up to this goes to the streaming small-M kernel; -1: the
+                              // measured crossover of the dispatched ISA (avx512 16, avx2 6,
+                              // portable 4); 0 disables it
 };
 GemmTuning gemm_tuning();
 void set_gemm_tuning(const GemmTuning& tuning);

@@ -8,7 +8,7 @@
 //   memoryBandwidth(bytes?: number = 1 GiB) → GB/s
 //   timeGemm({ M, K, N, dtype?: 'f32'|'bf16', impl?: 'ours'|'openblas', repeats?, warmup?,
 //              coldBytes? }) → { medianMs, minMs, maxMs, repeats, weightCopies }
-//   gemmInfo() → { kernel, tuning: { kc, nc, mc, mcEpilogue, gemvMaxM } }
+//   gemmInfo() → { kernel, tuning: { kc, nc, mc, mcEpilogue, gemvMaxM } } (gemvMaxM effective)
 #include <cmath>
 #include <string>
 
@@ -167,7 +167,7 @@ Napi::Value GemmInfo(const Napi::CallbackInfo& info) {
   tuning.Set("nc", static_cast<double>(t.nc));
   tuning.Set("mc", static_cast<double>(t.mc));
   tuning.Set("mcEpilogue", static_cast<double>(t.mc_epilogue));
-  tuning.Set("gemvMaxM", static_cast<double>(t.gemv_max_m));
+  tuning.Set("gemvMaxM", static_cast<double>(gemm_gemv_max_m()));
   Napi::Object out = Napi::Object::New(env);
   out.Set("kernel", gemm_kernel_name());
   out.Set("tuning", tuning);

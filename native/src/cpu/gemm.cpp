@@ -98,7 +98,7 @@ void p_gemv_bf16(const float* A, int64_t lda, int64_t M, const uint16_t* W, int6
   p_gemv(A, lda, M, W, ldw, K, n0, n1, c, ldc, [](uint16_t h) { return bf16_to_f32(h); });
 }
 
-const Kernels k_portable{"portable 4x8", PMR, PNR, p_pack_a, p_pack_w_f32, p_pack_w_bf16, p_micro, p_gemv_f32, p_gemv_bf16};
+const Kernels k_portable{"portable 4x8", PMR, PNR, 4, p_pack_a, p_pack_w_f32, p_pack_w_bf16, p_micro, p_gemv_f32, p_gemv_bf16};
 
 }  // namespace
 
@@ -132,7 +132,11 @@ GemmTuning initial_tuning() {
   t.nc = env_int("SPARSELLM_GEMM_NC", t.nc);
   t.mc = env_int("SPARSELLM_GEMM_MC", t.mc);
   t.mc_epilogue = env_int("SPARSELLM_GEMM_MC_EPILOGUE", t.mc_epilogue);
-  t.gemv_max_m = env_int("SPARSELLM_GEMM_GEMV_MAX_M", t.gemv_max_m);
+  if (const char* v = std::getenv("SPARSELLM_GEMM_GEMV_MAX_M")) {
+    char* end = nullptr;
+    const long long x = std::strtoll(v, &end, 10);
+    if (*v && end && *end == 0 && x >= -1) t.gemv_max_m = x;
+  }
   return t;
 }
 
@@ -322,7 +326,8 @@ void run(const float* A, int64_t lda, int64_t M, const WeightView& W, const Sink
   if (!sink.epilogue && sink.ldc < N) throw std::invalid_argument("gemm: ldc < N");
   const Kernels& kr = pick_kernels();
   const int threads = std::max(1, num_threads());
-  if (M <= tuning_ref().gemv_max_m)
+  const int64_t gemv_max_m = tuning_ref().gemv_max_m >= 0 ? tuning_ref().gemv_max_m : kr.gemv_max_m;
+  if (M <= gemv_max_m)
     run_gemv(kr, A, lda, M, W, sink, n_align, threads);
   else
     run_packed(kr, A, lda, M, W, sink, n_align, threads);
@@ -364,11 +369,15 @@ void gemm_reference(const float* A, int64_t lda, int64_t M, const WeightView& W,
 
 const char* gemm_kernel_name() { return pick_kernels().name; }
 
+int64_t gemm_gemv_max_m() {
+  return tuning_ref().gemv_max_m >= 0 ? tuning_ref().gemv_max_m : pick_kernels().gemv_max_m;
+}
+
 GemmTuning gemm_tuning() { return tuning_ref(); }
 
 void set_gemm_tuning(const GemmTuning& t) {
-  if (t.kc < 16 || t.nc < 1 || t.mc < 1 || t.mc_epilogue < 1 || t.gemv_max_m < 0)
-    throw std::invalid_argument("set_gemm_tuning: kc >= 16, nc, mc, mc_epilogue >= 1, gemv_max_m >= 0");
+  if (t.kc < 16 || t.nc < 1 || t.mc < 1 || t.mc_epilogue < 1 || t.gemv_max_m < -1)
+    throw std::invalid_argument("set_gemm_tuning: kc >= 16, nc, mc, mc_epilogue >= 1, gemv_max_m >= -1");
   tuning_ref() = t;
 }
 

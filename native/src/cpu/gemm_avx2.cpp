@@ -1,6 +1,7 @@
 // AVX2 + FMA kernels of the dense GEMM (compiled with AVX2 flags; only called when the CPU has
-// them). Register tile 6 x 16 f32: 12 ymm accumulators, two W vectors, one broadcast. Packing is
-// plain loops (the compiler vectorises what it can); the small-M path streams W rows once.
+// them). Register tile 6 x 16 f32: 12 ymm accumulators, two W vectors, one broadcast. W packing
+// transposes 8 x 8 blocks in registers (A packing, done once per call, is a plain loop); the
+// small-M path streams W rows once.
 //
 // Nothing here uses a standard-library template (see gemm_avx512.cpp for why).
 #include <immintrin.h>
@@ -33,23 +34,56 @@ void pack_a(const float* A, int64_t lda, int64_t rows, int64_t K, float* dst) {
   }
 }
 
+// In-register transpose of an 8 x 8 f32 block: r[i] holds row i; afterwards r[j] holds column j.
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 0-3, then 4-7
+    u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+    u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+    u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+    u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+  }
+  // u[c] (rows 0-3) and u[4 + c] (rows 4-7) hold columns c (low half) and 4 + c (high half).
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
+
 template <bool Bf16>
 void pack_w(const void* Wv, int64_t ldw, int64_t cols, int64_t kc, float* dst) {
+  __m256 r[8];
+  alignas(32) float tail[8];
   for (int64_t q0 = 0; q0 < cols; q0 += NR) {
     float* panel = dst + (q0 / NR) * kc * NR;
-    const int64_t qn = lo(NR, cols - q0);
-    for (int64_t k0 = 0; k0 < kc; k0 += 8) {
-      const int64_t kn = lo(8, kc - k0);
-      for (int64_t i = 0; i < NR; ++i) {
-        if (i >= qn) {
-          for (int64_t kk = 0; kk < kn; ++kk) panel[(k0 + kk) * NR + i] = 0.f;
-        } else if (Bf16) {
-          const uint16_t* w = static_cast<const uint16_t*>(Wv) + (q0 + i) * ldw + k0;
-          for (int64_t kk = 0; kk < kn; ++kk) panel[(k0 + kk) * NR + i] = widen(w[kk]);
-        } else {
-          const float* w = static_cast<const float*>(Wv) + (q0 + i) * ldw + k0;
-          for (int64_t kk = 0; kk < kn; ++kk) panel[(k0 + kk) * NR + i] = w[kk];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t c0 = q0 + 8 * h;
+      const int64_t cn = lo(8, cols - c0);
+      for (int64_t k0 = 0; k0 < kc; k0 += 8) {
+        const int64_t kn = lo(8, kc - k0);
+        for (int i = 0; i < 8; ++i) {
+          if (i >= cn) {
+            r[i] = _mm256_setzero_ps();
+          } else if (kn < 8) {
+            for (int64_t kk = 0; kk < 8; ++kk) {
+              if (kk >= kn) tail[kk] = 0.f;
+              else if (Bf16) tail[kk] = widen(static_cast<const uint16_t*>(Wv)[(c0 + i) * ldw + k0 + kk]);
+              else tail[kk] = static_cast<const float*>(Wv)[(c0 + i) * ldw + k0 + kk];
+            }
+            r[i] = _mm256_load_ps(tail);
+          } else if (Bf16) {
+            const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(Wv) + (c0 + i) * ldw + k0));
+            r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+          } else {
+            r[i] = _mm256_loadu_ps(static_cast<const float*>(Wv) + (c0 + i) * ldw + k0);
+          }
         }
+        transpose8(r);
+        for (int64_t kk = 0; kk < kn; ++kk) _mm256_store_ps(panel + (k0 + kk) * NR + 8 * h, r[kk]);
       }
     }
   }
@@ -66,10 +100,18 @@ inline __m256i lane_mask(int64_t n) {
 template <int R>
 void micro_rows(int64_t kc, const float* a, const float* w, float* c, int64_t ldc, int cols, bool accumulate) {
   __m256 c0[R], c1[R];
-  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
-#pragma GCC unroll 4
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    c0[r] = c1[r] = _mm256_setzero_ps();
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 15), _MM_HINT_T0);
+  }
+#pragma GCC unroll 2
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8);
+    _mm_prefetch(reinterpret_cast<const char*>(w + 16 * NR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(a + 32 * MR), _MM_HINT_T0);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 ar = _mm256_broadcast_ss(a + r);
       c0[r] = _mm256_fmadd_ps(ar, w0, c0[r]);
@@ -79,6 +121,7 @@ void micro_rows(int64_t kc, const float* a, const float* w, float* c, int64_t ld
     w += NR;
   }
   if (cols == NR) {
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       float* cr = c + r * ldc;
       if (accumulate) {
@@ -91,6 +134,7 @@ void micro_rows(int64_t kc, const float* a, const float* w, float* c, int64_t ld
     return;
   }
   const __m256i m0 = lane_mask(cols), m1 = lane_mask(cols - 8);
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     float* cr = c + r * ldc;
     if (accumulate) {
@@ -159,18 +203,11 @@ void gemv_bf16_tile(const float* ae, const float* ao, int64_t K2, const uint16_t
   for (int m = 0; m < M_; ++m)
     for (int r = 0; r < R_; ++r) acc[m][r] = _mm256_setzero_ps();
   const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  alignas(32) uint16_t tail[R_][16];
-  for (int64_t k = 0; k < K; k += 16) {
+  auto step = [&](int64_t k, const uint16_t* w, int64_t ldw_) {
     __m256 we[R_], wo[R_];
     for (int r = 0; r < R_; ++r) {
-      __m256i x;
-      if (K - k >= 16) {
-        x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + r * ldw + k));
-        _mm_prefetch(reinterpret_cast<const char*>(W + r * ldw + k) + PF, _MM_HINT_T0);
-      } else {
-        for (int64_t i = 0; i < 16; ++i) tail[r][i] = k + i < K ? W[r * ldw + k + i] : uint16_t(0);
-        x = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail[r]));
-      }
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw_));
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw_) + PF, _MM_HINT_T0);
       we[r] = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
       wo[r] = _mm256_castsi256_ps(_mm256_and_si256(x, hi_mask));
     }
@@ -179,6 +216,14 @@ void gemv_bf16_tile(const float* ae, const float* ao, int64_t K2, const uint16_t
       const __m256 a0 = _mm256_load_ps(ae + m * K2 + j), a1 = _mm256_load_ps(ao + m * K2 + j);
       for (int r = 0; r < R_; ++r) acc[m][r] = _mm256_fmadd_ps(a1, wo[r], _mm256_fmadd_ps(a0, we[r], acc[m][r]));
     }
+  };
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) step(k, W + k, ldw);
+  if (k < K) {  // the last partial chunk, zero-padded through a small buffer
+    alignas(32) uint16_t tail[R_][16];
+    for (int r = 0; r < R_; ++r)
+      for (int64_t i = 0; i < 16; ++i) tail[r][i] = k + i < K ? W[r * ldw + k + i] : uint16_t(0);
+    step(k, &tail[0][0], 16);
   }
   for (int m = 0; m < M_; ++m)
     for (int r = 0; r < R_; ++r) c[m * ldc + r] = hsum(acc[m][r]);
@@ -250,7 +295,7 @@ void gemv_bf16(const float* A, int64_t lda, int64_t M, const uint16_t* W, int64_
   }
 }
 
-const Kernels k_avx2{"avx2 6x16", MR, NR, pack_a, pack_w_f32, pack_w_bf16, micro, gemv_f32, gemv_bf16};
+const Kernels k_avx2{"avx2 6x16", MR, NR, 6, pack_a, pack_w_f32, pack_w_bf16, micro, gemv_f32, gemv_bf16};
 
 }  // namespace
 

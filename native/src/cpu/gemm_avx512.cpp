@@ -199,11 +199,10 @@ void gemv_bf16_tile(const float* ae, const float* ao, int64_t K2, const uint16_t
   for (int m = 0; m < M_; ++m)
     for (int r = 0; r < R_; ++r) acc[m][r] = _mm512_setzero_ps();
   const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  for (int64_t k = 0; k < K; k += 32) {
+  auto step = [&](int64_t k, __mmask32 km, bool full) {
     __m512 we[R_], wo[R_];
-    const __mmask32 km = mask32(K - k);
     for (int r = 0; r < R_; ++r) {
-      const __m512i x = K - k >= 32 ? _mm512_loadu_si512(W + r * ldw + k) : _mm512_maskz_loadu_epi16(km, W + r * ldw + k);
+      const __m512i x = full ? _mm512_loadu_si512(W + r * ldw + k) : _mm512_maskz_loadu_epi16(km, W + r * ldw + k);
       _mm_prefetch(reinterpret_cast<const char*>(W + r * ldw + k) + PF, _MM_HINT_T0);
       we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
       wo[r] = _mm512_castsi512_ps(_mm512_and_si512(x, hi_mask));
@@ -213,7 +212,10 @@ void gemv_bf16_tile(const float* ae, const float* ao, int64_t K2, const uint16_t
       const __m512 a0 = _mm512_load_ps(ae + m * K2 + j), a1 = _mm512_load_ps(ao + m * K2 + j);
       for (int r = 0; r < R_; ++r) acc[m][r] = _mm512_fmadd_ps(a1, wo[r], _mm512_fmadd_ps(a0, we[r], acc[m][r]));
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) step(k, 0, true);
+  if (k < K) step(k, mask32(K - k), false);
   for (int m = 0; m < M_; ++m)
     for (int r = 0; r < R_; ++r) c[m * ldc + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
@@ -298,7 +300,7 @@ void gemv_bf16(const float* A, int64_t lda, int64_t M, const uint16_t* W, int64_
   }
 }
 
-const Kernels k_avx512{"avx512 14x32", MR, NR, pack_a, pack_w_f32, pack_w_bf16, micro, gemv_f32, gemv_bf16};
+const Kernels k_avx512{"avx512 14x32", MR, NR, 16, pack_a, pack_w_f32, pack_w_bf16, micro, gemv_f32, gemv_bf16};
 
 }  // namespace
 

@@ -18,6 +18,7 @@ struct Kernels {
   const char* name;
   int mr;  // rows of the register tile
   int nr;  // columns of the register tile
+  int gemv_max_m;  // default largest M for the small-M kernels (measured crossover)
   // Packs rows [0, rows) × k [0, K) of A into ceil(rows / mr) panels of K × mr floats.
   void (*pack_a)(const float* A, int64_t lda, int64_t rows, int64_t K, float* dst);
   // Packs columns [0, cols) × k [0, kc) of W (rows of the [N, K] matrix) into ceil(cols / nr)
