@@ -14,6 +14,7 @@ import { convertBytes, interleaveUpDown, Scratch, transposeBlock } from './conve
 import { packedLayout, type PackedTensorDecl } from './layout.js';
 import {
   ALIGNMENT,
+  decodeMetadata,
   denseLayers,
   encodeMetadata,
   type PackedLayer,
@@ -203,6 +204,12 @@ export async function writePacked(input: PackInput, outPath: string, options: Wr
 
   const decls: TensorDecl[] = layout.map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape }));
   const metadata = encodeMetadata(meta);
+  // Never write what the reader would refuse: the metadata goes through the validating decoder.
+  try {
+    decodeMetadata(outPath, metadata);
+  } catch (e) {
+    throw new SparseLlmError(`internal error: the packed metadata for ${input.path} does not validate: ${(e as Error).message}`);
+  }
   const plan = planSafetensors({ tensors: decls, metadata, alignment: ALIGNMENT });
   const placeholderAt = findPlaceholder(plan.header);
   await removeStaleTemps(outPath);
