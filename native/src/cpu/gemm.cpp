@@ -253,12 +253,18 @@ void run_packed(const Kernels& kr, const float* A, int64_t lda, int64_t M, const
   const int64_t mr = kr.mr, nr = kr.nr;
   const int64_t nk = std::max<int64_t>(1, div_up(K, std::max<int64_t>(16, t.kc)));
   const int64_t kc_max = div_up(K, nk);
+  // Work items are nc columns wide (a multiple of n_align for the epilogue); W is packed in
+  // slabs of at most ns columns inside an item, so a wide n_align does not push the slab out of L2.
   const int64_t nc = column_block(N, t.nc, nr, n_align, threads, 2);
+  const int64_t ns = std::min(round_up(nc, nr), round_up(std::max<int64_t>(t.nc, 1), nr));
   const int64_t nblocks = div_up(N, nc);
-  // Rows per M chunk: the epilogue's C block must stay in cache; gemm only bounds the packed A.
-  int64_t mc = sink.epilogue ? t.mc_epilogue : std::max<int64_t>(t.mc, 1);
+  // Rows per M chunk: the epilogue's C block (rows x nc) must stay in cache (<= 1 MiB); the
+  // packed A chunk (rows x K) is bounded to 32 MiB.
+  int64_t mc = std::max<int64_t>(t.mc, 1);
+  if (sink.epilogue) mc = std::min<int64_t>(t.mc_epilogue, (int64_t(1) << 18) / nc);
+  mc = std::min<int64_t>(mc, (int64_t(1) << 23) / std::max<int64_t>(K, 1));
   mc = std::max<int64_t>(mr, round_up(std::min(mc, M), mr));
-  const int64_t wpack_floats = round_up(nc, nr) * kc_max;
+  const int64_t wpack_floats = ns * kc_max;
   float* apack = t_apack.get(static_cast<size_t>(round_up(std::min(mc, round_up(M, mr)), mr) * std::max<int64_t>(K, 1)));
   ErrorSlot err;
 
@@ -295,17 +301,20 @@ void run_packed(const Kernels& kr, const float* A, int64_t lda, int64_t M, const
           }
           for (int64_t kb = 0; kb < nk; ++kb) {
             const int64_t k0 = kb * kc_max, kc = std::min(kc_max, K - k0);
-            if (W.dtype == DType::BF16)
-              kr.pack_w_bf16(static_cast<const uint16_t*>(W.data) + n0 * W.ld + k0, W.ld, cols, kc, wpack);
-            else
-              kr.pack_w_f32(static_cast<const float*>(W.data) + n0 * W.ld + k0, W.ld, cols, kc, wpack);
-            for (int64_t p = p0; p < p1; ++p) {
-              const float* a = apack + p * mr * K + k0 * mr;
-              const int pr = static_cast<int>(std::min<int64_t>(mr, rows - p * mr));
-              float* crow = c + (p * mr - r0) * ldc;
-              for (int64_t q = 0; q < cols; q += nr)
-                kr.micro(kc, a, wpack + (q / nr) * kc * nr, crow + q, ldc, pr, static_cast<int>(std::min(nr, cols - q)),
-                         kb > 0);
+            for (int64_t s0 = 0; s0 < cols; s0 += ns) {
+              const int64_t sn = std::min(ns, cols - s0);
+              if (W.dtype == DType::BF16)
+                kr.pack_w_bf16(static_cast<const uint16_t*>(W.data) + (n0 + s0) * W.ld + k0, W.ld, sn, kc, wpack);
+              else
+                kr.pack_w_f32(static_cast<const float*>(W.data) + (n0 + s0) * W.ld + k0, W.ld, sn, kc, wpack);
+              for (int64_t p = p0; p < p1; ++p) {
+                const float* a = apack + p * mr * K + k0 * mr;
+                const int pr = static_cast<int>(std::min<int64_t>(mr, rows - p * mr));
+                float* crow = c + (p * mr - r0) * ldc + s0;
+                for (int64_t q = 0; q < sn; q += nr)
+                  kr.micro(kc, a, wpack + (q / nr) * kc * nr, crow + q, ldc, pr, static_cast<int>(std::min(nr, sn - q)),
+                           kb > 0);
+              }
             }
           }
           if (sink.epilogue) (*sink.epilogue)(mc0 + r0, mc0 + r1, n0, n1, c, ldc, tid);
