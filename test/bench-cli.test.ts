@@ -99,7 +99,7 @@ test('bench usage errors exit 2 with a one-line message', () => {
     [['--densities', '7'], /bare number is a fraction/],
     [['--tokens', '0'], /--tokens must be a comma-separated list of positive integers/],
     [['--ops', 'backward'], /unknown op 'backward'/],
-    [['--backend', 'cuda'], /--backend cuda: .+; use --backend cpu|the CUDA backend has no training kernels/],
+    [['--backend', 'cuda'], /--backend cuda: .+; use --backend cpu|no dense GPU training baseline/],
     [['--backend', 'tpu'], /Allowed choices are auto, cpu, cuda/],
     [['--dtype', 'f16'], /Allowed choices are bf16, f32/],
     [['--d-ff', '16', '--densities', '29nnz'], /29nnz is more than d_ff \(16\)/],

@@ -9,6 +9,10 @@
 //   layer.decode(x: Float32Array [M*dModel], { mode?, out? }) → same (M ≤ 8 uses the GEMV path)
 //   layer.time('forward'|'decode', x, M, { mode? }, repeats, warmup) → { medianMs, minMs, maxMs }
 //     (x uploaded once; device-side timing with CUDA events around each call)
+//   layer.trainStep(x, dy: Float32Array [M*dModel], M, { ellWidth?: 128, l1?: 0 })  (gated only)
+//     → { y, dx, dWgate, dWup: [dFF*dModel], dWdown: [dModel*dFF] (standard layouts),
+//         loss: { l1 }, stats: { savedBytes, tailRows, nnz, maxRowNnz, overflowTiles, overflowRows } }
+//     the Hybrid step on the GPU (CudaFfnTrainer); loss.l1 = (1/M)·Σ|h| before λ.
 //   layer.config, layer.weightBytes
 //   cudaTimeGemm({ M, K, N, impl: 'ours'|'cublas', repeats, warmup }) → { medianMs, minMs, maxMs }
 //     (random bf16 operands on the device, bf16 output)
@@ -99,6 +103,7 @@ class CudaFfnLayerWrap : public Napi::ObjectWrap<CudaFfnLayerWrap> {
                        {InstanceMethod("forward", &CudaFfnLayerWrap::Forward),
                         InstanceMethod("decode", &CudaFfnLayerWrap::Decode),
                         InstanceMethod("time", &CudaFfnLayerWrap::Time),
+                        InstanceMethod("trainStep", &CudaFfnLayerWrap::TrainStep),
                         InstanceAccessor("config", &CudaFfnLayerWrap::Config, nullptr),
                         InstanceAccessor("weightBytes", &CudaFfnLayerWrap::WeightBytes, nullptr)});
   }
@@ -237,6 +242,50 @@ class CudaFfnLayerWrap : public Napi::ObjectWrap<CudaFfnLayerWrap> {
     return timing_object(env, ms);
   }
 
+  Napi::Value TrainStep(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 3) throw_js(env, "CudaFfnLayer.trainStep(x, dy, M, opts?)");
+    const int64_t M = tokens(env, info[2]);
+    const size_t n = static_cast<size_t>(M * d());
+    const float* x = f32_array(env, info[0], n, "x");
+    const float* dy = f32_array(env, info[1], n, "dy");
+    Napi::Object o = opts_of(info, 3);
+    HybridParams p;
+    p.ell_width = static_cast<int>(int_opt(env, o, "ellWidth", 128, 1));
+    p.l1 = static_cast<float>(num_opt(env, o, "l1", 0.0));
+    p.twell = layer_->config().twell;
+    const size_t wn = static_cast<size_t>(d() * layer_->config().d_ff);
+    Napi::Float32Array y = Napi::Float32Array::New(env, n), dx = Napi::Float32Array::New(env, n);
+    Napi::Float32Array dg = Napi::Float32Array::New(env, wn), du = Napi::Float32Array::New(env, wn),
+                       dd = Napi::Float32Array::New(env, wn);
+    TrainStepStats s;
+    try {
+      if (!trainer_) trainer_ = std::make_unique<cuda::CudaFfnTrainer>(*layer_);
+      s = trainer_->step(x, dy, M, p, y.Data(), dx.Data());
+      trainer_->export_grads(dg.Data(), du.Data(), dd.Data());
+    } catch (const std::exception& e) {
+      throw_js(env, e.what());
+    }
+    Napi::Object r = Napi::Object::New(env);
+    r.Set("y", y);
+    r.Set("dx", dx);
+    r.Set("dWgate", dg);
+    r.Set("dWup", du);
+    r.Set("dWdown", dd);
+    Napi::Object loss = Napi::Object::New(env);
+    loss.Set("l1", s.l1);
+    r.Set("loss", loss);
+    Napi::Object st = Napi::Object::New(env);
+    st.Set("savedBytes", static_cast<double>(s.saved_bytes));
+    st.Set("tailRows", static_cast<double>(s.tail_rows));
+    st.Set("nnz", static_cast<double>(s.sparsity.nnz));
+    st.Set("maxRowNnz", static_cast<double>(s.sparsity.max_row_nnz));
+    st.Set("overflowTiles", static_cast<double>(s.sparsity.overflow_tiles));
+    st.Set("overflowRows", static_cast<double>(s.sparsity.overflow_rows));
+    r.Set("stats", st);
+    return r;
+  }
+
   Napi::Value Config(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const FfnLayerConfig& c = layer_->config();
@@ -256,6 +305,7 @@ class CudaFfnLayerWrap : public Napi::ObjectWrap<CudaFfnLayerWrap> {
   }
 
   std::unique_ptr<CudaFfnLayer> layer_;
+  std::unique_ptr<cuda::CudaFfnTrainer> trainer_;  // declared after layer_: destroyed first
 };
 
 Napi::Value TimeGemm(const Napi::CallbackInfo& info) {
