@@ -52,6 +52,7 @@ interface BenchFlags {
   csv?: boolean;
   markdown?: boolean;
   plot?: string;
+  saveJson?: string;
   quiet?: boolean;
 }
 
@@ -83,13 +84,14 @@ export function registerBench(program: Command): void {
     .option('--d-model <n>', 'model width', parsePositiveInt('--d-model'), PAPER_SHAPE.dModel)
     .option('--d-ff <n>', 'FFN hidden width', parsePositiveInt('--d-ff'), PAPER_SHAPE.dFF)
     .option('--non-gated', 'non-gated FFN (gpt2/opt style: relu(x·W_upᵀ + b)) instead of gated')
-    .option(
-      '--densities <list>',
-      'activation densities: non-zeros per token (29nnz), percentages (5%), fractions (0.05) or dense',
-      listParser(parseDensityList),
-      [...DEFAULT_DENSITIES],
+    .addOption(
+      new Option('--densities <list>', 'activation densities: non-zeros per token (29nnz), percentages (5%), fractions (0.05) or dense')
+        .argParser(listParser(parseDensityList))
+        .default([...DEFAULT_DENSITIES], DEFAULT_DENSITIES.map(densityLabel).join(',')),
     )
-    .option('--tokens <list>', 'token counts per call', parseIntList('--tokens'), [...DEFAULT_TOKENS])
+    .addOption(
+      new Option('--tokens <list>', 'token counts per call').argParser(parseIntList('--tokens')).default([...DEFAULT_TOKENS], DEFAULT_TOKENS.join(',')),
+    )
     .option('--ops <list>', 'operations: forward, train (forward+backward), gemm [default: forward,train]', listParser(parseOpList))
     .addOption(
       new Option('--dtype <type>', 'weight dtype of the forward and gemm cases [default: bf16 forward, f32 gemm]; training runs f32 weights').choices(['bf16', 'f32']),
@@ -105,6 +107,7 @@ export function registerBench(program: Command): void {
     .option('--csv', 'print CSV on stdout, one row per case and implementation')
     .option('--markdown', 'print the result tables as Markdown instead of boxed tables')
     .option('--plot <file.svg>', 'write an SVG chart of speedup against density')
+    .option('--save-json <file>', 'also write the --json document to a file (whatever the output format)')
     .option('-q, --quiet', 'no progress or notices');
   // Model-level mode (src/cli/bench-model.ts): --model selects it.
   addModelBenchOptions(bench).action(async (flags: BenchFlags & ModelBenchFlags) => {
@@ -237,6 +240,12 @@ async function benchCommand(flags: BenchFlags): Promise<void> {
     out.note(`wrote ${flags.plot}`);
   }
 
+  if (flags.saveJson) {
+    const tmp = `${flags.saveJson}.${process.pid}.tmp`;
+    writeFileSync(tmp, JSON.stringify(toJsonDocument(results, runInfo), null, 2) + '\n');
+    renameSync(tmp, flags.saveJson);
+    out.note(`wrote ${flags.saveJson}`);
+  }
   if (flags.json) {
     out.result(toJsonDocument(results, runInfo));
     return;
