@@ -225,7 +225,7 @@ void test_twell_gate(int64_t M, int64_t d, int64_t F, int tile, int compression,
 // --- the FFN layer: sparse / dense / auto / decode vs CPU and float64 ------------------------------
 
 void test_layer_case(int64_t M, int64_t d, int64_t F, bool gated, double density, int heavy_every, int tile,
-                     bool generic, bool expect_fallback) {
+                     bool generic, bool expect_fallback, int compression = 8) {
   ffntest::Problem p = ffntest::make_problem(M, d, F, density, heavy_every, 3.0, true, !gated);
   if (!gated) p.up = p.gate;  // the TwELL producer is the up projection (exact biases kept)
   // The GPU keeps bf16 weights and activations: round them so every path sees the same values.
@@ -240,7 +240,7 @@ void test_layer_case(int64_t M, int64_t d, int64_t F, bool gated, double density
   cfg.gated = gated;
   cfg.dtype = DType::BF16;
   cfg.twell.tile = tile;
-  cfg.twell.compression = 8;
+  cfg.twell.compression = compression;
   const float* ub = p.up_bias.empty() ? nullptr : p.up_bias.data();
   const float* db = p.down_bias.empty() ? nullptr : p.down_bias.data();
   FfnLayer cpu(cfg, gated ? p.gate.data() : nullptr, p.up.data(), p.down.data(), ub, db);
@@ -297,6 +297,7 @@ void test_layers() {
     test_layer_case(300, 100, 520, gated, 0.03, 5, 128, false, true);  // d % 8 != 0: any-shape kernel
     test_layer_case(77, 64, 1000, gated, 0.03, 5, 64, true, true);     // forced any-shape kernel, T = 64
     test_layer_case(5, 2560, 700, gated, 0.02, 0, 32, false, false);   // d > 2048 (16 chunks per lane)
+    test_layer_case(40, 64, 700, gated, 0.15, 0, 256, false, false, 4);  // capacity 63: tiles of > 32 entries
   }
 }
 

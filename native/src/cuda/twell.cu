@@ -78,45 +78,67 @@ __global__ void __launch_bounds__(128) twell_updown_kernel(
   }
   const int32_t* crow = count + m * tiles;
   const uint32_t* erow = entries + m * tiles * cap;
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int c = crow[t];
-    if (c > cap) continue;  // overflowing tile: the caller recomputes this row densely
-    for (int e0 = 0; e0 < c; e0 += 32) {
-      const int ne = min(32, c - e0);
-      const uint32_t w = lane < ne ? erow[t * cap + e0 + lane] : 0u;
-      for (int e = 0; e < ne; ++e) {
-        const uint32_t we = __shfl_sync(kFull, w, e);
-        const int64_t j = t * T + (we & 0xffffu);
-        float h = __uint_as_float(we & 0xffff0000u);
-        const uint16_t* dr = down_t + j * ldw;
-        uint4 dv[VPL];
-#pragma unroll
-        for (int i = 0; i < VPL; ++i) {
-          const int k = (i * 32 + lane) * 8;
-          dv[i] = k < d ? __ldg(reinterpret_cast<const uint4*>(dr + k)) : make_uint4(0, 0, 0, 0);
-        }
-        if (GATED) {
-          const uint16_t* ur = up + j * ldw;
-          float s = 0.f;
+  for (int64_t t0 = 0; t0 < tiles; t0 += 32) {
+    // The counts of 32 tiles in one load; the non-empty tiles that fit their capacity as a mask
+    // (an overflowing tile is skipped: the caller recomputes its row densely).
+    const int cl = t0 + lane < tiles ? crow[t0 + lane] : 0;
+    unsigned live = __ballot_sync(kFull, cl > 0 && cl <= cap);
+    // Software pipeline: the first 32 entries of the next live tile are loaded while the current
+    // tile's neurons are processed.
+    uint32_t wnext = 0u;
+    if (live) {
+      const int tn = __ffs(live) - 1;
+      const int cn = __shfl_sync(kFull, cl, tn);
+      if (lane < min(32, cn)) wnext = erow[(t0 + tn) * cap + lane];
+    }
+    while (live) {
+      const int tl = __ffs(live) - 1;
+      live &= live - 1u;
+      const int64_t t = t0 + tl;
+      const int c = __shfl_sync(kFull, cl, tl);
+      const uint32_t wcur = wnext;
+      if (live) {
+        const int tn = __ffs(live) - 1;
+        const int cn = __shfl_sync(kFull, cl, tn);
+        wnext = lane < min(32, cn) ? erow[(t0 + tn) * cap + lane] : 0u;
+      }
+      for (int e0 = 0; e0 < c; e0 += 32) {
+        const int ne = min(32, c - e0);
+        const uint32_t w = e0 == 0 ? wcur : (lane < ne ? erow[t * cap + e0 + lane] : 0u);
+        for (int e = 0; e < ne; ++e) {
+          const uint32_t we = __shfl_sync(kFull, w, e);
+          const int64_t j = t * T + (we & 0xffffu);
+          float h = __uint_as_float(we & 0xffff0000u);
+          const uint16_t* dr = down_t + j * ldw;
+          uint4 dv[VPL];
 #pragma unroll
           for (int i = 0; i < VPL; ++i) {
             const int k = (i * 32 + lane) * 8;
-            if (k < d)
-              s = dot8(__ldg(reinterpret_cast<const uint4*>(ur + k)),
-                       X_REGS ? xv[i < XV ? i : 0] : *reinterpret_cast<const uint4*>(xr + k), s);
+            dv[i] = k < d ? __ldg(reinterpret_cast<const uint4*>(dr + k)) : make_uint4(0, 0, 0, 0);
           }
-          h *= warp_sum(s);
-        }
+          if (GATED) {
+            const uint16_t* ur = up + j * ldw;
+            float s = 0.f;
 #pragma unroll
-        for (int i = 0; i < VPL; ++i) {
-          acc[i * 8 + 0] = fmaf(h, bf16lo(dv[i].x), acc[i * 8 + 0]);
-          acc[i * 8 + 1] = fmaf(h, bf16hi(dv[i].x), acc[i * 8 + 1]);
-          acc[i * 8 + 2] = fmaf(h, bf16lo(dv[i].y), acc[i * 8 + 2]);
-          acc[i * 8 + 3] = fmaf(h, bf16hi(dv[i].y), acc[i * 8 + 3]);
-          acc[i * 8 + 4] = fmaf(h, bf16lo(dv[i].z), acc[i * 8 + 4]);
-          acc[i * 8 + 5] = fmaf(h, bf16hi(dv[i].z), acc[i * 8 + 5]);
-          acc[i * 8 + 6] = fmaf(h, bf16lo(dv[i].w), acc[i * 8 + 6]);
-          acc[i * 8 + 7] = fmaf(h, bf16hi(dv[i].w), acc[i * 8 + 7]);
+            for (int i = 0; i < VPL; ++i) {
+              const int k = (i * 32 + lane) * 8;
+              if (k < d)
+                s = dot8(__ldg(reinterpret_cast<const uint4*>(ur + k)),
+                         X_REGS ? xv[i < XV ? i : 0] : *reinterpret_cast<const uint4*>(xr + k), s);
+            }
+            h *= warp_sum(s);
+          }
+#pragma unroll
+          for (int i = 0; i < VPL; ++i) {
+            acc[i * 8 + 0] = fmaf(h, bf16lo(dv[i].x), acc[i * 8 + 0]);
+            acc[i * 8 + 1] = fmaf(h, bf16hi(dv[i].x), acc[i * 8 + 1]);
+            acc[i * 8 + 2] = fmaf(h, bf16lo(dv[i].y), acc[i * 8 + 2]);
+            acc[i * 8 + 3] = fmaf(h, bf16hi(dv[i].y), acc[i * 8 + 3]);
+            acc[i * 8 + 4] = fmaf(h, bf16lo(dv[i].z), acc[i * 8 + 4]);
+            acc[i * 8 + 5] = fmaf(h, bf16hi(dv[i].z), acc[i * 8 + 5]);
+            acc[i * 8 + 6] = fmaf(h, bf16lo(dv[i].w), acc[i * 8 + 6]);
+            acc[i * 8 + 7] = fmaf(h, bf16hi(dv[i].w), acc[i * 8 + 7]);
+          }
         }
       }
     }
