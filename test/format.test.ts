@@ -327,6 +327,42 @@ describe('writePacked → openPacked', () => {
     }
   });
 
+  test('pruned layers: neuron maps are written, read back and checked', async () => {
+    const ckDir = fresh('pruned');
+    const tiny = await writeTinyCheckpoint(ckDir, { arch: 'llama', seed: 12, dFF: 30 });
+    const ck = await openCheckpoint(ckDir);
+    try {
+      const base = await packInputFromCheckpoint(ck);
+      const layers = ck.spec.dFF.map((dFF) => ({
+        dFF, sourceDFF: 64, activation: ck.spec.activation, twell: { tileWidth: 16, compression: 4 },
+        neuronMap: '', threshold: null, calibration: null,
+      }));
+      layers.forEach((l, i) => (l.neuronMap = `layers.${i}.ffn.neuron_map`));
+      const good = (i: number) => Int32Array.from({ length: tiny.dFF }, (_, j) => 2 * j + i);
+      const out = join(ckDir, 'pruned.sllm');
+      await writePacked({ ...base, layers, neuronMap: good }, out);
+      const p = await openPacked(out);
+      try {
+        assert.deepEqual(p.layers[1]!.twell, { tileWidth: 16, compression: 4 });
+        assert.equal(p.layers[0]!.sourceDFF, 64);
+        assert.deepEqual([...(await p.neuronMap(1))!], [...good(1)]);
+        assert.equal(p.tensor('layers.0.ffn.neuron_map').dtype, 'I32');
+      } finally {
+        await p.close();
+      }
+      const bad = join(ckDir, 'bad-map.sllm');
+      await writePacked({ ...base, layers, neuronMap: (i) => { const m = good(i); m[5] = m[4]!; return m; } }, bad);
+      const q = await openPacked(bad);
+      try {
+        await assert.rejects(q.neuronMap(0), (e: unknown) => e instanceof FormatError && /neuron_map': entry 5 is \d+; a neuron map must be strictly increasing/.test((e as Error).message));
+      } finally {
+        await q.close();
+      }
+    } finally {
+      await ck.close();
+    }
+  });
+
   test('a file packed twice from the same source has the same content hash', async () => {
     const ckDir = fresh('twice');
     await writeTinyCheckpoint(ckDir, { arch: 'opt', seed: 7 });

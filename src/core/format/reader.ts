@@ -117,13 +117,21 @@ export class PackedModel {
     return toF32(await this.readBytes(name), t.dtype as DType);
   }
 
-  /** Layer i's neuron map (packed neuron → source neuron), or null when the layer is not pruned. */
+  /** Layer i's neuron map (packed neuron → source neuron, checked), or null when the layer is not pruned. */
   async neuronMap(layer: number): Promise<Int32Array | null> {
     const name = this.layers[layer]?.neuronMap;
     if (name === undefined) throw new FormatError(this.path, `no layer ${layer} (the model has ${this.spec.nLayers})`);
     if (name === null) return null;
     const b = await this.readBytes(name);
-    return new Int32Array(b.buffer, b.byteOffset, b.byteLength / 4);
+    const map = new Int32Array(b.buffer, b.byteOffset, b.byteLength / 4);
+    const sourceDFF = this.layers[layer]!.sourceDFF;
+    for (let j = 0; j < map.length; j++) {
+      const v = map[j]!;
+      if (v < 0 || v >= sourceDFF || (j > 0 && v <= map[j - 1]!)) {
+        throw new FormatError(this.path, `tensor '${name}': entry ${j} is ${v}; a neuron map must be strictly increasing source indices in [0, ${sourceDFF})`);
+      }
+    }
+    return map;
   }
 
   /** The stored tokenizer.json bytes, or undefined when the model has none. */
