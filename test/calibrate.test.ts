@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { LayerStats, TILE_WIDTHS } from '../src/core/calibrate/stats.js';
-import { chooseTwell, compressionFor } from '../src/core/calibrate/twell.js';
+import { chooseTwell, compressionFor, coveredCount } from '../src/core/calibrate/twell.js';
 import { composeNeuronMap, planLayer } from '../src/core/prune/plan.js';
 import { Rng } from './helpers/rng.js';
 
@@ -39,7 +39,11 @@ test('LayerStats: firing counts, magnitudes, per-token nnz and per-tile maxima e
     const sumH = new Float64Array(F);
     const nnz: number[] = [];
     const tileMax: Record<number, number[]> = {};
-    for (const w of TILE_WIDTHS) tileMax[w] = new Array(Math.ceil(F / w)).fill(0);
+    const tileCounts: Record<number, number[]> = {};
+    for (const w of TILE_WIDTHS) {
+      tileMax[w] = new Array(Math.ceil(F / w)).fill(0);
+      tileCounts[w] = new Array(w + 1).fill(0);
+    }
     for (const b of batches) {
       for (let t = 0; t < b.T; t++) {
         let n = 0;
@@ -56,7 +60,12 @@ test('LayerStats: firing counts, magnitudes, per-token nnz and per-tile maxima e
           }
         }
         nnz.push(n);
-        for (const w of TILE_WIDTHS) tiles[w]!.forEach((c, i) => (tileMax[w]![i] = Math.max(tileMax[w]![i]!, c)));
+        for (const w of TILE_WIDTHS) {
+          tiles[w]!.forEach((c, i) => {
+            tileMax[w]![i] = Math.max(tileMax[w]![i]!, c);
+            tileCounts[w]![c]!++;
+          });
+        }
       }
     }
     assert.deepEqual(Array.from(s.fires), Array.from(fires));
@@ -70,7 +79,10 @@ test('LayerStats: firing counts, magnitudes, per-token nnz and per-tile maxima e
     assert.ok(Math.abs(sum.nnzMean - nnz.reduce((a, b) => a + b, 0) / nnz.length) < 1e-12);
     assert.equal(sum.nnzP99, sorted[Math.ceil(0.99 * sorted.length) - 1]);
     assert.equal(sum.dead, Array.from(fires).filter((f) => f === 0).length);
-    for (const w of TILE_WIDTHS) assert.deepEqual(sum.tileMax[w], tileMax[w], `tile maxima at width ${w}`);
+    for (const w of TILE_WIDTHS) {
+      assert.deepEqual(sum.tileMax[w], tileMax[w], `tile maxima at width ${w}`);
+      assert.deepEqual(sum.tileCounts[w], tileCounts[w], `tile count histogram at width ${w}`);
+    }
   }
 });
 
@@ -101,14 +113,31 @@ test('TwELL choice: capacity holds the observed maximum with headroom; fewest wo
     assert.ok(cap >= Math.min(T - 1, Math.ceil(m * h)), `T ${T} max ${m}: capacity ${cap}`);
     if (C > 1) assert.ok(Math.floor(T / (C + 1)) - 1 < Math.ceil(m * h), 'C is the largest that fits');
   }
-  // Sparse layer: 5632 wide, few per tile.
+  // Sparse layer: 5632 wide, few per tile (coverage 1: sized on the maxima).
   const F = 5632;
   const tileMax = { 64: new Array(88).fill(3), 128: new Array(44).fill(5), 256: new Array(22).fill(8) };
-  const c = chooseTwell(F, tileMax, 1.5);
+  const c = chooseTwell(F, tileMax, null, 1.5, 1);
   const words = (T: 64 | 128 | 256) => Math.ceil(F / T) * Math.floor(T / compressionFor(T, tileMax[T][0], 1.5));
   assert.equal(c.wordsPerRow, Math.min(words(64), words(128), words(256)));
-  assert.ok(c.capacity >= 8 * 1.5 || c.tileWidth !== 256);
-  assert.throws(() => chooseTwell(F, tileMax, 0.5), /headroom/);
+  assert.ok(c.capacity >= Math.ceil(c.observedTileMax * 1.5));
+  assert.equal(c.overflowRate, 0);
+  assert.throws(() => chooseTwell(F, tileMax, null, 0.5), /headroom/);
+  assert.throws(() => chooseTwell(F, tileMax, null, 1.5, 0), /coverage/);
+  // Coverage: a few heavy (token, tile) pairs do not set the capacity; the overflow rate is reported.
+  const hist = new Array(257).fill(0);
+  hist[3] = 9000;
+  hist[10] = 990;
+  hist[200] = 10; // 0.1% heavy
+  assert.equal(coveredCount(hist, 0.999), 10);
+  assert.equal(coveredCount(hist, 1), 200);
+  assert.equal(coveredCount(hist, 0.5), 3);
+  const heavyMax = { 64: [64], 128: [128], 256: new Array(22).fill(200) };
+  const dense = (w: number, at: number) => Array.from({ length: w + 1 }, (_, c) => (c === at ? 100 : 0));
+  const h = chooseTwell(F, heavyMax, { 64: dense(64, 60), 128: dense(128, 120), 256: hist }, 1.5, 0.999);
+  assert.equal(h.tileWidth, 256);
+  assert.equal(h.coveredCount, 10);
+  assert.ok(h.capacity >= 15 && h.compression > 1);
+  assert.ok(Math.abs(h.overflowRate - 10 / 10000) < 1e-12);
 });
 
 test('neuron maps compose: pruning a pruned layer maps straight back to the original neurons', () => {

@@ -112,7 +112,9 @@ test('ReLU --drop-dead: removes exactly the dead neurons; logits equal on the ca
       assert.equal(L.sourceDFF, 300);
       assert.ok(L.twell && L.calibration, 'TwELL parameters and calibration recorded');
       assert.equal(L.twell!.tileWidth, L.calibration!.tileWidth);
-      assert.ok(Math.floor(L.twell!.tileWidth / L.twell!.compression) - 1 >= Math.max(...L.calibration!.tileMax), 'capacity holds the observed tile maxima');
+      assert.equal(L.twell!.tileWidth, r.layers[l]!.twell.tileWidth);
+      assert.equal(Math.floor(L.twell!.tileWidth / L.twell!.compression) - 1, r.layers[l]!.twell.capacity);
+      assert.ok(r.layers[l]!.twell.overflowRate <= 1e-3, 'overflow stays rare on the calibration text');
     }
   } finally {
     await pm.close();

@@ -20,6 +20,7 @@ interface PruneCliOptions {
   targetSparsity?: number;
   thresholds?: number[];
   twellHeadroom?: number;
+  twellCoverage?: number;
   output?: string;
   dtype?: 'bf16' | 'f16' | 'f32';
   force?: boolean;
@@ -46,6 +47,12 @@ function parseThresholds(value: string): number[] {
   return out;
 }
 
+function parseCoverage(value: string): number {
+  const n = Number(value);
+  if (!Number.isFinite(n) || !(n > 0 && n <= 1)) throw new InvalidArgumentError(`--twell-coverage must be a fraction in (0, 1], got '${value}'`);
+  return n;
+}
+
 function parseHeadroom(value: string): number {
   const n = Number(value);
   if (!Number.isFinite(n) || n < 1) throw new InvalidArgumentError(`--twell-headroom must be a number >= 1, got '${value}'`);
@@ -65,7 +72,8 @@ export function registerPrune(program: Command): void {
     .option('--drop-dead', 'remove neurons that never fire on the calibration text (exact there for ReLU and thresholded models)')
     .option('--target-sparsity <s>', 'silu/gelu models: per-layer activation cut-offs so that a fraction s of the hidden units is zero', parseSparsity)
     .option('--thresholds <a,b,...>', 'silu/gelu models: explicit cut-offs, one for all layers or one per layer', parseThresholds)
-    .option('--twell-headroom <h>', 'TwELL capacity = largest per-tile count seen × h (default 1.5)', parseHeadroom)
+    .option('--twell-coverage <q>', 'TwELL: fraction of (token, tile) pairs whose count the capacity must hold (default 0.999; 1 = the largest seen)', parseCoverage)
+    .option('--twell-headroom <h>', 'TwELL capacity = that count × h (default 1.5)', parseHeadroom)
     .option('-o, --output <path>', 'write the result: a packed model (name ending in .sllm) or a dense checkpoint directory')
     .addOption(new Option('--dtype <dtype>', 'storage dtype of a packed output (default bf16, or the packed input\'s)').choices(['bf16', 'f16', 'f32']))
     .option('--force', 'overwrite the output if it exists')
@@ -83,7 +91,7 @@ const num = (x: number, digits = 1): string => x.toFixed(digits);
 const fmtThr = (t: number | null): string => (t === null ? '-' : t === 0 ? '0' : t.toPrecision(4));
 
 function layerRows(r: PruneReport): { head: string[]; rows: (string | number)[][] } {
-  const head = ['layer', 'dFF', 'kept', 'threshold', 'nnz mean', 'nnz p99', 'nnz max', 'sparsity', 'dead', 'tile T', 'C', 'tile max'];
+  const head = ['layer', 'dFF', 'kept', 'threshold', 'nnz mean', 'nnz p99', 'nnz max', 'sparsity', 'dead', 'tile T', 'C', 'cap', 'tile max', 'overflow'];
   const rows = r.layers.map((l) => {
     const s = l.after ?? l.before;
     return [
@@ -98,7 +106,9 @@ function layerRows(r: PruneReport): { head: string[]; rows: (string | number)[][
       l.before.dead,
       l.twell.tileWidth,
       l.twell.compression,
+      l.twell.capacity,
       l.twell.observedTileMax,
+      l.twell.overflowRate === 0 ? '0' : `${(100 * l.twell.overflowRate).toPrecision(2)}%`,
     ];
   });
   return { head, rows };
@@ -126,6 +136,7 @@ async function runPrune(model: string, opts: PruneCliOptions): Promise<void> {
     targetSparsity: opts.targetSparsity,
     thresholds: opts.thresholds,
     twellHeadroom: opts.twellHeadroom,
+    twellCoverage: opts.twellCoverage,
     output: opts.output,
     dtype: opts.dtype ? (opts.dtype.toUpperCase() as StorageDType) : undefined,
     force: opts.force,

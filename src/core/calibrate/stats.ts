@@ -30,6 +30,8 @@ export interface LayerSummary {
   dead: number;
   /** Per tracked tile width: the largest number of active neurons seen in one tile for one token. */
   tileMax: Record<TileWidth, number[]>;
+  /** Per tracked tile width: how many (token, tile) pairs had c active neurons, c = 0..width. */
+  tileCounts: Record<TileWidth, number[]>;
 }
 
 export class LayerStats {
@@ -47,6 +49,7 @@ export class LayerStats {
   private readonly tileMax64: Int32Array;
   private readonly tileMax128: Int32Array;
   private readonly tileMax256: Int32Array;
+  private readonly tileHist: Record<TileWidth, Float64Array> = { 64: new Float64Array(65), 128: new Float64Array(129), 256: new Float64Array(257) };
   private readonly bits = new Uint32Array(1);
   private readonly bitsF = new Float32Array(this.bits.buffer);
 
@@ -116,15 +119,21 @@ export class LayerStats {
     const m64 = this.tileMax64;
     const m128 = this.tileMax128;
     const m256 = this.tileMax256;
-    for (let i = 0; i < c64.length; i++) if (c64[i]! > m64[i]!) m64[i] = c64[i]!;
+    const h = this.tileHist;
+    for (let i = 0; i < c64.length; i++) {
+      if (c64[i]! > m64[i]!) m64[i] = c64[i]!;
+      h[64][c64[i]!]!++;
+    }
     for (let i = 0; i < m128.length; i++) {
       const c = c64[2 * i]! + (2 * i + 1 < c64.length ? c64[2 * i + 1]! : 0);
       if (c > m128[i]!) m128[i] = c;
+      h[128][c]!++;
     }
     for (let i = 0; i < m256.length; i++) {
       let c = 0;
       for (let k = 4 * i; k < Math.min(c64.length, 4 * i + 4); k++) c += c64[k]!;
       if (c > m256[i]!) m256[i] = c;
+      h[256][c]!++;
     }
   }
 
@@ -154,6 +163,7 @@ export class LayerStats {
       sparsity: this.F > 0 ? 1 - mean / this.F : 0,
       dead,
       tileMax: { 64: Array.from(this.tileMax64), 128: Array.from(this.tileMax128), 256: Array.from(this.tileMax256) },
+      tileCounts: { 64: Array.from(this.tileHist[64]), 128: Array.from(this.tileHist[128]), 256: Array.from(this.tileHist[256]) },
     };
   }
 

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { calibrate } from '../calibrate/run.js';
 import { LayerStats, type LayerSummary, type TileWidth } from '../calibrate/stats.js';
 import { tokenizeText } from '../calibrate/text.js';
-import { chooseTwell, DEFAULT_HEADROOM, type TwellChoice } from '../calibrate/twell.js';
+import { chooseTwell, DEFAULT_COVERAGE, DEFAULT_HEADROOM, type TwellChoice } from '../calibrate/twell.js';
 import { SparseLlmError, UsageError } from '../errors.js';
 import { checkOutputPath } from '../format/writer.js';
 import { FILE_EXTENSION, type LayerCalibration, type StorageDType } from '../format/metadata.js';
@@ -46,6 +46,8 @@ export interface PruneOptions {
   /** One cut-off for every layer, or one per layer. */
   thresholds?: number[];
   twellHeadroom?: number;
+  /** Fraction of (token, tile) pairs the TwELL capacity must hold before headroom (default 0.999; 1 = the maximum). */
+  twellCoverage?: number;
   /** A .sllm file (packed) or a directory (dense Hugging Face checkpoint). */
   output?: string;
   /** Storage dtype of a packed output (default: BF16, or the packed source's). */
@@ -133,6 +135,7 @@ function checkOptions(o: PruneOptions): void {
   if (o.thresholds?.some((t) => !(Number.isFinite(t) && t >= 0))) throw new UsageError('--thresholds must be numbers >= 0');
   if (o.tokens !== undefined && !(Number.isInteger(o.tokens) && o.tokens >= 1)) throw new UsageError('--tokens must be a positive integer');
   if (o.twellHeadroom !== undefined && !(o.twellHeadroom >= 1)) throw new UsageError('--twell-headroom must be >= 1');
+  if (o.twellCoverage !== undefined && !(o.twellCoverage > 0 && o.twellCoverage <= 1)) throw new UsageError('--twell-coverage must be in (0, 1]');
 }
 
 /** Whether `out` names a packed file (by extension) rather than a checkpoint directory. */
@@ -297,6 +300,7 @@ export async function prune(modelPath: string, o: PruneOptions): Promise<PruneRe
 
     // TwELL parameters and the per-layer report.
     const headroom = o.twellHeadroom ?? DEFAULT_HEADROOM;
+    const coverage = o.twellCoverage ?? DEFAULT_COVERAGE;
     const layers: LayerReport[] = plans.map((p, i) => {
       const a = stats2 ? stats2[i]!.summary(i) : null;
       const basis = a ?? sum1[i]!;
@@ -312,7 +316,7 @@ export async function prune(modelPath: string, o: PruneOptions): Promise<PruneRe
         before: sum1[i]!,
         after: a,
         sparsityReached: a ? 1 - a.nnzMean / p.inDFF : null,
-        twell: chooseTwell(basis.dFF, basis.tileMax, headroom),
+        twell: chooseTwell(basis.dFF, basis.tileMax, basis.tileCounts, headroom, coverage),
       };
     });
 
