@@ -154,18 +154,21 @@ test('CUDA bench engine: forward and GEMM cases, training refused with a reason'
   assert.ok(t.medianMs > 0);
 });
 
-test('CUDA hybrid training step matches the CPU trainer (y, dx, weight gradients, L1)', { skip }, () => {
+test('CUDA training step (hybrid and dense) matches the CPU trainer (y, dx, weight gradients, L1)', { skip }, () => {
   for (const [M, d, F, tile, ellWidth, l1] of [[7, 40, 300, 64, 128, 0], [120, 37, 520, 128, 16, 0.3]] as const) {
     const p = makeProblem(M, d, F, true, 2.0, 5);
     const dy = roundAll(rng.normalArray(M * d));
     const w = { dModel: d, dFF: F, gated: true, gate: p.act, up: p.up, down: p.down, tileWidth: tile, compression: 8 };
-    const gpu = new CudaFfnLayer(w).trainStep(p.x, dy, M, { ellWidth, l1 });
+    const layer = new CudaFfnLayer(w);
     const cpu = new FfnLayer({ ...w, dtype: 'f32' }).trainStep(p.x, dy, M, { mode: 'hybrid', ellWidth, l1 });
-    for (const k of ['y', 'dx', 'dWgate', 'dWup', 'dWdown'] as const) {
-      const e = relError(gpu[k], cpu[k]);
-      assert.ok(e < TOL, `M=${M} d=${d} F=${F}: ${k} rel error ${e}`);
+    for (const mode of ['hybrid', 'dense'] as const) {
+      const gpu = layer.trainStep(p.x, dy, M, { mode, ellWidth, l1 });
+      for (const k of ['y', 'dx', 'dWgate', 'dWup', 'dWdown'] as const) {
+        const e = relError(gpu[k], cpu[k]);
+        assert.ok(e < TOL, `${mode} M=${M} d=${d} F=${F}: ${k} rel error ${e}`);
+      }
+      assert.ok(Math.abs(gpu.loss.l1 - cpu.loss.l1) <= 1e-2 * Math.abs(cpu.loss.l1) + 1e-12, `${mode} l1 ${gpu.loss.l1} vs ${cpu.loss.l1}`);
+      assert.equal(gpu.stats.nnz, cpu.stats.nnz);
     }
-    assert.ok(Math.abs(gpu.loss.l1 - cpu.loss.l1) <= 1e-2 * Math.abs(cpu.loss.l1) + 1e-12, `l1 ${gpu.loss.l1} vs ${cpu.loss.l1}`);
-    assert.equal(gpu.stats.nnz, cpu.stats.nnz);
   }
 });

@@ -352,21 +352,28 @@ void test_hybrid_case(int64_t M, int64_t d, int64_t F, double density, int heavy
   hp.ell_width = ell_width;
   hp.l1 = l1;
   hp.twell = cfg.twell;
+  const double tol = 2e-2;
+  for (TrainMode mode : {TrainMode::Dense, TrainMode::Hybrid}) {
   std::vector<float> gy(static_cast<size_t>(M * d), std::nanf("")), gdx(gy.size(), std::nanf(""));
-  const TrainStepStats st = tr.step(p.x.data(), dy.data(), M, hp, gy.data(), gdx.data());
+  const TrainStepStats st = tr.step(p.x.data(), dy.data(), M, mode, hp, gy.data(), gdx.data());
   std::vector<float> gg(static_cast<size_t>(F * d), std::nanf("")), gu(gg.size(), std::nanf("")), gd(gg.size(), std::nanf(""));
   tr.export_grads(gg.data(), gu.data(), gd.data());
-  const double tol = 2e-2;
+  const char* mname = mode == TrainMode::Dense ? "dense" : "hybrid";
   const double ey = check::rel_error(gy.data(), y.data(), y.size()), edx = check::rel_error(gdx.data(), dx.data(), dx.size()),
                eg = check::rel_error(gg.data(), dWg.data(), dWg.size()), eu = check::rel_error(gu.data(), dWu.data(), dWu.size()),
                ed = check::rel_error(gd.data(), dWd.data(), dWd.size());
   CHECK(ey < tol && edx < tol && eg < tol && eu < tol && ed < tol,
-        "hybrid M=%lld d=%lld F=%lld T=%d W=%d: rel errors y %.3g dx %.3g dWgate %.3g dWup %.3g dWdown %.3g", (long long)M,
-        (long long)d, (long long)F, tile, ell_width, ey, edx, eg, eu, ed);
-  CHECK(std::fabs(st.l1 - l1ref) <= 1e-2 * std::max(1e-12, std::fabs(l1ref)), "hybrid l1 %.6g vs %.6g", st.l1, l1ref);
+        "%s step M=%lld d=%lld F=%lld T=%d W=%d: rel errors y %.3g dx %.3g dWgate %.3g dWup %.3g dWdown %.3g", mname,
+        (long long)M, (long long)d, (long long)F, tile, ell_width, ey, edx, eg, eu, ed);
+  CHECK(std::fabs(st.l1 - l1ref) <= 1e-2 * std::max(1e-12, std::fabs(l1ref)), "%s l1 %.6g vs %.6g", mname, st.l1, l1ref);
   int64_t nnz = 0;
   for (double v : z) nnz += v > 0;
-  CHECK(st.sparsity.nnz == nnz, "hybrid nnz %lld vs %lld", (long long)st.sparsity.nnz, (long long)nnz);
+  CHECK(st.sparsity.nnz == nnz, "%s nnz %lld vs %lld", mname, (long long)st.sparsity.nnz, (long long)nnz);
+  if (mode == TrainMode::Dense) {
+    std::printf("  dense step M=%lld d=%lld F=%lld: errors y %.2e dx %.2e dW %.2e/%.2e/%.2e\n", (long long)M, (long long)d,
+                (long long)F, ey, edx, eg, eu, ed);
+    continue;
+  }
   // The CPU trainer on the same (bf16-exact) values.
   FfnLayer cpu(cfg, p.gate.data(), p.up.data(), p.down.data(), nullptr, nullptr);
   FfnTrainer ct(cpu);
@@ -377,6 +384,7 @@ void test_hybrid_case(int64_t M, int64_t d, int64_t F, double density, int heavy
   CHECK(ecy < tol && ecdx < tol, "hybrid vs CPU trainer: y %.3g dx %.3g", ecy, ecdx);
   std::printf("  hybrid M=%lld d=%lld F=%lld T=%d W=%d: tail rows %lld, errors y %.2e dx %.2e dW %.2e/%.2e/%.2e\n",
               (long long)M, (long long)d, (long long)F, tile, ell_width, (long long)st.tail_rows, ey, edx, eg, eu, ed);
+  }
 }
 
 void test_hybrid() {

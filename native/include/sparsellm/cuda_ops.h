@@ -254,8 +254,13 @@ class CudaFfnTrainer {
   ~CudaFfnTrainer();
   CudaFfnTrainer(const CudaFfnTrainer&) = delete;
   CudaFfnTrainer& operator=(const CudaFfnTrainer&) = delete;
-  // Host f32 x, dy [M, d] (rounded to bf16 on the device); y, dx [M, d] overwritten.
-  TrainStepStats step(const float* x, const float* dy, int64_t M, const HybridParams& p, float* y, float* dx);
+  // Host f32 x, dy [M, d] (rounded to bf16 on the device); y, dx [M, d] overwritten. Dense mode
+  // is the baseline: the same step with dense GEMMs on every row (the weight-gradient GEMMs read
+  // explicitly transposed operands: our GEMM is A·Wᵀ only).
+  TrainStepStats step(const float* x, const float* dy, int64_t M, TrainMode mode, const HybridParams& p, float* y,
+                      float* dx);
+  // Device in: x, dy bf16 [M, d_padded] (ld d_padded); y and dx stay on the device.
+  TrainStepStats step_device(const uint16_t* x, const uint16_t* dy, int64_t M, TrainMode mode, const HybridParams& p);
   // The last step's weight gradients in standard layouts: dgate [F, d], dup [F, d], ddown [d, F].
   void export_grads(float* dgate, float* dup, float* ddown) const;
 

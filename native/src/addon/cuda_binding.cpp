@@ -9,7 +9,8 @@
 //   layer.decode(x: Float32Array [M*dModel], { mode?, out? }) → same (M ≤ 8 uses the GEMV path)
 //   layer.time('forward'|'decode', x, M, { mode? }, repeats, warmup) → { medianMs, minMs, maxMs }
 //     (x uploaded once; device-side timing with CUDA events around each call)
-//   layer.trainStep(x, dy: Float32Array [M*dModel], M, { ellWidth?: 128, l1?: 0 })  (gated only)
+//   layer.trainStep(x, dy: Float32Array [M*dModel], M, { mode?: 'hybrid'|'dense', ellWidth?: 128,
+//                   l1?: 0 })  (gated only)
 //     → { y, dx, dWgate, dWup: [dFF*dModel], dWdown: [dModel*dFF] (standard layouts),
 //         loss: { l1 }, stats: { savedBytes, tailRows, nnz, maxRowNnz, overflowTiles, overflowRows } }
 //     the Hybrid step on the GPU (CudaFfnTrainer); loss.l1 = (1/M)·Σ|h| before λ.
@@ -250,6 +251,10 @@ class CudaFfnLayerWrap : public Napi::ObjectWrap<CudaFfnLayerWrap> {
     const float* x = f32_array(env, info[0], n, "x");
     const float* dy = f32_array(env, info[1], n, "dy");
     Napi::Object o = opts_of(info, 3);
+    Napi::Value mv = o.Get("mode");
+    const std::string ms = mv.IsString() ? mv.As<Napi::String>().Utf8Value() : "hybrid";
+    if (ms != "dense" && ms != "hybrid") throw_js(env, "CudaFfnLayer.trainStep: mode must be 'dense' or 'hybrid'");
+    const TrainMode mode = ms == "dense" ? TrainMode::Dense : TrainMode::Hybrid;
     HybridParams p;
     p.ell_width = static_cast<int>(int_opt(env, o, "ellWidth", 128, 1));
     p.l1 = static_cast<float>(num_opt(env, o, "l1", 0.0));
@@ -261,7 +266,7 @@ class CudaFfnLayerWrap : public Napi::ObjectWrap<CudaFfnLayerWrap> {
     TrainStepStats s;
     try {
       if (!trainer_) trainer_ = std::make_unique<cuda::CudaFfnTrainer>(*layer_);
-      s = trainer_->step(x, dy, M, p, y.Data(), dx.Data());
+      s = trainer_->step(x, dy, M, mode, p, y.Data(), dx.Data());
       trainer_->export_grads(dg.Data(), du.Data(), dd.Data());
     } catch (const std::exception& e) {
       throw_js(env, e.what());

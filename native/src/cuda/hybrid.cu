@@ -281,6 +281,8 @@ struct CudaFfnTrainer::Impl {
       list_c, dgate, dup, ddown_t;
   DeviceBuffer xt, dyt, Gt, Ut, Ht, l1_tail, yt, dHt, dUGt, dxt, tT, xtT, dytT, HtT;
   bool have_grads = false;
+  int64_t last_M = 0;
+  double dense_rows(const uint16_t* xr, const uint16_t* dyr, int64_t R, float l1_scale, float* y, float* dx, bool accumulate);
 };
 
 CudaFfnTrainer::CudaFfnTrainer(CudaFfnLayer& layer) : impl_(std::make_unique<Impl>()) {
@@ -304,28 +306,103 @@ CudaFfnTrainer::CudaFfnTrainer(CudaFfnLayer& layer) : impl_(std::make_unique<Imp
 
 CudaFfnTrainer::~CudaFfnTrainer() = default;
 
-TrainStepStats CudaFfnTrainer::step(const float* x, const float* dy, int64_t M, const HybridParams& p, float* y,
-                                    float* dx) {
+// The dense training step of R rows: x, dy bf16 [R, dp] (ld dp); y, dx f32 [R, d] overwritten;
+// the weight gradients overwritten (accumulate = false) or added to (the hybrid tail). Returns
+// Σ|h| of the rows. G and U are kept in Gt, Ut (bf16 [R, Fp]).
+double CudaFfnTrainer::Impl::dense_rows(const uint16_t* xr, const uint16_t* dyr, int64_t R, float l1_scale, float* y,
+                                        float* dx, bool accumulate) {
+  const int64_t d = w.d, F = w.F, dp = w.dp, Fp = w.Fp;
+  if (R <= 0) return 0.0;
+  const int64_t Rp = round8(R);
+  Gt.reserve(static_cast<size_t>(R * Fp) * 2);
+  Ut.reserve(static_cast<size_t>(R * Fp) * 2);
+  Ht.reserve(static_cast<size_t>(R * Fp) * 2);
+  l1_tail.reserve(static_cast<size_t>(R) * 4);
+  dHt.reserve(static_cast<size_t>(R * Fp) * 4);
+  dUGt.reserve(static_cast<size_t>(R * 2 * Fp) * 2);
+  auto mm = R <= kGemvMaxRows ? gemv_bf16 : gemm_bf16;
+  // Forward: G = relu(x·W_gateᵀ), U = x·W_upᵀ, H = G ⊙ U, y = H·W_downᵀ.
+  Epilogue e;
+  e.out_bf16 = true;
+  e.ldo = Fp;
+  e.op = EpiOp::Relu;
+  e.out = Gt.data();
+  mm(xr, dp, w.act, dp, R, F, d, e);
+  e.op = EpiOp::None;
+  e.out = Ut.data();
+  mm(xr, dp, w.rows, 2 * dp, R, F, d, e);
+  tail_hidden_kernel<<<grid_for(R, 8), 256>>>(Gt.as<uint16_t>(), Ut.as<uint16_t>(), Ht.as<uint16_t>(), R, F, Fp,
+                                              l1_tail.as<float>());
+  SLLM_LAUNCHED("tail_hidden_kernel");
+  Epilogue o;
+  o.out = y;
+  o.ldo = d;
+  mm(Ht.as<uint16_t>(), Fp, w.down_std, Fp, R, d, F, o);
+  // Backward: dH = dY·W_down (W_downᵀ rows are the down part of updown), elementwise dU, dG,
+  // dX = [dU | dG]·[W_upᵀ | W_gateᵀ]ᵀ (one GEMM, K = 2Fp).
+  Epilogue h;
+  h.out = dHt.data();
+  h.ldo = Fp;
+  mm(dyr, dp, w.rows + dp, 2 * dp, R, F, d, h);
+  tail_grad_kernel<<<grid_for(R * Fp, 256), 256>>>(dHt.as<float>(), Gt.as<uint16_t>(), Ut.as<uint16_t>(), R, F, Fp,
+                                                   l1_scale, dUGt.as<uint16_t>());
+  SLLM_LAUNCHED("tail_grad_kernel");
+  Epilogue x;
+  x.out = dx;
+  x.ldo = d;
+  mm(dUGt.as<uint16_t>(), 2 * Fp, wcat.as<uint16_t>(), 2 * Fp, R, d, 2 * Fp, x);
+  // Weight gradients (K = R contiguous: the operands transposed).
+  tT.reserve(static_cast<size_t>(2 * Fp * Rp) * 2);
+  HtT.reserve(static_cast<size_t>(Fp * Rp) * 2);
+  xtT.reserve(static_cast<size_t>(d * Rp) * 2);
+  dytT.reserve(static_cast<size_t>(d * Rp) * 2);
+  transpose_bf16_device(dUGt.as<uint16_t>(), 2 * Fp, tT.as<uint16_t>(), Rp, R, 2 * Fp);
+  transpose_bf16_device(Ht.as<uint16_t>(), Fp, HtT.as<uint16_t>(), Rp, R, Fp);
+  transpose_bf16_device(xr, dp, xtT.as<uint16_t>(), Rp, R, d);
+  transpose_bf16_device(dyr, dp, dytT.as<uint16_t>(), Rp, R, d);
+  Epilogue a;
+  a.accumulate = accumulate;
+  a.ldo = d;
+  a.out = dup.data();
+  gemm_bf16(tT.as<uint16_t>(), Rp, xtT.as<uint16_t>(), Rp, F, d, R, a);  // dW_up (+)= dUᵀ·X
+  a.out = dgate.data();
+  gemm_bf16(tT.as<uint16_t>() + Fp * Rp, Rp, xtT.as<uint16_t>(), Rp, F, d, R, a);  // dW_gate (+)= dGᵀ·X
+  a.out = ddown_t.data();
+  gemm_bf16(HtT.as<uint16_t>(), Rp, dytT.as<uint16_t>(), Rp, F, d, R, a);  // dW_downᵀ (+)= Hᵀ·dY
+  std::vector<float> l1(static_cast<size_t>(R));
+  download(l1.data(), l1_tail.data(), l1.size() * 4);
+  double s = 0;
+  for (float v : l1) s += v;
+  return s;
+}
+
+TrainStepStats CudaFfnTrainer::step_device(const uint16_t* xb, const uint16_t* dyb, int64_t M, TrainMode mode,
+                                           const HybridParams& p) {
   Impl& I = *impl_;
   const int64_t d = I.w.d, F = I.w.F, dp = I.w.dp, Fp = I.w.Fp;
   TrainStepStats out;
+  I.last_M = M;
   if (M <= 0) return out;
+  I.y.reserve(static_cast<size_t>(M * d) * 4);
+  I.dx.reserve(static_cast<size_t>(M * d) * 4);
+  const float l1_scale = static_cast<float>(p.l1 / static_cast<double>(M));
+  out.sparsity.rows = M;
+  if (mode == TrainMode::Dense) {
+    const double l1 = I.dense_rows(xb, dyb, M, l1_scale, I.y.as<float>(), I.dx.as<float>(), false);
+    count_positive_bf16(I.Gt.as<uint16_t>(), Fp, M, F, I.stats.as<TwellDeviceStats>());
+    TwellDeviceStats ts{};
+    download(&ts, I.stats.data(), sizeof ts);
+    out.sparsity.nnz = static_cast<int64_t>(ts.nnz);
+    out.sparsity.max_row_nnz = static_cast<int64_t>(ts.max_row_nnz);
+    out.l1 = l1 / static_cast<double>(M);
+    out.saved_bytes = M * Fp * 4;  // G and U (bf16)
+    I.have_grads = true;
+    return out;
+  }
   const TwellParams& tp = I.layer->config().twell;
   const int64_t tiles = ceil_div(F, tp.tile);
   const int cap = tp.capacity();
   const size_t ne = static_cast<size_t>(M * tiles * cap);
-  // Inputs to bf16 on the device.
-  I.xf.reserve(static_cast<size_t>(M * d) * 4);
-  I.xb.reserve(static_cast<size_t>(M * dp) * 2);
-  I.dyb.reserve(static_cast<size_t>(M * dp) * 2);
-  memset_device(I.xb.data(), 0, static_cast<size_t>(M * dp) * 2);
-  memset_device(I.dyb.data(), 0, static_cast<size_t>(M * dp) * 2);
-  upload(I.xf.data(), x, static_cast<size_t>(M * d) * 4);
-  f32_to_bf16_device(I.xf.as<float>(), d, I.xb.as<uint16_t>(), dp, M, d);
-  upload(I.xf.data(), dy, static_cast<size_t>(M * d) * 4);
-  f32_to_bf16_device(I.xf.as<float>(), d, I.dyb.as<uint16_t>(), dp, M, d);
-  const uint16_t* xb = I.xb.as<uint16_t>();
-  const uint16_t* dyb = I.dyb.as<uint16_t>();
 
   // Pattern: the TwELL gate GEMM, then the row classification.
   I.count.reserve(static_cast<size_t>(M * tiles) * 4);
@@ -348,10 +425,8 @@ TrainStepStats CudaFfnTrainer::step(const float* x, const float* dy, int64_t M, 
   HybridDeviceStats hs{};
   download(&hs, I.stats.data(), sizeof hs);
   const int64_t R = static_cast<int64_t>(hs.tail_rows);
-  const float l1_scale = static_cast<float>(p.l1 / static_cast<double>(M));
 
   // Forward, light rows.
-  I.y.reserve(static_cast<size_t>(M * d) * 4);
   I.u_e.reserve(ne * 4);
   I.l1_row.reserve(static_cast<size_t>(M) * 4);
   memset_device(I.l1_row.data(), 0, static_cast<size_t>(M) * 4);
@@ -359,42 +434,7 @@ TrainStepStats CudaFfnTrainer::step(const float* x, const float* dy, int64_t M, 
                                              I.w.rows, dp, static_cast<int>(d), I.y.as<float>(), I.u_e.as<float>(),
                                              I.l1_row.as<float>());
   SLLM_LAUNCHED("hybrid_fwd_kernel");
-  // Forward, tail rows: dense GEMMs on just those rows.
-  std::vector<float> l1_tail(static_cast<size_t>(R));
-  if (R > 0) {
-    I.xt.reserve(static_cast<size_t>(R * dp) * 2);
-    I.dyt.reserve(static_cast<size_t>(R * dp) * 2);
-    I.Gt.reserve(static_cast<size_t>(R * Fp) * 2);
-    I.Ut.reserve(static_cast<size_t>(R * Fp) * 2);
-    I.Ht.reserve(static_cast<size_t>(R * Fp) * 2);
-    I.l1_tail.reserve(static_cast<size_t>(R) * 4);
-    I.yt.reserve(static_cast<size_t>(R * d) * 4);
-    const int32_t* rows = I.tail.as<int32_t>();
-    gather_rows_bf16(xb, dp, rows, R, dp, I.xt.as<uint16_t>(), dp);
-    gather_rows_bf16(dyb, dp, rows, R, dp, I.dyt.as<uint16_t>(), dp);
-    auto mm = R <= kGemvMaxRows ? gemv_bf16 : gemm_bf16;
-    Epilogue e;
-    e.out_bf16 = true;
-    e.ldo = Fp;
-    e.op = EpiOp::Relu;
-    e.out = I.Gt.data();
-    mm(I.xt.as<uint16_t>(), dp, I.w.act, dp, R, F, d, e);
-    e.op = EpiOp::None;
-    e.out = I.Ut.data();
-    mm(I.xt.as<uint16_t>(), dp, I.w.rows, 2 * dp, R, F, d, e);
-    tail_hidden_kernel<<<grid_for(R, 8), 256>>>(I.Gt.as<uint16_t>(), I.Ut.as<uint16_t>(), I.Ht.as<uint16_t>(), R, F, Fp,
-                                                I.l1_tail.as<float>());
-    SLLM_LAUNCHED("tail_hidden_kernel");
-    Epilogue o;
-    o.out = I.yt.data();
-    o.ldo = d;
-    mm(I.Ht.as<uint16_t>(), Fp, I.w.down_std, Fp, R, d, F, o);
-    scatter_rows_f32(I.yt.as<float>(), d, rows, R, d, I.y.as<float>(), d);
-    download(l1_tail.data(), I.l1_tail.data(), static_cast<size_t>(R) * 4);
-  }
-
   // Backward, light rows (dx and the per-entry du, dg).
-  I.dx.reserve(static_cast<size_t>(M * d) * 4);
   I.du_e.reserve(ne * 4);
   I.dg_e.reserve(ne * 4);
   hybrid_bwd_kernel<<<grid_for(M, 4), 128>>>(dyb, dp, M, tw.count, tw.entries, I.is_tail.as<uint8_t>(), tiles, tp.tile, cap,
@@ -402,10 +442,10 @@ TrainStepStats CudaFfnTrainer::step(const float* x, const float* dy, int64_t M, 
                                              I.dx.as<float>(), I.du_e.as<float>(), I.dg_e.as<float>());
   SLLM_LAUNCHED("hybrid_bwd_kernel");
   // Weight gradients, light rows: entries sorted by neuron, then a warp per (neuron, matrix).
-  const int64_t light_nnz = static_cast<int64_t>(hs.nnz);  // an upper bound (tail rows included)
+  const int64_t nnz_bound = std::max<int64_t>(static_cast<int64_t>(hs.nnz), 1);  // tail rows included: a bound
   I.rank.reserve(ne * 4);
-  I.list_m.reserve(static_cast<size_t>(std::max<int64_t>(light_nnz, 1)) * 4);
-  I.list_c.reserve(static_cast<size_t>(std::max<int64_t>(light_nnz, 1)) * 16);
+  I.list_m.reserve(static_cast<size_t>(nnz_bound) * 4);
+  I.list_c.reserve(static_cast<size_t>(nnz_bound) * 16);
   memset_device(I.hist.data(), 0, static_cast<size_t>(F) * 4);
   entry_rank_kernel<<<grid_for(M, 8), 256>>>(M, tw.count, tw.entries, I.is_tail.as<uint8_t>(), tiles, tp.tile, cap,
                                              I.hist.as<int32_t>(), I.rank.as<int32_t>());
@@ -422,65 +462,55 @@ TrainStepStats CudaFfnTrainer::step(const float* x, const float* dy, int64_t M, 
                                                  I.dup.as<float>(), I.ddown_t.as<float>());
   SLLM_LAUNCHED("wgrad_kernel");
 
-  // Backward, tail rows: dH = dY·W_down, elementwise, dX = [dU | dG]·[W_upᵀ | W_gateᵀ]ᵀ, and the
-  // weight gradients added by GEMMs over the tail rows (operands transposed so K = R is contiguous).
+  // Tail rows: the dense step on just those rows (gathered), gradients added, outputs scattered.
+  double l1_tail = 0;
   if (R > 0) {
-    const int64_t Rp = round8(R);
-    I.dHt.reserve(static_cast<size_t>(R * Fp) * 4);
-    I.dUGt.reserve(static_cast<size_t>(R * 2 * Fp) * 2);
+    I.xt.reserve(static_cast<size_t>(R * dp) * 2);
+    I.dyt.reserve(static_cast<size_t>(R * dp) * 2);
+    I.yt.reserve(static_cast<size_t>(R * d) * 4);
     I.dxt.reserve(static_cast<size_t>(R * d) * 4);
-    auto mm = R <= kGemvMaxRows ? gemv_bf16 : gemm_bf16;
-    Epilogue e;
-    e.out = I.dHt.data();
-    e.ldo = Fp;
-    mm(I.dyt.as<uint16_t>(), dp, I.w.rows + dp, 2 * dp, R, F, d, e);  // W_downᵀ rows = down part of updown
-    tail_grad_kernel<<<grid_for(R * Fp, 256), 256>>>(I.dHt.as<float>(), I.Gt.as<uint16_t>(), I.Ut.as<uint16_t>(), R, F, Fp,
-                                                     l1_scale, I.dUGt.as<uint16_t>());
-    SLLM_LAUNCHED("tail_grad_kernel");
-    Epilogue o;
-    o.out = I.dxt.data();
-    o.ldo = d;
-    mm(I.dUGt.as<uint16_t>(), 2 * Fp, I.wcat.as<uint16_t>(), 2 * Fp, R, d, 2 * Fp, o);
-    scatter_rows_f32(I.dxt.as<float>(), d, I.tail.as<int32_t>(), R, d, I.dx.as<float>(), d);
-    // Transposes: [dU | dG]ᵀ [2Fp, Rp], Hᵀ [Fp, Rp], Xᵀ and dYᵀ [d, Rp].
-    I.tT.reserve(static_cast<size_t>(2 * Fp * Rp) * 2);
-    I.HtT.reserve(static_cast<size_t>(Fp * Rp) * 2);
-    I.xtT.reserve(static_cast<size_t>(d * Rp) * 2);
-    I.dytT.reserve(static_cast<size_t>(d * Rp) * 2);
-    transpose_bf16_device(I.dUGt.as<uint16_t>(), 2 * Fp, I.tT.as<uint16_t>(), Rp, R, 2 * Fp);
-    transpose_bf16_device(I.Ht.as<uint16_t>(), Fp, I.HtT.as<uint16_t>(), Rp, R, Fp);
-    transpose_bf16_device(I.xt.as<uint16_t>(), dp, I.xtT.as<uint16_t>(), Rp, R, d);
-    transpose_bf16_device(I.dyt.as<uint16_t>(), dp, I.dytT.as<uint16_t>(), Rp, R, d);
-    Epilogue a;
-    a.accumulate = true;
-    a.ldo = d;
-    a.out = I.dup.data();
-    gemm_bf16(I.tT.as<uint16_t>(), Rp, I.xtT.as<uint16_t>(), Rp, F, d, R, a);  // dW_up += dUᵀ·X
-    a.out = I.dgate.data();
-    gemm_bf16(I.tT.as<uint16_t>() + Fp * Rp, Rp, I.xtT.as<uint16_t>(), Rp, F, d, R, a);  // dW_gate += dGᵀ·X
-    a.out = I.ddown_t.data();
-    gemm_bf16(I.HtT.as<uint16_t>(), Rp, I.dytT.as<uint16_t>(), Rp, F, d, R, a);  // dW_downᵀ += Hᵀ·dY
+    const int32_t* rows = I.tail.as<int32_t>();
+    gather_rows_bf16(xb, dp, rows, R, dp, I.xt.as<uint16_t>(), dp);
+    gather_rows_bf16(dyb, dp, rows, R, dp, I.dyt.as<uint16_t>(), dp);
+    l1_tail = I.dense_rows(I.xt.as<uint16_t>(), I.dyt.as<uint16_t>(), R, l1_scale, I.yt.as<float>(), I.dxt.as<float>(), true);
+    scatter_rows_f32(I.yt.as<float>(), d, rows, R, d, I.y.as<float>(), d);
+    scatter_rows_f32(I.dxt.as<float>(), d, rows, R, d, I.dx.as<float>(), d);
   }
 
-  // Results and statistics.
-  download(y, I.y.data(), static_cast<size_t>(M * d) * 4);
-  download(dx, I.dx.data(), static_cast<size_t>(M * d) * 4);
   std::vector<float> l1r(static_cast<size_t>(M));
   download(l1r.data(), I.l1_row.data(), l1r.size() * 4);
-  double l1 = 0;
+  double l1 = l1_tail;
   for (float v : l1r) l1 += v;
-  for (float v : l1_tail) l1 += v;
   out.l1 = l1 / static_cast<double>(M);
-  out.sparsity.rows = M;
   out.sparsity.nnz = static_cast<int64_t>(hs.nnz);
   out.sparsity.max_row_nnz = static_cast<int64_t>(hs.max_row_nnz);
   out.sparsity.overflow_tiles = static_cast<int64_t>(hs.overflow_tiles);
   out.sparsity.overflow_rows = static_cast<int64_t>(hs.overflow_rows);
   out.tail_rows = R;
-  // Kept between the passes: counts, entries and u per entry, plus the tail's G and U.
-  out.saved_bytes = static_cast<int64_t>(M * tiles * 4 + ne * 8 + static_cast<size_t>(R) * (4 + static_cast<size_t>(Fp) * 4));
+  // Kept between the passes: counts, entries and u per entry, plus the tail rows' G and U.
+  out.saved_bytes = M * tiles * 4 + static_cast<int64_t>(ne) * 8 + R * (4 + Fp * 4);
   I.have_grads = true;
   return out;
+}
+
+TrainStepStats CudaFfnTrainer::step(const float* x, const float* dy, int64_t M, TrainMode mode, const HybridParams& p,
+                                    float* y, float* dx) {
+  Impl& I = *impl_;
+  const int64_t d = I.w.d, dp = I.w.dp;
+  if (M <= 0) return TrainStepStats{};
+  I.xf.reserve(static_cast<size_t>(M * d) * 4);
+  I.xb.reserve(static_cast<size_t>(M * dp) * 2);
+  I.dyb.reserve(static_cast<size_t>(M * dp) * 2);
+  memset_device(I.xb.data(), 0, static_cast<size_t>(M * dp) * 2);
+  memset_device(I.dyb.data(), 0, static_cast<size_t>(M * dp) * 2);
+  upload(I.xf.data(), x, static_cast<size_t>(M * d) * 4);
+  f32_to_bf16_device(I.xf.as<float>(), d, I.xb.as<uint16_t>(), dp, M, d);
+  upload(I.xf.data(), dy, static_cast<size_t>(M * d) * 4);
+  f32_to_bf16_device(I.xf.as<float>(), d, I.dyb.as<uint16_t>(), dp, M, d);
+  const TrainStepStats st = step_device(I.xb.as<uint16_t>(), I.dyb.as<uint16_t>(), M, mode, p);
+  download(y, I.y.data(), static_cast<size_t>(M * d) * 4);
+  download(dx, I.dx.data(), static_cast<size_t>(M * d) * 4);
+  return st;
 }
 
 void CudaFfnTrainer::export_grads(float* dgate, float* dup, float* ddown) const {

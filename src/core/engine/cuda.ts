@@ -47,6 +47,13 @@ export interface CudaRunOptions {
   generic?: boolean;
 }
 
+export interface CudaTrainOptions {
+  /** hybrid (sparse kernels + dense tail) or dense (the GEMM baseline). */
+  mode?: 'hybrid' | 'dense';
+  ellWidth?: number;
+  l1?: number;
+}
+
 export interface GpuBenchOptions {
   dModel?: number;
   dFF?: number;
@@ -88,7 +95,7 @@ interface NativeCudaFfnLayer {
   forward(x: Float32Array, M: number, opts?: CudaRunOptions): CudaFfnResult;
   decode(x: Float32Array, opts?: CudaRunOptions): CudaFfnResult;
   time(kind: 'forward' | 'decode', x: Float32Array, M: number, opts: { mode?: FfnMode }, repeats: number, warmup: number): Timing;
-  trainStep(x: Float32Array, dy: Float32Array, M: number, opts?: { ellWidth?: number; l1?: number }): TrainStepResult;
+  trainStep(x: Float32Array, dy: Float32Array, M: number, opts?: CudaTrainOptions): TrainStepResult;
   readonly config: FfnLayerConfig;
   readonly weightBytes: number;
 }
@@ -165,7 +172,7 @@ export class CudaFfnLayer {
    * One Hybrid training step on the GPU (gated layers): forward and backward of the sparse
    * kernels with dense tail rows; gradients in standard layouts, as FfnLayer.trainStep.
    */
-  trainStep(x: Float32Array, dy: Float32Array, M: number, opts: { ellWidth?: number; l1?: number } = {}): TrainStepResult {
+  trainStep(x: Float32Array, dy: Float32Array, M: number, opts: CudaTrainOptions = {}): TrainStepResult {
     return wrap(() => this.native.trainStep(x, dy, M, opts));
   }
 
