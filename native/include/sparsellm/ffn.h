@@ -63,7 +63,7 @@ struct FfnLayerConfig {
   // auto_crossover × the estimated dense up+down (docs/kernels.md, "Dense fallback"). The
   // estimates use these machine rates (defaults measured on the 2-core development machine).
   double auto_crossover = 0.9;
-  double sparse_bytes_per_s = 20e9;  // weight bytes/s the sparse kernel streams (random blocks)
+  double sparse_bytes_per_s = 25e9;  // weight bytes/s the sparse kernels stream (active blocks)
   double gemm_flops_per_s = 150e9;   // dense GEMM rate (compute-bound, many tokens)
   double dense_bytes_per_s = 20e9;   // dense GEMV rate (memory-bound, few tokens)
 };
