@@ -110,26 +110,30 @@ void down(const int32_t* j, const float* h, int64_t cnt, const void* w, DType dt
   else down_t(j, h, cnt, static_cast<const uint16_t*>(w), ldw, d, y);
 }
 
-// R tokens against one weight row: u[r] = x_r · w (two accumulators per token so that
-// 2R independent FMA chains hide the latency).
-template <int R, typename W>
+// R tokens against one weight row: u[r] = x_r · w, with A accumulators per token so that R·A
+// independent FMA chains (8 for every R) hide the FMA latency even for a single token.
+template <int R, int A, typename W>
 inline void dots_r(const float* const* xr, const W* w, int64_t d, float* u) {
-  __m512 a[R][2];
-  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
+  __m512 a[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < A; ++q) a[r][q] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 32 <= d; k += 32) {
-    const __m512 w0 = load16(w + k), w1 = load16(w + k + 16);
-    for (int r = 0; r < R; ++r) {
-      a[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[r] + k), w0, a[r][0]);
-      a[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[r] + k + 16), w1, a[r][1]);
-    }
+  for (; k + 16 * A <= d; k += 16 * A) {
+    __m512 wv[A];
+    for (int q = 0; q < A; ++q) wv[q] = load16(w + k + 16 * q);
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < A; ++q) a[r][q] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[r] + k + 16 * q), wv[q], a[r][q]);
   }
   for (; k < d; k += 16) {
     const __mmask16 m = d - k >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(d - k);
     const __m512 w0 = load16m(w + k, m);
     for (int r = 0; r < R; ++r) a[r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xr[r] + k), w0, a[r][0]);
   }
-  for (int r = 0; r < R; ++r) u[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+  for (int r = 0; r < R; ++r) {
+    __m512 t = a[r][0];
+    for (int q = 1; q < A; ++q) t = _mm512_add_ps(t, a[r][q]);
+    u[r] = _mm512_reduce_add_ps(t);
+  }
 }
 
 // R tokens: y_r += h[r] · w
@@ -155,14 +159,14 @@ void dots(const float* x, int64_t ldx, const int32_t* t, int64_t n, const W* w, 
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
     const float* xr[4] = {x + t[i] * ldx, x + t[i + 1] * ldx, x + t[i + 2] * ldx, x + t[i + 3] * ldx};
-    dots_r<4>(xr, w, d, u + i);
+    dots_r<4, 2>(xr, w, d, u + i);
   }
   const float* xr[3] = {nullptr, nullptr, nullptr};
   for (int64_t r = i; r < n; ++r) xr[r - i] = x + t[r] * ldx;
   switch (n - i) {
-    case 3: dots_r<3>(xr, w, d, u + i); break;
-    case 2: dots_r<2>(xr, w, d, u + i); break;
-    case 1: dots_r<1>(xr, w, d, u + i); break;
+    case 3: dots_r<3, 2>(xr, w, d, u + i); break;
+    case 2: dots_r<2, 4>(xr, w, d, u + i); break;
+    case 1: dots_r<1, 8>(xr, w, d, u + i); break;
     default: break;
   }
 }
