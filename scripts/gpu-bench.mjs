@@ -29,7 +29,7 @@ console.error(`gpu-bench: cuBLAS ${JSON.stringify(cublasInfo())}; NVML ${JSON.st
 
 const suites = [
   { name: 'paper', opts: { dModel: 2048, dFF: 5632, tokens: quick ? 16384 : 131072, gated: true, nnzPerToken: 29, decodeTokens: 1 } },
-  { name: 'dense1pct', opts: { dModel: 2048, dFF: 5632, tokens: quick ? 16384 : 131072, gated: true, nnzPerToken: 56, decodeTokens: 4, energySeconds: 1 } },
+  { name: 'dense1pct', opts: { dModel: 2048, dFF: 5632, tokens: quick ? 16384 : 131072, gated: true, nnzPerToken: 56, decodeTokens: 4, energySeconds: 1, train: false } },
   { name: 'nongated', opts: { dModel: 2048, dFF: 5632, tokens: quick ? 16384 : 65536, gated: false, nnzPerToken: 29, decodeTokens: 1, energySeconds: 1 } },
 ];
 
@@ -55,8 +55,8 @@ renameSync(`${file}.tmp`, file);
 const find = (r, prefix) => r.rows?.find((x) => x.name.startsWith(prefix));
 const f = (v, d = 3) => (v === undefined || v === null || Number.isNaN(v) ? '-' : Number(v).toFixed(d));
 const lines = [];
-lines.push(`| suite | nnz/token | overflow rows | dense FFN ms | sparse FFN ms | sparse speedup | GEMM ours ms | cuBLAS ms | ours/cuBLAS | decode dense ms | decode sparse ms | decode speedup | mJ/token dense | mJ/token sparse |`);
-lines.push(`|---|---|---|---|---|---|---|---|---|---|---|---|---|---|`);
+lines.push(`| suite | nnz/token | overflow rows | dense FFN ms | sparse FFN ms | sparse speedup | GEMM ours ms | cuBLAS ms | ours/cuBLAS | decode dense ms | decode sparse ms | decode speedup | mJ/token dense | mJ/token sparse | train dense ms | train hybrid ms | train speedup |`);
+lines.push(`|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|`);
 for (const r of results) {
   if (r.error) {
     lines.push(`| ${r.suite} | failed: ${r.error} |`);
@@ -65,11 +65,13 @@ for (const r of results) {
   const fd = find(r, 'ffn forward dense'), fs = find(r, 'ffn forward sparse');
   const go = find(r, 'gemm ours'), gc = find(r, 'gemm cublas');
   const dd = find(r, 'decode dense'), ds = find(r, 'decode sparse');
+  const td = find(r, 'train step dense'), th = find(r, 'train step hybrid');
   lines.push(
     `| ${r.suite} | ${f(r.measuredNnzPerToken, 1)} | ${r.overflowRows} | ${f(fd?.medianMs)} | ${f(fs?.medianMs)} | ${f(fd && fs ? fd.medianMs / fs.medianMs : NaN, 2)}x` +
       ` | ${f(go?.medianMs)} | ${gc ? f(gc.medianMs) : 'absent'} | ${go && gc ? f(gc.medianMs / go.medianMs, 2) + 'x' : '-'}` +
       ` | ${f(dd?.medianMs, 4)} | ${f(ds?.medianMs, 4)} | ${f(dd && ds ? dd.medianMs / ds.medianMs : NaN, 2)}x` +
-      ` | ${f(fd?.mjPerToken, 4)} | ${f(fs?.mjPerToken, 4)} |`,
+      ` | ${f(fd?.mjPerToken, 4)} | ${f(fs?.mjPerToken, 4)}` +
+      ` | ${f(td?.medianMs, 2)} | ${f(th?.medianMs, 2)} | ${td && th ? f(td.medianMs / th.medianMs, 2) + 'x' : '-'} |`,
   );
 }
 const dev = results.find((r) => !r.error);

@@ -278,6 +278,8 @@ struct GpuBenchOptions {
   int repeats = 20, warmup = 3;
   int decode_tokens = 1;
   double energy_seconds = 2.0;  // minimum run time of each energy measurement
+  bool train = true;            // gated only: dense vs hybrid training step
+  int train_repeats = 5;
   TwellParams twell;
 };
 

@@ -19,7 +19,7 @@
 //     (random bf16 operands on the device, bf16 output)
 //   cudaCublas() → { available, library?, reason? };  cudaNvml() → { available, driver?, reason? }
 //   cudaBench({ dModel?, dFF?, tokens?, gated?, nnzPerToken?, repeats?, warmup?, decodeTokens?,
-//               energySeconds?, tileWidth?, compression? }) → { device, driver, cublas,
+//               energySeconds?, train?, trainRepeats?, tileWidth?, compression? }) → { device, driver, cublas,
 //     measuredNnzPerToken, overflowRows, rows: [{ name, medianMs, minMs, maxMs, tflops,
 //     mjPerToken, note }], log: string[] }
 #ifdef SPARSELLM_HAVE_CUDA
@@ -407,6 +407,9 @@ Napi::Value Bench(const Napi::CallbackInfo& info) {
   b.warmup = static_cast<int>(int_opt(env, o, "warmup", b.warmup, 0));
   b.decode_tokens = static_cast<int>(int_opt(env, o, "decodeTokens", b.decode_tokens, 1));
   b.energy_seconds = num_opt(env, o, "energySeconds", b.energy_seconds);
+  Napi::Value tr = o.Get("train");
+  if (tr.IsBoolean()) b.train = tr.As<Napi::Boolean>().Value();
+  b.train_repeats = static_cast<int>(int_opt(env, o, "trainRepeats", b.train_repeats, 1));
   b.twell.tile = static_cast<int>(int_opt(env, o, "tileWidth", 256, 1));
   b.twell.compression = static_cast<int>(int_opt(env, o, "compression", 8, 1));
   cuda::GpuBenchResult res;

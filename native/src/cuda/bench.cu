@@ -252,6 +252,30 @@ GpuBenchResult run_gpu_benchmarks(const GpuBenchOptions& o) {
       "3 GEMVs");
   add("decode sparse (batch " + std::to_string(dt) + ")", time_it(o.warmup * 10, o.repeats, 50, dec_sparse), dec_flops, -1, dt,
       "gate GEMV + active rows only");
+
+  // Training step (gated): dense GEMM baseline vs hybrid, same inputs, λ = 2e-5, ELL width 128.
+  if (o.gated && o.train) {
+    DeviceBuffer dyb(static_cast<size_t>(M * dp) * 2);
+    memset_device(dyb.data(), 0, dyb.bytes());
+    bench_x_kernel<<<4096, 256>>>(dyb.as<uint16_t>(), dp, M, d, xs.as<float>(), 0.f, 999u);
+    SLLM_LAUNCHED("bench_x_kernel");
+    CudaFfnTrainer tr(layer);
+    HybridParams hp;
+    hp.ell_width = 128;
+    hp.l1 = 2e-5f;
+    hp.twell = o.twell;
+    TrainStepStats ts_d, ts_h;
+    auto tdense = [&] { ts_d = tr.step_device(x.as<uint16_t>(), dyb.as<uint16_t>(), M, TrainMode::Dense, hp); };
+    auto thyb = [&] { ts_h = tr.step_device(x.as<uint16_t>(), dyb.as<uint16_t>(), M, TrainMode::Hybrid, hp); };
+    const double train_flops = 9.0 * 2.0 * M * d * F;
+    const Stat td = time_it(1, o.train_repeats, 1, tdense);
+    add("train step dense", td, train_flops, -1, M,
+        "9 GEMM-sized products (weight-gradient operands transposed explicitly); saved " +
+            std::to_string(ts_d.saved_bytes >> 20) + " MiB");
+    const Stat th = time_it(1, o.train_repeats, 1, thyb);
+    add("train step hybrid", th, train_flops, -1, M,
+        "tail rows " + std::to_string(ts_h.tail_rows) + "; saved " + std::to_string(ts_h.saved_bytes >> 20) + " MiB");
+  }
   return R;
 }
 

@@ -64,6 +64,9 @@ export interface GpuBenchOptions {
   warmup?: number;
   decodeTokens?: number;
   energySeconds?: number;
+  /** Time the dense and hybrid training steps too (gated shapes). */
+  train?: boolean;
+  trainRepeats?: number;
   tileWidth?: number;
   compression?: number;
 }
