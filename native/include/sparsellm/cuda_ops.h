@@ -259,7 +259,8 @@ class CudaFfnTrainer {
   // explicitly transposed operands: our GEMM is A·Wᵀ only).
   TrainStepStats step(const float* x, const float* dy, int64_t M, TrainMode mode, const HybridParams& p, float* y,
                       float* dx);
-  // Device in: x, dy bf16 [M, d_padded] (ld d_padded); y and dx stay on the device.
+  // Device in: x, dy bf16 [M, d_padded] (ld d_padded, 16-byte aligned, padding columns zero);
+  // y and dx stay on the device.
   TrainStepStats step_device(const uint16_t* x, const uint16_t* dy, int64_t M, TrainMode mode, const HybridParams& p);
   // The last step's weight gradients in standard layouts: dgate [F, d], dup [F, d], ddown [d, F].
   void export_grads(float* dgate, float* dup, float* ddown) const;

@@ -22,6 +22,22 @@ constexpr unsigned kFull = 0xffffffffu;
 
 int64_t round8(int64_t v) { return (v + 7) / 8 * 8; }
 
+// y[0..8) += a · w[0..8) (w: 8 bf16; y: 16-byte aligned f32).
+__device__ __forceinline__ void axpy8(float a, const uint4& w, float* y) {
+  float4* p = reinterpret_cast<float4*>(y);
+  float4 lo = p[0], hi = p[1];
+  lo.x = fmaf(a, bf16lo(w.x), lo.x);
+  lo.y = fmaf(a, bf16hi(w.x), lo.y);
+  lo.z = fmaf(a, bf16lo(w.y), lo.z);
+  lo.w = fmaf(a, bf16hi(w.y), lo.w);
+  hi.x = fmaf(a, bf16lo(w.z), hi.x);
+  hi.y = fmaf(a, bf16hi(w.z), hi.y);
+  hi.z = fmaf(a, bf16lo(w.w), hi.z);
+  hi.w = fmaf(a, bf16hi(w.w), hi.w);
+  p[0] = lo;
+  p[1] = hi;
+}
+
 struct HybridDeviceStats {
   unsigned long long nnz, overflow_tiles, overflow_rows, max_row_nnz, tail_rows;
 };
@@ -63,13 +79,14 @@ __global__ void __launch_bounds__(128) hybrid_fwd_kernel(
     const uint16_t* __restrict__ x, int64_t ldx, int64_t M, const int32_t* __restrict__ count,
     const uint32_t* __restrict__ entries, const uint8_t* __restrict__ is_tail, int64_t tiles, int T, int cap,
     const uint16_t* __restrict__ ud, int64_t dp, int d, float* __restrict__ y, float* __restrict__ u_e,
-    float* __restrict__ l1_row) {
+    float* __restrict__ l1_row, int vec) {
   const int lane = threadIdx.x & 31;
   const int64_t m = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (m >= M || is_tail[m]) return;  // tail rows: dense path
   float* yr = y + m * d;
   const uint16_t* xr = x + m * ldx;
   for (int k = lane; k < d; k += 32) yr[k] = 0.f;
+  __syncwarp();  // the vector path updates elements another lane zeroed
   float l1 = 0.f;
   for (int64_t t = 0; t < tiles; ++t) {
     const int c = count[m * tiles + t];  // ≤ cap: rows with an overflowing tile are tail rows
@@ -81,11 +98,20 @@ __global__ void __launch_bounds__(128) hybrid_fwd_kernel(
       const uint16_t* ur = ud + j * 2 * dp;
       const uint16_t* dr = ur + dp;
       float s = 0.f;
-      for (int k = lane; k < d; k += 32) s = fmaf(bf16_bits_to_f32(ur[k]), bf16_bits_to_f32(xr[k]), s);
+      if (vec) {
+        for (int k = lane * 8; k < d; k += 256)
+          s = dot8(__ldg(reinterpret_cast<const uint4*>(ur + k)), *reinterpret_cast<const uint4*>(xr + k), s);
+      } else {
+        for (int k = lane; k < d; k += 32) s = fmaf(bf16_bits_to_f32(ur[k]), bf16_bits_to_f32(xr[k]), s);
+      }
       const float u = warp_sum(s), h = g * u;
       if (lane == 0) u_e[base + e] = u;
       l1 += fabsf(h);
-      for (int k = lane; k < d; k += 32) yr[k] = fmaf(h, bf16_bits_to_f32(dr[k]), yr[k]);
+      if (vec) {
+        for (int k = lane * 8; k < d; k += 256) axpy8(h, __ldg(reinterpret_cast<const uint4*>(dr + k)), yr + k);
+      } else {
+        for (int k = lane; k < d; k += 32) yr[k] = fmaf(h, bf16_bits_to_f32(dr[k]), yr[k]);
+      }
     }
   }
   if (lane == 0) l1_row[m] = l1;
@@ -115,13 +141,14 @@ __global__ void __launch_bounds__(128) hybrid_bwd_kernel(
     const uint16_t* __restrict__ dy, int64_t lddy, int64_t M, const int32_t* __restrict__ count,
     const uint32_t* __restrict__ entries, const uint8_t* __restrict__ is_tail, int64_t tiles, int T, int cap,
     const uint16_t* __restrict__ gate, const uint16_t* __restrict__ ud, int64_t dp, int d, float l1_scale,
-    const float* __restrict__ u_e, float* __restrict__ dx, float* __restrict__ du_e, float* __restrict__ dg_e) {
+    const float* __restrict__ u_e, float* __restrict__ dx, float* __restrict__ du_e, float* __restrict__ dg_e, int vec) {
   const int lane = threadIdx.x & 31;
   const int64_t m = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (m >= M || is_tail[m]) return;
   float* xr = dx + m * d;
   const uint16_t* dyr = dy + m * lddy;
   for (int k = lane; k < d; k += 32) xr[k] = 0.f;
+  __syncwarp();  // the vector path updates elements another lane zeroed
   for (int64_t t = 0; t < tiles; ++t) {
     const int c = count[m * tiles + t];
     const int64_t base = (m * tiles + t) * cap;
@@ -134,7 +161,12 @@ __global__ void __launch_bounds__(128) hybrid_bwd_kernel(
       const uint16_t* dr = ur + dp;
       const uint16_t* gr = gate + j * dp;
       float s = 0.f;
-      for (int k = lane; k < d; k += 32) s = fmaf(bf16_bits_to_f32(dr[k]), bf16_bits_to_f32(dyr[k]), s);
+      if (vec) {
+        for (int k = lane * 8; k < d; k += 256)
+          s = dot8(__ldg(reinterpret_cast<const uint4*>(dr + k)), *reinterpret_cast<const uint4*>(dyr + k), s);
+      } else {
+        for (int k = lane; k < d; k += 32) s = fmaf(bf16_bits_to_f32(dr[k]), bf16_bits_to_f32(dyr[k]), s);
+      }
       const float h = g * u;
       const float dh = warp_sum(s) + (h > 0.f ? l1_scale : h < 0.f ? -l1_scale : 0.f);
       const float du = dh * g, dg = dh * u;
@@ -142,8 +174,15 @@ __global__ void __launch_bounds__(128) hybrid_bwd_kernel(
         du_e[base + e] = du;
         dg_e[base + e] = dg;
       }
-      for (int k = lane; k < d; k += 32)
-        xr[k] = fmaf(du, bf16_bits_to_f32(ur[k]), fmaf(dg, bf16_bits_to_f32(gr[k]), xr[k]));
+      if (vec) {
+        for (int k = lane * 8; k < d; k += 256) {
+          axpy8(du, __ldg(reinterpret_cast<const uint4*>(ur + k)), xr + k);
+          axpy8(dg, __ldg(reinterpret_cast<const uint4*>(gr + k)), xr + k);
+        }
+      } else {
+        for (int k = lane; k < d; k += 32)
+          xr[k] = fmaf(du, bf16_bits_to_f32(ur[k]), fmaf(dg, bf16_bits_to_f32(gr[k]), xr[k]));
+      }
     }
   }
 }
@@ -213,7 +252,8 @@ __global__ void entry_scatter_kernel(int64_t M, const int32_t* __restrict__ coun
 }
 
 // Weight gradients of the light rows, one warp per (neuron j, matrix w): w = 0: dW_gate[j] =
-// Σ dg·x[m]; 1: dW_up[j] = Σ du·x[m]; 2: dW_down_t[j] = Σ h·dy[m]. Overwrites the rows.
+// Σ dg·x[m]; 1: dW_up[j] = Σ du·x[m]; 2: dW_down_t[j] = Σ h·dy[m]. Overwrites the rows. x and dy
+// rows must be 16-byte aligned with ldx, lddy multiples of 8 (the trainer's padded buffers).
 __global__ void __launch_bounds__(128) wgrad_kernel(int64_t F, int d, const int32_t* __restrict__ offs,
                                                     const int32_t* __restrict__ list_m, const float4* __restrict__ list_c,
                                                     const uint16_t* __restrict__ x, int64_t ldx,
@@ -237,9 +277,21 @@ __global__ void __launch_bounds__(128) wgrad_kernel(int64_t F, int d, const int3
       const float4 cf = list_c[i];
       const float coef = which == 0 ? cf.x : which == 1 ? cf.y : cf.z;
       const uint16_t* row = src + static_cast<int64_t>(list_m[i]) * lds;
+      if (kb + 8 <= d) {  // lds % 8 == 0 and 16-byte aligned rows: one vector load
+        const uint4 v = *reinterpret_cast<const uint4*>(row + kb);
+        acc[0] = fmaf(coef, bf16lo(v.x), acc[0]);
+        acc[1] = fmaf(coef, bf16hi(v.x), acc[1]);
+        acc[2] = fmaf(coef, bf16lo(v.y), acc[2]);
+        acc[3] = fmaf(coef, bf16hi(v.y), acc[3]);
+        acc[4] = fmaf(coef, bf16lo(v.z), acc[4]);
+        acc[5] = fmaf(coef, bf16hi(v.z), acc[5]);
+        acc[6] = fmaf(coef, bf16lo(v.w), acc[6]);
+        acc[7] = fmaf(coef, bf16hi(v.w), acc[7]);
+      } else {
 #pragma unroll
-      for (int c = 0; c < 8; ++c)
-        if (kb + c < d) acc[c] = fmaf(coef, bf16_bits_to_f32(row[kb + c]), acc[c]);
+        for (int c = 0; c < 8; ++c)
+          if (kb + c < d) acc[c] = fmaf(coef, bf16_bits_to_f32(row[kb + c]), acc[c]);
+      }
     }
 #pragma unroll
     for (int c = 0; c < 8; ++c)
@@ -426,20 +478,22 @@ TrainStepStats CudaFfnTrainer::step_device(const uint16_t* xb, const uint16_t* d
   download(&hs, I.stats.data(), sizeof hs);
   const int64_t R = static_cast<int64_t>(hs.tail_rows);
 
-  // Forward, light rows.
+  // Forward, light rows. Vector loads when d % 8 == 0 (rows of x, dy, weights 16-byte aligned,
+  // y and dx rows of d floats 16-byte aligned).
+  const int vec = d % 8 == 0 ? 1 : 0;
   I.u_e.reserve(ne * 4);
   I.l1_row.reserve(static_cast<size_t>(M) * 4);
   memset_device(I.l1_row.data(), 0, static_cast<size_t>(M) * 4);
   hybrid_fwd_kernel<<<grid_for(M, 4), 128>>>(xb, dp, M, tw.count, tw.entries, I.is_tail.as<uint8_t>(), tiles, tp.tile, cap,
                                              I.w.rows, dp, static_cast<int>(d), I.y.as<float>(), I.u_e.as<float>(),
-                                             I.l1_row.as<float>());
+                                             I.l1_row.as<float>(), vec);
   SLLM_LAUNCHED("hybrid_fwd_kernel");
   // Backward, light rows (dx and the per-entry du, dg).
   I.du_e.reserve(ne * 4);
   I.dg_e.reserve(ne * 4);
   hybrid_bwd_kernel<<<grid_for(M, 4), 128>>>(dyb, dp, M, tw.count, tw.entries, I.is_tail.as<uint8_t>(), tiles, tp.tile, cap,
                                              I.w.act, I.w.rows, dp, static_cast<int>(d), l1_scale, I.u_e.as<float>(),
-                                             I.dx.as<float>(), I.du_e.as<float>(), I.dg_e.as<float>());
+                                             I.dx.as<float>(), I.du_e.as<float>(), I.dg_e.as<float>(), vec);
   SLLM_LAUNCHED("hybrid_bwd_kernel");
   // Weight gradients, light rows: entries sorted by neuron, then a warp per (neuron, matrix).
   const int64_t nnz_bound = std::max<int64_t>(static_cast<int64_t>(hs.nnz), 1);  // tail rows included: a bound
