@@ -5,8 +5,9 @@
 #
 # Prepared here first (no GPU needed; see docs/benchmarks.md, "CUDA"):
 #   flock /tmp/sparsellm-native.lock npm run build:native && npm run build:ts && bash ../shared/device/prepare.sh
-# and carried: .device dist native/build/Release native/build/test_cuda_ops (node_modules too
-# when it fits the 64 MiB limit: it adds the addon-level test test/cuda.test.ts).
+# and carried (7 paths, about 45 MB of the 64 MiB limit):
+#   .device dist native/build/Release native/build/test_cuda_ops
+#   node_modules/tsx node_modules/esbuild node_modules/@esbuild   (for test/cuda.test.ts; optional)
 #
 # Steps: GPU and driver; CUDA correctness (C++ test vs CPU engine and float64; addon test when
 # tsx is present); benchmarks on the shapes (scripts/gpu-bench.mjs). Full logs under
@@ -36,7 +37,7 @@ tail -25 "$OUT/test_cuda_ops.log"
 echo "test_cuda_ops exit $rc (0 pass, 77 skipped, else failed)"
 [[ $rc -ne 0 ]] && status=1
 
-if [[ -x node_modules/.bin/tsx || -f node_modules/tsx/dist/loader.mjs ]]; then
+if [[ -f node_modules/tsx/dist/loader.mjs && -d node_modules/esbuild ]]; then
   echo "== CUDA correctness through the addon: test/cuda.test.ts"
   timeout 120 node --import tsx --test test/cuda.test.ts > "$OUT/cuda-test.log" 2>&1
   rc=$?
