@@ -157,6 +157,24 @@ test('--init: fine-tunes a Hugging Face Llama checkpoint with its tokenizer, gat
   assert.match(bad.stderr, /--d-model 128 contradicts the --init checkpoint/);
 });
 
+test('--config: YAML and JSON files set options; flags override them; unknown keys are refused', () => {
+  const yml = join(tmp, 'cfg.yaml');
+  writeFileSync(yml, `d-model: 32\nlayers: 1\nheads: 2\ndFF: 48\ncontext: 32\nbatch-tokens: 64\nmicro-batch-tokens: 64\nsteps: 2\nl1: 0.001\neval-tokens: 64\ndata: [${JSON.stringify(text)}]\n`);
+  const out = join(tmp, 'cfgrun');
+  const r = run(['train', '--config', yml, '-o', out, '--steps', '3', '--json', '--threads', '1']);
+  assert.equal(r.code, 0, r.stderr);
+  const steps = r.stdout.trim().split('\n').map((l) => JSON.parse(l)).filter((l) => l.type === 'step');
+  assert.equal(steps.length, 3);
+  const cfg = JSON.parse(readFileSync(join(out, 'config.json'), 'utf8'));
+  assert.equal(cfg.intermediate_size, 48);
+  assert.equal(cfg.num_hidden_layers, 1);
+  const js = join(tmp, 'cfg.json');
+  writeFileSync(js, JSON.stringify({ 'd-model': 32, bogus: 1 }));
+  const bad = run(['train', text, '--config', js, '-o', join(tmp, 'cfgbad')]);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /unknown option 'bogus'/);
+});
+
 test('bad inputs: one-line errors', () => {
   const cases: [string[], number, RegExp][] = [
     [['train', text, '-o', join(tmp, 'x'), '--lr', '-1'], 2, /--lr must be a number in \[0, 1\]/],

@@ -162,7 +162,12 @@ class Trainer {
   std::vector<std::vector<float>> dn_, gt_, ut_;
   std::vector<uint8_t> dense_fresh_;
   std::vector<float> cos_, sin_;  // RoPE tables [context, hd/2]
+  std::vector<float> ffn_dgate_, ffn_dud_;  // FFN gradient scratch [F, d], [F, 2, d] (kept: no page faults per call)
+  bool grads_zero_ = true;                  // no micro-batch has added to grads() since zero_grad()
   int64_t saved_bytes_ = 0, peak_saved_bytes_ = 0;
+  // Seconds per phase of the last step (SPARSELLM_TRAIN_PROFILE=1 prints them to stderr):
+  // projections fwd, attention fwd, FFN fwd, projections bwd, attention bwd, FFN bwd, optimizer, total.
+  double prof_[8] = {};
 };
 
 }  // namespace sparsellm

@@ -4,7 +4,10 @@
 #include <malloc.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <stdexcept>
@@ -21,6 +24,24 @@ using namespace trainops;
 namespace {
 
 size_t sz(int64_t n) { return static_cast<size_t>(n); }
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+bool profile_on() {
+  static const bool on = [] {
+    const char* e = std::getenv("SPARSELLM_TRAIN_PROFILE");
+    return e && *e && *e != '0';
+  }();
+  return on;
+}
+// Adds the seconds `stmt` takes to prof_[i].
+#define TIMED(i, stmt)                 \
+  do {                                 \
+    const double t0_ = now_s();        \
+    stmt;                              \
+    prof_[i] += now_s() - t0_;         \
+  } while (0)
 
 uint64_t mix(uint64_t a, uint64_t b) {
   uint64_t z = a ^ (b + 0x9e3779b97f4a7c15ULL + (a << 6) + (a >> 2));
@@ -200,7 +221,10 @@ void Trainer::set_tensor(const std::string& name, const float* in) {
   std::fill(dense_fresh_.begin(), dense_fresh_.end(), 0);
 }
 
-void Trainer::zero_grad() { std::fill(g_.begin(), g_.end(), 0.f); }
+void Trainer::zero_grad() {
+  std::fill(g_.begin(), g_.end(), 0.f);
+  grads_zero_ = true;
+}
 
 void Trainer::check_tokens(const int32_t* tokens, int64_t n, int64_t T) const {
   if (T < 1 || T > cfg_.context)
@@ -273,11 +297,19 @@ void Trainer::ffn_backward(int64_t l, LayerActs& a, const float* x, const float*
   const LayerOffsets& L = lo_[sz(l)];
   const WeightView gate{w_.data() + L.gate, DType::F32, F, d, d};
   const UpDownView ud{w_.data() + L.updown, DType::F32, F, d, d};
-  std::vector<float> dgate(sz(F * d)), dud(sz(2 * F * d));
+  ffn_dgate_.resize(sz(F * d));
+  ffn_dud_.resize(sz(2 * F * d));
+  std::vector<float>& dgate = ffn_dgate_;
+  std::vector<float>& dud = ffn_dud_;
   if (a.hybrid) {
-    hybrid_backward(x, dy, gate, ud, a.htape, lam, dx, dgate.data(), dud.data());
-    add_to(g_.data() + L.gate, dgate.data(), F * d);
-    add_to(g_.data() + L.updown, dud.data(), 2 * F * d);
+    if (grads_zero_) {
+      // First micro-batch since zero_grad(): the kernel's overwrite is the sum.
+      hybrid_backward(x, dy, gate, ud, a.htape, lam, dx, g_.data() + L.gate, g_.data() + L.updown);
+    } else {
+      hybrid_backward(x, dy, gate, ud, a.htape, lam, dx, dgate.data(), dud.data());
+      add_to(g_.data() + L.gate, dgate.data(), F * d);
+      add_to(g_.data() + L.updown, dud.data(), 2 * F * d);
+    }
   } else {
     DenseFfnWeights w;
     w.gate = gate;
@@ -357,24 +389,24 @@ StepStats Trainer::forward_backward(const int32_t* tokens, int64_t B, int64_t T,
     a.P.resize(sz(B * H * T * T));
     a.x_in = x;
     rmsnorm_forward(x.data(), M, d, W + L.attn_norm, cfg_.norm_eps, a.xn1.data(), a.rstd1.data());
-    linear_forward(a.xn1.data(), M, d, W + L.q, d, a.q.data());
-    linear_forward(a.xn1.data(), M, d, W + L.k, d, a.k.data());
-    linear_forward(a.xn1.data(), M, d, W + L.v, d, a.v.data());
+    TIMED(0, linear_forward(a.xn1.data(), M, d, W + L.q, d, a.q.data());
+             linear_forward(a.xn1.data(), M, d, W + L.k, d, a.k.data());
+             linear_forward(a.xn1.data(), M, d, W + L.v, d, a.v.data()));
     rope_apply(a.q.data(), B, T, H, hd, cos_.data(), sin_.data(), false);
     rope_apply(a.k.data(), B, T, H, hd, cos_.data(), sin_.data(), false);
-    attention_forward(a.q.data(), a.k.data(), a.v.data(), B, T, H, hd, a.P.data(), a.att.data());
-    linear_forward(a.att.data(), M, d, W + L.o, d, tmp.data());
+    TIMED(1, attention_forward(a.q.data(), a.k.data(), a.v.data(), B, T, H, hd, a.P.data(), a.att.data()));
+    TIMED(0, linear_forward(a.att.data(), M, d, W + L.o, d, tmp.data()));
     add_to(x.data(), tmp.data(), M * d);
     a.x_mid = x;
     rmsnorm_forward(x.data(), M, d, W + L.ffn_norm, cfg_.norm_eps, a.xn2.data(), a.rstd2.data());
-    ffn_forward(l, a, a.xn2.data(), M, tmp.data(), s.layers[sz(l)]);
+    TIMED(2, ffn_forward(l, a, a.xn2.data(), M, tmp.data(), s.layers[sz(l)]));
     add_to(x.data(), tmp.data(), M * d);
     if (backward) track_firing(l, a, M);
     kept += static_cast<int64_t>(sizeof(float)) * (8 * M * d + 2 * M + B * H * T * T) + s.layers[sz(l)].saved_bytes;
   }
   std::vector<float> xnf(sz(M * d)), rstdf(sz(M)), logits(sz(M * V));
   rmsnorm_forward(x.data(), M, d, W + off_final_norm_, cfg_.norm_eps, xnf.data(), rstdf.data());
-  linear_forward(xnf.data(), M, d, W + off_embed_, V, logits.data());
+  TIMED(0, linear_forward(xnf.data(), M, d, W + off_embed_, V, logits.data()));
   const double ce_sum = cross_entropy(logits.data(), tgt.data(), M, V, static_cast<float>(scale / static_cast<double>(M)));
   double l1 = 0;
   for (auto& ls : s.layers) l1 += ls.l1;
@@ -399,25 +431,25 @@ StepStats Trainer::forward_backward(const int32_t* tokens, int64_t B, int64_t T,
   float* G = g_.data();
   std::vector<float> dxnf(sz(M * d)), dx(sz(M * d)), dxn(sz(M * d)), dq(sz(M * d)), dk(sz(M * d)),
       dv(sz(M * d)), datt(sz(M * d));
-  linear_backward(xnf.data(), logits.data(), M, d, W + off_embed_, V, dxnf.data(), G + off_embed_, sc);
+  TIMED(3, linear_backward(xnf.data(), logits.data(), M, d, W + off_embed_, V, dxnf.data(), G + off_embed_, sc));
   rmsnorm_backward(x.data(), rstdf.data(), W + off_final_norm_, dxnf.data(), M, d, dx.data(), false, G + off_final_norm_);
   const float lam = static_cast<float>(hp_.l1 * scale / static_cast<double>(NL));
   for (int64_t l = NL - 1; l >= 0; --l) {
     LayerActs& a = acts_[sz(l)];
     const LayerOffsets& L = lo_[sz(l)];
     // x_out = x_mid + ffn(rmsnorm(x_mid))
-    ffn_backward(l, a, a.xn2.data(), dx.data(), M, lam, dxn.data());
+    TIMED(5, ffn_backward(l, a, a.xn2.data(), dx.data(), M, lam, dxn.data()));
     rmsnorm_backward(a.x_mid.data(), a.rstd2.data(), W + L.ffn_norm, dxn.data(), M, d, dx.data(), true, G + L.ffn_norm);
     // x_mid = x_in + o(attention(rope(q), rope(k), v))
-    linear_backward(a.att.data(), dx.data(), M, d, W + L.o, d, datt.data(), G + L.o, sc);
-    attention_backward(a.q.data(), a.k.data(), a.v.data(), a.P.data(), datt.data(), B, T, H, hd, dq.data(), dk.data(),
-                       dv.data());
+    TIMED(3, linear_backward(a.att.data(), dx.data(), M, d, W + L.o, d, datt.data(), G + L.o, sc));
+    TIMED(4, attention_backward(a.q.data(), a.k.data(), a.v.data(), a.P.data(), datt.data(), B, T, H, hd, dq.data(),
+                                dk.data(), dv.data()));
     rope_apply(dq.data(), B, T, H, hd, cos_.data(), sin_.data(), true);
     rope_apply(dk.data(), B, T, H, hd, cos_.data(), sin_.data(), true);
-    linear_backward(a.xn1.data(), dq.data(), M, d, W + L.q, d, dxn.data(), G + L.q, sc);
-    linear_backward(a.xn1.data(), dk.data(), M, d, W + L.k, d, tmp.data(), G + L.k, sc);
-    add_to(dxn.data(), tmp.data(), M * d);
-    linear_backward(a.xn1.data(), dv.data(), M, d, W + L.v, d, tmp.data(), G + L.v, sc);
+    TIMED(3, linear_backward(a.xn1.data(), dq.data(), M, d, W + L.q, d, dxn.data(), G + L.q, sc);
+             linear_backward(a.xn1.data(), dk.data(), M, d, W + L.k, d, tmp.data(), G + L.k, sc);
+             add_to(dxn.data(), tmp.data(), M * d);
+             linear_backward(a.xn1.data(), dv.data(), M, d, W + L.v, d, tmp.data(), G + L.v, sc));
     add_to(dxn.data(), tmp.data(), M * d);
     rmsnorm_backward(a.x_in.data(), a.rstd1.data(), W + L.attn_norm, dxn.data(), M, d, dx.data(), true, G + L.attn_norm);
   }
@@ -430,7 +462,9 @@ StepStats Trainer::forward_backward(const int32_t* tokens, int64_t B, int64_t T,
 }
 
 StepStats Trainer::accumulate(const int32_t* tokens, int64_t B, int64_t T, double scale) {
-  return forward_backward(tokens, B, T, scale, true, nullptr);
+  StepStats s = forward_backward(tokens, B, T, scale, true, nullptr);
+  grads_zero_ = false;
+  return s;
 }
 
 EvalStats Trainer::evaluate(const int32_t* tokens, int64_t B, int64_t T) {
@@ -454,7 +488,9 @@ StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64
     else if (st_.step > 0 && hp_.recheck_steps > 0 && st_.step % hp_.recheck_steps == 0)
       st_.hybrid[sz(l)] = st_.last_nnz[sz(l)] < hp_.hybrid_cutoff ? 1 : 0;
   }
-  zero_grad();
+  const double step_t0 = now_s();
+  for (double& t : prof_) t = 0;
+  TIMED(6, zero_grad());
   StepStats total;
   total.layers.resize(sz(NL));
   const double scale = 1.0 / static_cast<double>(n_micro);
@@ -477,6 +513,7 @@ StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64
     }
   }
   // Global gradient norm (float64, fixed order) and clipping.
+  const double opt_t0 = now_s();
   double ss = 0;
   {
     const int64_t n = n_params_;
@@ -511,6 +548,14 @@ StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64
   }
   run(pos, n_params_, hp_.weight_decay);
   std::fill(dense_fresh_.begin(), dense_fresh_.end(), 0);
+  prof_[6] += now_s() - opt_t0;
+  prof_[7] = now_s() - step_t0;
+  if (profile_on())
+    std::fprintf(stderr,
+                 "train step %lld: total %.3fs = proj fwd %.3f, attn fwd %.3f, ffn fwd %.3f, proj bwd %.3f, attn bwd %.3f, "
+                 "ffn bwd %.3f, optimizer %.3f, other %.3f\n",
+                 static_cast<long long>(st_.step), prof_[7], prof_[0], prof_[1], prof_[2], prof_[3], prof_[4], prof_[5],
+                 prof_[6], prof_[7] - prof_[0] - prof_[1] - prof_[2] - prof_[3] - prof_[4] - prof_[5] - prof_[6]);
   for (int64_t l = 0; l < NL; ++l)
     st_.last_nnz[sz(l)] = static_cast<double>(total.layers[sz(l)].nnz) / static_cast<double>(total.layers[sz(l)].tokens);
   end_of_step(total.tokens, total);
