@@ -139,12 +139,6 @@ async function benchCommand(flags: BenchFlags): Promise<void> {
 
   const out = new Output({ json: flags.json || flags.csv, quiet: flags.quiet });
 
-  // OpenBLAS reads OPENBLAS_CORETYPE when it is loaded: set it before anything can load it.
-  if (flags.baseline === 'openblas' && !process.env.OPENBLAS_CORETYPE && cpuHasAvx512()) {
-    process.env.OPENBLAS_CORETYPE = 'SkylakeX';
-    out.note('OPENBLAS_CORETYPE=SkylakeX set for this process (AVX-512 CPU; set OPENBLAS_CORETYPE yourself to choose another core)');
-  }
-
   const { backend, why: backendWhy } = resolveBackend(flags.backend, cases);
   const eng = createBenchEngine(backend, flags.threads);
   if (flags.baseline === 'openblas') {
@@ -155,6 +149,18 @@ async function benchCommand(flags: BenchFlags): Promise<void> {
       );
     }
     out.note(`OpenBLAS: ${blas.path ?? 'loaded'}, core ${blas.coreName ?? 'unknown'}${blas.config ? ` (${blas.config})` : ''}`);
+    // The engine loads OpenBLAS with OPENBLAS_CORETYPE=SkylakeX on AVX-512 CPUs (the core the GEMM
+    // floor is defined against), or SPARSELLM_OPENBLAS_CORETYPE when set; say so, and when that
+    // differs from what the environment asked for.
+    const env = process.env.OPENBLAS_CORETYPE;
+    const chosen = process.env.SPARSELLM_OPENBLAS_CORETYPE || (cpuHasAvx512() ? 'SkylakeX' : undefined);
+    if (chosen) {
+      out.note(
+        `OpenBLAS loaded with OPENBLAS_CORETYPE=${chosen}` +
+          (process.env.SPARSELLM_OPENBLAS_CORETYPE ? ' (from SPARSELLM_OPENBLAS_CORETYPE)' : ' (AVX-512 CPU; SPARSELLM_OPENBLAS_CORETYPE chooses another)') +
+          (env && env !== chosen ? `, not the environment's OPENBLAS_CORETYPE=${env}` : ''),
+      );
+    }
   }
   // Cases the engine cannot run: an error when asked for explicitly, skipped (and said) otherwise.
   const skipped = new Map<string, number>();
