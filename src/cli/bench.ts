@@ -238,7 +238,7 @@ async function benchCommand(flags: BenchFlags): Promise<void> {
     const svg = speedupSvg(
       speedupSeries(results),
       `FFN speedup over dense: d_model ${shape.dModel}, d_ff ${shape.dFF}, ${shape.gated ? 'gated' : 'non-gated'}`,
-      `${info.cpu.brand}, ${backend}/${eng.isa}, ${eng.threads} threads; solid: forward (sparse), dashed: forward+backward (hybrid)`,
+      `${info.cpu.brand}, ${backend}/${eng.isa}, ${eng.threads} threads; forward: sparse vs dense, forward+backward: hybrid vs dense`,
     );
     const tmp = `${flags.plot}.${process.pid}.tmp`;
     writeFileSync(tmp, svg);

@@ -52,8 +52,8 @@ function fmtPct(fraction: number): string {
 
 /** Renders the chart. `subtitle` names the shape, dtype and machine. */
 export function speedupSvg(series: readonly PlotSeries[], title: string, subtitle: string): string {
-  const W = 760, H = 460;
-  const m = { left: 70, right: 200, top: 64, bottom: 60 };
+  const W = 880, H = 480;
+  const m = { left: 70, right: 250, top: 64, bottom: 60 };
   const pw = W - m.left - m.right, ph = H - m.top - m.bottom;
   const xs = series.flatMap((s) => s.points.map((p) => Math.max(p.x, 1e-5)));
   const ys = series.flatMap((s) => s.points.map((p) => p.y));
