@@ -55,8 +55,8 @@ interface Measured {
 
 /**
  * Times implementations of one case in rounds. Each implementation first runs max(1, warmup)
- * untimed calls; the last of them is timed to size the samples (how many back-to-back calls make
- * one). Then `repeats` rounds each take one sample of every implementation, the order rotating so
+ * untimed calls; the last of them (and, under 50 ms, the fastest of four more) is timed to size
+ * the samples (how many back-to-back calls make one). Then `repeats` rounds each take one sample of every implementation, the order rotating so
  * that no implementation always runs right after the same one. A case whose rounds would take
  * longer than `budgetMs` in all gets fewer rounds (never under 3, never more than asked).
  */
@@ -64,7 +64,11 @@ async function measure(impls: Timed[], repeats: number, warmup: number, minSampl
   const inner: number[] = [];
   let roundMs = 0;
   for (const impl of impls) {
-    const t = Math.max(impl.run(1, Math.max(0, warmup - 1)).medianMs, 1e-3);
+    let t = impl.run(1, Math.max(0, warmup - 1)).medianMs;
+    // A short call is sized from the fastest of a few more, so that one call slowed down by a
+    // busy machine does not leave its samples a single call long.
+    if (t < 50) t = Math.min(t, impl.run(4, 0).minMs);
+    t = Math.max(t, 1e-3);
     const k = Math.min(256, Math.max(1, Math.ceil(minSampleMs / t)));
     inner.push(k);
     roundMs += k * t;
