@@ -3,7 +3,11 @@
 // decode on A then on B (alternating which goes first), so machine load hits both alike. Prints
 // the median time of each and the median of the per-round ratios.
 //
-//   flock /tmp/sparsellm-bench.lock npx tsx scripts/bench-prune-ab.ts A.sllm B.sllm [--prefill 256] [--decode 32] [--rounds 7]
+// The prompt is the start of --text (tokenized by A's tokenizer), so that a model pruned on that
+// kind of text computes the same thing as the original; without --text, seeded random ids.
+//
+//   flock /tmp/sparsellm-bench.lock npx tsx scripts/bench-prune-ab.ts A.sllm B.sllm [--text file] [--prefill 256] [--decode 32] [--rounds 7]
+import { readFileSync } from 'node:fs';
 import { ModelRuntime } from '../src/core/model/runtime.js';
 
 function arg(name: string, fallback: number): number {
@@ -11,7 +15,9 @@ function arg(name: string, fallback: number): number {
   return i > 0 ? Number(process.argv[i + 1]) : fallback;
 }
 
-const [a, b] = process.argv.slice(2).filter((s) => !s.startsWith('--') && !/^\d+$/.test(s));
+const textAt = process.argv.indexOf('--text');
+const textFile = textAt > 0 ? process.argv[textAt + 1] : undefined;
+const [a, b] = process.argv.slice(2).filter((s) => !s.startsWith('--') && !/^\d+$/.test(s) && s !== textFile);
 if (!a || !b) throw new Error('usage: bench-prune-ab.ts A.sllm B.sllm [--prefill N] [--decode N] [--rounds N]');
 const prefill = arg('prefill', 256);
 const decode = arg('decode', 32);
@@ -21,7 +27,10 @@ const median = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor(xs.len
 const models = [await ModelRuntime.load(a, { context: prefill + decode + 1 }), await ModelRuntime.load(b, { context: prefill + decode + 1 })];
 const vocab = Math.min(...models.map((m) => m.spec.vocabSize));
 let seed = 12345;
-const prompt = Array.from({ length: prefill }, () => (seed = (seed * 1103515245 + 12345) % 2 ** 31) % vocab);
+const prompt = textFile
+  ? models[0]!.tokenizer!.encode(readFileSync(textFile, 'utf8')).slice(0, prefill)
+  : Array.from({ length: prefill }, () => (seed = (seed * 1103515245 + 12345) % 2 ** 31) % vocab);
+if (prompt.length < prefill) throw new Error(`--text gives only ${prompt.length} tokens`);
 
 function time(m: ModelRuntime): { prefill: number; decode: number } {
   m.reset();
@@ -46,6 +55,7 @@ for (let r = 0; r < rounds; r++) {
 const out = {
   a,
   b,
+  prompt: textFile ?? 'random ids',
   prefillTokens: prefill,
   decodeTokens: decode,
   rounds,
