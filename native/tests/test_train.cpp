@@ -311,6 +311,50 @@ void adamw_step() {
   }
 }
 
+// Dead neurons: gate rows set to zero never fire (relu(0) = 0 is inactive); after a window they
+// are counted dead, and with reinit_dead their gate rows are redrawn and their moments zeroed.
+void dead_neurons() {
+  std::mt19937_64 rng(check::test_seed() + 17);
+  TrainModelConfig c;
+  c.vocab = 23;
+  c.d_model = 16;
+  c.n_layers = 2;
+  c.n_heads = 2;
+  c.d_ff = 24;
+  c.context = 8;
+  for (int reinit = 0; reinit < 2; ++reinit) {
+    TrainHyper hp;
+    hp.seed = rng();
+    hp.dead_window = 3 * 2 * 8;  // three steps of 2 sequences of 8
+    hp.reinit_dead = reinit != 0;
+    hp.weight_decay = 0.f;
+    Trainer tr(c, hp);
+    tr.init_weights();
+    std::vector<float> zero(static_cast<size_t>(c.d_ff * c.d_model));
+    tr.get_tensor("model.layers.1.mlp.gate_proj.weight", zero.data());
+    for (int j : {3, 11, 20})
+      for (int64_t i = 0; i < c.d_model; ++i) zero[static_cast<size_t>(j * c.d_model + i)] = 0.f;
+    tr.set_tensor("model.layers.1.mlp.gate_proj.weight", zero.data());
+    const std::vector<int32_t> tok = random_tokens(rng, 2 * 9, c.vocab);
+    StepStats s;
+    int64_t reinitialised = 0;
+    for (int i = 0; i < 3; ++i) {
+      s = tr.step(tok.data(), 1, 2, 8, 1e-3f);
+      reinitialised += s.reinitialised;
+    }
+    CHECK(s.layers[1].dead >= 3, "layer 1: %lld dead, expected the 3 zeroed neurons at least", static_cast<long long>(s.layers[1].dead));
+    std::vector<float> g(zero.size());
+    tr.get_tensor("model.layers.1.mlp.gate_proj.weight", g.data());
+    double row = 0;
+    for (int64_t i = 0; i < c.d_model; ++i) row += std::fabs(g[static_cast<size_t>(11 * c.d_model + i)]);
+    if (reinit) {
+      CHECK(reinitialised >= 3 && row > 0, "reinit_dead: %lld rows re-initialised, |row 11| = %g", static_cast<long long>(reinitialised), row);
+    } else {
+      CHECK(reinitialised == 0 && row == 0, "without reinit_dead: row 11 changed (|row| %g)", row);
+    }
+  }
+}
+
 void bad_inputs() {
   TrainModelConfig c;
   c.vocab = 10;
@@ -363,6 +407,7 @@ int main() {
   gradient_check(FfnTrainPath::Hybrid, 0.03);
   hybrid_equals_dense();
   adamw_step();
+  dead_neurons();
   overfit();
   bad_inputs();
   return check::finish("test_train");
