@@ -2,6 +2,9 @@
 // memory. Plain tensors go through in row chunks; each FFN layer holds at most its W_down (source
 // dtype) in memory while the kernel-layout blocks are written. The file lives under a temporary
 // name until complete (SafetensorsWriter), and is removed on any error, SIGINT or SIGTERM.
+// Conversions, the W_down transpose and the up/down interleave run in the native addon when it is
+// built (./native-convert.ts; the JavaScript of ./convert.ts otherwise, with identical bytes), into
+// a small pool of output buffers whose writes proceed while the next chunk is read and converted.
 import { createHash, type Hash } from 'node:crypto';
 import { constants as fsConstants, unlinkSync } from 'node:fs';
 import { access, open, readdir, stat, unlink } from 'node:fs/promises';
@@ -11,6 +14,7 @@ import { dtypeSize, type DType } from '../dtype.js';
 import { ModelError, SparseLlmError } from '../errors.js';
 import type { ModelSpec } from '../model/spec.js';
 import { convertBytes, interleaveUpDown, Scratch, transposeBlock } from './convert.js';
+import { nativeConvert, type NativeConvert } from './native-convert.js';
 import { packedLayout, type PackedTensorDecl } from './layout.js';
 import {
   ALIGNMENT,
@@ -65,6 +69,10 @@ export interface WritePackedOptions {
   signal?: AbortSignal;
   /** Bytes of f32 values per chunk (default 4 MiB): bounds the memory of one step. */
   chunkBytes?: number;
+  /** Output buffers whose writes may be queued while the next chunk is prepared (default 3, min 1). */
+  writeDepth?: number;
+  /** Use the JavaScript conversions even when the native addon is built (tests, comparisons). */
+  javascriptOnly?: boolean;
   /** The tool version recorded in the provenance. */
   toolVersion?: string;
 }
@@ -246,10 +254,15 @@ export async function writePacked(input: PackInput, outPath: string, options: Wr
 
   const hash = createHash('sha256');
   const planned = plan.tensors;
+  const pipe = new WritePipeline(writer, Math.max(1, options.writeDepth ?? 3));
   let next = 0; // index into plan.tensors of the next entry to account for in the hash
-  const emit = async (name: string, bytes: Uint8Array) => {
+  const check = () => {
     if (interrupted) throw new InterruptedError(`${outPath}: interrupted by ${interrupted}; nothing was written`);
     if (options.signal?.aborted) throw new InterruptedError(`${outPath}: aborted; nothing was written`);
+  };
+  // Queues `bytes` (a buffer from pipe.acquire, untouched until its write completes) for tensor `name`.
+  const submit = (name: string, bytes: Uint8Array) => {
+    check();
     // Padding before this tensor is written by the writer as zeros: hash it the same way.
     while (planned[next] && planned[next]!.name !== name) {
       const p = planned[next]!;
@@ -260,14 +273,29 @@ export async function writePacked(input: PackInput, outPath: string, options: Wr
       next++;
     }
     if (!planned[next]) throw new SparseLlmError(`${outPath}: internal error: tensor '${name}' written out of order`);
-    await writer.write(name, bytes);
     hash.update(bytes);
+    pipe.submit(name, bytes);
     options.onProgress?.(bytes.byteLength);
+  };
+  const out: Out = {
+    native: options.javascriptOnly ? undefined : nativeConvert(),
+    acquire: async (bytes: number) => {
+      check();
+      return pipe.acquire(bytes);
+    },
+    submit,
+    // Bytes the caller may reuse: copied into a pipeline buffer first.
+    emit: async (name: string, bytes: Uint8Array) => {
+      const buf = await out.acquire(bytes.byteLength);
+      buf.set(bytes);
+      submit(name, buf);
+    },
   };
 
   try {
     options.onStart?.(plan.size);
-    for (const t of layout) await writeTensor(input, t, meta, storage, chunkBytes, emit);
+    for (const t of layout) await writeTensor(input, t, meta, storage, chunkBytes, out);
+    await pipe.drain();
     const hex = hash.digest('hex');
     // Patch the placeholder in the header of the temporary file, then fsync + rename (finish).
     const fh = await open(writer.tempPath, 'r+');
@@ -281,6 +309,7 @@ export async function writePacked(input: PackInput, outPath: string, options: Wr
     const bytesIn = input.sourceFiles.reduce((a, f) => a + f.bytes, 0);
     return { path: outPath, storageDtype: storage, tensors: layout.length, bytesOut: plan.size, bytesIn, contentHash: hex };
   } catch (e) {
+    await pipe.settle();
     await writer.abort();
     throw e;
   } finally {
@@ -296,41 +325,117 @@ function findPlaceholder(header: Uint8Array): number {
   return at + needle.length - 64;
 }
 
-type Emit = (name: string, bytes: Uint8Array) => Promise<void>;
+/**
+ * Writes in file order with at most `depth` output buffers: a buffer handed to submit() is written
+ * in the background (writes stay sequential, one after the other) while the caller prepares the
+ * next one; acquire() waits for the oldest write when all buffers are busy. A failed write is
+ * rethrown by the next acquire() or by drain().
+ */
+class WritePipeline {
+  private readonly free: ArrayBuffer[] = [];
+  private readonly busy: { buffer: ArrayBuffer; done: Promise<void> }[] = [];
+  private tail: Promise<void> = Promise.resolve();
+  private failed: { error: unknown } | undefined;
 
-async function writeTensor(input: PackInput, t: PackedTensorDecl, meta: PackedMetadata, storage: StorageDType, chunkBytes: number, emit: Emit): Promise<void> {
+  constructor(
+    private readonly writer: SafetensorsWriter,
+    private readonly depth: number,
+  ) {}
+
+  async acquire(bytes: number): Promise<Uint8Array> {
+    this.rethrow();
+    while (this.free.length === 0 && this.busy.length >= this.depth) {
+      const oldest = this.busy.shift()!;
+      await oldest.done;
+      this.free.push(oldest.buffer);
+      this.rethrow();
+    }
+    let buffer = this.free.pop();
+    // 8-byte aligned (a fresh ArrayBuffer), reused whole: any element type can be written into it.
+    if (!buffer || buffer.byteLength < bytes) buffer = new ArrayBuffer(Math.max(bytes, 64));
+    return new Uint8Array(buffer, 0, bytes);
+  }
+
+  submit(name: string, bytes: Uint8Array): void {
+    const done = this.tail
+      .then(() => (this.failed ? undefined : this.writer.write(name, bytes)))
+      .catch((e: unknown) => {
+        this.failed ??= { error: e };
+      });
+    this.tail = done;
+    this.busy.push({ buffer: bytes.buffer as ArrayBuffer, done });
+  }
+
+  /** Waits for every queued write; throws the first failure. */
+  async drain(): Promise<void> {
+    await this.tail;
+    this.busy.length = 0;
+    this.rethrow();
+  }
+
+  /** Waits for queued writes to end, ignoring failures (before aborting the file). */
+  async settle(): Promise<void> {
+    await this.tail;
+  }
+
+  private rethrow(): void {
+    if (this.failed) throw this.failed.error;
+  }
+}
+
+/** Where writeTensor puts its bytes. */
+interface Out {
+  /** The addon's conversions, or undefined for the JavaScript path. */
+  native: NativeConvert | undefined;
+  /** A buffer of `bytes` bytes to fill and submit (aligned for any element type). */
+  acquire(bytes: number): Promise<Uint8Array>;
+  /** Queues a buffer from acquire() for tensor `name` (the next bytes of the file). */
+  submit(name: string, bytes: Uint8Array): void;
+  /** Copies bytes the caller keeps into a buffer and queues it. */
+  emit(name: string, bytes: Uint8Array): Promise<void>;
+}
+
+async function writeTensor(input: PackInput, t: PackedTensorDecl, meta: PackedMetadata, storage: StorageDType, chunkBytes: number, out: Out): Promise<void> {
   const s = t.source;
   switch (s.kind) {
     case 'copy':
-      return copyRows(input, s.canonical, t.name, t.dtype as DType, chunkBytes, emit);
+      return copyRows(input, s.canonical, t.name, t.dtype as DType, chunkBytes, out);
     case 'gate':
-      return copyRows(input, `layers.${s.layer}.ffn.gate.weight`, t.name, storage, chunkBytes, emit);
+      return copyRows(input, `layers.${s.layer}.ffn.gate.weight`, t.name, storage, chunkBytes, out);
     case 'up':
-      return copyRows(input, `layers.${s.layer}.ffn.up.weight`, t.name, storage, chunkBytes, emit);
+      return copyRows(input, `layers.${s.layer}.ffn.up.weight`, t.name, storage, chunkBytes, out);
     case 'down_t':
     case 'updown':
-      return writeNeuronMajor(input, s.layer, s.kind, t.name, meta.spec, storage, chunkBytes, emit);
+      return writeNeuronMajor(input, s.layer, s.kind, t.name, meta.spec, storage, chunkBytes, out);
     case 'tokenizer': {
       const tok = input.tokenizer;
       if (tok.kind !== 'huggingface') throw new SparseLlmError('internal error: tokenizer tensor without a tokenizer');
-      return emit(t.name, t.name === 'tokenizer.json' ? tok.json : tok.config!);
+      return out.emit(t.name, t.name === 'tokenizer.json' ? tok.json : tok.config!);
     }
     case 'neuron_map': {
       if (!input.neuronMap) throw new SparseLlmError(`internal error: dense packing has no neuron map (${t.name})`);
       const map = input.neuronMap(s.layer);
       if (map.length !== t.shape[0]) throw new SparseLlmError(`internal error: neuron map of layer ${s.layer} has ${map.length} entries, expected ${t.shape[0]}`);
-      return emit(t.name, new Uint8Array(map.buffer, map.byteOffset, map.byteLength));
+      return out.emit(t.name, new Uint8Array(map.buffer, map.byteOffset, map.byteLength));
     }
   }
 }
 
 /** Streams a canonical tensor in row chunks, converting to `to`. */
-async function copyRows(input: PackInput, canonical: string, outName: string, to: DType, chunkBytes: number, emit: Emit): Promise<void> {
+async function copyRows(input: PackInput, canonical: string, outName: string, to: DType, chunkBytes: number, out: Out): Promise<void> {
   const src = input.describe(canonical)!;
   const rowElems = src.shape.length <= 1 ? 1 : src.shape.slice(1).reduce((a, b) => a * b, 1);
   const step = Math.max(1, Math.floor(chunkBytes / Math.max(1, rowElems * 4)));
-  const scratch = new Scratch();
-  for await (const c of input.rowChunks(canonical, step)) await emit(outName, convertBytes(c.bytes, c.dtype, to, scratch));
+  const native = out.native;
+  if (!native) {
+    const scratch = new Scratch();
+    for await (const c of input.rowChunks(canonical, step)) await out.emit(outName, convertBytes(c.bytes, c.dtype, to, scratch));
+    return;
+  }
+  for await (const c of input.rowChunks(canonical, step)) {
+    const buf = await out.acquire((c.bytes.byteLength / dtypeSize(c.dtype)) * dtypeSize(to));
+    out.submit(outName, native.convertInto(c.bytes, c.dtype, to, buf));
+  }
 }
 
 /** All of a canonical tensor, as bytes of one dtype. */
@@ -360,7 +465,7 @@ async function writeNeuronMajor(
   spec: ModelSpec,
   storage: StorageDType,
   chunkBytes: number,
-  emit: Emit,
+  out: Out,
 ): Promise<void> {
   const d = spec.dModel;
   const F = spec.dFF[layer]!;
@@ -371,20 +476,33 @@ async function writeNeuronMajor(
   const elemIn = dtypeSize(down.dtype);
   const elemOut = dtypeSize(storage);
   const upChunks = kind === 'updown' ? input.rowChunks(`layers.${layer}.ffn.up.weight`, block)[Symbol.asyncIterator]() : undefined;
+  const native = out.native;
   try {
     for (let j = 0; j < F; j += block) {
       const j1 = Math.min(F, j + block);
       const n = j1 - j;
+      if (native) {
+        let up: { bytes: Uint8Array; dtype: DType } | null = null;
+        if (upChunks) {
+          const next = await upChunks.next();
+          if (next.done) throw new SparseLlmError(`${input.path}: internal error: W_up of layer ${layer} ended early`);
+          up = next.value;
+          if (up.bytes.byteLength !== n * d * dtypeSize(up.dtype)) throw new SparseLlmError(`${input.path}: internal error: W_up chunk of layer ${layer} has the wrong size`);
+        }
+        const buf = await out.acquire((up ? 2 : 1) * n * d * elemOut);
+        out.submit(outName, native.packNeuronBlock(down.bytes, down.dtype, d, F, j, n, up, storage, buf));
+        continue;
+      }
       const t = transposeBlock(down.bytes, d, F, j, j1, elemIn, scratch.get('transpose', n * d * elemIn));
       const colsT = convertBytes(t, down.dtype, storage, scratch, 'down');
       if (!upChunks) {
-        await emit(outName, colsT);
+        await out.emit(outName, colsT);
         continue;
       }
       const next = await upChunks.next();
       if (next.done) throw new SparseLlmError(`${input.path}: internal error: W_up of layer ${layer} ended early`);
       const up = convertBytes(next.value.bytes, next.value.dtype, storage, scratch, 'up');
-      await emit(outName, interleaveUpDown(up, colsT, n, d, elemOut, scratch.get('updown', 2 * n * d * elemOut)));
+      await out.emit(outName, interleaveUpDown(up, colsT, n, d, elemOut, scratch.get('updown', 2 * n * d * elemOut)));
     }
   } finally {
     await upChunks?.return?.(undefined);
