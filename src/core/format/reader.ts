@@ -147,18 +147,31 @@ export class PackedModel {
   /** Recomputes the SHA-256 of the data section and compares it with provenance.contentHash. */
   async verifyContentHash(onProgress?: (bytes: number) => void): Promise<{ ok: boolean; expected: string; actual: string }> {
     const hash = createHash('sha256');
-    // The data section as stored (padding included): plain positioned reads of the byte range.
+    // The data section as stored (padding included): plain positioned reads of the byte range,
+    // the next one in flight while the current one is hashed (two 8 MiB buffers).
     const fh = await open(this.path, 'r');
+    let pending: Promise<Uint8Array> | undefined;
     try {
-      const buf = new Uint8Array(8 << 20);
-      for (let pos = this.dataStart; pos < this.fileSize; ) {
-        const { bytesRead } = await fh.read(buf, 0, Math.min(buf.byteLength, this.fileSize - pos), pos);
+      const bufs = [new Uint8Array(8 << 20), new Uint8Array(8 << 20)];
+      const readAt = async (pos: number, k: number) => {
+        const { bytesRead } = await fh.read(bufs[k % 2]!, 0, Math.min(8 << 20, this.fileSize - pos), pos);
         if (bytesRead === 0) throw new FormatError(this.path, `file ended at byte ${pos} while hashing (changed while open?)`);
-        hash.update(buf.subarray(0, bytesRead));
-        onProgress?.(bytesRead);
-        pos += bytesRead;
+        return bufs[k % 2]!.subarray(0, bytesRead);
+      };
+      let pos = this.dataStart;
+      let k = 0;
+      pending = pos < this.fileSize ? readAt(pos, k) : undefined;
+      while (pending) {
+        const chunk = await pending;
+        pos += chunk.byteLength;
+        k++;
+        pending = pos < this.fileSize ? readAt(pos, k) : undefined;
+        pending?.catch(() => undefined); // surfaced when awaited
+        hash.update(chunk);
+        onProgress?.(chunk.byteLength);
       }
     } finally {
+      await pending?.catch(() => undefined);
       await fh.close();
     }
     const actual = hash.digest('hex');
