@@ -123,6 +123,16 @@ test('timeGemm, memoryBandwidth and gemmInfo report plausible numbers', () => {
   assert.equal(t.repeats, 3);
   assert.throws(() => timeGemm({ M: 0, K: 4, N: 4 }), /M must be/);
   assert.throws(() => timeGemm({ M: 4, K: 4, N: 4, dtype: 'bf16', impl: 'openblas' }), /f32 weights only|OpenBLAS/);
+  const threads = engine().buildInfo().cpu.threads;
+  try {
+    engine().setThreads(2);
+    assert.throws(() => timeGemm({ M: 4, K: 4, N: 4, clock: 'thread-cpu' }), /one thread/);
+    engine().setThreads(1);
+    const c = timeGemm({ M: 4, K: 64, N: 40, repeats: 2, warmup: 0, clock: 'thread-cpu' });
+    assert.ok(c.minMs > 0 && c.minMs <= c.maxMs, JSON.stringify(c));
+  } finally {
+    engine().setThreads(threads);
+  }
   const gbs = memoryBandwidth(64 << 20);
   assert.ok(Number.isFinite(gbs) && gbs > 0.1, `bandwidth ${gbs}`);
   const info = gemmInfo();

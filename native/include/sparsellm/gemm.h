@@ -78,6 +78,10 @@ struct GemmTimingRequest {
   int repeats = 10;
   int warmup = 2;
   int64_t cold_bytes = 0;
+  // Time the calling thread's CPU time instead of wall time (CLOCK_THREAD_CPUTIME_ID): immune
+  // to other processes taking the CPU, so comparisons stay meaningful on a busy machine. Only
+  // with one thread (num_threads() == 1), since other threads' work would not be counted.
+  bool thread_cpu_clock = false;
 };
 struct GemmTiming {
   double median_ms = 0, min_ms = 0, max_ms = 0;

@@ -7,7 +7,8 @@
 //   openblasSgemm(A, M, K, W: Float32Array, N, out?) → Float32Array   (throws when absent)
 //   memoryBandwidth(bytes?: number = 1 GiB) → GB/s
 //   timeGemm({ M, K, N, dtype?: 'f32'|'bf16', impl?: 'ours'|'openblas', repeats?, warmup?,
-//              coldBytes? }) → { medianMs, minMs, maxMs, repeats, weightCopies }
+//              coldBytes?, clock?: 'wall'|'thread-cpu' }) → { medianMs, minMs, maxMs, repeats,
+//              weightCopies }
 //   gemmInfo() → { kernel, tuning: { kc, nc, mc, mcEpilogue, gemvMaxM } } (gemvMaxM effective)
 #include <cmath>
 #include <string>
@@ -144,6 +145,11 @@ Napi::Value TimeGemm(const Napi::CallbackInfo& info) {
   if (o.Has("repeats") && !o.Get("repeats").IsUndefined()) r.repeats = static_cast<int>(dim(env, o.Get("repeats"), fn, "repeats", 1));
   if (o.Has("warmup") && !o.Get("warmup").IsUndefined()) r.warmup = static_cast<int>(dim(env, o.Get("warmup"), fn, "warmup", 0));
   if (o.Has("coldBytes") && !o.Get("coldBytes").IsUndefined()) r.cold_bytes = dim(env, o.Get("coldBytes"), fn, "coldBytes", 0);
+  if (o.Has("clock") && !o.Get("clock").IsUndefined()) {
+    const std::string c = o.Get("clock").ToString().Utf8Value();
+    if (c == "thread-cpu") r.thread_cpu_clock = true;
+    else if (c != "wall") throw_js(env, "timeGemm: clock must be 'wall' or 'thread-cpu'");
+  }
   GemmTiming t;
   try {
     t = time_gemm(r);

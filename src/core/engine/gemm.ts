@@ -29,6 +29,8 @@ export interface GemmTimingOptions {
   warmup?: number;
   /** Cycle through enough copies of W to span this many bytes, so W streams from memory. */
   coldBytes?: number;
+  /** 'thread-cpu' times the calling thread's CPU time (immune to other processes; one thread only). */
+  clock?: 'wall' | 'thread-cpu';
 }
 
 export interface GemmTiming {
