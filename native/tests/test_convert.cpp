@@ -124,7 +124,7 @@ void sixteen_bit_sources() {
   }
 }
 
-// Large random conversions (threaded path) and the neuron-major gather, for every type pair.
+// Large random conversions (2 threads) and the neuron-major gather, for every type pair.
 void blocks(std::mt19937_64& rng) {
   const size_t big = (size_t(1) << 19) + 37;
   for (ElemType from : TYPES) {
@@ -132,7 +132,7 @@ void blocks(std::mt19937_64& rng) {
     for (auto& b : src) b = static_cast<uint8_t>(rng());
     for (ElemType to : TYPES) {
       std::vector<uint8_t> dst(big * elem_size(to));
-      convert_elems(src.data(), from, dst.data(), to, big);
+      convert_elems(src.data(), from, dst.data(), to, big, 2);
       size_t bad = 0;
       for (size_t i = 0; i < big; ++i) bad += load(dst, i, to) != ref_convert(load(src, i, from), from, to);
       CHECK(bad == 0, "%zu mismatches in a %zu-element %s → %s conversion (isa %s)", bad, big, tname(from), tname(to), isa_name(active_isa()));
@@ -151,7 +151,7 @@ void blocks(std::mt19937_64& rng) {
           for (bool gated : {true, false}) {
             const size_t per = (gated ? 2 : 1) * s.d;
             std::vector<uint8_t> out(s.n * per * elem_size(to), 0xab);
-            pack_neuron_block(down.data(), dt, s.d, s.F, s.j0, s.n, gated ? up.data() : nullptr, ut, out.data(), to);
+            pack_neuron_block(down.data(), dt, s.d, s.F, s.j0, s.n, gated ? up.data() : nullptr, ut, out.data(), to, s.F > 1000 ? 2 : 1);
             size_t bad = 0;
             for (size_t j = 0; j < s.n; ++j) {
               for (size_t r = 0; r < s.d; ++r) {

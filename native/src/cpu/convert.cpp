@@ -137,7 +137,7 @@ void gather_tile(const T* m, size_t F, size_t r0, size_t nr, size_t c0, size_t n
 
 }  // namespace
 
-void convert_elems(const void* src, ElemType from, void* dst, ElemType to, size_t n) {
+void convert_elems(const void* src, ElemType from, void* dst, ElemType to, size_t n, int threads) {
   check_type(from);
   check_type(to);
   constexpr size_t BLOCK = size_t(1) << 16;
@@ -145,7 +145,7 @@ void convert_elems(const void* src, ElemType from, void* dst, ElemType to, size_
   const char* s = static_cast<const char*>(src);
   char* d = static_cast<char*>(dst);
   const size_t es = elem_size(from), ed = elem_size(to);
-  const int threads = blocks >= 8 ? std::max(1, num_threads()) : 1;
+  threads = blocks >= 8 ? std::max(1, threads) : 1;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t b = 0; b < static_cast<int64_t>(blocks); ++b) {
     const size_t i = static_cast<size_t>(b) * BLOCK;
@@ -154,7 +154,7 @@ void convert_elems(const void* src, ElemType from, void* dst, ElemType to, size_
 }
 
 void pack_neuron_block(const void* down, ElemType down_type, size_t d, size_t F, size_t j0, size_t n,
-                       const void* up, ElemType up_type, void* out, ElemType to) {
+                       const void* up, ElemType up_type, void* out, ElemType to, int threads) {
   check_type(down_type);
   check_type(to);
   if (up) check_type(up_type);
@@ -164,7 +164,7 @@ void pack_neuron_block(const void* down, ElemType down_type, size_t d, size_t F,
   constexpr size_t JB = 32;   // neurons per tile
   constexpr size_t RB = 256;  // rows of W_down per tile
   const size_t tiles = (n + JB - 1) / JB;
-  const int threads = tiles >= 2 && n * per >= (size_t(1) << 18) ? std::max(1, num_threads()) : 1;
+  threads = tiles >= 2 && n * per >= (size_t(1) << 18) ? std::max(1, threads) : 1;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     alignas(64) uint32_t tile[JB * RB];  // source-dtype elements, JB rows of RB
