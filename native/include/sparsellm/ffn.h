@@ -86,7 +86,9 @@ class FfnLayer {
 
   // y [M, d] = FFN(x [M, d]). Dense: three GEMMs (ReLU and g ⊙ u fused in epilogues).
   // Sparse: TwELL gate GEMM then the fused kernel. Auto: TwELL gate GEMM, then sparse or dense
-  // up+down depending on the counts (the gate is never computed twice).
+  // up+down depending on the counts (the gate is never computed twice); once a call has chosen
+  // dense, the next calls run the plain dense path (its gate epilogue still counts the
+  // non-zeros) until the counts favour the sparse path again.
   FfnStats forward(const float* x, int64_t M, float* y, FfnMode mode);
   // Few tokens (1 to a handful): gate GEMV, then only the active neurons' blocks are read,
   // threads splitting the active list. Dense mode: three GEMVs.
@@ -114,6 +116,7 @@ class FfnLayer {
   std::vector<float> up_bias_, down_bias_;
   Twell twell_;
   std::vector<float> work_;  // dense activations [M, F] for the dense path
+  bool auto_dense_ = false;  // Auto forward: the last call's counts chose the dense path
 };
 
 }  // namespace sparsellm

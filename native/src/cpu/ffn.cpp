@@ -398,8 +398,18 @@ FfnStats FfnLayer::forward(const float* x, int64_t M, float* y, FfnMode mode) {
   if (mode == FfnMode::Dense) return dense_forward(x, M, y, nullptr);
   if (mode == FfnMode::Sparse) return sparse_forward(x, M, y);
   const int64_t d = cfg_.d_model;
+  if (auto_dense_) {
+    // The previous call found the activations too dense: run the plain dense path (whose gate
+    // epilogue counts the non-zeros anyway) and re-decide from this call's counts.
+    FfnStats st = dense_forward(x, M, y, nullptr);
+    auto_dense_ = prefer_dense(st, M);
+    return st;
+  }
   const SparsityStats s = twell_gate(x, d, M, gate_view(), up_bias(), cfg_.twell, twell_);
-  if (prefer_dense(s, M)) return dense_forward(x, M, y, &twell_);
+  if (prefer_dense(s, M)) {
+    auto_dense_ = true;
+    return dense_forward(x, M, y, &twell_);
+  }
   FfnStats st;
   static_cast<SparsityStats&>(st) = s;
   st.path = FfnPath::Sparse;
