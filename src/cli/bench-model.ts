@@ -9,11 +9,12 @@ import { loadAverage1m, logicalCpus, sourceCommit } from '../core/bench/runinfo.
 import { parsePositiveInt } from './options.js';
 import { Output, formatBytes } from './ui.js';
 import { VERSION } from './version.js';
+import { DEFAULT_MODEL, DEFAULT_MODEL_NOTE } from './default-model.js';
 
 export interface ModelBenchFlags {
-  model?: string;
-  prefill: number;
-  decode: number;
+  model?: string | boolean;
+  prefill?: number;
+  decode?: number;
   decodePrompt: number;
   threads?: number;
   repeats: number;
@@ -30,9 +31,9 @@ export interface ModelBenchFlags {
 /** Adds the model-mode options to the bench command (they are ignored without --model). */
 export function addModelBenchOptions(cmd: Command): Command {
   return cmd
-    .option('--model <model>', 'benchmark a whole model (a packed .sllm or a dense checkpoint) instead of the FFN kernels')
-    .option('--prefill <n>', 'with --model: prompt tokens of the timed prefill', parsePositiveInt('--prefill'), 512)
-    .option('--decode <n>', 'with --model: tokens of the timed decode', parsePositiveInt('--decode'), 128)
+    .option('--model [model]', `benchmark a whole model (a packed .sllm or a dense checkpoint) instead of the FFN kernels (default: ${DEFAULT_MODEL_NOTE})`)
+    .option('--prefill <n>', 'with --model: prompt tokens of the timed prefill (default: 512, or the model context if shorter)', parsePositiveInt('--prefill'))
+    .option('--decode <n>', 'with --model: tokens of the timed decode (default: 128, or what the model context leaves)', parsePositiveInt('--decode'))
     .option('--decode-prompt <n>', 'with --model: tokens in the cache before the timed decode', parsePositiveInt('--decode-prompt'), 16)
     .option('--no-bandwidth', 'with --model: skip measuring the machine memory bandwidth');
 }
@@ -44,14 +45,18 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
   setThreads(flags.threads);
   const info = engine().buildInfo();
   const loadStart = loadAverage1m();
-  out.note(`sparsellm ${VERSION} bench --model ${flags.model}: cpu (${info.cpu.brand}, ${info.cpu.isa}, ${info.cpu.threads} threads), load ${loadStart}`);
+  const modelPath = typeof flags.model === 'string' ? flags.model : DEFAULT_MODEL;
+  out.note(`sparsellm ${VERSION} bench --model ${modelPath}: cpu (${info.cpu.brand}, ${info.cpu.isa}, ${info.cpu.threads} threads), load ${loadStart}`);
   const total = (flags.warmup + flags.repeats) * 2;
   const bar = out.progress('bench', total);
   let r: ModelBenchResult;
   try {
-    r = await benchModel(flags.model!, {
-      prefillTokens: flags.prefill,
-      decodeTokens: flags.decode,
+    r = await benchModel(modelPath, {
+      prefillTokens: flags.prefill ?? 512,
+      decodeTokens: flags.decode ?? 128,
+      // Defaults shrink to fit a short-context model; explicit values are taken as asked.
+      fitPrefill: flags.prefill === undefined,
+      fitDecode: flags.decode === undefined,
       decodePrompt: flags.decodePrompt,
       repeats: flags.repeats,
       warmup: flags.warmup,
@@ -72,7 +77,7 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
     return;
   }
   const fmt = (x: number) => (x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2));
-  const head = ['path', `prefill ${flags.prefill} tok/s`, `decode tok/s`, 'decode bytes/token', 'decode GB/s'];
+  const head = ['path', `prefill ${r.options.prefillTokens} tok/s`, `decode tok/s`, 'decode bytes/token', 'decode GB/s'];
   const rows = [r.dense, r.sparse].map((p) => [p.mode, fmt(p.prefillTokensPerSecond), fmt(p.decodeTokensPerSecond), formatBytes(p.decodeBytesPerToken), fmt(p.decodeGBs)]);
   rows.push(['sparse/dense', `${r.speedup.prefill.toFixed(2)}×`, `${r.speedup.decode.toFixed(2)}×`, `${(r.sparse.decodeBytesPerToken / r.dense.decodeBytesPerToken).toFixed(2)}×`, '']);
   rows.push(['dense/sparse CPU time', `${r.cpuTimeRatio.prefill.toFixed(2)}×`, `${r.cpuTimeRatio.decode.toFixed(2)}×`, '', '']);

@@ -10,6 +10,7 @@ import { ModelRuntime, type FfnRunMode, type LayerActivity } from '../core/model
 import { StreamDecoder } from '../core/tokenizer/index.js';
 import { parseNumberInRange, parsePositiveInt } from './options.js';
 import { Output, formatBytes } from './ui.js';
+import { DEFAULT_MODEL, DEFAULT_MODEL_NOTE } from './default-model.js';
 
 interface InferOptions {
   prompt?: string;
@@ -39,7 +40,7 @@ export function registerInfer(program: Command): void {
   program
     .command('infer')
     .description('generate text from a prompt, or measure perplexity, with a packed model (or a dense checkpoint packed on the fly)')
-    .argument('<model>', 'a packed .sllm model, or a Hugging Face checkpoint directory / .safetensors file')
+    .argument('[model]', `a packed .sllm model, or a Hugging Face checkpoint directory / .safetensors file (default: ${DEFAULT_MODEL_NOTE})`)
     .option('-p, --prompt <text>', 'the prompt (default: read from stdin)')
     .option('-n, --max-tokens <n>', 'tokens to generate at most', parsePositiveInt('--max-tokens'), 128)
     .option('-t, --temperature <t>', 'sampling temperature; 0 = greedy', parseNumberInRange('--temperature', 0, 100), 0.8)
@@ -53,7 +54,7 @@ export function registerInfer(program: Command): void {
     .option('--threads <n>', 'CPU threads (default: all cores)', parsePositiveInt('--threads'))
     .option('--json', 'print a JSON result on stdout (the generated text is not streamed)')
     .option('-q, --quiet', 'no progress or summary text')
-    .action(async (model: string, opts: InferOptions) => runInfer(model, opts));
+    .action(async (model: string | undefined, opts: InferOptions) => runInfer(model ?? DEFAULT_MODEL, opts));
 }
 
 function checkBackend(backend: InferOptions['backend']): 'cpu' {

@@ -10,6 +10,9 @@ import type { ModelSpec } from './spec.js';
 export interface ModelBenchOptions {
   prefillTokens: number;
   decodeTokens: number;
+  /** Shrink prefillTokens / decodeTokens to what the model's context holds (for defaults). */
+  fitPrefill?: boolean;
+  fitDecode?: boolean;
   /** Prompt length before the timed decode (the KV cache the decode attends to). */
   decodePrompt: number;
   repeats: number;
@@ -96,9 +99,13 @@ export function decodeBytes(spec: ModelSpec, elem: number, kvPositions: number, 
   return bytes;
 }
 
-export async function benchModel(path: string, opts: ModelBenchOptions): Promise<ModelBenchResult> {
+export async function benchModel(path: string, asked: ModelBenchOptions): Promise<ModelBenchResult> {
+  const askedNeed = Math.max(asked.prefillTokens, asked.decodePrompt + asked.decodeTokens);
+  const rt = await ModelRuntime.load(path, { context: undefined, defaultContext: askedNeed, onNotice: asked.onNotice });
+  const opts = { ...asked };
+  if (opts.fitPrefill) opts.prefillTokens = Math.min(opts.prefillTokens, rt.context);
+  if (opts.fitDecode) opts.decodeTokens = Math.max(1, Math.min(opts.decodeTokens, rt.context - opts.decodePrompt));
   const need = Math.max(opts.prefillTokens, opts.decodePrompt + opts.decodeTokens);
-  const rt = await ModelRuntime.load(path, { context: undefined, defaultContext: need, onNotice: opts.onNotice });
   try {
     if (need > rt.context) {
       throw new UsageError(`the benchmark needs ${need} positions but the model holds ${rt.context}; lower --prefill or --decode`);
