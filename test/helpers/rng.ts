@@ -1,41 +1,12 @@
 // A small seeded PRNG for tests and fixtures (xoshiro128**, seeded through splitmix32).
 // Only integer arithmetic and float additions/multiplications are used, so the sequence is
 // identical on every platform and Node version. fixtures/generate.ts depends on this exact
-// sequence: changing it changes the committed fixtures (test/checkpoint.test.ts would notice).
+// sequence: changing it changes the committed fixtures (test/checkpoint.test.ts would notice). The generator itself is src/core/random.ts.
+import { Xoshiro128 } from '../../src/core/random.js';
 
-export class Rng {
-  private s0: number;
-  private s1: number;
-  private s2: number;
-  private s3: number;
-
+export class Rng extends Xoshiro128 {
   constructor(readonly seed: number) {
-    let x = seed >>> 0;
-    const next = (): number => {
-      x = (x + 0x9e3779b9) >>> 0;
-      let z = x;
-      z = Math.imul(z ^ (z >>> 16), 0x85ebca6b) >>> 0;
-      z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35) >>> 0;
-      return (z ^ (z >>> 16)) >>> 0;
-    };
-    this.s0 = next();
-    this.s1 = next();
-    this.s2 = next();
-    this.s3 = next();
-    if ((this.s0 | this.s1 | this.s2 | this.s3) === 0) this.s0 = 1;
-  }
-
-  /** A uniform 32-bit unsigned integer. */
-  u32(): number {
-    const result = Math.imul(rotl(Math.imul(this.s1, 5) >>> 0, 7), 9) >>> 0;
-    const t = (this.s1 << 9) >>> 0;
-    this.s2 = (this.s2 ^ this.s0) >>> 0;
-    this.s3 = (this.s3 ^ this.s1) >>> 0;
-    this.s1 = (this.s1 ^ this.s2) >>> 0;
-    this.s0 = (this.s0 ^ this.s3) >>> 0;
-    this.s2 = (this.s2 ^ t) >>> 0;
-    this.s3 = rotl(this.s3, 11);
-    return result;
+    super(seed);
   }
 
   /** Uniform in [0, 1). */
@@ -72,6 +43,3 @@ export class Rng {
   }
 }
 
-function rotl(x: number, k: number): number {
-  return ((x << k) | (x >>> (32 - k))) >>> 0;
-}

@@ -15,44 +15,13 @@
 // over the actual tokens and the neurons' offsets equals the target density. The density the
 // kernels then see is measured, not assumed.
 import type { FfnShape, WeightDType } from './cases.js';
+import { Xoshiro128 } from '../random.js';
 
 // ---- Random numbers ----------------------------------------------------------------------
 
-/** xoshiro128** seeded through splitmix32: fast, seedable, good enough for benchmark inputs. */
-export class Rng {
-  private s0: number;
-  private s1: number;
-  private s2: number;
-  private s3: number;
+/** Benchmark distributions over the project's seeded generator (src/core/random.ts). */
+export class Rng extends Xoshiro128 {
   private spare: number | null = null;
-
-  constructor(seed: number) {
-    let x = seed >>> 0;
-    const next = (): number => {
-      x = (x + 0x9e3779b9) >>> 0;
-      let z = x;
-      z = Math.imul(z ^ (z >>> 16), 0x85ebca6b) >>> 0;
-      z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35) >>> 0;
-      return (z ^ (z >>> 16)) >>> 0;
-    };
-    this.s0 = next();
-    this.s1 = next();
-    this.s2 = next();
-    this.s3 = next();
-    if ((this.s0 | this.s1 | this.s2 | this.s3) === 0) this.s0 = 1;
-  }
-
-  u32(): number {
-    const result = Math.imul(rotl(Math.imul(this.s1, 5) >>> 0, 7), 9) >>> 0;
-    const t = (this.s1 << 9) >>> 0;
-    this.s2 = (this.s2 ^ this.s0) >>> 0;
-    this.s3 = (this.s3 ^ this.s1) >>> 0;
-    this.s1 = (this.s1 ^ this.s2) >>> 0;
-    this.s0 = (this.s0 ^ this.s3) >>> 0;
-    this.s2 = (this.s2 ^ t) >>> 0;
-    this.s3 = rotl(this.s3, 11);
-    return result;
-  }
 
   /** Uniform in (0, 1). */
   uniform(): number {
@@ -83,9 +52,6 @@ export class Rng {
   }
 }
 
-function rotl(x: number, k: number): number {
-  return ((x << k) | (x >>> (32 - k))) >>> 0;
-}
 
 /** A 32-bit seed derived from a base seed and a label (FNV-1a), so each case gets its own stream. */
 export function deriveSeed(base: number, label: string): number {

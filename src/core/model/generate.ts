@@ -2,6 +2,7 @@
 // temperature 0) and the prefill + decode loop, with timings for throughput figures.
 import { UsageError } from '../errors.js';
 import type { FfnRunMode, ModelRuntime } from './runtime.js';
+import { Xoshiro128 } from '../random.js';
 
 export interface SamplerOptions {
   /** 0 = greedy (argmax, ties to the lowest id). */
@@ -13,37 +14,12 @@ export interface SamplerOptions {
   seed: number;
 }
 
-/** xoshiro128** seeded through splitmix32: fast, reproducible across platforms. */
-export class Rng {
-  private s = new Uint32Array(4);
-  constructor(seed: number) {
-    let x = seed >>> 0;
-    for (let i = 0; i < 4; i++) {
-      x = (x + 0x9e3779b9) >>> 0;
-      let z = x;
-      z = Math.imul(z ^ (z >>> 16), 0x85ebca6b) >>> 0;
-      z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35) >>> 0;
-      this.s[i] = (z ^ (z >>> 16)) >>> 0;
-    }
-    if (!(this.s[0]! | this.s[1]! | this.s[2]! | this.s[3]!)) this.s[0] = 1;
-  }
+/** The sampler's uniform stream over the project's seeded generator (src/core/random.ts). */
+export class Rng extends Xoshiro128 {
   /** A float in [0, 1). */
   next(): number {
-    const s = this.s;
-    const r = Math.imul(rotl(Math.imul(s[1]!, 5) >>> 0, 7), 9) >>> 0;
-    const t = (s[1]! << 9) >>> 0;
-    s[2]! ^= s[0]!;
-    s[3]! ^= s[1]!;
-    s[1]! ^= s[2]!;
-    s[0]! ^= s[3]!;
-    s[2]! ^= t;
-    s[3] = rotl(s[3]!, 11);
-    return r / 4294967296;
+    return this.u32() / 4294967296;
   }
-}
-
-function rotl(x: number, k: number): number {
-  return ((x << k) | (x >>> (32 - k))) >>> 0;
 }
 
 export class Sampler {
