@@ -185,7 +185,6 @@ export async function runCases(engine: BenchEngine, cases: readonly BenchCase[],
 
     if (c.op === 'ffn-forward') {
       const sparse = layer.forwardStats(x, M, 'sparse');
-      const auto = layer.forwardStats(x, M, 'auto');
       const ms = await measure(
         (['dense', 'sparse', 'auto'] as const).map((mode) => ({
           name: mode,
@@ -196,6 +195,9 @@ export async function runCases(engine: BenchEngine, cases: readonly BenchCase[],
         minSampleMs,
         budgetMs,
       );
+      // Auto remembers its last decision per layer: report the path it takes after the timed
+      // calls, which is the one they ran (a call before timing can still be deciding).
+      const auto = layer.forwardStats(x, M, 'auto');
       const impls = implResults(ms, 'dense', denseEquivalentFlops(c));
       for (const r of impls) {
         const path = r.impl === 'auto' ? auto.path : r.impl;
