@@ -210,6 +210,25 @@ test('SiLU --target-sparsity 0.5: each layer within ±2%; logits match the float
       const refMean = ref.ffnNonZeros[l]!.reduce((a, b) => a + b, 0) / tokens.length;
       assert.ok(Math.abs(act[l]!.nnzMean! - refMean) <= 0.5, `layer ${l}: engine ${act[l]!.nnzMean} vs reference ${refMean}`);
     }
+    // The thresholded layers run on the TwELL kernels (sparse mode): same logits, same counts,
+    // every layer's call on the sparse path; --dense keeps them on the dense path.
+    for (const mode of ['sparse', 'dense'] as const) {
+      rt.reset();
+      rt.resetActivity();
+      const out = rt.forward(tokens, { allLogits: true, mode });
+      let d2 = 0;
+      ref.logits.forEach((row, t) => {
+        for (let v = 0; v < V; v++) d2 = Math.max(d2, Math.abs(row[v]! - out[t * V + v]!));
+      });
+      assert.ok(d2 <= 1e-4 * Math.max(1, scale), `${mode}: max logit difference ${d2} (scale ${scale}), seed ${SEED}`);
+      const a2 = rt.activity();
+      for (let l = 0; l < 2; l++) {
+        const refMean = ref.ffnNonZeros[l]!.reduce((a, b) => a + b, 0) / tokens.length;
+        assert.ok(Math.abs(a2[l]!.nnzMean! - refMean) <= 0.5, `${mode} layer ${l}: engine ${a2[l]!.nnzMean} vs reference ${refMean}`);
+        if (mode === 'sparse') assert.ok(a2[l]!.sparseCalls === 1 && a2[l]!.denseCalls === 0, `layer ${l}: ${JSON.stringify(a2[l])}`);
+        else assert.ok(a2[l]!.sparseCalls === 0 && a2[l]!.denseCalls === 1, `layer ${l}: ${JSON.stringify(a2[l])}`);
+      }
+    }
   } finally {
     rt.close();
     await src.close();

@@ -9,7 +9,9 @@
 // bf16 weights: the reference uses the SAME bf16-rounded weights (widened exactly), so the
 // same tolerance holds. Threads 1 vs 2 and every ISA the CPU has are forced in turn.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <string>
 
 #include "check.h"
 #include "ffn_test_util.h"
@@ -130,6 +132,90 @@ void run_case(const Case& c, bool* saw_overflow, bool* saw_dense_auto, bool* saw
   }
 }
 
+// Thresholded silu / gelu_tanh layers (a per-layer cut-off c from `prune --target-sparsity`):
+// the kept units are |act(z)| > c, with their (possibly negative) activation values. The gate is
+// exact (multiples of 1/8), so act(z) takes discrete values; c is placed halfway between two
+// consecutive distinct |act| values of the float64 reference, so f32 rounding of act (~1e-7
+// relative) cannot flip a unit and nnz / overflow statistics compare exactly. Same 2e-5
+// tolerance on y as above.
+double ref_act(double v, GateFn f) {
+  if (f == GateFn::Silu) return v / (1.0 + std::exp(-v));
+  const double k = 0.79788456080286536;
+  return 0.5 * v * (1.0 + std::tanh(k * (v + 0.044715 * v * v * v)));
+}
+
+void run_thr_case(const Case& c, GateFn fn, double c0, bool* saw_overflow, bool* saw_negative) {
+  Problem p = ffntest::make_problem(c.M, c.d, c.F, c.density, c.heavy_every, 4.0, true, c.biases);
+  if (!c.gated) p.up = p.gate;
+  if (c.gated) p.up_bias.clear();
+  if (c.dtype == DType::BF16) {  // the reference uses the same bf16-rounded weights
+    ffntest::round_bf16(p.gate);
+    ffntest::round_bf16(p.up);
+    ffntest::round_bf16(p.down);
+  }
+  const std::vector<double> z = ffntest::ref_linear(p.x, c.M, c.d, c.gated ? p.gate : p.up, c.F, c.gated ? nullptr : &p.up_bias);
+  std::vector<double> mags;
+  for (double v : z) mags.push_back(std::fabs(ref_act(v, fn)));
+  std::sort(mags.begin(), mags.end());
+  mags.erase(std::unique(mags.begin(), mags.end()), mags.end());
+  const auto it = std::upper_bound(mags.begin(), mags.end(), c0);
+  CHECK(it != mags.begin() && it != mags.end(), "cut-off %.3f outside the activation range", c0);
+  const double thr = 0.5 * (*(it - 1) + *it);
+  CHECK(*it - thr > 1e-5 * thr, "cut-off too close to an activation value (gap %.3g)", *it - thr);
+  // float64 reference: a = act(z) kept where |a| > thr; h = a·u (gated) or a; y = h·W_downᵀ + b.
+  const std::vector<double> u = c.gated ? ffntest::ref_linear(p.x, c.M, c.d, p.up, c.F, nullptr) : std::vector<double>();
+  std::vector<double> keep(z.size(), 0.0), h(z.size(), 0.0);
+  for (size_t i = 0; i < z.size(); ++i) {
+    const double a = ref_act(z[i], fn);
+    if (std::fabs(a) > thr) {
+      keep[i] = 1.0;
+      h[i] = c.gated ? a * u[i] : a;
+      if (a < 0) *saw_negative = true;
+    }
+  }
+  std::vector<double> yref(static_cast<size_t>(c.M * c.d));
+  for (int64_t m = 0; m < c.M; ++m)
+    for (int64_t i = 0; i < c.d; ++i) {
+      double s = p.down_bias.empty() ? 0.0 : p.down_bias[static_cast<size_t>(i)];
+      for (int64_t j = 0; j < c.F; ++j) s += h[static_cast<size_t>(m * c.F + j)] * p.down[static_cast<size_t>(i * c.F + j)];
+      yref[static_cast<size_t>(m * c.d + i)] = s;
+    }
+  TwellParams tp{c.T, c.C};
+  const RefStats rs = ref_stats(keep, c.M, c.F, c.T, tp.capacity());
+  if (rs.ovf_tiles) *saw_overflow = true;
+  FfnLayerConfig cfg;
+  cfg.d_model = c.d;
+  cfg.d_ff = c.F;
+  cfg.gated = c.gated;
+  cfg.dtype = c.dtype;
+  cfg.twell = tp;
+  cfg.act = GateAct{fn, static_cast<float>(thr)};
+  FfnLayer layer(cfg, c.gated ? p.gate.data() : nullptr, p.up.data(), p.down.data(),
+                 p.up_bias.empty() ? nullptr : p.up_bias.data(), p.down_bias.empty() ? nullptr : p.down_bias.data());
+  const std::string what = describe(c) + (fn == GateFn::Silu ? " silu" : " gelu_tanh") + " c=" + std::to_string(thr);
+  std::vector<float> y(static_cast<size_t>(c.M * c.d));
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    for (int which = 0; which < 2; ++which)
+      for (FfnMode mode : {FfnMode::Dense, FfnMode::Sparse, FfnMode::Auto, FfnMode::Auto}) {
+        std::fill(y.begin(), y.end(), NAN);
+        const FfnStats s = which == 0 ? layer.forward(p.x.data(), c.M, y.data(), mode)
+                                      : layer.decode(p.x.data(), c.M, y.data(), mode);
+        const char* op = which == 0 ? "forward" : "decode";
+        const double err = check::rel_error(y.data(), yref.data(), y.size());
+        CHECK(err <= kTol, "%s %s mode %d threads %d: rel error %.3g > %.1g", what.c_str(), op, (int)mode, threads, err, kTol);
+        CHECK(s.nnz == rs.nnz && s.max_row_nnz == rs.max_row, "%s %s mode %d: nnz %lld max row %lld, reference %lld %lld",
+              what.c_str(), op, (int)mode, (long long)s.nnz, (long long)s.max_row_nnz, (long long)rs.nnz, (long long)rs.max_row);
+        if (mode == FfnMode::Sparse) {
+          CHECK(s.path == FfnPath::Sparse, "%s %s: sparse mode ran the dense path", what.c_str(), op);
+          CHECK(s.overflow_tiles == rs.ovf_tiles && s.overflow_rows == rs.ovf_rows,
+                "%s %s: overflow tiles/rows %lld/%lld, reference %lld/%lld", what.c_str(), op, (long long)s.overflow_tiles,
+                (long long)s.overflow_rows, (long long)rs.ovf_tiles, (long long)rs.ovf_rows);
+        }
+      }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -151,6 +237,18 @@ int main() {
     std::fprintf(stderr, "isa %s\n", isa_name(active_isa()));
     for (const Case& c : cases) run_case(c, &saw_overflow, &saw_dense_auto, &saw_sparse_auto);
   }
+  bool thr_overflow = false, thr_negative = false;
+  for (int isa = static_cast<int>(best); isa >= 0; --isa) {
+    set_isa_limit(static_cast<Isa>(isa));
+    for (bool gated : {true, false})
+      for (DType dt : {DType::F32, DType::BF16}) {
+        run_thr_case({7, 37, 300, 0.05, 3, 64, 8, gated, !gated, dt}, GateFn::Silu, 0.1, &thr_overflow, &thr_negative);
+        run_thr_case({33, 21, 130, 0.2, 4, 16, 4, gated, false, dt}, GateFn::Silu, 0.05, &thr_overflow, &thr_negative);
+        run_thr_case({5, 37, 257, 0.05, 2, 32, 2, gated, true, dt}, GateFn::GeluTanh, 0.08, &thr_overflow, &thr_negative);
+      }
+  }
+  CHECK(thr_overflow, "no thresholded case overflowed a tile");
+  CHECK(thr_negative, "no thresholded case kept a negative activation");
   set_isa_limit(best);
   CHECK(saw_overflow, "no case produced an overflowing tile: the overflow path went untested");
   CHECK(saw_dense_auto && saw_sparse_auto, "auto mode never chose %s", saw_dense_auto ? "sparse" : "dense");

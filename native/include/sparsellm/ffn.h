@@ -59,6 +59,9 @@ struct FfnLayerConfig {
   bool gated = true;
   DType dtype = DType::F32;  // weight storage: F32 or BF16
   TwellParams twell;
+  // The gate's activation and keep rule (twell.h): plain ReLU by default; a thresholded
+  // silu/gelu layer keeps |act(g)| > c and every path (sparse, dense, decode) applies it.
+  GateAct act;
   // Auto mode runs the dense path when the estimated cost of the sparse up+down exceeds
   // auto_crossover × the estimated dense up+down (docs/kernels.md, "Dense fallback"). The
   // estimates use these machine rates (defaults measured on the 2-core development machine).

@@ -173,8 +173,8 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;
 };
 
-// How the FFN of ReLU layers runs. Non-ReLU layers always run the dense path (with their
-// threshold applied when the model stores one).
+// How the FFN of ReLU layers, and of silu/gelu layers with a stored threshold, runs. Other
+// non-ReLU layers always run the dense path.
 enum class RunMode { Dense = 0, Sparse = 1, Auto = 2 };
 
 // Per-layer FFN activity measured over the tokens run since the last reset_stats().

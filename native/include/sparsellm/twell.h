@@ -15,6 +15,7 @@
 // dropped. A fully dense gate makes every tile overflow, so `dense` becomes relu(gate) — exactly
 // what the dense fallback needs, at the price of counting the positives (see ffn.h).
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <memory>
 
@@ -28,10 +29,40 @@ struct TwellParams {
   int capacity() const { return tile / compression - 1; }
 };
 
+// The gate's activation and keep rule. Plain ReLU (threshold < 0): keep v > 0, store v (the fast
+// path). Otherwise (a per-layer cut-off c >= 0, e.g. from `sparsellm prune --target-sparsity`):
+// a = act(v), keep |a| > c (a may be negative), store a. Kinds match ActKind (model.h).
+enum class GateFn : int { Relu = 0, Silu = 1, GeluErf = 2, GeluTanh = 3 };
+
+inline float gate_fn_value(float v, GateFn f) {
+  switch (f) {
+    case GateFn::Relu: return v > 0.f ? v : 0.f;
+    case GateFn::Silu: return v / (1.f + std::exp(-v));
+    case GateFn::GeluErf: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+    case GateFn::GeluTanh: {
+      const float k = 0.79788456080286536f;
+      return 0.5f * v * (1.f + std::tanh(k * (v + 0.044715f * v * v * v)));
+    }
+  }
+  return v;
+}
+
+struct GateAct {
+  GateFn fn = GateFn::Relu;
+  float threshold = -1.f;  // < 0: plain ReLU
+  bool plain_relu() const { return fn == GateFn::Relu && threshold <= 0.f; }
+  // The stored activation of pre-activation v (0: the unit is inactive).
+  float apply(float v) const {
+    if (plain_relu()) return v > 0.f ? v : 0.f;
+    const float a = gate_fn_value(v, fn);
+    return std::fabs(a) > threshold ? a : 0.f;
+  }
+};
+
 // Sparsity statistics of one activation matrix (also returned by the FFN entry points).
 struct SparsityStats {
   int64_t rows = 0;
-  int64_t nnz = 0;             // strictly positive activations over all rows
+  int64_t nnz = 0;             // kept (non-zero) activations over all rows
   int64_t max_row_nnz = 0;
   int64_t overflow_tiles = 0;  // tiles with more positives than their capacity
   int64_t overflow_rows = 0;   // rows with at least one overflowing tile
@@ -77,8 +108,11 @@ class Twell {
 // g = relu(x · Wᵀ + bias), packed into `out` as TwELL by the GEMM epilogue.
 //   x [M, d] f32 (ldx), W [d_ff, d] f32 or bf16 (the gate; the up projection for non-gated
 //   FFNs), bias [d_ff] f32 or null. Returns the statistics (out is finalized).
+// With a thresholded `act` the epilogue stores act.apply(v) instead (values may be negative;
+// count/value/index/dense then hold the kept, non-zero entries).
 SparsityStats twell_gate(const float* x, int64_t ldx, int64_t M, const WeightView& W,
-                         const float* bias, const TwellParams& p, Twell& out);
+                         const float* bias, const TwellParams& p, Twell& out,
+                         const GateAct& act = GateAct{});
 
 // Packs an existing dense matrix a [rows, cols] (lda) the same way (ReLU folded in). Used by
 // tests and by callers that already hold the dense gate.

@@ -34,6 +34,7 @@ FfnStats FfnLayer::decode(const float* x, int64_t M, float* y, FfnMode mode) {
   FfnStats st;
   st.rows = M;
   const float* ub = up_bias();
+  const GateAct act = cfg_.act;  // plain ReLU: keep v > 0; thresholded: keep |act(v)| > c
   for (int64_t m = 0; m < M; ++m) {
     float* g = G + m * F;
     int64_t row = 0;
@@ -42,9 +43,9 @@ FfnStats FfnLayer::decode(const float* x, int64_t M, float* y, FfnMode mode) {
       const int64_t t1 = std::min(F, t0 + T);
       int64_t n = 0;
       for (int64_t j = t0; j < t1; ++j) {
-        const float v = g[j] + (ub ? ub[j] : 0.f);
-        g[j] = v > 0.f ? v : 0.f;
-        if (v > 0.f) {
+        const float v = act.apply(g[j] + (ub ? ub[j] : 0.f));
+        g[j] = v;
+        if (v != 0.f) {
           tok.push_back(static_cast<int32_t>(m));
           js.push_back(static_cast<int32_t>(j));
           vs.push_back(v);
@@ -63,7 +64,7 @@ FfnStats FfnLayer::decode(const float* x, int64_t M, float* y, FfnMode mode) {
   }
 
   if (mode == FfnMode::Auto && prefer_dense(st, M)) {
-    // Dense up+down from the gate already computed (ReLU'd in place above).
+    // Dense up+down from the gate already computed (activated in place above).
     if (cfg_.gated) {
       gemm_epilogue(x, d, M, up_view(),
                     [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* c, int64_t ldc, int) {

@@ -37,7 +37,7 @@ int64_t gather_row(const Twell& g, int64_t m, int32_t* js, float* vs) {
       const float* src = g.dense + m * g.cols + base;
       const int w = g.tile_width(t);
       for (int k = 0; k < w; ++k)
-        if (src[k] > 0.f) {
+        if (src[k] != 0.f) {  // ReLU'd or thresholded: the kept entries are the non-zeros
           js[n] = base + k;
           vs[n] = src[k];
           ++n;
@@ -342,18 +342,27 @@ FfnStats FfnLayer::dense_forward(const float* x, int64_t M, float* y, const Twel
     std::vector<std::atomic<int64_t>> row_nnz(static_cast<size_t>(M));
     for (auto& r : row_nnz) r.store(0, std::memory_order_relaxed);
     const float* bias = up_bias();
+    const GateAct act = cfg_.act;
     gemm_epilogue(x, d, M, gate_view(),
                   [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* c, int64_t ldc, int) {
+                    const bool plain = act.plain_relu();
                     for (int64_t m = m0; m < m1; ++m) {
                       const float* cr = c + (m - m0) * ldc;
                       float* gr = G + m * F + n0;
                       int64_t n = 0;
-                      for (int64_t k = 0; k < n1 - n0; ++k) {
-                        float v = cr[k] + (bias ? bias[n0 + k] : 0.f);
-                        v = v > 0.f ? v : 0.f;
-                        n += v > 0.f;
-                        gr[k] = v;
-                      }
+                      if (plain)
+                        for (int64_t k = 0; k < n1 - n0; ++k) {
+                          float v = cr[k] + (bias ? bias[n0 + k] : 0.f);
+                          v = v > 0.f ? v : 0.f;
+                          n += v > 0.f;
+                          gr[k] = v;
+                        }
+                      else
+                        for (int64_t k = 0; k < n1 - n0; ++k) {
+                          const float v = act.apply(cr[k] + (bias ? bias[n0 + k] : 0.f));
+                          n += v != 0.f;
+                          gr[k] = v;
+                        }
                       row_nnz[static_cast<size_t>(m)].fetch_add(n, std::memory_order_relaxed);
                     }
                   });
@@ -385,7 +394,7 @@ FfnStats FfnLayer::dense_forward(const float* x, int64_t M, float* y, const Twel
 FfnStats FfnLayer::sparse_forward(const float* x, int64_t M, float* y) {
   const int64_t d = cfg_.d_model;
   FfnStats st;
-  static_cast<SparsityStats&>(st) = twell_gate(x, d, M, gate_view(), up_bias(), cfg_.twell, twell_);
+  static_cast<SparsityStats&>(st) = twell_gate(x, d, M, gate_view(), up_bias(), cfg_.twell, twell_, cfg_.act);
   st.path = FfnPath::Sparse;
   if (cfg_.gated) twell_updown(x, d, twell_, updown_view(), down_bias(), y, d);
   else twell_down(twell_, down_t_view(), down_bias(), y, d);
@@ -405,7 +414,7 @@ FfnStats FfnLayer::forward(const float* x, int64_t M, float* y, FfnMode mode) {
     auto_dense_ = prefer_dense(st, M);
     return st;
   }
-  const SparsityStats s = twell_gate(x, d, M, gate_view(), up_bias(), cfg_.twell, twell_);
+  const SparsityStats s = twell_gate(x, d, M, gate_view(), up_bias(), cfg_.twell, twell_, cfg_.act);
   if (prefer_dense(s, M)) {
     auto_dense_ = true;
     return dense_forward(x, M, y, &twell_);

@@ -1,7 +1,8 @@
 // The whole-model forward pass (sparsellm/model.h): embeddings → pre-norm blocks (attention
-// with a KV cache, FFN) → final norm → LM head. Projections go through gemm(); ReLU FFNs through
-// the TwELL kernels of ffn.h (prefill: gate GEMM + fused up/down; few tokens: decode kernels);
-// other activations through a dense path here (with the stored threshold applied, if any).
+// with a KV cache, FFN) → final norm → LM head. Projections go through gemm(); ReLU FFNs, and
+// silu/gelu FFNs with a stored threshold (auto/sparse modes), through the TwELL kernels of ffn.h
+// (prefill: gate GEMM + fused up/down; few tokens: decode kernels); other activations (and
+// thresholded layers under --dense or an observer) through a dense path here.
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -64,17 +65,23 @@ FfnMode ffn_mode(RunMode m) {
   }
 }
 
+// The same activation functions as the TwELL gate epilogue (twell.h), so the dense and sparse
+// paths of a thresholded layer keep the same units.
 float act_value(float v, ActKind act) {
   switch (act) {
-    case ActKind::Relu: return v > 0.f ? v : 0.f;
-    case ActKind::Silu: return v / (1.f + std::exp(-v));
-    case ActKind::GeluErf: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
-    case ActKind::GeluTanh: {
-      const float k = 0.79788456080286536f;
-      return 0.5f * v * (1.f + std::tanh(k * (v + 0.044715f * v * v * v)));
-    }
+    case ActKind::Relu:
+    case ActKind::Silu:
+    case ActKind::GeluErf:
+    case ActKind::GeluTanh: return gate_fn_value(v, static_cast<GateFn>(static_cast<int>(act)));
     default: return v;
   }
+}
+
+// Layers the TwELL kernels run: plain ReLU, or a supported activation with a stored cut-off.
+bool twell_capable(const LayerWeights& L) {
+  if (L.act == ActKind::Relu) return true;
+  const bool fn = L.act == ActKind::Silu || L.act == ActKind::GeluErf || L.act == ActKind::GeluTanh;
+  return fn && L.threshold >= 0.f;
 }
 
 }  // namespace
@@ -94,6 +101,8 @@ Model::Model(const ModelConfig& cfg, ModelWeights weights, int64_t context, std:
     fc.gated = cfg_.gated;
     fc.dtype = L.ffn_dtype;
     fc.twell = L.twell;
+    if (twell_capable(L) && !(L.act == ActKind::Relu && L.threshold <= 0.f))
+      fc.act = GateAct{static_cast<GateFn>(static_cast<int>(L.act)), L.threshold};
     ffn_.push_back(std::make_unique<FfnLayer>(fc, L.ffn_a, L.ffn_b, L.up_b, L.down_b));
   }
   cache_.allocate(cfg_.n_layers, cfg_.n_kv_heads, cfg_.head_dim, context);
@@ -162,7 +171,10 @@ void Model::ffn_block(int64_t l, int64_t T, RunMode mode) {
   if (cfg_.rmsnorm) rms_norm(x_.data(), d, T, d, L.ffn_norm_w, cfg_.norm_eps, h_.data(), d);
   else layer_norm(x_.data(), d, T, d, L.ffn_norm_w, L.ffn_norm_b, cfg_.norm_eps, h_.data(), d);
   LayerActivity& a = activity_[static_cast<size_t>(l)];
-  if (L.act == ActKind::Relu && L.threshold <= 0.f && !observer_) {
+  // Plain ReLU layers take the FfnLayer in every mode (as before); thresholded layers take it in
+  // auto/sparse modes, and keep the generic dense path under --dense.
+  const bool plain_relu = L.act == ActKind::Relu && L.threshold <= 0.f;
+  if (!observer_ && (plain_relu || (twell_capable(L) && mode != RunMode::Dense))) {
     FfnLayer& f = *ffn_[static_cast<size_t>(l)];
     const FfnStats s = T <= kDecodeMaxTokens ? f.decode(h_.data(), T, y_.data(), ffn_mode(mode))
                                              : f.forward(h_.data(), T, y_.data(), ffn_mode(mode));

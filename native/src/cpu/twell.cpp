@@ -22,9 +22,11 @@ void grow(std::unique_ptr<T[]>& p, int64_t& cap, int64_t need) {
 }
 
 // ReLU (+ bias) and packing of the block c[m0:m1, n0:n1] (ldc) into `out`. n0 is a multiple
-// of the tile width. Overflowing tiles are copied, ReLU'd, into out.dense.
+// of the tile width. Overflowing tiles are copied, ReLU'd, into out.dense. Thr: the layer keeps
+// |act(v)| > c instead (act.apply, computed in place on the tile first), and "kept" is != 0.
+template <bool Thr>
 void pack_block(Twell& out, const float* bias, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-                float* c, int64_t ldc) {
+                float* c, int64_t ldc, const GateAct& act) {
   const int T = out.tile, cap = out.cap;
   for (int64_t m = m0; m < m1; ++m) {
     float* crow = c + (m - m0) * ldc;
@@ -39,16 +41,18 @@ void pack_block(Twell& out, const float* bias, int64_t m0, int64_t m1, int64_t n
         const float* b = bias + t0;
         for (int k = 0; k < w; ++k) ct[k] += b[k];
       }
+      if constexpr (Thr)
+        for (int k = 0; k < w; ++k) ct[k] = act.apply(ct[k]);
       // Count first (a vectorisable, branch-free pass over the cache-resident tile), then either
       // pack the few positives or, for an overflowing tile, copy it ReLU'd: a dense gate costs a
       // count and a copy, with no data-dependent branch per element.
       int n = 0;
-      for (int k = 0; k < w; ++k) n += ct[k] > 0.f ? 1 : 0;
+      for (int k = 0; k < w; ++k) n += (Thr ? ct[k] != 0.f : ct[k] > 0.f) ? 1 : 0;
       if (n <= cap) {
         int q = 0;
         for (int k = 0; k < w && q < n; ++k) {
           const float v = ct[k];
-          if (v > 0.f) {
+          if (Thr ? v != 0.f : v > 0.f) {
             val[q] = v;
             idx[q] = static_cast<uint16_t>(k);
             ++q;
@@ -58,7 +62,9 @@ void pack_block(Twell& out, const float* bias, int64_t m0, int64_t m1, int64_t n
       out.count[slot] = n;
       if (n > cap) {
         float* dst = out.dense + m * out.cols + t0;
-        for (int k = 0; k < w; ++k) dst[k] = ct[k] > 0.f ? ct[k] : 0.f;
+        if constexpr (Thr) std::memcpy(dst, ct, sizeof(float) * w);
+        else
+          for (int k = 0; k < w; ++k) dst[k] = ct[k] > 0.f ? ct[k] : 0.f;
       }
     }
   }
@@ -139,17 +145,25 @@ int64_t Twell::packed_bytes() const {
 }
 
 SparsityStats twell_gate(const float* x, int64_t ldx, int64_t M, const WeightView& W,
-                         const float* bias, const TwellParams& p, Twell& out) {
+                         const float* bias, const TwellParams& p, Twell& out, const GateAct& act) {
   out.reset(M, W.rows, p);
   if (M == 0 || W.rows == 0) return out.finalize();
   GemmOptions opt;
   opt.n_align = p.tile;
-  gemm_epilogue(
-      x, ldx, M, W,
-      [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* c, int64_t ldc, int) {
-        pack_block(out, bias, m0, m1, n0, n1, c, ldc);
-      },
-      opt);
+  if (act.plain_relu())
+    gemm_epilogue(
+        x, ldx, M, W,
+        [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* c, int64_t ldc, int) {
+          pack_block<false>(out, bias, m0, m1, n0, n1, c, ldc, act);
+        },
+        opt);
+  else
+    gemm_epilogue(
+        x, ldx, M, W,
+        [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* c, int64_t ldc, int) {
+          pack_block<true>(out, bias, m0, m1, n0, n1, c, ldc, act);
+        },
+        opt);
   return out.finalize();
 }
 
@@ -162,7 +176,7 @@ SparsityStats twell_pack_dense(const float* a, int64_t lda, int64_t rows, int64_
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       std::memcpy(row.data(), a + r * lda, sizeof(float) * cols);
-      pack_block(out, nullptr, r, r + 1, 0, cols, row.data(), cols);
+      pack_block<false>(out, nullptr, r, r + 1, 0, cols, row.data(), cols, GateAct{});
     }
   }
   return out.finalize();
