@@ -198,7 +198,8 @@ void run_case(const Case& c, bool* saw_tail) {
         else {
           std::vector<double> f(first_dx.begin(), first_dx.end());
           const double e = check::rel_error(dx.data(), f.data(), dx.size());
-          CHECK(e <= 1e-6, "%s: hybrid dx threads 1 vs 2 differ by %.3g", what, e);
+          // Per-thread dx partials are summed in another order: f32 rounding over F terms, ~1e-7·sqrt(F).
+          CHECK(e <= 1e-5, "%s: hybrid dx threads 1 vs 2 differ by %.3g", what, e);
         }
       }
     }
