@@ -29,63 +29,16 @@
 #include <string>
 #include <vector>
 
+#include "args.h"
 #include "registry.h"
 #include "sparsellm/cuda_ops.h"
 
 namespace sparsellm::addon {
 namespace {
 
+constexpr const char* kWho = "cuda";  // prefixes argument errors (args.h)
+
 using cuda::CudaFfnLayer;
-
-const float* f32_array(Napi::Env env, const Napi::Value& v, size_t n, const char* what) {
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
-    throw_js(env, std::string("CudaFfnLayer: ") + what + " must be a Float32Array");
-  Napi::Float32Array a = v.As<Napi::Float32Array>();
-  if (a.ElementLength() != n)
-    throw_js(env, std::string("CudaFfnLayer: ") + what + " has " + std::to_string(a.ElementLength()) +
-                      " elements, expected " + std::to_string(n));
-  return a.Data();
-}
-
-const float* f32_opt(Napi::Env env, const Napi::Object& o, const char* key, size_t n) {
-  Napi::Value v = o.Get(key);
-  if (v.IsUndefined() || v.IsNull()) return nullptr;
-  return f32_array(env, v, n, key);
-}
-
-int64_t int_opt(Napi::Env env, const Napi::Object& o, const char* key, int64_t def, int64_t lo) {
-  Napi::Value v = o.Get(key);
-  if (v.IsUndefined() || v.IsNull()) return def;
-  if (!v.IsNumber()) throw_js(env, std::string("cuda: ") + key + " must be a number");
-  const double d = v.As<Napi::Number>().DoubleValue();
-  if (d != static_cast<double>(static_cast<int64_t>(d)) || d < static_cast<double>(lo))
-    throw_js(env, std::string("cuda: ") + key + " must be an integer >= " + std::to_string(lo));
-  return static_cast<int64_t>(d);
-}
-
-double num_opt(Napi::Env env, const Napi::Object& o, const char* key, double def) {
-  Napi::Value v = o.Get(key);
-  if (v.IsUndefined() || v.IsNull()) return def;
-  if (!v.IsNumber()) throw_js(env, std::string("cuda: ") + key + " must be a number");
-  return v.As<Napi::Number>().DoubleValue();
-}
-
-Napi::Object opts_of(const Napi::CallbackInfo& info, size_t i) {
-  if (info.Length() > i && info[i].IsObject()) return info[i].As<Napi::Object>();
-  if (info.Length() > i && !info[i].IsUndefined() && !info[i].IsNull())
-    throw_js(info.Env(), "cuda: options must be an object");
-  return Napi::Object::New(info.Env());
-}
-
-FfnMode parse_mode(Napi::Env env, const Napi::Object& o) {
-  Napi::Value v = o.Get("mode");
-  if (v.IsUndefined()) return FfnMode::Auto;
-  const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
-  if (s == "dense") return FfnMode::Dense;
-  if (s == "sparse") return FfnMode::Sparse;
-  if (s == "auto") return FfnMode::Auto;
-  throw_js(env, "CudaFfnLayer: mode must be 'dense', 'sparse' or 'auto'");
-}
 
 Napi::Object timing_object(Napi::Env env, std::vector<double> ms) {
   std::sort(ms.begin(), ms.end());
@@ -114,8 +67,8 @@ class CudaFfnLayerWrap : public Napi::ObjectWrap<CudaFfnLayerWrap> {
     if (info.Length() != 1 || !info[0].IsObject()) throw_js(env, "new CudaFfnLayer(options): options object required");
     Napi::Object o = info[0].As<Napi::Object>();
     FfnLayerConfig c;
-    c.d_model = int_opt(env, o, "dModel", -1, 1);
-    c.d_ff = int_opt(env, o, "dFF", -1, 1);
+    c.d_model = int_opt(env, o, "dModel", -1, 1, kWho);
+    c.d_ff = int_opt(env, o, "dFF", -1, 1, kWho);
     if (c.d_model < 1 || c.d_ff < 1) throw_js(env, "CudaFfnLayer: dModel and dFF are required");
     Napi::Value g = o.Get("gated");
     if (!g.IsBoolean()) throw_js(env, "CudaFfnLayer: gated must be a boolean");
@@ -124,16 +77,16 @@ class CudaFfnLayerWrap : public Napi::ObjectWrap<CudaFfnLayerWrap> {
     const std::string dts = dt.IsString() ? dt.As<Napi::String>().Utf8Value() : "bf16";
     if (dts != "bf16") throw_js(env, "CudaFfnLayer: the CUDA kernels keep bf16 weights: dtype must be 'bf16'");
     c.dtype = DType::BF16;
-    c.twell.tile = static_cast<int>(int_opt(env, o, "tileWidth", 256, 1));
-    c.twell.compression = static_cast<int>(int_opt(env, o, "compression", 8, 1));
+    c.twell.tile = static_cast<int>(int_opt(env, o, "tileWidth", 256, 1, kWho));
+    c.twell.compression = static_cast<int>(int_opt(env, o, "compression", 8, 1, kWho));
     const size_t n = static_cast<size_t>(c.d_model * c.d_ff);
-    const float* gate = c.gated ? f32_array(env, o.Get("gate"), n, "gate") : nullptr;
+    const float* gate = c.gated ? f32_array(env, o.Get("gate"), n, "gate", kWho) : nullptr;
     if (!c.gated && !o.Get("gate").IsUndefined()) throw_js(env, "CudaFfnLayer: a non-gated layer takes no gate");
-    const float* up = f32_array(env, o.Get("up"), n, "up");
-    const float* down = f32_array(env, o.Get("down"), n, "down");
-    const float* up_bias = f32_opt(env, o, "upBias", static_cast<size_t>(c.d_ff));
+    const float* up = f32_array(env, o.Get("up"), n, "up", kWho);
+    const float* down = f32_array(env, o.Get("down"), n, "down", kWho);
+    const float* up_bias = f32_opt(env, o, "upBias", static_cast<size_t>(c.d_ff), kWho);
     if (c.gated && up_bias) throw_js(env, "CudaFfnLayer: upBias is for non-gated layers");
-    const float* down_bias = f32_opt(env, o, "downBias", static_cast<size_t>(c.d_model));
+    const float* down_bias = f32_opt(env, o, "downBias", static_cast<size_t>(c.d_model), kWho);
     try {
       layer_ = std::make_unique<CudaFfnLayer>(c, gate, up, down, up_bias, down_bias);
     } catch (const std::exception& e) {
@@ -166,15 +119,15 @@ class CudaFfnLayerWrap : public Napi::ObjectWrap<CudaFfnLayerWrap> {
       M = tokens(env, info.Length() > 1 ? info[1] : env.Undefined());
       opt_index = 2;
     }
-    const float* x = f32_array(env, info[0], static_cast<size_t>(M * d()), "x");
-    Napi::Object o = opts_of(info, opt_index);
-    const FfnMode mode = parse_mode(env, o);
+    const float* x = f32_array(env, info[0], static_cast<size_t>(M * d()), "x", kWho);
+    Napi::Object o = opts_of(info, opt_index, kWho);
+    const FfnMode mode = parse_mode(env, o, kWho);
     Napi::Value outv = o.Get("out");
     Napi::Float32Array y;
     if (outv.IsUndefined() || outv.IsNull()) {
       y = Napi::Float32Array::New(env, static_cast<size_t>(M * d()));
     } else {
-      f32_array(env, outv, static_cast<size_t>(M * d()), "out");
+      f32_array(env, outv, static_cast<size_t>(M * d()), "out", kWho);
       y = outv.As<Napi::Float32Array>();
     }
     Napi::Value gen = o.Get("generic");
@@ -211,8 +164,8 @@ class CudaFfnLayerWrap : public Napi::ObjectWrap<CudaFfnLayerWrap> {
     if (kind != "forward" && kind != "decode")
       throw_js(env, "CudaFfnLayer.time: kind must be 'forward' or 'decode' (the CUDA backend has no training kernels yet)");
     const int64_t M = tokens(env, info[2]);
-    const float* x = f32_array(env, info[1], static_cast<size_t>(M * d()), "x");
-    const FfnMode mode = parse_mode(env, opts_of(info, 3));
+    const float* x = f32_array(env, info[1], static_cast<size_t>(M * d()), "x", kWho);
+    const FfnMode mode = parse_mode(env, opts_of(info, 3, kWho), kWho);
     const int64_t repeats = tokens(env, info[4]);
     if (!info[5].IsNumber() || info[5].As<Napi::Number>().Int64Value() < 0) throw_js(env, "CudaFfnLayer.time: warmup must be >= 0");
     const int64_t warmup = info[5].As<Napi::Number>().Int64Value();
@@ -248,16 +201,16 @@ class CudaFfnLayerWrap : public Napi::ObjectWrap<CudaFfnLayerWrap> {
     if (info.Length() < 3) throw_js(env, "CudaFfnLayer.trainStep(x, dy, M, opts?)");
     const int64_t M = tokens(env, info[2]);
     const size_t n = static_cast<size_t>(M * d());
-    const float* x = f32_array(env, info[0], n, "x");
-    const float* dy = f32_array(env, info[1], n, "dy");
-    Napi::Object o = opts_of(info, 3);
+    const float* x = f32_array(env, info[0], n, "x", kWho);
+    const float* dy = f32_array(env, info[1], n, "dy", kWho);
+    Napi::Object o = opts_of(info, 3, kWho);
     Napi::Value mv = o.Get("mode");
     const std::string ms = mv.IsString() ? mv.As<Napi::String>().Utf8Value() : "hybrid";
     if (ms != "dense" && ms != "hybrid") throw_js(env, "CudaFfnLayer.trainStep: mode must be 'dense' or 'hybrid'");
     const TrainMode mode = ms == "dense" ? TrainMode::Dense : TrainMode::Hybrid;
     HybridParams p;
-    p.ell_width = static_cast<int>(int_opt(env, o, "ellWidth", 128, 1));
-    p.l1 = static_cast<float>(num_opt(env, o, "l1", 0.0));
+    p.ell_width = static_cast<int>(int_opt(env, o, "ellWidth", 128, 1, kWho));
+    p.l1 = static_cast<float>(num_opt(env, o, "l1", 0.0, kWho));
     p.twell = layer_->config().twell;
     const size_t wn = static_cast<size_t>(d() * layer_->config().d_ff);
     Napi::Float32Array y = Napi::Float32Array::New(env, n), dx = Napi::Float32Array::New(env, n);
@@ -315,10 +268,10 @@ class CudaFfnLayerWrap : public Napi::ObjectWrap<CudaFfnLayerWrap> {
 
 Napi::Value TimeGemm(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  Napi::Object o = opts_of(info, 0);
-  const int64_t M = int_opt(env, o, "M", -1, 1), K = int_opt(env, o, "K", -1, 1), N = int_opt(env, o, "N", -1, 1);
+  Napi::Object o = opts_of(info, 0, kWho);
+  const int64_t M = int_opt(env, o, "M", -1, 1, kWho), K = int_opt(env, o, "K", -1, 1, kWho), N = int_opt(env, o, "N", -1, 1, kWho);
   if (M < 1 || K < 1 || N < 1) throw_js(env, "cudaTimeGemm: M, K and N are required");
-  const int64_t repeats = int_opt(env, o, "repeats", 10, 1), warmup = int_opt(env, o, "warmup", 2, 0);
+  const int64_t repeats = int_opt(env, o, "repeats", 10, 1, kWho), warmup = int_opt(env, o, "warmup", 2, 0, kWho);
   Napi::Value iv = o.Get("impl");
   const std::string impl = iv.IsString() ? iv.As<Napi::String>().Utf8Value() : "ours";
   if (impl != "ours" && impl != "cublas") throw_js(env, "cudaTimeGemm: impl must be 'ours' or 'cublas'");
@@ -395,23 +348,23 @@ Napi::Value NvmlInfo(const Napi::CallbackInfo& info) {
 
 Napi::Value Bench(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  Napi::Object o = opts_of(info, 0);
+  Napi::Object o = opts_of(info, 0, kWho);
   cuda::GpuBenchOptions b;
-  b.d_model = int_opt(env, o, "dModel", b.d_model, 2);
-  b.d_ff = int_opt(env, o, "dFF", b.d_ff, 1);
-  b.tokens = int_opt(env, o, "tokens", b.tokens, 1);
+  b.d_model = int_opt(env, o, "dModel", b.d_model, 2, kWho);
+  b.d_ff = int_opt(env, o, "dFF", b.d_ff, 1, kWho);
+  b.tokens = int_opt(env, o, "tokens", b.tokens, 1, kWho);
   Napi::Value g = o.Get("gated");
   if (g.IsBoolean()) b.gated = g.As<Napi::Boolean>().Value();
-  b.nnz_per_token = num_opt(env, o, "nnzPerToken", b.nnz_per_token);
-  b.repeats = static_cast<int>(int_opt(env, o, "repeats", b.repeats, 1));
-  b.warmup = static_cast<int>(int_opt(env, o, "warmup", b.warmup, 0));
-  b.decode_tokens = static_cast<int>(int_opt(env, o, "decodeTokens", b.decode_tokens, 1));
-  b.energy_seconds = num_opt(env, o, "energySeconds", b.energy_seconds);
+  b.nnz_per_token = num_opt(env, o, "nnzPerToken", b.nnz_per_token, kWho);
+  b.repeats = static_cast<int>(int_opt(env, o, "repeats", b.repeats, 1, kWho));
+  b.warmup = static_cast<int>(int_opt(env, o, "warmup", b.warmup, 0, kWho));
+  b.decode_tokens = static_cast<int>(int_opt(env, o, "decodeTokens", b.decode_tokens, 1, kWho));
+  b.energy_seconds = num_opt(env, o, "energySeconds", b.energy_seconds, kWho);
   Napi::Value tr = o.Get("train");
   if (tr.IsBoolean()) b.train = tr.As<Napi::Boolean>().Value();
-  b.train_repeats = static_cast<int>(int_opt(env, o, "trainRepeats", b.train_repeats, 1));
-  b.twell.tile = static_cast<int>(int_opt(env, o, "tileWidth", 256, 1));
-  b.twell.compression = static_cast<int>(int_opt(env, o, "compression", 8, 1));
+  b.train_repeats = static_cast<int>(int_opt(env, o, "trainRepeats", b.train_repeats, 1, kWho));
+  b.twell.tile = static_cast<int>(int_opt(env, o, "tileWidth", 256, 1, kWho));
+  b.twell.compression = static_cast<int>(int_opt(env, o, "compression", 8, 1, kWho));
   cuda::GpuBenchResult res;
   try {
     res = cuda::run_gpu_benchmarks(b);

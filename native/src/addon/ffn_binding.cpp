@@ -36,6 +36,7 @@
 #include <string>
 #include <vector>
 
+#include "args.h"
 #include "registry.h"
 #include "sparsellm/ffn.h"
 #include "sparsellm/hybrid.h"
@@ -43,48 +44,7 @@
 namespace sparsellm::addon {
 namespace {
 
-const float* f32_array(Napi::Env env, const Napi::Value& v, size_t n, const char* what) {
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
-    throw_js(env, std::string("FfnLayer: ") + what + " must be a Float32Array");
-  Napi::Float32Array a = v.As<Napi::Float32Array>();
-  if (a.ElementLength() != n)
-    throw_js(env, std::string("FfnLayer: ") + what + " has " + std::to_string(a.ElementLength()) +
-                      " elements, expected " + std::to_string(n));
-  return a.Data();
-}
-
-const float* f32_opt(Napi::Env env, const Napi::Object& o, const char* key, size_t n) {
-  Napi::Value v = o.Get(key);
-  if (v.IsUndefined() || v.IsNull()) return nullptr;
-  return f32_array(env, v, n, key);
-}
-
-int64_t int_opt(Napi::Env env, const Napi::Object& o, const char* key, int64_t def, int64_t lo) {
-  Napi::Value v = o.Get(key);
-  if (v.IsUndefined() || v.IsNull()) return def;
-  if (!v.IsNumber()) throw_js(env, std::string("FfnLayer: ") + key + " must be a number");
-  const double d = v.As<Napi::Number>().DoubleValue();
-  if (d != static_cast<double>(static_cast<int64_t>(d)) || d < static_cast<double>(lo))
-    throw_js(env, std::string("FfnLayer: ") + key + " must be an integer >= " + std::to_string(lo));
-  return static_cast<int64_t>(d);
-}
-
-Napi::Object opts_of(const Napi::CallbackInfo& info, size_t i) {
-  if (info.Length() > i && info[i].IsObject()) return info[i].As<Napi::Object>();
-  if (info.Length() > i && !info[i].IsUndefined() && !info[i].IsNull())
-    throw_js(info.Env(), "FfnLayer: options must be an object");
-  return Napi::Object::New(info.Env());
-}
-
-FfnMode parse_mode(Napi::Env env, const Napi::Object& o) {
-  Napi::Value v = o.Get("mode");
-  if (v.IsUndefined()) return FfnMode::Auto;
-  const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
-  if (s == "dense") return FfnMode::Dense;
-  if (s == "sparse") return FfnMode::Sparse;
-  if (s == "auto") return FfnMode::Auto;
-  throw_js(env, "FfnLayer: mode must be 'dense', 'sparse' or 'auto'");
-}
+constexpr const char* kWho = "FfnLayer";  // prefixes argument errors (args.h)
 
 TrainMode parse_train_mode(Napi::Env env, const Napi::Object& o) {
   Napi::Value v = o.Get("mode");
@@ -121,8 +81,8 @@ class FfnLayerWrap : public Napi::ObjectWrap<FfnLayerWrap> {
     if (info.Length() != 1 || !info[0].IsObject()) throw_js(env, "new FfnLayer(options): options object required");
     Napi::Object o = info[0].As<Napi::Object>();
     FfnLayerConfig c;
-    c.d_model = int_opt(env, o, "dModel", -1, 1);
-    c.d_ff = int_opt(env, o, "dFF", -1, 1);
+    c.d_model = int_opt(env, o, "dModel", -1, 1, kWho);
+    c.d_ff = int_opt(env, o, "dFF", -1, 1, kWho);
     if (c.d_model < 1 || c.d_ff < 1) throw_js(env, "FfnLayer: dModel and dFF are required");
     Napi::Value g = o.Get("gated");
     if (!g.IsBoolean()) throw_js(env, "FfnLayer: gated must be a boolean");
@@ -132,16 +92,16 @@ class FfnLayerWrap : public Napi::ObjectWrap<FfnLayerWrap> {
     if (dts == "f32") c.dtype = DType::F32;
     else if (dts == "bf16") c.dtype = DType::BF16;
     else throw_js(env, "FfnLayer: dtype must be 'f32' or 'bf16'");
-    c.twell.tile = static_cast<int>(int_opt(env, o, "tileWidth", 256, 1));
-    c.twell.compression = static_cast<int>(int_opt(env, o, "compression", 8, 1));
+    c.twell.tile = static_cast<int>(int_opt(env, o, "tileWidth", 256, 1, kWho));
+    c.twell.compression = static_cast<int>(int_opt(env, o, "compression", 8, 1, kWho));
     const size_t n = static_cast<size_t>(c.d_model * c.d_ff);
-    const float* gate = c.gated ? f32_array(env, o.Get("gate"), n, "gate") : nullptr;
+    const float* gate = c.gated ? f32_array(env, o.Get("gate"), n, "gate", kWho) : nullptr;
     if (!c.gated && !o.Get("gate").IsUndefined()) throw_js(env, "FfnLayer: a non-gated layer takes no gate");
-    const float* up = f32_array(env, o.Get("up"), n, "up");
-    const float* down = f32_array(env, o.Get("down"), n, "down");
-    const float* up_bias = f32_opt(env, o, "upBias", static_cast<size_t>(c.d_ff));
+    const float* up = f32_array(env, o.Get("up"), n, "up", kWho);
+    const float* down = f32_array(env, o.Get("down"), n, "down", kWho);
+    const float* up_bias = f32_opt(env, o, "upBias", static_cast<size_t>(c.d_ff), kWho);
     if (c.gated && up_bias) throw_js(env, "FfnLayer: upBias is for non-gated layers");
-    const float* down_bias = f32_opt(env, o, "downBias", static_cast<size_t>(c.d_model));
+    const float* down_bias = f32_opt(env, o, "downBias", static_cast<size_t>(c.d_model), kWho);
     try {
       layer_ = std::make_unique<FfnLayer>(c, gate, up, down, up_bias, down_bias);
     } catch (const std::exception& e) {
@@ -163,7 +123,7 @@ class FfnLayerWrap : public Napi::ObjectWrap<FfnLayerWrap> {
   Napi::Float32Array out_array(Napi::Env env, const Napi::Object& o, size_t n) {
     Napi::Value v = o.Get("out");
     if (v.IsUndefined() || v.IsNull()) return Napi::Float32Array::New(env, n);
-    f32_array(env, v, n, "out");
+    f32_array(env, v, n, "out", kWho);
     return v.As<Napi::Float32Array>();
   }
 
@@ -182,9 +142,9 @@ class FfnLayerWrap : public Napi::ObjectWrap<FfnLayerWrap> {
       M = tokens(env, info.Length() > 1 ? info[1] : env.Undefined());
       opt_index = 2;
     }
-    const float* x = f32_array(env, info[0], static_cast<size_t>(M * d()), "x");
-    Napi::Object o = opts_of(info, opt_index);
-    const FfnMode mode = parse_mode(env, o);
+    const float* x = f32_array(env, info[0], static_cast<size_t>(M * d()), "x", kWho);
+    Napi::Object o = opts_of(info, opt_index, kWho);
+    const FfnMode mode = parse_mode(env, o, kWho);
     Napi::Float32Array y = out_array(env, o, static_cast<size_t>(M * d()));
     FfnStats s;
     try {
@@ -216,7 +176,7 @@ class FfnLayerWrap : public Napi::ObjectWrap<FfnLayerWrap> {
 
   HybridParams hybrid_params(Napi::Env env, const Napi::Object& o) {
     HybridParams p;
-    p.ell_width = static_cast<int>(int_opt(env, o, "ellWidth", 128, 1));
+    p.ell_width = static_cast<int>(int_opt(env, o, "ellWidth", 128, 1, kWho));
     Napi::Value l1 = o.Get("l1");
     if (!l1.IsUndefined()) {
       if (!l1.IsNumber()) throw_js(env, "FfnLayer.trainStep: l1 must be a number");
@@ -231,9 +191,9 @@ class FfnLayerWrap : public Napi::ObjectWrap<FfnLayerWrap> {
     if (info.Length() < 3) throw_js(env, "FfnLayer.trainStep(x, dy, M, opts?)");
     const int64_t M = tokens(env, info[2]);
     const size_t n = static_cast<size_t>(M * d());
-    const float* x = f32_array(env, info[0], n, "x");
-    const float* dy = f32_array(env, info[1], n, "dy");
-    Napi::Object o = opts_of(info, 3);
+    const float* x = f32_array(env, info[0], n, "x", kWho);
+    const float* dy = f32_array(env, info[1], n, "dy", kWho);
+    Napi::Object o = opts_of(info, 3, kWho);
     const TrainMode mode = parse_train_mode(env, o);
     const HybridParams p = hybrid_params(env, o);
     FfnTrainer& tr = trainer(env);
@@ -271,15 +231,15 @@ class FfnLayerWrap : public Napi::ObjectWrap<FfnLayerWrap> {
     const std::string kind = info[0].As<Napi::String>().Utf8Value();
     const int64_t M = tokens(env, info[2]);
     const size_t n = static_cast<size_t>(M * d());
-    const float* x = f32_array(env, info[1], n, "x");
-    Napi::Object o = opts_of(info, 3);
+    const float* x = f32_array(env, info[1], n, "x", kWho);
+    Napi::Object o = opts_of(info, 3, kWho);
     const int64_t repeats = tokens(env, info[4]);
     if (!info[5].IsNumber() || info[5].As<Napi::Number>().Int64Value() < 0) throw_js(env, "FfnLayer.time: warmup must be >= 0");
     const int64_t warmup = info[5].As<Napi::Number>().Int64Value();
     std::vector<float> y(n), dx(n), dy_own;
     std::function<void()> call;
     if (kind == "forward" || kind == "decode") {
-      const FfnMode mode = parse_mode(env, o);
+      const FfnMode mode = parse_mode(env, o, kWho);
       const bool dec = kind == "decode";
       call = [&, mode, dec] {
         if (dec) layer_->decode(x, M, y.data(), mode);
@@ -288,7 +248,7 @@ class FfnLayerWrap : public Napi::ObjectWrap<FfnLayerWrap> {
     } else if (kind == "train") {
       const TrainMode mode = parse_train_mode(env, o);
       const HybridParams p = hybrid_params(env, o);
-      const float* dy = f32_opt(env, o, "dy", n);
+      const float* dy = f32_opt(env, o, "dy", n, kWho);
       if (!dy) {
         dy_own.resize(n);
         uint32_t s = 12345u;
