@@ -64,4 +64,39 @@ inline FfnMode parse_mode(Napi::Env env, const Napi::Object& o, const char* who)
   throw_js(env, std::string(who) + ": mode must be 'dense', 'sparse' or 'auto'");
 }
 
+// What both FFN layer constructors take (everything but the dtype, whose rule each backend sets):
+// { dModel, dFF, gated, tileWidth?, compression?, gate? (gated only), up, down (standard W_down
+// [d, dFF]), upBias? (non-gated only), downBias? }. The arrays stay owned by JavaScript.
+struct FfnLayerArgs {
+  FfnLayerConfig config;
+  const float* gate = nullptr;
+  const float* up = nullptr;
+  const float* down = nullptr;
+  const float* up_bias = nullptr;
+  const float* down_bias = nullptr;
+};
+
+inline FfnLayerArgs read_ffn_layer_args(Napi::Env env, const Napi::Object& o, const char* who) {
+  const std::string w(who);
+  FfnLayerArgs a;
+  FfnLayerConfig& c = a.config;
+  c.d_model = int_opt(env, o, "dModel", -1, 1, who);
+  c.d_ff = int_opt(env, o, "dFF", -1, 1, who);
+  if (c.d_model < 1 || c.d_ff < 1) throw_js(env, w + ": dModel and dFF are required");
+  Napi::Value g = o.Get("gated");
+  if (!g.IsBoolean()) throw_js(env, w + ": gated must be a boolean");
+  c.gated = g.As<Napi::Boolean>().Value();
+  c.twell.tile = static_cast<int>(int_opt(env, o, "tileWidth", 256, 1, who));
+  c.twell.compression = static_cast<int>(int_opt(env, o, "compression", 8, 1, who));
+  const size_t n = static_cast<size_t>(c.d_model * c.d_ff);
+  if (c.gated) a.gate = f32_array(env, o.Get("gate"), n, "gate", who);
+  else if (!o.Get("gate").IsUndefined()) throw_js(env, w + ": a non-gated layer takes no gate");
+  a.up = f32_array(env, o.Get("up"), n, "up", who);
+  a.down = f32_array(env, o.Get("down"), n, "down", who);
+  a.up_bias = f32_opt(env, o, "upBias", static_cast<size_t>(c.d_ff), who);
+  if (c.gated && a.up_bias) throw_js(env, w + ": upBias is for non-gated layers");
+  a.down_bias = f32_opt(env, o, "downBias", static_cast<size_t>(c.d_model), who);
+  return a;
+}
+
 }  // namespace sparsellm::addon

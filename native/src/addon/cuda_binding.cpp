@@ -66,29 +66,13 @@ class CudaFfnLayerWrap : public Napi::ObjectWrap<CudaFfnLayerWrap> {
     Napi::Env env = info.Env();
     if (info.Length() != 1 || !info[0].IsObject()) throw_js(env, "new CudaFfnLayer(options): options object required");
     Napi::Object o = info[0].As<Napi::Object>();
-    FfnLayerConfig c;
-    c.d_model = int_opt(env, o, "dModel", -1, 1, kWho);
-    c.d_ff = int_opt(env, o, "dFF", -1, 1, kWho);
-    if (c.d_model < 1 || c.d_ff < 1) throw_js(env, "CudaFfnLayer: dModel and dFF are required");
-    Napi::Value g = o.Get("gated");
-    if (!g.IsBoolean()) throw_js(env, "CudaFfnLayer: gated must be a boolean");
-    c.gated = g.As<Napi::Boolean>().Value();
+    FfnLayerArgs a = read_ffn_layer_args(env, o, "CudaFfnLayer");
     Napi::Value dt = o.Get("dtype");
     const std::string dts = dt.IsString() ? dt.As<Napi::String>().Utf8Value() : "bf16";
     if (dts != "bf16") throw_js(env, "CudaFfnLayer: the CUDA kernels keep bf16 weights: dtype must be 'bf16'");
-    c.dtype = DType::BF16;
-    c.twell.tile = static_cast<int>(int_opt(env, o, "tileWidth", 256, 1, kWho));
-    c.twell.compression = static_cast<int>(int_opt(env, o, "compression", 8, 1, kWho));
-    const size_t n = static_cast<size_t>(c.d_model * c.d_ff);
-    const float* gate = c.gated ? f32_array(env, o.Get("gate"), n, "gate", kWho) : nullptr;
-    if (!c.gated && !o.Get("gate").IsUndefined()) throw_js(env, "CudaFfnLayer: a non-gated layer takes no gate");
-    const float* up = f32_array(env, o.Get("up"), n, "up", kWho);
-    const float* down = f32_array(env, o.Get("down"), n, "down", kWho);
-    const float* up_bias = f32_opt(env, o, "upBias", static_cast<size_t>(c.d_ff), kWho);
-    if (c.gated && up_bias) throw_js(env, "CudaFfnLayer: upBias is for non-gated layers");
-    const float* down_bias = f32_opt(env, o, "downBias", static_cast<size_t>(c.d_model), kWho);
+    a.config.dtype = DType::BF16;
     try {
-      layer_ = std::make_unique<CudaFfnLayer>(c, gate, up, down, up_bias, down_bias);
+      layer_ = std::make_unique<CudaFfnLayer>(a.config, a.gate, a.up, a.down, a.up_bias, a.down_bias);
     } catch (const std::exception& e) {
       throw_js(env, e.what());
     }
