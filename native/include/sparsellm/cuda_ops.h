@@ -94,13 +94,24 @@ struct Epilogue {
 };
 
 // out = epi(A · Wᵀ): A bf16 [M, K] (lda), W bf16 [N, K] (ldw), f32 accumulation on tensor cores
-// (mma.sync m16n8k16, cp.async multi-stage pipeline, predicated edges).
+// (Hopper: wgmma with a TMA/mbarrier pipeline; else mma.sync m16n8k16 with a cp.async pipeline;
+// see GemmKernel below).
 void gemm_bf16(const uint16_t* A, int64_t lda, const uint16_t* W, int64_t ldw, int64_t M,
                int64_t N, int64_t K, const Epilogue& epi);
 // The same product for a few rows (M ≤ 8): memory-bound, one warp per output column.
 void gemv_bf16(const uint16_t* A, int64_t lda, const uint16_t* W, int64_t ldw, int64_t M,
                int64_t N, int64_t K, const Epilogue& epi);
 constexpr int64_t kGemvMaxRows = 8;
+
+// The kernel behind gemm_bf16 and twell_gate_bf16 (for tests and benchmarks). Auto: on compute
+// capability 9.0 the Hopper kernel (wgmma on TMA-fed shared memory, sm_90a code), else, or where
+// the operands do not allow TMA (K = 0), the mma.sync kernel; a forced Hopper variant falls back
+// the same way. The environment variable SPARSELLM_CUDA_GEMM = mma | wgmma | wgmma2 sets the
+// initial choice. last_gemm_kernel() names the kernel of the last call: "mma.sync", "wgmma" or
+// "wgmma-cluster2" (W stages shared by two blocks through TMA multicast).
+enum class GemmKernel : int { Auto = 0, MmaSync = 1, Wgmma = 2, WgmmaCluster2 = 3 };
+void set_gemm_kernel(GemmKernel k);
+const char* last_gemm_kernel();
 
 // cuBLAS, loaded at run time (libcublas.so.13 or .so.12; SPARSELLM_CUBLAS names a file), as
 // the reference our GEMM is compared with. available() says why not when absent.

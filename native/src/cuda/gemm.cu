@@ -1,13 +1,17 @@
 // Dense GEMM on tensor cores, the GEMV kernel for a few rows, and the TwELL gate GEMM (the same
-// tensor-core kernel with the packing epilogue). Kernel in gemm_kernel.cuh.
+// tensor-core kernels with the packing epilogue). Kernels: gemm_wgmma.cu (Hopper, sm_90a) and
+// gemm_kernel.cuh (mma.sync, any device of compute capability 8.0+), chosen at run time.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
 #include "common.cuh"
 #include "gemm_kernel.cuh"
+#include "gemm_wgmma.h"
 #include "sparsellm/cuda_ops.h"
 
 namespace sparsellm::cuda {
@@ -80,6 +84,29 @@ void run_gemm(const uint16_t* A, int64_t lda, const uint16_t* W, int64_t ldw, in
   else launch_gemm<128>(A, lda, W, ldw, M, N, K, p);
 }
 
+// --- kernel choice ------------------------------------------------------------------------------
+
+GemmKernel env_choice() {
+  const char* v = std::getenv("SPARSELLM_CUDA_GEMM");
+  if (!v) return GemmKernel::Auto;
+  if (!std::strcmp(v, "mma")) return GemmKernel::MmaSync;
+  if (!std::strcmp(v, "wgmma")) return GemmKernel::Wgmma;
+  if (!std::strcmp(v, "wgmma2")) return GemmKernel::WgmmaCluster2;
+  return GemmKernel::Auto;
+}
+GemmKernel g_choice = env_choice();
+const char* g_last = "none";
+
+// The Hopper kernel when the device and operands allow it; false: the caller runs mma.sync.
+bool try_wgmma(const uint16_t* A, int64_t lda, const uint16_t* W, int64_t ldw, int64_t M, int64_t N, int64_t K,
+               const EpiParams& p) {
+  if (g_choice == GemmKernel::MmaSync || !detail::wgmma_supported()) return false;
+  const int cluster = g_choice == GemmKernel::WgmmaCluster2 ? 2 : 1;
+  if (!detail::wgmma_gemm(A, lda, W, ldw, M, N, K, p, cluster)) return false;
+  g_last = cluster == 2 ? "wgmma-cluster2" : "wgmma";
+  return true;
+}
+
 // --- GEMV: one warp per output column n, MT rows at once --------------------------------------
 
 template <int MT>
@@ -126,10 +153,15 @@ void gemm_bf16(const uint16_t* A, int64_t lda, const uint16_t* W, int64_t ldw, i
   check_operands("gemm_bf16", A, lda, W, ldw, M, N, K);
   if (M == 0 || N == 0) return;
   EpiParams p = plain_params(epi);
+  if (try_wgmma(A, lda, W, ldw, M, N, K, p)) return;
   // 128 x 256 blocks unless that leaves most multiprocessors idle (few rows or columns).
   const int64_t blocks256 = ceil_div(M, detail::kBM) * ceil_div(N, 256);
   run_gemm(A, lda, W, ldw, M, N, K, p, blocks256 >= 2 * sm_count() ? 256 : 128);
+  g_last = "mma.sync";
 }
+
+void set_gemm_kernel(GemmKernel k) { g_choice = k; }
+const char* last_gemm_kernel() { return g_last; }
 
 void gemv_bf16(const uint16_t* A, int64_t lda, const uint16_t* W, int64_t ldw, int64_t M, int64_t N, int64_t K,
                const Epilogue& epi) {
@@ -168,8 +200,10 @@ void twell_gate_bf16(const uint16_t* A, int64_t lda, const uint16_t* W, int64_t 
   p.tiles = out.tiles;
   p.count = out.count;
   p.entries = out.entries;
+  if (try_wgmma(A, lda, W, ldw, M, N, K, p)) return;
   // The block's N range must hold whole tiles: 256-wide blocks for T = 256, else 128.
   run_gemm(A, lda, W, ldw, M, N, K, p, out.tile == 256 ? 256 : 128);
+  g_last = "mma.sync";
 }
 
 }  // namespace sparsellm::cuda

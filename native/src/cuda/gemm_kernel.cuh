@@ -88,6 +88,45 @@ __device__ __forceinline__ void epi_store(const EpiParams& ep, int64_t m, int64_
   else static_cast<float*>(ep.out)[m * ep.ldo + n] = v;
 }
 
+// TwELL packing of one staged row (one warp, all lanes): srow holds the ReLU'd bf16 values of
+// output row m, columns n0 .. n0 + bn - 1 (bn a multiple of the tile T). Per tile the lanes own
+// T/32 consecutive columns, count their positives, and a warp scan gives each lane its first
+// slot, so entries land in increasing column order; the tile's count is the true number of
+// positives (it may exceed cap: only the first cap entries are written).
+__device__ __forceinline__ void twell_pack_row(const EpiParams& ep, const uint16_t* srow_all, int64_t m, int n0, int bn,
+                                               int N, int lane) {
+  const int T = ep.tile, per = T / 32, cap = ep.cap;
+  for (int tt = 0; tt < bn / T; ++tt) {
+    const int cbase = n0 + tt * T;
+    if (cbase >= N) break;
+    const int64_t tile_idx = cbase / T;
+    const uint16_t* srow = srow_all + tt * T + lane * per;
+    int cnt = 0;
+    for (int e = 0; e < per; ++e) {
+      const int n = cbase + lane * per + e;
+      cnt += (n < N && bf16_bits_to_f32(srow[e]) > 0.f) ? 1 : 0;
+    }
+    int incl = cnt;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int t = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += t;
+    }
+    const int total = __shfl_sync(0xffffffffu, incl, 31);
+    int pos = incl - cnt;
+    uint32_t* ent = ep.entries + (m * ep.tiles + tile_idx) * cap;
+    for (int e = 0; e < per && pos < cap; ++e) {
+      const int n = cbase + lane * per + e;
+      const uint32_t b = srow[e];
+      if (n < N && bf16_bits_to_f32(b) > 0.f) {
+        ent[pos] = (b << 16) | static_cast<uint32_t>(lane * per + e);
+        ++pos;
+      }
+    }
+    if (lane == 0) ep.count[m * ep.tiles + tile_idx] = total;
+  }
+}
+
 template <int BN>
 __global__ void __launch_bounds__(gemm_threads<BN>(), 1)
     gemm_bf16_kernel(const uint16_t* __restrict__ A, int64_t lda, const uint16_t* __restrict__ W, int64_t ldw,
@@ -239,9 +278,8 @@ __global__ void __launch_bounds__(gemm_threads<BN>(), 1)
     return;
   }
 
-  // TwELL epilogue: ReLU'd bf16 block staged in shared memory, then each warp packs rows: per
-  // (row, tile) the lanes own T/32 consecutive columns, count their positives, and a warp scan
-  // gives each lane its first slot, so entries land in increasing column order.
+  // TwELL epilogue: ReLU'd bf16 block staged in shared memory, then each warp packs rows
+  // (twell_pack_row).
   constexpr int SLD = BN + 8;  // padded row (bank spread for the staging stores)
   uint16_t* st = smem;
 #pragma unroll
@@ -260,39 +298,10 @@ __global__ void __launch_bounds__(gemm_threads<BN>(), 1)
       }
     }
   __syncthreads();
-  const int T = ep.tile, per = T / 32, cap = ep.cap;
   for (int r = warp; r < kBM; r += NWARPS) {
     const int64_t m = m0 + r;
     if (m >= M) break;
-    for (int tt = 0; tt < BN / T; ++tt) {
-      const int cbase = n0 + tt * T;
-      if (cbase >= N) break;
-      const int64_t tile_idx = cbase / T;
-      const uint16_t* srow = st + r * SLD + tt * T + lane * per;
-      int cnt = 0;
-      for (int e = 0; e < per; ++e) {
-        const int n = cbase + lane * per + e;
-        cnt += (n < N && bf16_bits_to_f32(srow[e]) > 0.f) ? 1 : 0;
-      }
-      int incl = cnt;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int t = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += t;
-      }
-      const int total = __shfl_sync(0xffffffffu, incl, 31);
-      int pos = incl - cnt;
-      uint32_t* ent = ep.entries + (m * ep.tiles + tile_idx) * cap;
-      for (int e = 0; e < per && pos < cap; ++e) {
-        const int n = cbase + lane * per + e;
-        const uint32_t b = srow[e];
-        if (n < N && bf16_bits_to_f32(b) > 0.f) {
-          ent[pos] = (b << 16) | static_cast<uint32_t>(lane * per + e);
-          ++pos;
-        }
-      }
-      if (lane == 0) ep.count[m * ep.tiles + tile_idx] = total;
-    }
+    twell_pack_row(ep, st + r * SLD, m, n0, BN, N, lane);
   }
 }
 
