@@ -110,6 +110,25 @@ constexpr int64_t kAttentionGemmMinTokens = 8;
 
 // ---- the whole model -----------------------------------------------------------------------
 namespace sparsellm {
+// ---- decode GEMV ---------------------------------------------------------------------------
+
+// One product of a decode GEMV: y [M, w.rows] (ldy) = x · wᵀ.
+struct GemvOutput {
+  WeightView w;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
+
+// y_i = x [M, K] (ldx) · W_iᵀ for every output i (all W_i [N_i, K], f32 or bf16 widened in
+// registers, f32 sums), for few tokens (decode; M > 4 runs in groups of 4, each re-reading W).
+// One parallel region: the rows of all the matrices are concatenated and each thread streams
+// one contiguous share, several rows in flight, software-prefetched (SPARSELLM_GEMV_PF bytes
+// ahead, default 1024). q/k/v (or gate/up) that read the same x go in one call.
+void gemv_multi(const float* x, int64_t ldx, int64_t M, const GemvOutput* outs, int n_outs);
+void gemv(const float* x, int64_t ldx, int64_t M, const WeightView& W, float* y, int64_t ldy);
+// The row kernel the current ISA dispatches to (e.g. "avx512 4 streams").
+const char* gemv_kernel_name();
+
 
 // A read-only memory map of a whole file (the packed model). Throws std::runtime_error naming
 // the file when it cannot be opened or mapped.

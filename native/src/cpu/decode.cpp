@@ -1,5 +1,7 @@
 // Decode (one token, or a handful): gate GEMV, then only the active neurons' weight blocks are
-// read, the threads splitting the active list (sparsellm/ffn.h, FfnLayer::decode).
+// read, the threads splitting the active list (sparsellm/ffn.h, FfnLayer::decode). The GEMVs
+// are the decode GEMV of sparsellm/model.h (gemv.cpp): dense mode runs gate and up in one pass
+// over their rows, then down on W_down [d, F].
 #include <omp.h>
 
 #include <algorithm>
@@ -10,20 +12,64 @@
 #include "sparsellm/cpu_info.h"
 #include "sparsellm/ffn.h"
 #include "sparsellm/gemm.h"
+#include "sparsellm/model.h"
 
 namespace sparsellm {
+
+namespace {
+
+// y [M, d] = h [M, F] · W_downᵀ (+ bias), through the decode GEMV on W_down [d, F].
+void down_gemv(const float* h, int64_t F, int64_t M, const WeightView& down, const float* bias, float* y, int64_t d) {
+  gemv(h, F, M, down, y, d);
+  if (bias)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < d; ++k) y[m * d + k] += bias[k];
+}
+
+}  // namespace
 
 FfnStats FfnLayer::decode(const float* x, int64_t M, float* y, FfnMode mode) {
   if (M < 0) throw std::invalid_argument("FfnLayer.decode: negative token count");
   if (M == 0) return FfnStats{};
-  if (mode == FfnMode::Dense) return dense_forward(x, M, y, nullptr);
   const int64_t d = cfg_.d_model, F = cfg_.d_ff;
   const int T = cfg_.twell.tile, cap = cfg_.twell.capacity();
+  const float* ub = up_bias();
+  const GateAct act = cfg_.act;  // plain ReLU: keep v > 0; thresholded: keep |act(v)| > c
+
+  if (mode == FfnMode::Dense) {
+    // Three dense GEMVs: gate (and up, same x, one pass), then down on the hidden vector.
+    if (work_.size() < static_cast<size_t>(2 * M * F)) work_.resize(static_cast<size_t>(2 * M * F));
+    float* G = work_.data();
+    float* U = G + M * F;
+    if (cfg_.gated) {
+      const GemvOutput gu[2] = {{gate_view(), G, F}, {up_view(), U, F}};
+      gemv_multi(x, d, M, gu, 2);
+    } else {
+      gemv(x, d, M, gate_view(), G, F);
+    }
+    FfnStats st;
+    st.path = FfnPath::Dense;
+    st.rows = M;
+    for (int64_t m = 0; m < M; ++m) {
+      float* g = G + m * F;
+      const float* u = U + m * F;
+      int64_t n = 0;
+      for (int64_t j = 0; j < F; ++j) {
+        float v = act.apply(g[j] + (ub ? ub[j] : 0.f));
+        n += v != 0.f;
+        g[j] = cfg_.gated ? v * u[j] : v;
+      }
+      st.nnz += n;
+      st.max_row_nnz = std::max(st.max_row_nnz, n);
+    }
+    down_gemv(G, F, M, down_standard(), down_bias(), y, d);
+    return st;
+  }
 
   // Gate GEMV (+ bias for non-gated); the pre-activations stay in work_ [M, F].
   if (work_.size() < static_cast<size_t>(M * F)) work_.resize(static_cast<size_t>(M * F));
   float* G = work_.data();
-  gemm(x, d, M, gate_view(), G, F);
+  gemv(x, d, M, gate_view(), G, F);
 
   // Active lists of all tokens, flattened: (token, neuron, value).
   std::vector<int32_t> tok, js;
@@ -33,8 +79,6 @@ FfnStats FfnLayer::decode(const float* x, int64_t M, float* y, FfnMode mode) {
   vs.reserve(static_cast<size_t>(M) * 64);
   FfnStats st;
   st.rows = M;
-  const float* ub = up_bias();
-  const GateAct act = cfg_.act;  // plain ReLU: keep v > 0; thresholded: keep |act(v)| > c
   for (int64_t m = 0; m < M; ++m) {
     float* g = G + m * F;
     int64_t row = 0;
@@ -66,16 +110,15 @@ FfnStats FfnLayer::decode(const float* x, int64_t M, float* y, FfnMode mode) {
   if (mode == FfnMode::Auto && prefer_dense(st, M)) {
     // Dense up+down from the gate already computed (activated in place above).
     if (cfg_.gated) {
-      gemm_epilogue(x, d, M, up_view(),
-                    [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* c, int64_t ldc, int) {
-                      for (int64_t m = m0; m < m1; ++m)
-                        for (int64_t k = 0; k < n1 - n0; ++k) G[m * F + n0 + k] *= c[(m - m0) * ldc + k];
-                    });
+      if (work_.size() < static_cast<size_t>(2 * M * F)) {
+        work_.resize(static_cast<size_t>(2 * M * F));
+        G = work_.data();
+      }
+      float* U = G + M * F;
+      gemv(x, d, M, up_view(), U, F);
+      for (int64_t k = 0; k < M * F; ++k) G[k] *= U[k];
     }
-    gemm(G, F, M, down_standard(), y, d);
-    if (const float* b = down_bias())
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = 0; k < d; ++k) y[m * d + k] += b[k];
+    down_gemv(G, F, M, down_standard(), down_bias(), y, d);
     st.path = FfnPath::Dense;
     return st;
   }

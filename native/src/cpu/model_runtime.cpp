@@ -136,7 +136,8 @@ void Model::forward(const int32_t* tokens, int64_t T, bool all_logits, RunMode m
   const float* src = x_.data() + (all_logits ? 0 : (T - 1) * d);
   if (cfg_.rmsnorm) rms_norm(src, d, rows, d, w_.final_norm_w, cfg_.norm_eps, h_.data(), d);
   else layer_norm(src, d, rows, d, w_.final_norm_w, w_.final_norm_b, cfg_.norm_eps, h_.data(), d);
-  gemm(h_.data(), d, rows, w_.lm_head, logits, cfg_.vocab);
+  if (rows <= kDecodeMaxTokens) gemv(h_.data(), d, rows, w_.lm_head, logits, cfg_.vocab);
+  else gemm(h_.data(), d, rows, w_.lm_head, logits, cfg_.vocab);
 }
 
 void Model::attention_block(int64_t l, int64_t T, int64_t pos0) {
@@ -148,9 +149,15 @@ void Model::attention_block(int64_t l, int64_t T, int64_t pos0) {
   grow(att_, T * qd);
   if (cfg_.rmsnorm) rms_norm(x_.data(), d, T, d, L.attn_norm_w, cfg_.norm_eps, h_.data(), d);
   else layer_norm(x_.data(), d, T, d, L.attn_norm_w, L.attn_norm_b, cfg_.norm_eps, h_.data(), d);
-  gemm(h_.data(), d, T, L.q, q_.data(), qd);
-  gemm(h_.data(), d, T, L.k, k_.data(), kd);
-  gemm(h_.data(), d, T, L.v, v_.data(), kd);
+  if (T <= kDecodeMaxTokens) {
+    // Decode: the three projections read the same x, one GEMV pass over their rows.
+    const GemvOutput qkv[3] = {{L.q, q_.data(), qd}, {L.k, k_.data(), kd}, {L.v, v_.data(), kd}};
+    gemv_multi(h_.data(), d, T, qkv, 3);
+  } else {
+    gemm(h_.data(), d, T, L.q, q_.data(), qd);
+    gemm(h_.data(), d, T, L.k, k_.data(), kd);
+    gemm(h_.data(), d, T, L.v, v_.data(), kd);
+  }
   if (L.q_b) add_bias(q_.data(), qd, T, qd, L.q_b);
   if (L.k_b) add_bias(k_.data(), kd, T, kd, L.k_b);
   if (L.v_b) add_bias(v_.data(), kd, T, kd, L.v_b);
@@ -160,7 +167,8 @@ void Model::attention_block(int64_t l, int64_t T, int64_t pos0) {
   }
   kv_cache_store(cache_, l, k_.data(), kd, v_.data(), kd, T, pos0);
   attention_causal(q_.data(), qd, T, cfg_.n_heads, cache_, l, pos0, att_.data(), qd);
-  gemm(att_.data(), qd, T, L.o, y_.data(), d);
+  if (T <= kDecodeMaxTokens) gemv(att_.data(), qd, T, L.o, y_.data(), d);
+  else gemm(att_.data(), qd, T, L.o, y_.data(), d);
   if (L.o_b) add_bias(y_.data(), d, T, d, L.o_b);
   add_inplace(x_.data(), d, y_.data(), d, T, d);
 }

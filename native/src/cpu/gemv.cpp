@@ -1,0 +1,160 @@
+// Decode GEMV driver (sparsellm/model.h, gemv / gemv_multi): y_i = x · W_iᵀ for 1 .. 4 tokens,
+// several weight matrices sharing one input in a single parallel region. The rows of all the
+// matrices are concatenated and cut into one contiguous range per thread (static, by rows), so
+// each thread streams its share once with no scheduling or per-call allocation; the ISA row
+// kernels (gemv_kernels.h) keep several rows in flight per thread.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+
+#include "gemv_kernels.h"
+#include "sparsellm/cpu_info.h"
+#include "sparsellm/model.h"
+
+namespace sparsellm {
+namespace gemv_detail {
+namespace {
+
+// Portable kernels: one row at a time, four partial sums.
+template <typename T, typename F>
+void p_rows(const GemvArgs& a, const T* W, int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy, F widen) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* w = W + n * ldw;
+    for (int m = 0; m < a.M; ++m) {
+      const float* x = a.x + m * a.ldx;
+      float s[4] = {0, 0, 0, 0};
+      int64_t k = 0;
+      for (; k + 4 <= a.K; k += 4)
+        for (int j = 0; j < 4; ++j) s[j] += x[k + j] * widen(w[k + j]);
+      for (; k < a.K; ++k) s[0] += x[k] * widen(w[k]);
+      y[m * ldy + n] = (s[0] + s[1]) + (s[2] + s[3]);
+    }
+  }
+}
+void p_bf16(const GemvArgs& a, const uint16_t* W, int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  p_rows(a, W, ldw, n0, n1, y, ldy, [](uint16_t h) { return bf16_to_f32(h); });
+}
+void p_f32(const GemvArgs& a, const float* W, int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  p_rows(a, W, ldw, n0, n1, y, ldy, [](float v) { return v; });
+}
+const GemvKernels k_portable{"portable", false, p_bf16, p_f32};
+
+const GemvKernels& pick() {
+  switch (active_isa()) {
+    case Isa::Avx512: return gemv_kernels_avx512();
+    case Isa::Avx2: return gemv_kernels_avx2();
+    default: return k_portable;
+  }
+}
+
+int64_t prefetch_bytes() {
+  static const int64_t pf = [] {
+    const char* v = std::getenv("SPARSELLM_GEMV_PF");
+    const long long x = v && *v ? std::strtoll(v, nullptr, 10) : 0;
+    return x >= 64 && x <= (1 << 16) ? static_cast<int64_t>(x) / 64 * 64 : int64_t(1024);
+  }();
+  return pf;
+}
+
+// The even/odd split of x, per calling thread, grown on demand (64-byte aligned).
+struct SplitBuffer {
+  float* p = nullptr;
+  size_t n = 0;
+  ~SplitBuffer() { std::free(p); }
+  float* get(size_t count) {
+    if (count > n) {
+      std::free(p);
+      p = static_cast<float*>(std::aligned_alloc(64, (count * sizeof(float) + 63) / 64 * 64));
+      if (!p) {
+        n = 0;
+        throw std::bad_alloc();
+      }
+      n = count;
+    }
+    return p;
+  }
+};
+thread_local SplitBuffer t_split;
+
+}  // namespace
+}  // namespace gemv_detail
+
+using namespace gemv_detail;
+
+const char* gemv_kernel_name() { return pick().name; }
+
+void gemv_multi(const float* x, int64_t ldx, int64_t M, const GemvOutput* outs, int n_outs) {
+  if (M < 0 || n_outs < 0) throw std::invalid_argument("gemv: negative shape");
+  if (M == 0 || n_outs == 0) return;
+  const int64_t K = outs[0].w.cols;
+  int64_t R = 0;
+  for (int i = 0; i < n_outs; ++i) {
+    const GemvOutput& o = outs[i];
+    if (o.w.cols != K) throw std::invalid_argument("gemv: every matrix must have the same K");
+    if (o.w.dtype != DType::F32 && o.w.dtype != DType::BF16) throw std::invalid_argument("gemv: W must be f32 or bf16");
+    if (o.w.rows < 0 || (o.w.rows > 0 && o.w.ld < K)) throw std::invalid_argument("gemv: W.ld < K");
+    if (o.w.rows > 0 && (!o.w.data || !o.y || (M > 1 && o.ldy < o.w.rows)))
+      throw std::invalid_argument("gemv: null pointer or ldy < rows");
+    R += o.w.rows;
+  }
+  if (ldx < K || !x) throw std::invalid_argument("gemv: ldx < K or null x");
+  if (R == 0) return;
+  const GemvKernels& kr = pick();
+  GemvArgs base;
+  base.K = K;
+  base.ldx = ldx;
+  base.pf = prefetch_bytes();
+  base.K2 = gemv_k2(K);
+  // Small products are not worth waking the team: at least 256 KiB of weights per thread.
+  int64_t bytes = 0;
+  for (int i = 0; i < n_outs; ++i) bytes += outs[i].w.rows * K * dtype_size(outs[i].w.dtype);
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), bytes >> 18)));
+  for (int64_t g0 = 0; g0 < M; g0 += kMaxTokens) {
+    GemvArgs a = base;
+    a.M = static_cast<int>(std::min<int64_t>(kMaxTokens, M - g0));
+    a.x = x + g0 * ldx;
+    if (kr.split && K > 0) {
+      float* buf = t_split.get(static_cast<size_t>(2 * a.M * a.K2));
+      a.xe = buf;
+      a.xo = buf + a.M * a.K2;
+      for (int m = 0; m < a.M; ++m) {
+        const float* xr = a.x + m * ldx;
+        float* e = buf + m * a.K2;
+        float* o = buf + (a.M + m) * a.K2;
+        for (int64_t j = 0; j < a.K2; ++j) {
+          e[j] = 2 * j < K ? xr[2 * j] : 0.f;
+          o[j] = 2 * j + 1 < K ? xr[2 * j + 1] : 0.f;
+        }
+      }
+    }
+#pragma omp parallel num_threads(threads)
+    {
+      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      const int64_t r0 = R * tid / nt, r1 = R * (tid + 1) / nt;
+      int64_t off = 0;
+      for (int i = 0; i < n_outs && off < r1; ++i) {
+        const GemvOutput& o = outs[i];
+        const int64_t lo = std::max(r0, off), hi = std::min(r1, off + o.w.rows);
+        if (lo < hi) {
+          float* y = o.y + g0 * o.ldy;
+          if (o.w.dtype == DType::BF16)
+            kr.bf16(a, static_cast<const uint16_t*>(o.w.data), o.w.ld, lo - off, hi - off, y, o.ldy);
+          else
+            kr.f32(a, static_cast<const float*>(o.w.data), o.w.ld, lo - off, hi - off, y, o.ldy);
+        }
+        off += o.w.rows;
+      }
+    }
+  }
+}
+
+void gemv(const float* x, int64_t ldx, int64_t M, const WeightView& W, float* y, int64_t ldy) {
+  const GemvOutput o{W, y, ldy};
+  gemv_multi(x, ldx, M, &o, 1);
+}
+
+}  // namespace sparsellm

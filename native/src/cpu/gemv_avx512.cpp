@@ -1,0 +1,164 @@
+// AVX-512 row kernels of the decode GEMV (gemv_kernels.h): `S` weight rows in flight per
+// thread, each from its own contiguous run of rows, 64 bytes per row per step, a prefetch
+// `pf` bytes ahead on every run (into the run's next row near a row's end), bf16 widened in
+// registers (low half of a 32-bit lane: shift left 16; high half: mask), f32 FMAs into
+// M x S accumulators. No standard-library templates (different ISA flags from the rest).
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "gemv_kernels.h"
+
+namespace sparsellm::gemv_detail {
+namespace {
+
+constexpr int S = 4;  // rows (independent memory streams) in flight per thread
+
+inline __mmask32 mask32(int64_t n) { return n >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1); }
+inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+template <int M_, int S_>
+inline void bf16_tile(const GemvArgs& a, const uint16_t* const* w, const uint16_t* const* nx, float* const* yo,
+                      int64_t ldy) {
+  __m512 acc[M_][S_];
+  for (int m = 0; m < M_; ++m)
+    for (int s = 0; s < S_; ++s) acc[m][s] = _mm512_setzero_ps();
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t K = a.K, K2 = a.K2, pfe = a.pf / 2;
+  const float* xe = a.xe;
+  const float* xo = a.xo;
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const int64_t kp = k + pfe;
+    __m512 we[S_], wo[S_];
+    for (int s = 0; s < S_; ++s) {
+      const __m512i v = _mm512_loadu_si512(w[s] + k);
+      _mm_prefetch(reinterpret_cast<const char*>(kp < K ? w[s] + kp : nx[s] + (kp - K)), _MM_HINT_T0);
+      we[s] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      wo[s] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+    }
+    const int64_t j = k / 2;
+    for (int m = 0; m < M_; ++m) {
+      const __m512 a0 = _mm512_load_ps(xe + m * K2 + j), a1 = _mm512_load_ps(xo + m * K2 + j);
+      for (int s = 0; s < S_; ++s) acc[m][s] = _mm512_fmadd_ps(a1, wo[s], _mm512_fmadd_ps(a0, we[s], acc[m][s]));
+    }
+  }
+  if (k < K) {
+    const __mmask32 km = mask32(K - k);
+    __m512 we[S_], wo[S_];
+    for (int s = 0; s < S_; ++s) {
+      const __m512i v = _mm512_maskz_loadu_epi16(km, w[s] + k);
+      we[s] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      wo[s] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+    }
+    const int64_t j = k / 2;
+    for (int m = 0; m < M_; ++m) {
+      const __m512 a0 = _mm512_load_ps(xe + m * K2 + j), a1 = _mm512_load_ps(xo + m * K2 + j);
+      for (int s = 0; s < S_; ++s) acc[m][s] = _mm512_fmadd_ps(a1, wo[s], _mm512_fmadd_ps(a0, we[s], acc[m][s]));
+    }
+  }
+  for (int m = 0; m < M_; ++m)
+    for (int s = 0; s < S_; ++s) yo[s][m * ldy] = _mm512_reduce_add_ps(acc[m][s]);
+}
+
+template <int M_, int S_>
+inline void f32_tile(const GemvArgs& a, const float* const* w, const float* const* nx, float* const* yo, int64_t ldy) {
+  __m512 acc[M_][S_];
+  for (int m = 0; m < M_; ++m)
+    for (int s = 0; s < S_; ++s) acc[m][s] = _mm512_setzero_ps();
+  const int64_t K = a.K, pfe = a.pf / 4, ldx = a.ldx;
+  const float* x = a.x;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const int64_t kp = k + pfe;
+    __m512 wv[S_];
+    for (int s = 0; s < S_; ++s) {
+      wv[s] = _mm512_loadu_ps(w[s] + k);
+      _mm_prefetch(reinterpret_cast<const char*>(kp < K ? w[s] + kp : nx[s] + (kp - K)), _MM_HINT_T0);
+    }
+    for (int m = 0; m < M_; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
+      for (int s = 0; s < S_; ++s) acc[m][s] = _mm512_fmadd_ps(xv, wv[s], acc[m][s]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 km = mask16(K - k);
+    for (int m = 0; m < M_; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(km, x + m * ldx + k);
+      for (int s = 0; s < S_; ++s) acc[m][s] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(km, w[s] + k), acc[m][s]);
+    }
+  }
+  for (int m = 0; m < M_; ++m)
+    for (int s = 0; s < S_; ++s) yo[s][m * ldy] = _mm512_reduce_add_ps(acc[m][s]);
+}
+
+// Rows [n0, n1): S runs of q = count / S rows walked side by side, then the last rows one by one.
+template <int M_, int S_>
+struct Bf16Tile {
+  static void run(const GemvArgs& a, const uint16_t* const* w, const uint16_t* const* nx, float* const* yo, int64_t ldy) {
+    bf16_tile<M_, S_>(a, w, nx, yo, ldy);
+  }
+};
+template <int M_, int S_>
+struct F32Tile {
+  static void run(const GemvArgs& a, const float* const* w, const float* const* nx, float* const* yo, int64_t ldy) {
+    f32_tile<M_, S_>(a, w, nx, yo, ldy);
+  }
+};
+
+template <template <int, int> class Tile, int M_, typename T>
+inline void rows(const GemvArgs& a, const T* W, int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t q = (n1 - n0) / S;
+  for (int64_t i = 0; i < q; ++i) {
+    const T* w[S];
+    const T* nx[S];
+    float* yo[S];
+    for (int s = 0; s < S; ++s) {
+      const int64_t n = n0 + s * q + i;
+      w[s] = W + n * ldw;
+      nx[s] = w[s] + ldw;
+      yo[s] = y + n;
+    }
+    Tile<M_, S>::run(a, w, nx, yo, ldy);
+  }
+  for (int64_t n = n0 + S * q; n < n1; ++n) {
+    const T* w[1] = {W + n * ldw};
+    const T* nx[1] = {W + (n + 1) * ldw};
+    float* yo[1] = {y + n};
+    Tile<M_, 1>::run(a, w, nx, yo, ldy);
+  }
+}
+
+template <int M_>
+void bf16_rows_m(const GemvArgs& a, const uint16_t* W, int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  rows<Bf16Tile, M_>(a, W, ldw, n0, n1, y, ldy);
+}
+template <int M_>
+void f32_rows_m(const GemvArgs& a, const float* W, int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  rows<F32Tile, M_>(a, W, ldw, n0, n1, y, ldy);
+}
+
+void bf16_rows(const GemvArgs& a, const uint16_t* W, int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  switch (a.M) {
+    case 1: return bf16_rows_m<1>(a, W, ldw, n0, n1, y, ldy);
+    case 2: return bf16_rows_m<2>(a, W, ldw, n0, n1, y, ldy);
+    case 3: return bf16_rows_m<3>(a, W, ldw, n0, n1, y, ldy);
+    default: return bf16_rows_m<4>(a, W, ldw, n0, n1, y, ldy);
+  }
+}
+void f32_rows(const GemvArgs& a, const float* W, int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  switch (a.M) {
+    case 1: return f32_rows_m<1>(a, W, ldw, n0, n1, y, ldy);
+    case 2: return f32_rows_m<2>(a, W, ldw, n0, n1, y, ldy);
+    case 3: return f32_rows_m<3>(a, W, ldw, n0, n1, y, ldy);
+    default: return f32_rows_m<4>(a, W, ldw, n0, n1, y, ldy);
+  }
+}
+
+const GemvKernels k_avx512{"avx512 4 streams", true, bf16_rows, f32_rows};
+
+}  // namespace
+
+const GemvKernels& gemv_kernels_avx512() { return k_avx512; }
+
+}  // namespace sparsellm::gemv_detail

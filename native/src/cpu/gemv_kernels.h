@@ -1,0 +1,47 @@
+// Internal interface between the decode GEMV driver (gemv.cpp) and its per-ISA row kernels
+// (gemv_avx512.cpp, gemv_avx2.cpp, portable ones in gemv.cpp). Plain function pointers and no
+// shared templates, since the files are compiled with different ISA flags.
+//
+// A row kernel computes, single-threaded, y[m * ldy + n] = x[m] · W[n] for m < M (1 .. 4) and
+// n in [n0, n1). The rows are read as `streams` contiguous runs at once (the range is cut into
+// that many equal parts walked side by side, a software prefetch `pf` bytes ahead on each run,
+// continuing into the run's next row), so every thread keeps several independent memory streams
+// in flight, like the bandwidth probe. bf16 weights are widened in registers; the even and odd
+// elements of each x row are split beforehand (xe, xo: [M][K2], K2 = ceil(K / 32) * 16, zero
+// padded), so that a 32-bit lane of loaded bf16 pairs widens with one shift or one mask.
+#pragma once
+#include <cstdint>
+
+namespace sparsellm::gemv_detail {
+
+constexpr int kMaxTokens = 4;
+
+struct GemvArgs {
+  const float* x = nullptr;  // natural rows [M][ldx] (f32 weights, portable bf16)
+  int64_t ldx = 0;
+  const float* xe = nullptr;  // even / odd split [M][K2] (bf16 on AVX2 / AVX-512)
+  const float* xo = nullptr;
+  int64_t K2 = 0;
+  int M = 1;
+  int64_t K = 0;
+  int64_t pf = 1024;  // prefetch distance in bytes
+};
+
+using RowsBf16 = void (*)(const GemvArgs& a, const uint16_t* W, int64_t ldw, int64_t n0, int64_t n1, float* y,
+                          int64_t ldy);
+using RowsF32 = void (*)(const GemvArgs& a, const float* W, int64_t ldw, int64_t n0, int64_t n1, float* y,
+                         int64_t ldy);
+
+struct GemvKernels {
+  const char* name;
+  bool split;  // bf16 kernel reads xe / xo
+  RowsBf16 bf16;
+  RowsF32 f32;
+};
+
+const GemvKernels& gemv_kernels_avx512();
+const GemvKernels& gemv_kernels_avx2();
+
+inline int64_t gemv_k2(int64_t K) { return (K + 31) / 32 * 16; }
+
+}  // namespace sparsellm::gemv_detail
