@@ -15,7 +15,9 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "../src/cpu/train_ops.h"
 #include "check.h"
+#include "sparsellm/cpu_info.h"
 #include "sparsellm/train.h"
 
 using namespace sparsellm;
@@ -399,9 +401,118 @@ void bad_inputs() {
   CHECK(threw, "tensor of a missing layer accepted");
 }
 
+
+// The training attention kernels (train_attention*.cpp) against float64 loops written here, on
+// awkward shapes (sequence lengths not multiples of the 8-row blocks or 16-lane vectors, head
+// widths 6, 18, 64, row strides wider than H·hd as in a fused q/k/v buffer), for every ISA the
+// CPU has, and with 1 and 2 threads (each (sequence, head) is computed by one thread in a fixed
+// order, so the results must be bitwise equal).
+// Tolerance 2e-6 relative (Frobenius) per output: every value is an f32 dot product of at most
+// T ≤ 70 or hd ≤ 64 terms of O(1) inputs (eps_f32·sqrt(70) ≈ 1e-6 at worst, typically less), and
+// the exponential is accurate to a few 1e-8; a wrong causal bound or index gives O(1e-1).
+void attention_kernels() {
+  struct Shape { int64_t B, T, H, hd, pad; };
+  const Shape shapes[] = {{2, 13, 3, 6, 0}, {1, 37, 2, 18, 5}, {1, 70, 2, 64, 16}, {3, 1, 2, 4, 0}, {1, 9, 1, 2, 3}};
+  std::mt19937_64 rng(check::test_seed() + 41);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const Isa best = active_isa();
+  const int threads0 = num_threads();
+  double worst = 0;
+  for (const Shape& sh : shapes) {
+    const int64_t B = sh.B, T = sh.T, H = sh.H, hd = sh.hd, D = H * hd, M = B * T;
+    const int64_t ld_in = 3 * D + sh.pad, ld_out = D + sh.pad, ld_grad = 3 * D + 1;
+    std::vector<float> qkv(static_cast<size_t>(M * ld_in)), dout(static_cast<size_t>(M * ld_out));
+    for (auto& x : qkv) x = nd(rng);
+    for (auto& x : dout) x = nd(rng);
+    const float *q = qkv.data(), *k = qkv.data() + D, *v = qkv.data() + 2 * D;
+    // float64 reference
+    std::vector<double> P(static_cast<size_t>(B * H * T * T), 0.0), out(static_cast<size_t>(M * D), 0.0),
+        dq(static_cast<size_t>(M * D), 0.0), dk(dq.size(), 0.0), dv(dq.size(), 0.0);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        auto at = [&](const float* x, int64_t ld, int64_t t, int64_t i) { return static_cast<double>(x[(b * T + t) * ld + h * hd + i]); };
+        double* Pb = P.data() + (b * H + h) * T * T;
+        for (int64_t t = 0; t < T; ++t) {
+          double mx = -1e300;
+          for (int64_t s = 0; s <= t; ++s) {
+            double a = 0;
+            for (int64_t i = 0; i < hd; ++i) a += at(q, ld_in, t, i) * at(k, ld_in, s, i);
+            Pb[t * T + s] = a * scale;
+            mx = std::max(mx, Pb[t * T + s]);
+          }
+          double sum = 0;
+          for (int64_t s = 0; s <= t; ++s) sum += (Pb[t * T + s] = std::exp(Pb[t * T + s] - mx));
+          for (int64_t s = 0; s <= t; ++s) Pb[t * T + s] /= sum;
+          for (int64_t s = 0; s <= t; ++s)
+            for (int64_t i = 0; i < hd; ++i) out[(b * T + t) * D + h * hd + i] += Pb[t * T + s] * at(v, ld_in, s, i);
+          std::vector<double> dS(static_cast<size_t>(t + 1));
+          double rs = 0;
+          for (int64_t s = 0; s <= t; ++s) {
+            double a = 0;
+            for (int64_t i = 0; i < hd; ++i) a += at(dout.data(), ld_out, t, i) * at(v, ld_in, s, i);
+            dS[static_cast<size_t>(s)] = a;
+            rs += a * Pb[t * T + s];
+          }
+          for (int64_t s = 0; s <= t; ++s) {
+            const double g = Pb[t * T + s] * (dS[static_cast<size_t>(s)] - rs) * scale;
+            for (int64_t i = 0; i < hd; ++i) {
+              dq[(b * T + t) * D + h * hd + i] += g * at(k, ld_in, s, i);
+              dk[(b * T + s) * D + h * hd + i] += g * at(q, ld_in, t, i);
+              dv[(b * T + s) * D + h * hd + i] += Pb[t * T + s] * at(dout.data(), ld_out, t, i);
+            }
+          }
+        }
+      }
+    std::vector<float> first;
+    for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Avx512}) {
+      if (static_cast<int>(isa) > static_cast<int>(best)) continue;
+      set_isa_limit(isa);
+      for (int threads : {1, 2}) {
+        set_num_threads(threads);
+        std::vector<float> Pk(P.size(), 7.f), outk(static_cast<size_t>(M * ld_out), 7.f), grads(static_cast<size_t>(M * ld_grad), 7.f);
+        float *dqk = grads.data(), *dkk = grads.data() + D, *dvk = grads.data() + 2 * D;
+        trainops::attention_forward(q, k, v, ld_in, B, T, H, hd, Pk.data(), outk.data(), ld_out);
+        trainops::attention_backward(q, k, v, ld_in, Pk.data(), dout.data(), ld_out, B, T, H, hd, dqk, dkk, dvk, ld_grad);
+        auto strided = [&](const float* x, int64_t ld) {
+          std::vector<float> c(static_cast<size_t>(M * D));
+          for (int64_t m = 0; m < M; ++m) std::memcpy(c.data() + m * D, x + m * ld, sizeof(float) * static_cast<size_t>(D));
+          return c;
+        };
+        const std::vector<float> o = strided(outk.data(), ld_out), gq = strided(dqk, ld_grad), gk = strided(dkk, ld_grad),
+                                 gv = strided(dvk, ld_grad);
+        const double e[5] = {check::rel_error(Pk.data(), P.data(), P.size()), check::rel_error(o.data(), out.data(), out.size()),
+                             check::rel_error(gq.data(), dq.data(), dq.size()), check::rel_error(gk.data(), dk.data(), dk.size()),
+                             check::rel_error(gv.data(), dv.data(), dv.size())};
+        const char* names[5] = {"P", "out", "dq", "dk", "dv"};
+        for (int i = 0; i < 5; ++i) worst = std::max(worst, e[i]);
+        for (int i = 0; i < 5; ++i)
+          CHECK(e[i] <= 2e-6, "attention %s (B %lld T %lld H %lld hd %lld, %s, %d threads): rel. error %.3e", names[i],
+                static_cast<long long>(B), static_cast<long long>(T), static_cast<long long>(H), static_cast<long long>(hd),
+                isa_name(isa), threads, e[i]);
+        // Columns outside the heads must be untouched (strided outputs).
+        bool untouched = true;
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t c = D; c < ld_out; ++c) untouched = untouched && outk[static_cast<size_t>(m * ld_out + c)] == 7.f;
+          for (int64_t c = 3 * D; c < ld_grad; ++c) untouched = untouched && grads[static_cast<size_t>(m * ld_grad + c)] == 7.f;
+        }
+        CHECK(untouched, "attention wrote outside its heads (%s)", isa_name(isa));
+        std::vector<float> all = o;
+        for (const auto* g : {&gq, &gk, &gv}) all.insert(all.end(), g->begin(), g->end());
+        if (threads == 1) first = all;
+        else CHECK(all == first, "attention: 1 and 2 threads differ (%s)", isa_name(isa));
+      }
+    }
+    set_isa_limit(best);
+    set_num_threads(threads0);
+  }
+  std::fprintf(stderr, "  attention kernels: worst rel. error %.2e (up to %s)\n", worst, isa_name(best));
+}
+
 }  // namespace
 
 int main() {
+  attention_kernels();
   gradient_check(FfnTrainPath::Dense, 0.0);
   gradient_check(FfnTrainPath::Dense, 0.03);
   gradient_check(FfnTrainPath::Hybrid, 0.03);

@@ -394,7 +394,7 @@ StepStats Trainer::forward_backward(const int32_t* tokens, int64_t B, int64_t T,
              linear_forward(a.xn1.data(), M, d, W + L.v, d, a.v.data()));
     rope_apply(a.q.data(), B, T, H, hd, cos_.data(), sin_.data(), false);
     rope_apply(a.k.data(), B, T, H, hd, cos_.data(), sin_.data(), false);
-    TIMED(1, attention_forward(a.q.data(), a.k.data(), a.v.data(), B, T, H, hd, a.P.data(), a.att.data()));
+    TIMED(1, attention_forward(a.q.data(), a.k.data(), a.v.data(), d, B, T, H, hd, a.P.data(), a.att.data(), d));
     TIMED(0, linear_forward(a.att.data(), M, d, W + L.o, d, tmp.data()));
     add_to(x.data(), tmp.data(), M * d);
     a.x_mid = x;
@@ -442,8 +442,8 @@ StepStats Trainer::forward_backward(const int32_t* tokens, int64_t B, int64_t T,
     rmsnorm_backward(a.x_mid.data(), a.rstd2.data(), W + L.ffn_norm, dxn.data(), M, d, dx.data(), true, G + L.ffn_norm);
     // x_mid = x_in + o(attention(rope(q), rope(k), v))
     TIMED(3, linear_backward(a.att.data(), dx.data(), M, d, W + L.o, d, datt.data(), G + L.o, sc));
-    TIMED(4, attention_backward(a.q.data(), a.k.data(), a.v.data(), a.P.data(), datt.data(), B, T, H, hd, dq.data(),
-                                dk.data(), dv.data()));
+    TIMED(4, attention_backward(a.q.data(), a.k.data(), a.v.data(), d, a.P.data(), datt.data(), d, B, T, H, hd,
+                                dq.data(), dk.data(), dv.data(), d));
     rope_apply(dq.data(), B, T, H, hd, cos_.data(), sin_.data(), true);
     rope_apply(dk.data(), B, T, H, hd, cos_.data(), sin_.data(), true);
     TIMED(3, linear_backward(a.xn1.data(), dq.data(), M, d, W + L.q, d, dxn.data(), G + L.q, sc);

@@ -1,6 +1,6 @@
 // The training building blocks other than the FFN (whose kernels live in hybrid.cpp): linear
-// layers through the dense GEMM, RMSNorm, RoPE, causal attention (forward keeps the
-// probabilities, backward), cross-entropy, AdamW. Each forward sits next to its backward.
+// layers through the dense GEMM, RMSNorm, RoPE, cross-entropy, AdamW (causal attention is in
+// train_attention*.cpp). Each forward sits next to its backward.
 // f32 storage; reductions that decide a row's scale are accumulated in float64.
 #include "train_ops.h"
 
@@ -130,98 +130,6 @@ void rope_apply(float* x, int64_t B, int64_t T, int64_t H, int64_t hd, const flo
         xh[i + half] = b * c[i] + sg * a * s[i];
       }
     }
-  }
-}
-
-// Causal attention. q, k, v, out [B·T, H·hd]; P [B, H, T, T] (row t holds the softmax over
-// keys 0..t; the rest zero). Scores scaled by 1/sqrt(hd).
-void attention_forward(const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t H, int64_t hd,
-                       float* P, float* out) {
-  const int64_t D = H * hd;
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads())
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      for (int64_t t = 0; t < T; ++t) {
-        float* p = P + ((b * H + h) * T + t) * T;
-        const float* qt = q + (b * T + t) * D + h * hd;
-        float mx = -INFINITY;
-        for (int64_t s = 0; s <= t; ++s) {
-          const float* ks = k + (b * T + s) * D + h * hd;
-          float acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < hd; ++i) acc += qt[i] * ks[i];
-          p[s] = acc * scale;
-          mx = std::max(mx, p[s]);
-        }
-        double sum = 0;
-        for (int64_t s = 0; s <= t; ++s) {
-          p[s] = std::exp(p[s] - mx);
-          sum += p[s];
-        }
-        const float inv = static_cast<float>(1.0 / sum);
-        for (int64_t s = 0; s <= t; ++s) p[s] *= inv;
-        for (int64_t s = t + 1; s < T; ++s) p[s] = 0.f;
-        float* ot = out + (b * T + t) * D + h * hd;
-        for (int64_t i = 0; i < hd; ++i) ot[i] = 0.f;
-        for (int64_t s = 0; s <= t; ++s) {
-          const float* vs = v + (b * T + s) * D + h * hd;
-          const float ps = p[s];
-#pragma omp simd
-          for (int64_t i = 0; i < hd; ++i) ot[i] += ps * vs[i];
-        }
-      }
-    }
-}
-
-// dq, dk, dv [B·T, H·hd] overwritten.
-//   dP = dO·vᵀ; dS = P ⊙ (dP − Σ_s dP⊙P); dq = dS·k·scale; dk = dSᵀ·q·scale; dv = Pᵀ·dO
-void attention_backward(const float* q, const float* k, const float* v, const float* P, const float* dout, int64_t B,
-                        int64_t T, int64_t H, int64_t hd, float* dq, float* dk, float* dv) {
-  const int64_t D = H * hd;
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-#pragma omp parallel num_threads(num_threads())
-  {
-    std::vector<float> ds(static_cast<size_t>(T));
-#pragma omp for collapse(2) schedule(dynamic, 1)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h) {
-        for (int64_t t = 0; t < T; ++t) {
-          float* z1 = dk + (b * T + t) * D + h * hd;
-          float* z2 = dv + (b * T + t) * D + h * hd;
-          for (int64_t i = 0; i < hd; ++i) z1[i] = z2[i] = 0.f;
-        }
-        for (int64_t t = 0; t < T; ++t) {
-          const float* p = P + ((b * H + h) * T + t) * T;
-          const float* dot = dout + (b * T + t) * D + h * hd;
-          const float* qt = q + (b * T + t) * D + h * hd;
-          double rs = 0;
-          for (int64_t s = 0; s <= t; ++s) {
-            const float* vs = v + (b * T + s) * D + h * hd;
-            float acc = 0;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t i = 0; i < hd; ++i) acc += dot[i] * vs[i];
-            ds[static_cast<size_t>(s)] = acc;
-            rs += static_cast<double>(acc) * p[s];
-          }
-          float* dqt = dq + (b * T + t) * D + h * hd;
-          for (int64_t i = 0; i < hd; ++i) dqt[i] = 0.f;
-          const float rsf = static_cast<float>(rs);
-          for (int64_t s = 0; s <= t; ++s) {
-            const float g = p[s] * (ds[static_cast<size_t>(s)] - rsf) * scale;
-            const float* ks = k + (b * T + s) * D + h * hd;
-            float* dks = dk + (b * T + s) * D + h * hd;
-            float* dvs = dv + (b * T + s) * D + h * hd;
-            const float ps = p[s];
-#pragma omp simd
-            for (int64_t i = 0; i < hd; ++i) dqt[i] += g * ks[i];
-#pragma omp simd
-            for (int64_t i = 0; i < hd; ++i) dks[i] += g * qt[i];
-#pragma omp simd
-            for (int64_t i = 0; i < hd; ++i) dvs[i] += ps * dot[i];
-          }
-        }
-      }
   }
 }
 

@@ -20,10 +20,13 @@ void rmsnorm_backward(const float* x, const float* rstd, const float* w, const f
 void rope_tables(int64_t positions, int64_t hd, double theta, std::vector<float>& cos_t, std::vector<float>& sin_t);
 void rope_apply(float* x, int64_t B, int64_t T, int64_t H, int64_t hd, const float* cos_t, const float* sin_t,
                 bool inverse);
-void attention_forward(const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t H, int64_t hd,
-                       float* P, float* out);
-void attention_backward(const float* q, const float* k, const float* v, const float* P, const float* dout, int64_t B,
-                        int64_t T, int64_t H, int64_t hd, float* dq, float* dk, float* dv);
+// Causal attention (train_attention.h): q, k, v [B·T, ld_in]; out, dout [B·T, ld_out]; dq, dk, dv
+// [B·T, ld_grad] (overwritten); P [B, H, T, T].
+void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
+                       int64_t hd, float* P, float* out, int64_t ld_out);
+void attention_backward(const float* q, const float* k, const float* v, int64_t ld_in, const float* P,
+                        const float* dout, int64_t ld_out, int64_t B, int64_t T, int64_t H, int64_t hd, float* dq,
+                        float* dk, float* dv, int64_t ld_grad);
 double cross_entropy(float* logits, const int32_t* targets, int64_t M, int64_t V, float gscale);
 void adamw(float* w, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2, float eps, float wd,
            double c1, double c2, float gscale);
