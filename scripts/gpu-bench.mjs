@@ -3,7 +3,11 @@
 // JavaScript over the compiled dist/ so that the GPU machine needs only dist/, the addon and
 // Node.js (no node_modules: the device machine's 64 MiB carry limit).
 //
-//   node scripts/gpu-bench.mjs [--out DIR] [--quick]
+//   node scripts/gpu-bench.mjs [--out DIR] [--quick] [--gemm-kernel mma|wgmma|wgmma2]
+//
+// --gemm-kernel forces the GEMM kernel of every suite (SPARSELLM_CUDA_GEMM; default: the Hopper
+// wgmma kernel on sm_90, mma.sync elsewhere). The GEMM alone at the FFN's shapes, with every
+// kernel against cuBLAS: native/build/test_cuda_ops --bench-gemm [M].
 //
 // Suites (each: ratios measured in the same run, device-side event timing after warm-up):
 //   paper      d_model 2048, d_ff 5632, gated, 131072 tokens, ~29 non-zeros per token
@@ -16,6 +20,7 @@ import { join } from 'node:path';
 const args = process.argv.slice(2);
 const outDir = args.includes('--out') ? args[args.indexOf('--out') + 1] : process.env.OUT || '.';
 const quick = args.includes('--quick');
+if (args.includes('--gemm-kernel')) process.env.SPARSELLM_CUDA_GEMM = args[args.indexOf('--gemm-kernel') + 1];
 
 const { cudaAvailability, runGpuBenchmarks, cublasInfo, nvmlInfo } = await import('../dist/core/engine/cuda.js');
 

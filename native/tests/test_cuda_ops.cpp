@@ -7,8 +7,11 @@
 //   f32 outputs of one GEMM: f32 accumulation of exact bf16 products, 1e-4 (K ≤ 2048 terms);
 //   bf16 outputs: one rounding of 2^-9 relative, 8e-3;
 //   FFN outputs: g and h are rounded to bf16 on the way (TwELL values, dense hidden), 2e-2.
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -16,6 +19,7 @@
 #include "ffn_test_util.h"
 #include "sparsellm/cuda_status.h"
 #include "sparsellm/ffn.h"
+#include "sparsellm/gemm.h"
 
 #ifdef SPARSELLM_HAVE_CUDA
 #include "sparsellm/cuda_ops.h"
@@ -67,10 +71,39 @@ int64_t pad8(int64_t v) { return (v + 7) / 8 * 8; }
 
 // --- dense GEMM and GEMV ------------------------------------------------------------------------
 
+// The GEMM kernels a test runs: every variant where this device has the Hopper kernel (the
+// forced variants would silently fall back elsewhere: then mma.sync only).
+struct KernelCase {
+  GemmKernel k;
+  const char* name;  // what last_gemm_kernel() must report
+};
+// SPARSELLM_TEST_GEMM_KERNELS (e.g. "mma,wgmma2") narrows the list.
+std::vector<KernelCase> gemm_kernels() {
+  const CudaStatus s = cuda_status();
+  const bool hopper = !s.devices.empty() && s.devices[0].cc_major == 9 && s.devices[0].cc_minor == 0;
+  std::vector<KernelCase> all = {{GemmKernel::MmaSync, "mma.sync"}};
+  if (hopper) {
+    all.push_back({GemmKernel::Wgmma, "wgmma"});
+    all.push_back({GemmKernel::WgmmaCluster2, "wgmma-cluster2"});
+  }
+  const char* only = std::getenv("SPARSELLM_TEST_GEMM_KERNELS");
+  if (!only) return all;
+  const std::string list = std::string(",") + only + ",";
+  const char* keys[] = {"mma", "wgmma", "wgmma2"};
+  std::vector<KernelCase> v;
+  for (const KernelCase& kc : all)
+    if (list.find(std::string(",") + keys[static_cast<int>(kc.k) - 1] + ",") != std::string::npos) v.push_back(kc);
+  return v;
+}
+
+// One shape through every epilogue (f32 + bias, bf16 ReLU, bf16 ⊙aux, f32 accumulate onto
+// random values) on every kernel, against float64 and (f32 output) the CPU engine's gemm on the
+// same bf16-exact values. lda has poisoned padding past K, ldo past N (must stay untouched).
 void test_gemm_case(int64_t M, int64_t N, int64_t K, bool gemv) {
   const int64_t lda = pad8(K) + (gemv ? 0 : 8), ldw = pad8(K), ldo = N + 3;
   std::vector<float> A = random_vec(static_cast<size_t>(M * K), 1.0), W = random_vec(static_cast<size_t>(N * K), 0.5),
-                     bias = random_vec(static_cast<size_t>(N), 1.0), aux = random_vec(static_cast<size_t>(M * N), 1.0);
+                     bias = random_vec(static_cast<size_t>(N), 1.0), aux = random_vec(static_cast<size_t>(M * N), 1.0),
+                     init = random_vec(static_cast<size_t>(M * ldo), 1.0);
   std::vector<double> ref(static_cast<size_t>(M * N));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
@@ -78,60 +111,100 @@ void test_gemm_case(int64_t M, int64_t N, int64_t K, bool gemv) {
       for (int64_t k = 0; k < K; ++k) s += static_cast<double>(A[m * K + k]) * W[n * K + k];
       ref[m * N + n] = s;
     }
+  // The CPU engine on the same values (f32 weights: bf16-exact, so the products are exact).
+  std::vector<double> cpu(static_cast<size_t>(M * N));
+  {
+    std::vector<float> c(static_cast<size_t>(M * N));
+    WeightView wv;
+    wv.data = W.data();
+    wv.dtype = DType::F32;
+    wv.rows = N;
+    wv.cols = K;
+    wv.ld = K;
+    sparsellm::gemm(A.data(), K, M, wv, c.data(), N);
+    cpu.assign(c.begin(), c.end());
+  }
   auto Ab = to_bf16(A, M, K, lda), Wb = to_bf16(W, N, K, ldw), auxb = to_bf16(aux, M, N, N);
   DeviceBuffer dA = to_device(Ab.data(), Ab.size() * 2), dW = to_device(Wb.data(), Wb.size() * 2),
                dbias = to_device(bias.data(), bias.size() * 4), daux = to_device(auxb.data(), auxb.size() * 2);
-  auto run = gemv ? gemv_bf16 : gemm_bf16;
-  const char* which = gemv ? "gemv" : "gemm";
-  for (int mode = 0; mode < 3; ++mode) {
-    // mode 0: f32 out + bias; 1: bf16 relu; 2: bf16 mul aux
-    const bool out_bf16 = mode > 0;
-    const size_t es = out_bf16 ? 2 : 4;
-    DeviceBuffer dO(static_cast<size_t>(M * ldo) * es);
-    memset_device(dO.data(), 0xff, static_cast<size_t>(M * ldo) * es);  // NaN poison
-    Epilogue e;
-    e.op = mode == 0 ? EpiOp::None : mode == 1 ? EpiOp::Relu : EpiOp::MulAux;
-    e.bias = mode == 0 ? dbias.as<float>() : nullptr;
-    e.aux = mode == 2 ? daux.as<uint16_t>() : nullptr;
-    e.ldaux = N;
-    e.out_bf16 = out_bf16;
-    e.out = dO.data();
-    e.ldo = ldo;
-    run(dA.as<uint16_t>(), lda, dW.as<uint16_t>(), ldw, M, N, K, e);
-    std::vector<uint8_t> raw(static_cast<size_t>(M * ldo) * es);
-    download(raw.data(), dO.data(), raw.size());
-    std::vector<float> got(static_cast<size_t>(M * N));
-    std::vector<double> want(static_cast<size_t>(M * N));
-    int64_t pad_touched = 0;
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t n = 0; n < ldo; ++n) {
-        float v;
-        if (out_bf16) {
-          uint16_t h;
-          std::memcpy(&h, raw.data() + (m * ldo + n) * 2, 2);
-          v = bf16_to_f32(h);
-        } else {
-          std::memcpy(&v, raw.data() + (m * ldo + n) * 4, 4);
-        }
-        if (n >= N) {
-          pad_touched += !std::isnan(v);
-          continue;
-        }
-        got[m * N + n] = v;
-        double r = ref[m * N + n];
-        if (mode == 0) r += bias[n];
-        if (mode == 1) r = r > 0 ? r : 0;
-        if (mode == 2) r *= aux[m * N + n];
-        want[m * N + n] = r;
+  const std::vector<KernelCase> kernels = gemv ? std::vector<KernelCase>{{GemmKernel::Auto, "gemv"}} : gemm_kernels();
+  for (const KernelCase& kc : kernels) {
+    set_gemm_kernel(kc.k);
+    auto run = gemv ? gemv_bf16 : gemm_bf16;
+    const char* which = kc.name;
+    for (int mode = 0; mode < 4; ++mode) {
+      // mode 0: f32 out + bias; 1: bf16 relu; 2: bf16 mul aux; 3: f32 out += product
+      const bool out_bf16 = mode == 1 || mode == 2;
+      const size_t es = out_bf16 ? 2 : 4;
+      DeviceBuffer dO(static_cast<size_t>(M * ldo) * es);
+      memset_device(dO.data(), 0xff, static_cast<size_t>(M * ldo) * es);  // NaN poison
+      if (mode == 3) {  // the initial values inside [M, N]; NaN poison kept in the padding
+        std::vector<float> start(static_cast<size_t>(M * ldo), std::nanf(""));
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < N; ++n) start[m * ldo + n] = init[m * ldo + n];
+        upload(dO.data(), start.data(), start.size() * 4);
       }
+      Epilogue e;
+      e.op = mode == 1 ? EpiOp::Relu : mode == 2 ? EpiOp::MulAux : EpiOp::None;
+      e.bias = mode == 0 ? dbias.as<float>() : nullptr;
+      e.aux = mode == 2 ? daux.as<uint16_t>() : nullptr;
+      e.ldaux = N;
+      e.out_bf16 = out_bf16;
+      e.out = dO.data();
+      e.ldo = ldo;
+      e.accumulate = mode == 3;
+      run(dA.as<uint16_t>(), lda, dW.as<uint16_t>(), ldw, M, N, K, e);
+      if (!gemv)
+        CHECK(std::strcmp(last_gemm_kernel(), kc.name) == 0, "gemm M=%lld N=%lld K=%lld: ran %s, asked for %s",
+              (long long)M, (long long)N, (long long)K, last_gemm_kernel(), kc.name);
+      std::vector<uint8_t> raw(static_cast<size_t>(M * ldo) * es);
+      download(raw.data(), dO.data(), raw.size());
+      std::vector<float> got(static_cast<size_t>(M * N));
+      std::vector<double> want(static_cast<size_t>(M * N)), want_cpu(static_cast<size_t>(M * N));
+      int64_t pad_touched = 0;
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t n = 0; n < ldo; ++n) {
+          float v;
+          if (out_bf16) {
+            uint16_t h;
+            std::memcpy(&h, raw.data() + (m * ldo + n) * 2, 2);
+            v = bf16_to_f32(h);
+          } else {
+            std::memcpy(&v, raw.data() + (m * ldo + n) * 4, 4);
+          }
+          if (n >= N) {
+            pad_touched += !std::isnan(v);
+            continue;
+          }
+          got[m * N + n] = v;
+          double r = ref[m * N + n], c = cpu[m * N + n];
+          if (mode == 0) r += bias[n], c += bias[n];
+          if (mode == 1) r = r > 0 ? r : 0, c = c > 0 ? c : 0;
+          if (mode == 2) r *= aux[m * N + n], c *= aux[m * N + n];
+          if (mode == 3) r += init[m * ldo + n], c += init[m * ldo + n];
+          want[m * N + n] = r;
+          want_cpu[m * N + n] = c;
+        }
+      }
+      const double err = check::rel_error(got.data(), want.data(), got.size());
+      const double err_cpu = check::rel_error(got.data(), want_cpu.data(), got.size());
+      const double tol = out_bf16 ? 8e-3 : 1e-4;
+      if (!(err < tol && err_cpu < tol)) {  // where it goes wrong (a few elements)
+        int shown = 0;
+        for (int64_t i = 0; i < M * N && shown < 6; ++i)
+          if (!(std::fabs(got[i] - want[i]) <= 0.05 * (1.0 + std::fabs(want[i])))) {
+            std::fprintf(stderr, "    m=%lld n=%lld: got %.6g want %.6g\n", (long long)(i / N), (long long)(i % N), got[i],
+                         want[i]);
+            ++shown;
+          }
+      }
+      CHECK(err < tol && err_cpu < tol, "%s M=%lld N=%lld K=%lld epilogue %d: rel error %.3g vs float64, %.3g vs CPU (tol %.1g)",
+            which, (long long)M, (long long)N, (long long)K, mode, err, err_cpu, tol);
+      CHECK(pad_touched == 0, "%s M=%lld N=%lld K=%lld: %lld elements outside [M, N] written", which, (long long)M,
+            (long long)N, (long long)K, (long long)pad_touched);
     }
-    const double err = check::rel_error(got.data(), want.data(), got.size());
-    const double tol = out_bf16 ? 8e-3 : 1e-4;
-    CHECK(err < tol, "%s M=%lld N=%lld K=%lld epilogue %d: rel error %.3g (tol %.1g)", which, (long long)M, (long long)N,
-          (long long)K, mode, err, tol);
-    CHECK(pad_touched == 0, "%s M=%lld N=%lld K=%lld: %lld elements outside [M, N] written", which, (long long)M,
-          (long long)N, (long long)K, (long long)pad_touched);
   }
+  set_gemm_kernel(GemmKernel::Auto);
   if (!gemv) {
     std::string why;
     if (Cublas::available(&why)) {
@@ -148,22 +221,130 @@ void test_gemm_case(int64_t M, int64_t N, int64_t K, bool gemv) {
 }
 
 void test_gemm() {
-  const int64_t shapes[][3] = {{1, 7, 13}, {7, 300, 100}, {300, 257, 72}, {130, 129, 40}, {257, 520, 2048}, {64, 64, 8}};
+  // M 1, 7, 300, 1000; N not a multiple of the 128/256 tiles; K 8, 13 (not 16-byte rows: the
+  // padded lda still is), 40 and 72 (under one 64-wide K block, and a partial second), 2048.
+  const int64_t shapes[][3] = {{1, 7, 13},     {7, 300, 100},   {300, 257, 72},  {130, 129, 40},  {257, 520, 2048},
+                               {64, 64, 8},    {1, 300, 2048},  {7, 520, 72},    {1000, 600, 40}, {300, 777, 2048},
+                               {1000, 260, 2048}, {129, 1, 64}};
   for (const auto& s : shapes) test_gemm_case(s[0], s[1], s[2], false);
   const int64_t vshapes[][3] = {{1, 300, 100}, {3, 77, 13}, {8, 520, 264}, {5, 33, 2048}};
   for (const auto& s : vshapes) test_gemm_case(s[0], s[1], s[2], true);
 }
 
+// --- GEMM benchmark (test_cuda_ops --bench-gemm): the FFN's GEMM shapes at the paper's size ---
+
+// Median milliseconds of `repeats` timed calls after `warmup` (device events).
+double median_ms(int warmup, int repeats, const std::function<void()>& f) {
+  for (int i = 0; i < warmup; ++i) f();
+  synchronize();
+  EventTimer t;
+  std::vector<double> ms;
+  for (int r = 0; r < repeats; ++r) {
+    t.start();
+    f();
+    ms.push_back(t.stop_ms());
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+// bf16 [rows, ld] on the device, N(0, scale²) values (a host block of random rows repeated).
+DeviceBuffer random_device_bf16(int64_t rows, int64_t cols, int64_t ld, double scale) {
+  DeviceBuffer out(static_cast<size_t>(rows * ld) * 2);
+  memset_device(out.data(), 0, out.bytes());
+  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(rows, (int64_t(1) << 22) / cols));
+  std::vector<float> h = random_vec(static_cast<size_t>(block * cols), scale);
+  DeviceBuffer f(h.size() * 4);
+  upload(f.data(), h.data(), h.size() * 4);
+  for (int64_t r0 = 0; r0 < rows; r0 += block)
+    f32_to_bf16_device(f.as<float>(), cols, out.as<uint16_t>() + r0 * ld, ld, std::min(block, rows - r0), cols);
+  synchronize();
+  return out;
+}
+
+int bench_gemm(int64_t M) {
+  std::string why;
+  const bool cublas = Cublas::available(&why);
+  std::printf("bench-gemm: %s; cuBLAS %s\n", cuda_status().devices[0].name.c_str(),
+              cublas ? Cublas::library().c_str() : ("absent: " + why).c_str());
+  const int warmup = 3, repeats = 10;
+  struct Shape {
+    const char* name;
+    int64_t N, K;
+    bool out_bf16;
+  };
+  const Shape shapes[] = {{"gate/up  [M,2048]x[5632,2048]^T bf16 out", 5632, 2048, true},
+                          {"down     [M,5632]x[2048,5632]^T bf16 out", 2048, 5632, true},
+                          {"down     [M,5632]x[2048,5632]^T f32 out ", 2048, 5632, false}};
+  for (const Shape& sh : shapes) {
+    const int64_t N = sh.N, K = sh.K, ld = pad8(K), ldo = pad8(N);
+    DeviceBuffer A = random_device_bf16(M, K, ld, 1.0), W = random_device_bf16(N, K, ld, 1.0);
+    DeviceBuffer C(static_cast<size_t>(M * ldo) * (sh.out_bf16 ? 2 : 4));
+    const double tflop = 2.0 * M * N * K / 1e12;
+    double ref = 0;
+    if (cublas) {
+      ref = median_ms(warmup, repeats, [&] {
+        Cublas::gemm_bf16(A.as<uint16_t>(), ld, W.as<uint16_t>(), ld, M, N, K, C.data(), ldo, sh.out_bf16);
+      });
+      std::printf("  %s M=%lld  cuBLAS          %8.3f ms  %6.1f TFLOP/s\n", sh.name, (long long)M, ref, tflop / ref * 1e3);
+    }
+    for (const KernelCase& kc : gemm_kernels()) {
+      set_gemm_kernel(kc.k);
+      Epilogue e;
+      e.out_bf16 = sh.out_bf16;
+      e.out = C.data();
+      e.ldo = ldo;
+      const double ms = median_ms(warmup, repeats, [&] { gemm_bf16(A.as<uint16_t>(), ld, W.as<uint16_t>(), ld, M, N, K, e); });
+      std::printf("  %s M=%lld  %-15s %8.3f ms  %6.1f TFLOP/s  %.3fx cuBLAS\n", sh.name, (long long)M, last_gemm_kernel(), ms,
+                  tflop / ms * 1e3, ref > 0 ? ref / ms : 0.0);
+    }
+    set_gemm_kernel(GemmKernel::Auto);
+    if (sh.N == 5632) {
+      // The TwELL gate GEMM (T 256, capacity 31): a bias of -2.58σ keeps ~0.5% of the outputs
+      // positive (σ² = K for these inputs), about the paper's 29 per token.
+      std::vector<float> b(static_cast<size_t>(N), static_cast<float>(-2.58 * std::sqrt(static_cast<double>(K))));
+      DeviceBuffer db = to_device(b.data(), b.size() * 4);
+      DeviceTwell t;
+      t.rows = M;
+      t.cols = N;
+      t.tile = 256;
+      t.cap = 31;
+      t.tiles = (N + 255) / 256;
+      DeviceBuffer dc(static_cast<size_t>(M * t.tiles) * 4), de(static_cast<size_t>(M * t.tiles * t.cap) * 4);
+      t.count = dc.as<int32_t>();
+      t.entries = de.as<uint32_t>();
+      for (const KernelCase& kc : gemm_kernels()) {
+        set_gemm_kernel(kc.k);
+        const double ms = median_ms(warmup, repeats, [&] {
+          twell_gate_bf16(A.as<uint16_t>(), ld, W.as<uint16_t>(), ld, M, N, K, db.as<float>(), t);
+        });
+        DeviceBuffer ds(sizeof(TwellDeviceStats)), dr(static_cast<size_t>(M) * 4);
+        twell_finalize(t, ds.as<TwellDeviceStats>(), dr.as<int32_t>());
+        TwellDeviceStats st{};
+        download(&st, ds.data(), sizeof st);
+        std::printf("  twell gate T=256 cap=31 M=%lld  %-15s %8.3f ms  %6.1f TFLOP/s  %.3fx cuBLAS plain; %.1f nnz/row, %llu overflowing rows\n",
+                    (long long)M, last_gemm_kernel(), ms, tflop / ms * 1e3, ref > 0 ? ref / ms : 0.0,
+                    static_cast<double>(st.nnz) / static_cast<double>(M), st.overflow_rows);
+      }
+      set_gemm_kernel(GemmKernel::Auto);
+    }
+  }
+  return 0;
+}
+
 // --- TwELL gate ---------------------------------------------------------------------------------
 
-// Exact inputs (small integers, weights in 1/8): the f32 gate equals the float64 one, so the
-// pattern, counts and overflow must match the reference exactly.
-void test_twell_gate(int64_t M, int64_t d, int64_t F, int tile, int compression, double density, int heavy_every) {
-  ffntest::Problem p = ffntest::make_problem(M, d, F, density, heavy_every, 3.0, true, false);
-  std::vector<double> z = ffntest::ref_linear(p.x, M, d, p.gate, F, nullptr);
+// Exact inputs (small integers, weights and bias in 1/8): the f32 gate equals the float64 one, so
+// the pattern, counts and overflow must match the reference exactly. Every GEMM kernel.
+void test_twell_gate(int64_t M, int64_t d, int64_t F, int tile, int compression, double density, int heavy_every,
+                     bool with_bias = false) {
+  ffntest::Problem p = ffntest::make_problem(M, d, F, density, heavy_every, 3.0, true, with_bias);
+  const std::vector<float>* bias = with_bias ? &p.up_bias : nullptr;
+  std::vector<double> z = ffntest::ref_linear(p.x, M, d, p.gate, F, bias);
   const int64_t ld = pad8(d);
   auto xb = to_bf16(p.x, M, d, ld), wb = to_bf16(p.gate, F, d, ld);
   DeviceBuffer dx = to_device(xb.data(), xb.size() * 2), dw = to_device(wb.data(), wb.size() * 2);
+  DeviceBuffer db = to_device(with_bias ? p.up_bias.data() : p.x.data(), static_cast<size_t>(with_bias ? F : 1) * 4);
   DeviceTwell t;
   t.rows = M;
   t.cols = F;
@@ -171,10 +352,14 @@ void test_twell_gate(int64_t M, int64_t d, int64_t F, int tile, int compression,
   t.cap = tile / compression - 1;
   t.tiles = (F + tile - 1) / tile;
   DeviceBuffer dc(static_cast<size_t>(M * t.tiles) * 4), de(static_cast<size_t>(M * t.tiles * t.cap) * 4);
-  memset_device(dc.data(), 0xff, dc.bytes());
   t.count = dc.as<int32_t>();
   t.entries = de.as<uint32_t>();
-  twell_gate_bf16(dx.as<uint16_t>(), ld, dw.as<uint16_t>(), ld, M, F, d, nullptr, t);
+  for (const KernelCase& kc : gemm_kernels()) {
+  set_gemm_kernel(kc.k);
+  memset_device(dc.data(), 0xff, dc.bytes());
+  memset_device(de.data(), 0xff, de.bytes());
+  twell_gate_bf16(dx.as<uint16_t>(), ld, dw.as<uint16_t>(), ld, M, F, d, with_bias ? db.as<float>() : nullptr, t);
+  CHECK(std::strcmp(last_gemm_kernel(), kc.name) == 0, "twell gate: ran %s, asked for %s", last_gemm_kernel(), kc.name);
   std::vector<int32_t> cnt(static_cast<size_t>(M * t.tiles));
   std::vector<uint32_t> ent(static_cast<size_t>(M * t.tiles * t.cap));
   download(cnt.data(), dc.data(), cnt.size() * 4);
@@ -201,10 +386,10 @@ void test_twell_gate(int64_t M, int64_t d, int64_t F, int tile, int compression,
     }
     ref_overflow_rows += row_of;
   }
-  CHECK(bad_count == 0, "twell gate M=%lld d=%lld F=%lld T=%d: %lld wrong tile counts", (long long)M, (long long)d,
-        (long long)F, tile, (long long)bad_count);
-  CHECK(bad_entry == 0, "twell gate M=%lld d=%lld F=%lld T=%d: %lld wrong entries", (long long)M, (long long)d, (long long)F,
-        tile, (long long)bad_entry);
+  CHECK(bad_count == 0, "twell gate %s M=%lld d=%lld F=%lld T=%d: %lld wrong tile counts", kc.name, (long long)M,
+        (long long)d, (long long)F, tile, (long long)bad_count);
+  CHECK(bad_entry == 0, "twell gate %s M=%lld d=%lld F=%lld T=%d: %lld wrong entries", kc.name, (long long)M,
+        (long long)d, (long long)F, tile, (long long)bad_entry);
   // finalize: statistics and the overflow row list
   DeviceBuffer ds(sizeof(TwellDeviceStats)), dr(static_cast<size_t>(M) * 4);
   twell_finalize(t, ds.as<TwellDeviceStats>(), dr.as<int32_t>());
@@ -217,9 +402,11 @@ void test_twell_gate(int64_t M, int64_t d, int64_t F, int tile, int compression,
         (long long)overflow);
   CHECK(static_cast<int64_t>(st.overflow_rows) == ref_overflow_rows, "finalize overflow rows %llu vs %lld",
         st.overflow_rows, (long long)ref_overflow_rows);
-  std::printf("  twell gate M=%lld d=%lld F=%lld T=%d cap=%d: nnz %lld, overflowing tiles %lld in %lld rows\n",
-              (long long)M, (long long)d, (long long)F, tile, t.cap, (long long)nnz, (long long)overflow,
-              (long long)ref_overflow_rows);
+  std::printf("  twell gate %s M=%lld d=%lld F=%lld T=%d cap=%d%s: nnz %lld, overflowing tiles %lld in %lld rows\n",
+              kc.name, (long long)M, (long long)d, (long long)F, tile, t.cap, with_bias ? " bias" : "", (long long)nnz,
+              (long long)overflow, (long long)ref_overflow_rows);
+  }
+  set_gemm_kernel(GemmKernel::Auto);
 }
 
 // --- the FFN layer: sparse / dense / auto / decode vs CPU and float64 ------------------------------
@@ -396,13 +583,22 @@ void test_hybrid() {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   const CudaStatus s = cuda_status();
   if (!s.usable) {
     std::printf("test_cuda_ops: skipped: %s\n", s.reason.c_str());
     return kSkip;
   }
   check::test_seed();
+  if (argc > 1 && std::strcmp(argv[1], "--bench-gemm") == 0) {  // [M]: timing only, no checks
+    try {
+      require_device();
+      return bench_gemm(argc > 2 ? std::atoll(argv[2]) : 131072);
+    } catch (const std::exception& e) {
+      std::printf("bench-gemm: %s\n", e.what());
+      return 1;
+    }
+  }
   try {
     require_device();
     std::printf("test_cuda_ops: %s\n", s.devices.empty() ? "?" : s.devices[0].name.c_str());
@@ -413,6 +609,11 @@ int main() {
     test_twell_gate(7, 40, 300, 128, 8, 0.05, 3);
     test_twell_gate(130, 72, 700, 64, 4, 0.05, 4);
     test_twell_gate(1, 16, 100, 32, 2, 0.2, 0);
+    // The paper's K = 2048 with M and F off the tiles, bias, overflowing tiles; every tile width.
+    test_twell_gate(1000, 2048, 700, 256, 8, 0.03, 5, true);
+    test_twell_gate(300, 2048, 600, 128, 8, 0.05, 3, true);
+    test_twell_gate(257, 72, 1000, 64, 8, 0.05, 4, true);
+    test_twell_gate(7, 40, 300, 32, 4, 0.1, 2, true);
     test_layers();
     test_hybrid();
   } catch (const std::exception& e) {
