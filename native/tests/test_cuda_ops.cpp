@@ -23,6 +23,7 @@
 
 #ifdef SPARSELLM_HAVE_CUDA
 #include "sparsellm/cuda_ops.h"
+#include "../src/cuda/twell_updown.h"
 #endif
 
 namespace {
@@ -487,6 +488,23 @@ void test_layers() {
     test_layer_case(40, 64, 700, gated, 0.15, 0, 256, false, false, 4);  // capacity 63: tiles of > 32 entries
     test_layer_case(20, 64, 1500, gated, 0.01, 4, 32, false, true);      // 47 tiles: more than 32 per row
   }
+  // Every fused up+down kernel variant (twell_updown.h) on the shapes that select its register
+  // layouts: d = 2048 (8 chunks per lane, x in shared memory), 1000 and 520 (4 chunks per lane,
+  // multiples of 8 but not of 64: the last chunk row partly or barely used), 200 (1 partial chunk);
+  // one token; heavy rows that overflow; tiles with many entries (capacity 63, more than one
+  // 32-entry batch per window); more than 32 tiles per row (T = 32).
+  for (int v = 1; v < kUpdownVariants; ++v) {
+    set_updown_variant(v);
+    std::printf("  fused up+down variant %s\n", updown_variant_name(v));
+    for (bool gated : {true, false}) {
+      test_layer_case(45, 2048, 600, gated, 0.03, 5, 256, false, true);
+      test_layer_case(1, 2048, 1000, gated, 0.02, 0, 256, false, false);
+      test_layer_case(33, 1000, 600, gated, 0.15, 0, 256, false, false, 4);
+      test_layer_case(9, 520, 1500, gated, 0.02, 3, 32, false, true);
+      test_layer_case(12, 200, 300, gated, 0.05, 0, 64, false, false);
+    }
+  }
+  set_updown_variant(kUpdownAuto);
 }
 
 // --- hybrid training step vs float64 and the CPU trainer -----------------------------------------

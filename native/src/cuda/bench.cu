@@ -17,6 +17,7 @@
 
 #include "common.cuh"
 #include "sparsellm/cuda_ops.h"
+#include "twell_updown.h"
 
 namespace sparsellm::cuda {
 namespace {
@@ -211,6 +212,42 @@ GpuBenchResult run_gpu_benchmarks(const GpuBenchOptions& o) {
   const Stat ss = time_it(o.warmup, o.repeats, 1, sparse_fwd);
   add("ffn forward sparse", ss, ffn_flops, energy_per_call(o.energy_seconds, sparse_fwd), M,
       "TwELL gate GEMM + fused up/down; TFLOP/s dense-equivalent");
+
+  // The sparse path's pieces alone: the TwELL gate GEMM (+ finalize), and every fused up+down
+  // kernel variant (twell_updown.h) on the same TwELL; then the union of active neurons per tile
+  // of consecutive tokens (what a token-tiled kernel could share).
+  {
+    const CudaFfnLayer::Weights w = layer.device_weights();
+    DeviceTwell tw = layer.last_twell();
+    DeviceBuffer gst(sizeof(TwellDeviceStats)), grows(static_cast<size_t>(M) * 4);
+    const Stat sg = time_it(o.warmup, o.repeats, 1, [&] {
+      twell_gate_bf16(x.as<uint16_t>(), dp, w.act, dp, M, F, d, nullptr, tw);
+      twell_finalize(tw, gst.as<TwellDeviceStats>(), grows.as<int32_t>());
+    });
+    add("sparse part: TwELL gate GEMM + finalize", sg, 2.0 * M * d * F, -1, M, "TFLOP/s of the gate GEMM");
+    const uint16_t* upw = o.gated ? w.rows : nullptr;
+    const uint16_t* downw = o.gated ? w.rows + w.dp : w.rows;
+    const int64_t ldw = o.gated ? 2 * w.dp : w.dp;
+    const double bytes = static_cast<double>(sst.nnz) * (o.gated ? 2.0 : 1.0) * static_cast<double>(d) * 2.0;
+    const int before = updown_variant();
+    for (int v = 1; v < kUpdownVariants; ++v) {
+      set_updown_variant(v);
+      const Stat su = time_it(o.warmup, o.repeats, 1, [&] {
+        twell_updown_bf16(x.as<uint16_t>(), dp, tw, upw, downw, ldw, d, nullptr, y1.as<float>(), d);
+      });
+      add(std::string("sparse part: up+down ") + updown_variant_name(v), su, 0, -1, M,
+          "active rows' weight bytes / time: " + std::to_string(bytes / (su.median * 1e-3) / 1e12) + " TB/s");
+    }
+    set_updown_variant(before);
+    for (int bt : {16, 64, 128, 256, 1024}) {
+      const TwellUnionStats us = twell_union_stats(tw, bt);
+      if (us.tiles == 0) continue;
+      log("union per tile of " + std::to_string(bt) + " tokens: " + std::to_string(us.mean_union) +
+          " distinct neurons for " + std::to_string(us.mean_entries) + " entries (" +
+          std::to_string(us.mean_entries / std::max(us.mean_union, 1.0)) + " per neuron); entries of neurons seen >= 2x: " +
+          std::to_string(us.mean_multi / std::max(us.mean_entries, 1.0)));
+    }
+  }
 
   // The gate GEMM alone, ours vs cuBLAS, bf16 out [M, F].
   DeviceBuffer c1(static_cast<size_t>(M * ((F + 7) / 8 * 8)) * 2);

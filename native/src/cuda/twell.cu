@@ -9,6 +9,8 @@
 
 #include "common.cuh"
 #include "sparsellm/cuda_ops.h"
+#include "twell_loads.cuh"
+#include "twell_updown.h"
 
 namespace sparsellm::cuda {
 namespace {
@@ -205,6 +207,11 @@ void launch_updown(const uint16_t* x, int64_t ldx, const DeviceTwell& g, const u
   const int di = static_cast<int>(d);
   const bool fast_ok = !generic && d % 8 == 0 && d <= 4096 && ldx % 8 == 0 && ldw % 8 == 0 && ldy % 4 == 0 &&
                        aligned(x, 16) && aligned(down_t, 16) && (!GATED || aligned(up, 16)) && aligned(y, 16);
+  const int variant = updown_variant() == kUpdownAuto ? kUpdownDefault : updown_variant();
+  if (fast_ok && variant != kUpdownRow && d <= 2048) {
+    twell_updown_grouped(variant, x, ldx, g, up, down_t, ldw, d, bias, y, ldy);
+    return;
+  }
 #define SLLM_UPDOWN(V) \
   twell_updown_kernel<V, GATED><<<grid, 128>>>(x, ldx, g.rows, g.count, g.entries, g.tiles, g.tile, g.cap, up, down_t, ldw, di, bias, y, ldy)
   if (!fast_ok) {
@@ -288,6 +295,130 @@ __global__ void __launch_bounds__(256) decode_sparse_kernel(const uint16_t* __re
   }
 }
 
+// Decode, vectorised (d % 8 == 0, aligned): two kernels with no atomics on the hidden values and
+// few on y.
+// 1. decode_hidden_kernel: a warp per (token, 32 consecutive neurons): a ballot over g finds the
+//    active neurons; two at a time have their up rows loaded together (2048 columns per pass) and dotted
+//    with x, and h = g·u is written to hbuf[m, j] (only at active positions). The warps of
+//    neurons 0..31 also initialise y[m] with the bias (the next kernel adds to it).
+// 2. decode_down_kernel: a warp per (token, 256 output columns, 256 neurons): the active
+//    neurons of the chunk (ballots over g), four at a time, add h·down_t[j][cols] into registers;
+//    one atomic add per output element and chunk (ceil(F/256) adds per element in all).
+template <bool GATED>
+__global__ void __launch_bounds__(256, 2) decode_hidden_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M,
+                                                            const float* __restrict__ g, int64_t ldg, int64_t F,
+                                                            const uint16_t* __restrict__ up, int64_t ldw, int d,
+                                                            const float* __restrict__ bias, float* __restrict__ hbuf,
+                                                            float* __restrict__ y, int64_t ldy) {
+  const int lane = threadIdx.x & 31;
+  const int64_t wid = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int64_t groups = (F + 31) / 32;
+  if (wid >= groups * M) return;
+  const int m = static_cast<int>(wid / groups);
+  const int64_t j0 = (wid - static_cast<int64_t>(m) * groups) * 32;
+  if (j0 == 0)
+    for (int k = lane; k < d; k += 32) y[m * ldy + k] = bias ? bias[k] : 0.f;
+  if (!GATED) return;
+  const float gv = j0 + lane < F ? g[m * ldg + j0 + lane] : 0.f;
+  unsigned act = __ballot_sync(kFull, gv > 0.f);
+  const uint16_t* xr = x + m * ldx;
+  const uint64_t pol = policy_evict_normal();
+  // Two active neurons at a time, 2048 columns per pass: the up-row chunks are loaded without
+  // branches (clamped inside the row; x is zero past d) so the loads are issued together.
+  while (act) {
+    int b[2];
+    bool ok[2];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      ok[q] = act != 0;
+      b[q] = ok[q] ? __ffs(act) - 1 : b[0];  // a missing second neuron re-reads the first's row
+      if (ok[q]) act &= act - 1;
+    }
+    float s[2] = {0.f, 0.f};
+    for (int kb = 0; kb < d; kb += 2048) {
+      uint4 xv[8], uv[2][8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int k = kb + (i * 32 + lane) * 8;
+        xv[i] = k < d ? ld_policy(xr + k, pol) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+          uv[q][i] = ld_policy(up + (j0 + b[q]) * ldw + min(k, d - 8), pol);  // unguarded: x is 0 past d
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        s[0] = dot8(uv[0][i], xv[i], s[0]);
+        s[1] = dot8(uv[1][i], xv[i], s[1]);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      s[0] += __shfl_xor_sync(kFull, s[0], o);
+      s[1] += __shfl_xor_sync(kFull, s[1], o);
+    }
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const float gq = __shfl_sync(kFull, gv, b[q]);
+      if (ok[q] && lane == 0) hbuf[m * F + j0 + b[q]] = gq * s[q];
+    }
+  }
+}
+
+template <bool GATED>
+__global__ void __launch_bounds__(256, 2) decode_down_kernel(int M, const float* __restrict__ g, int64_t ldg, int64_t F,
+                                                          const float* __restrict__ hbuf,
+                                                          const uint16_t* __restrict__ down_t, int64_t ldw, int d,
+                                                          float* __restrict__ y, int64_t ldy) {
+  const int lane = threadIdx.x & 31;
+  const int64_t wid = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int64_t slices = (d + 255) / 256, chunks = (F + 255) / 256;
+  if (wid >= static_cast<int64_t>(M) * slices * chunks) return;
+  const int m = static_cast<int>(wid / (slices * chunks));
+  const int64_t rem = wid - static_cast<int64_t>(m) * slices * chunks;
+  const int64_t sl = rem / chunks, ch = rem - sl * chunks;
+  const int col = static_cast<int>(sl * 256) + lane * 8;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  bool any = false;
+  for (int grp = 0; grp < 8; ++grp) {
+    const int64_t j0 = ch * 256 + grp * 32;
+    if (j0 >= F) break;
+    const float gv = j0 + lane < F ? g[m * ldg + j0 + lane] : 0.f;
+    unsigned act = __ballot_sync(kFull, gv > 0.f);
+    any |= act != 0;
+    while (act) {
+      int b[4];
+      bool ok[4];
+      float h[4];
+      uint4 dv[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        ok[q] = act != 0;
+        b[q] = ok[q] ? __ffs(act) - 1 : 0;
+        if (ok[q]) act &= act - 1;
+        const float gq = __shfl_sync(kFull, gv, b[q]);
+        h[q] = ok[q] ? (GATED ? hbuf[m * F + j0 + b[q]] : gq) : 0.f;
+        dv[q] = (ok[q] && col < d) ? __ldg(reinterpret_cast<const uint4*>(down_t + (j0 + b[q]) * ldw + col))
+                                   : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        acc[0] = fmaf(h[q], bf16lo(dv[q].x), acc[0]);
+        acc[1] = fmaf(h[q], bf16hi(dv[q].x), acc[1]);
+        acc[2] = fmaf(h[q], bf16lo(dv[q].y), acc[2]);
+        acc[3] = fmaf(h[q], bf16hi(dv[q].y), acc[3]);
+        acc[4] = fmaf(h[q], bf16lo(dv[q].z), acc[4]);
+        acc[5] = fmaf(h[q], bf16hi(dv[q].z), acc[5]);
+        acc[6] = fmaf(h[q], bf16lo(dv[q].w), acc[6]);
+        acc[7] = fmaf(h[q], bf16hi(dv[q].w), acc[7]);
+      }
+    }
+  }
+  if (!any || col >= d) return;
+  float* yr = y + m * ldy + col;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) atomicAdd(yr + e, acc[e]);
+}
+
 // --- gather / scatter / counting ----------------------------------------------------------------
 
 __global__ void gather_rows_kernel(const uint16_t* __restrict__ src, int64_t lds, const int32_t* __restrict__ rows,
@@ -356,14 +487,38 @@ void decode_sparse_bf16(const uint16_t* x, int64_t ldx, int64_t M, const float* 
                         float* y, int64_t ldy) {
   if (M <= 0 || d <= 0) return;
   if (M > kGemvMaxRows) throw std::invalid_argument("decode_sparse_bf16: at most 8 tokens");
-  init_rows_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(M * d, 256), 1024)), 256>>>(y, ldy, M, d,
-                                                                                                 down_bias);
-  SLLM_LAUNCHED("init_rows_kernel");
-  if (F <= 0) return;
   const int vec = (d % 8 == 0 && ldw % 8 == 0 && ldx % 8 == 0 && aligned(down_t, 16) && (!up || aligned(up, 16)) &&
                    aligned(x, 16))
                       ? 1
                       : 0;
+  if (vec && F > 0 && d <= (int64_t(1) << 30)) {
+    const int Mi = static_cast<int>(M), di = static_cast<int>(d);
+    // Work buffer for h (gated): process-wide, grow-only, deliberately never freed (no teardown
+    // order issue with the CUDA runtime at exit). All work is on the default stream, in order.
+    static DeviceBuffer* hwork = new DeviceBuffer();
+    float* hbuf = nullptr;
+    if (up) {
+      hwork->reserve(static_cast<size_t>(M * F) * 4);
+      hbuf = hwork->as<float>();
+    }
+    const unsigned g1 = static_cast<unsigned>(ceil_div(ceil_div(F, 32) * M, 8));
+    if (up)
+      decode_hidden_kernel<true><<<g1, 256>>>(x, ldx, Mi, g, ldg, F, up, ldw, di, down_bias, hbuf, y, ldy);
+    else
+      decode_hidden_kernel<false><<<g1, 256>>>(x, ldx, Mi, g, ldg, F, up, ldw, di, down_bias, hbuf, y, ldy);
+    SLLM_LAUNCHED("decode_hidden_kernel");
+    const unsigned g2 = static_cast<unsigned>(ceil_div(M * ceil_div(d, 256) * ceil_div(F, 256), 8));
+    if (up)
+      decode_down_kernel<true><<<g2, 256>>>(Mi, g, ldg, F, hbuf, down_t, ldw, di, y, ldy);
+    else
+      decode_down_kernel<false><<<g2, 256>>>(Mi, g, ldg, F, hbuf, down_t, ldw, di, y, ldy);
+    SLLM_LAUNCHED("decode_down_kernel");
+    return;
+  }
+  init_rows_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(M * d, 256), 1024)), 256>>>(y, ldy, M, d,
+                                                                                                 down_bias);
+  SLLM_LAUNCHED("init_rows_kernel");
+  if (F <= 0) return;
   const unsigned grid = static_cast<unsigned>(ceil_div(F, 256));
   if (up)
     decode_sparse_kernel<true><<<grid, 256>>>(x, ldx, static_cast<int>(M), g, ldg, F, up, down_t, ldw,
