@@ -51,6 +51,7 @@ enum class FfnPath { Dense = 0, Sparse = 1 };
 
 struct FfnStats : SparsityStats {
   FfnPath path = FfnPath::Dense;
+  bool two_phase = false;  // sparse path: the two-phase up+down kernels ran (docs/kernels.md)
 };
 
 struct FfnLayerConfig {
@@ -69,6 +70,7 @@ struct FfnLayerConfig {
   double sparse_bytes_per_s = 25e9;  // weight bytes/s the sparse kernels stream (active blocks)
   double gemm_flops_per_s = 150e9;   // dense GEMM rate (compute-bound, many tokens)
   double dense_bytes_per_s = 20e9;   // dense GEMV rate (memory-bound, few tokens)
+  double twophase_flops_per_s = 46e9;  // useful FLOP rate of the two-phase sparse up+down
 };
 
 // Owns the weights in kernel layout (plus the dense-layout copies the dense path needs, built
@@ -111,6 +113,7 @@ class FfnLayer {
   FfnStats dense_forward(const float* x, int64_t M, float* y, const Twell* gate_done);
   FfnStats sparse_forward(const float* x, int64_t M, float* y);
   bool prefer_dense(const SparsityStats& s, int64_t M) const;
+  const char* panels();  // builds panels_ on first use
 
   FfnLayerConfig cfg_;
   std::vector<uint8_t> a_own_, b_own_, down_std_;
@@ -120,6 +123,9 @@ class FfnLayer {
   Twell twell_;
   std::vector<float> work_;  // dense activations [M, F] for the dense path
   bool auto_dense_ = false;  // Auto forward: the last call's counts chose the dense path
+  // W_up (gated) and W_downᵀ cut into column panels [d/128][F][128] for the two-phase sparse
+  // path (each phase reads one panel for all tokens), built on first use (docs/kernels.md).
+  std::vector<uint8_t> panels_;
 };
 
 }  // namespace sparsellm

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -176,18 +178,143 @@ int64_t batch_tokens(const Twell& g) {
   return reuse >= kBatchMinReuse && B >= 2 ? B : 0;
 }
 
+// --- Two-phase path: sampled up product (SDDMM), then sparse × dense down (SpMM) -------------
+//
+// For moderate densities, instead of streaming each active neuron's 8 KiB block once per token
+// (memory-bound), the (token, neuron) pairs of the call are listed token-major and d is cut into
+// column chunks of kSpmmCols. Each chunk's rows of W_up and W_down form a panel (F × 128 weights,
+// packed contiguously by FfnLayer) that stays in L2 while every token of a thread goes through it:
+//  1. up: for each chunk, a token's x chunk is held in registers and dotted with the chunk rows of
+//     its active neurons; the partial sums accumulate in u (one float per pair); h = g·u;
+//  2. down: for each chunk, a token's output chunk is held in registers while its active neurons'
+//     chunk rows are accumulated, h-weighted; every output element is written once.
+// Threads split the chunks in both phases, so every panel is read once per call (phase 1 sums the
+// threads' partial u in thread order: results depend on the thread count within f32 rounding).
+struct TwoPhaseWork {
+  std::vector<int64_t> tptr;
+  std::vector<int32_t> tj;
+  std::vector<float> tg, th, part;
+};
+
+int64_t env_int(const char* name, int64_t def) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoll(v) : def;
+}
+
+// up / down: the weight rows (column 0), rows ld_up / ld_down elements apart; up_panels /
+// down_panels (may be null): the same rows packed in chunk panels [chunks][F][kSpmmCols].
+void two_phase(const float* x, int64_t ldx, const Twell& g, const char* up, int64_t ld_up, const char* down,
+               int64_t ld_down, const char* up_panels, const char* down_panels, DType dt, int64_t d,
+               const float* bias, float* y, int64_t ldy) {
+  const detail::FfnOps& ops = detail::ffn_ops();
+  const int64_t M = g.rows, F = g.cols;
+  const int64_t es = dtype_size(dt);
+  static thread_local TwoPhaseWork w;
+  w.tptr.resize(static_cast<size_t>(M) + 1);
+  w.tptr[0] = 0;
+  for (int64_t m = 0; m < M; ++m) w.tptr[static_cast<size_t>(m) + 1] = w.tptr[static_cast<size_t>(m)] + g.row_nnz[m];
+  const int64_t nnz = w.tptr[static_cast<size_t>(M)];
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), M)));
+  w.tj.resize(static_cast<size_t>(nnz) + 1);
+  w.tg.resize(static_cast<size_t>(nnz) + 1);
+  if (up) {
+    w.th.resize(static_cast<size_t>(nnz) + 1);
+    w.part.resize(static_cast<size_t>(nnz) * static_cast<size_t>(nt - 1) + 1);
+  }
+  const int64_t P = detail::kSpmmCols, nchunks = (d + P - 1) / P;
+  const int64_t* tptr = w.tptr.data();
+  int32_t* tj = w.tj.data();
+  float *tg = w.tg.data(), *th = w.th.data(), *part = w.part.data();
+  static const bool prof = std::getenv("SPARSELLM_FFN_PROFILE") != nullptr;
+  double tp0 = omp_get_wtime(), tp1 = 0, tp2 = 0;
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    // This thread's tokens: a contiguous range holding about nnz / nt pairs.
+    auto split = [&](int u) -> int64_t {
+      if (u >= nt) return M;
+      return std::min<int64_t>(M, std::lower_bound(tptr, tptr + M + 1, nnz * u / nt) - tptr);
+    };
+    const int64_t r0 = split(t), r1 = std::max(r0, split(t + 1));
+    for (int64_t m = r0; m < r1; ++m) detail::gather_row(g, m, tj + tptr[m], tg + tptr[m]);
+    if (up) {
+      // Phase 1: the threads split the chunks (so each panel is read once in all), each summing
+      // its chunks into its own u; the partial u are then added in thread order.
+#pragma omp barrier
+      float* ut = t == 0 ? th : part + static_cast<int64_t>(t - 1) * nnz;
+      const int64_t cb = nchunks * t / nt, ce = nchunks * (t + 1) / nt;
+      if (cb == ce) std::fill(ut, ut + nnz, 0.f);
+      for (int64_t c = cb; c < ce; ++c) {
+        const int64_t c0 = c * P, n = std::min(P, d - c0);
+        if (up_panels) ops.updot(tptr, 0, M, tj, x + c0, ldx, up_panels + c * F * P * es, dt, P, n, ut, c > cb);
+        else ops.updot(tptr, 0, M, tj, x + c0, ldx, up + c0 * es, dt, ld_up, n, ut, c > cb);
+      }
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < nnz; ++i) {
+        float u = th[i];
+        for (int q = 1; q < nt; ++q) u += part[static_cast<int64_t>(q - 1) * nnz + i];
+        th[i] = u * tg[i];
+      }
+    }
+#pragma omp barrier
+    if (prof && t == 0) tp1 = omp_get_wtime();
+    const float* hv = up ? th : tg;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t c0 = c * P, n = std::min(P, d - c0);
+      if (down_panels)
+        ops.spmm(tptr, 0, M, tj, hv, down_panels + c * F * P * es, dt, P, n, bias ? bias + c0 : nullptr, y + c0, ldy);
+      else
+        ops.spmm(tptr, 0, M, tj, hv, down + c0 * es, dt, ld_down, n, bias ? bias + c0 : nullptr, y + c0, ldy);
+    }
+  }
+  if (prof) {
+    tp2 = omp_get_wtime();
+    std::fprintf(stderr, "two_phase M=%lld nnz=%lld: lists+up %.2f down %.2f ms\n", (long long)M, (long long)nnz,
+                 (tp1 - tp0) * 1e3, (tp2 - tp1) * 1e3);
+  }
+}
+
+// Which sparse kernel: the two-phase path once the mean number of tokens per neuron, nnz / F,
+// reaches kTwoPhaseMinReuse (each panel row then serves several tokens from L2); below it the
+// per-token (or token-blocked) kernels, which read only what each token needs.
+// SPARSELLM_FFN_TWOPHASE=1 / 0 forces / forbids it (for measurement and tests).
+constexpr double kTwoPhaseMinReuse = 2.0;
+
 }  // namespace
 
-void twell_updown(const float* x, int64_t ldx, const Twell& g, const UpDownView& ud,
-                  const float* down_bias, float* y, int64_t ldy) {
+bool detail::ffn_use_two_phase(int64_t M, int64_t nnz, int64_t F) {
+  static const int forced = static_cast<int>(env_int("SPARSELLM_FFN_TWOPHASE", -1));
+  if (M < 2) return false;
+  if (forced == 0 || forced == 1) return forced == 1;
+  return static_cast<double>(nnz) >= kTwoPhaseMinReuse * static_cast<double>(F);
+}
+
+namespace {
+
+int64_t twell_nnz(const Twell& g) {
+  int64_t n = 0;
+  for (int64_t m = 0; m < g.rows; ++m) n += g.row_nnz[m];
+  return n;
+}
+
+void updown_impl(const float* x, int64_t ldx, const Twell& g, const UpDownView& ud, const float* down_bias,
+                 float* y, int64_t ldy, const char* panels) {
   if (g.cols != ud.rows) throw std::invalid_argument("twell_updown: activations have " + std::to_string(g.cols) +
                                                      " columns but the weights " + std::to_string(ud.rows) + " neurons");
   if (ud.dtype != DType::F32 && ud.dtype != DType::BF16) throw std::invalid_argument("twell_updown: weights must be f32 or bf16");
   const detail::FfnOps& ops = detail::ffn_ops();
   const int64_t d = ud.cols;
+  const int64_t es = dtype_size(ud.dtype);
+  const char* base = static_cast<const char*>(ud.data);
+  if (detail::ffn_use_two_phase(g.rows, twell_nnz(g), g.cols)) {
+    two_phase(x, ldx, g, base, 2 * ud.ld, base + ud.ld * es, 2 * ud.ld, panels,
+              panels ? panels + ((d + detail::kSpmmCols - 1) / detail::kSpmmCols) * g.cols * detail::kSpmmCols * es : nullptr,
+              ud.dtype, d, down_bias, y, ldy);
+    return;
+  }
   if (const int64_t B = batch_tokens(g)) {
-    const int64_t es = dtype_size(ud.dtype);
-    const char* base = static_cast<const char*>(ud.data);
     batched_rows(g, down_bias, d, y, ldy, B, [&](int64_t j, const int32_t* toks, const float* vals, int64_t n, int64_t m0, int64_t next) {
       ops.updown_batch(x + m0 * ldx, ldx, toks, vals, n, base + j * 2 * ud.ld * es, ud.dtype, ud.ld, d, y + m0 * ldy, ldy,
                        next >= 0 ? base + next * 2 * ud.ld * es : nullptr);
@@ -199,13 +326,18 @@ void twell_updown(const float* x, int64_t ldx, const Twell& g, const UpDownView&
   });
 }
 
-void twell_down(const Twell& h, const WeightView& down_t, const float* down_bias, float* y,
-                int64_t ldy) {
+void down_impl(const Twell& h, const WeightView& down_t, const float* down_bias, float* y, int64_t ldy,
+               const char* panels) {
   if (h.cols != down_t.rows) throw std::invalid_argument("twell_down: activations have " + std::to_string(h.cols) +
                                                         " columns but the weights " + std::to_string(down_t.rows) + " rows");
   if (down_t.dtype != DType::F32 && down_t.dtype != DType::BF16) throw std::invalid_argument("twell_down: weights must be f32 or bf16");
   const detail::FfnOps& ops = detail::ffn_ops();
   const int64_t d = down_t.cols;
+  if (detail::ffn_use_two_phase(h.rows, twell_nnz(h), h.cols)) {
+    two_phase(nullptr, 0, h, nullptr, 0, static_cast<const char*>(down_t.data), down_t.ld, nullptr, panels, down_t.dtype, d,
+              down_bias, y, ldy);
+    return;
+  }
   if (const int64_t B = batch_tokens(h)) {
     const int64_t es = dtype_size(down_t.dtype);
     const char* base = static_cast<const char*>(down_t.data);
@@ -218,6 +350,18 @@ void twell_down(const Twell& h, const WeightView& down_t, const float* down_bias
   sparse_rows(h, down_bias, d, y, ldy, [&](int64_t, const int32_t* js, const float* vs, int64_t n, float* ym) {
     ops.down(js, vs, n, down_t.data, down_t.dtype, down_t.ld, d, ym);
   });
+}
+
+}  // namespace
+
+void twell_updown(const float* x, int64_t ldx, const Twell& g, const UpDownView& ud,
+                  const float* down_bias, float* y, int64_t ldy) {
+  updown_impl(x, ldx, g, ud, down_bias, y, ldy, nullptr);
+}
+
+void twell_down(const Twell& h, const WeightView& down_t, const float* down_bias, float* y,
+                int64_t ldy) {
+  down_impl(h, down_t, down_bias, y, ldy, nullptr);
 }
 
 // --- FfnLayer ---------------------------------------------------------------------------------
@@ -312,13 +456,41 @@ WeightView FfnLayer::down_standard() {
   return {down_std_.data(), cfg_.dtype, d, F, F};
 }
 
+const char* FfnLayer::panels() {
+  const int64_t d = cfg_.d_model, F = cfg_.d_ff, P = detail::kSpmmCols;
+  const int64_t es = dtype_size(cfg_.dtype), chunks = (d + P - 1) / P;
+  if (panels_.empty()) {
+    // Gated: the up panels, then the down panels; non-gated: the down panels.
+    const int mats = cfg_.gated ? 2 : 1;
+    panels_.resize(static_cast<size_t>(mats * chunks * F * P * es));
+    char* o = reinterpret_cast<char*>(panels_.data());
+    for (int q = 0; q < mats; ++q) {
+      const WeightView src = mats == 2 && q == 0 ? up_view() : down_t_view();
+      const char* s = static_cast<const char*>(src.data);
+      char* oq = o + q * chunks * F * P * es;
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+      for (int64_t j = 0; j < F; ++j)
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t n = std::min(P, d - c * P);
+          char* dst = oq + ((c * F + j) * P) * es;
+          std::memcpy(dst, s + (j * src.ld + c * P) * es, static_cast<size_t>(n * es));
+          if (n < P) std::memset(dst + n * es, 0, static_cast<size_t>((P - n) * es));
+        }
+    }
+  }
+  return reinterpret_cast<const char*>(panels_.data());
+}
+
 bool FfnLayer::prefer_dense(const SparsityStats& s, int64_t M) const {
   // Cost model of the up+down work (docs/kernels.md "Dense fallback"): the sparse kernel reads
   // each active neuron's weights once per token (memory-bound); the dense GEMMs are compute-bound
   // for many tokens and read every weight once for few.
   const double d = static_cast<double>(cfg_.d_model), F = static_cast<double>(cfg_.d_ff);
   const double mats = cfg_.gated ? 2.0 : 1.0, wb = dtype_size(cfg_.dtype);
-  const double sparse = static_cast<double>(s.nnz) * mats * d * wb / cfg_.sparse_bytes_per_s;
+  // Two-phase path (many tokens per neuron): compute-bound at its own FLOP rate.
+  const double sparse = detail::ffn_use_two_phase(M, s.nnz, cfg_.d_ff)
+                            ? static_cast<double>(s.nnz) * mats * 2.0 * d / cfg_.twophase_flops_per_s
+                            : static_cast<double>(s.nnz) * mats * d * wb / cfg_.sparse_bytes_per_s;
   const double dense = mats * std::max(2.0 * static_cast<double>(M) * d * F / cfg_.gemm_flops_per_s,
                                        d * F * wb / cfg_.dense_bytes_per_s);
   return sparse > cfg_.auto_crossover * dense;
@@ -396,8 +568,10 @@ FfnStats FfnLayer::sparse_forward(const float* x, int64_t M, float* y) {
   FfnStats st;
   static_cast<SparsityStats&>(st) = twell_gate(x, d, M, gate_view(), up_bias(), cfg_.twell, twell_, cfg_.act);
   st.path = FfnPath::Sparse;
-  if (cfg_.gated) twell_updown(x, d, twell_, updown_view(), down_bias(), y, d);
-  else twell_down(twell_, down_t_view(), down_bias(), y, d);
+  st.two_phase = detail::ffn_use_two_phase(M, st.nnz, cfg_.d_ff);
+  const char* panels = st.two_phase ? this->panels() : nullptr;
+  if (cfg_.gated) updown_impl(x, d, twell_, updown_view(), down_bias(), y, d, panels);
+  else down_impl(twell_, down_t_view(), down_bias(), y, d, panels);
   return st;
 }
 
@@ -422,8 +596,10 @@ FfnStats FfnLayer::forward(const float* x, int64_t M, float* y, FfnMode mode) {
   FfnStats st;
   static_cast<SparsityStats&>(st) = s;
   st.path = FfnPath::Sparse;
-  if (cfg_.gated) twell_updown(x, d, twell_, updown_view(), down_bias(), y, d);
-  else twell_down(twell_, down_t_view(), down_bias(), y, d);
+  st.two_phase = detail::ffn_use_two_phase(M, st.nnz, cfg_.d_ff);
+  const char* panels = st.two_phase ? this->panels() : nullptr;
+  if (cfg_.gated) updown_impl(x, d, twell_, updown_view(), down_bias(), y, d, panels);
+  else down_impl(twell_, down_t_view(), down_bias(), y, d, panels);
   return st;
 }
 

@@ -82,7 +82,39 @@ void down_batch(const int32_t* t, const float* h, int64_t n, const void* w, DTyp
   for (int64_t i = 0; i < n; ++i) axpy(y + static_cast<int64_t>(t[i]) * ldy, h[i], w, dt, d);
 }
 
-const FfnOps kPortable{dot, axpy, updown, down, updown_batch, down_batch};
+void updot(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* x, int64_t ldx,
+           const void* w, DType dt, int64_t ldw, int64_t n, float* u, bool accumulate) {
+  const int64_t es = dtype_size(dt);
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t i = ptr[m]; i < ptr[m + 1]; ++i) {
+      const float s = dot(x + m * ldx, static_cast<const char*>(w) + static_cast<int64_t>(j[i]) * ldw * es, dt, n);
+      u[i] = accumulate ? u[i] + s : s;
+    }
+}
+
+template <typename W>
+void spmm_t(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* h, const W* w,
+            int64_t ldw, int64_t n, const float* bias, float* y, int64_t ldy) {
+  float acc[kSpmmCols];
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t c = 0; c < n; ++c) acc[c] = 0.f;
+    for (int64_t i = ptr[m]; i < ptr[m + 1]; ++i) {
+      const W* r = w + static_cast<int64_t>(j[i]) * ldw;
+      const float hv = h[i];
+      for (int64_t c = 0; c < n; ++c) acc[c] += hv * wval(r, c);
+    }
+    float* ym = y + m * ldy;
+    for (int64_t c = 0; c < n; ++c) ym[c] = (bias ? bias[c] : 0.f) + acc[c];
+  }
+}
+
+void spmm(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* h, const void* w,
+          DType dt, int64_t ldw, int64_t n, const float* bias, float* y, int64_t ldy) {
+  if (dt == DType::F32) spmm_t(ptr, m0, m1, j, h, static_cast<const float*>(w), ldw, n, bias, y, ldy);
+  else spmm_t(ptr, m0, m1, j, h, static_cast<const uint16_t*>(w), ldw, n, bias, y, ldy);
+}
+
+const FfnOps kPortable{dot, axpy, updown, down, updown_batch, down_batch, updot, spmm};
 
 }  // namespace
 

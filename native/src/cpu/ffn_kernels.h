@@ -29,7 +29,29 @@ struct FfnOps {
   //   for i < n: y[t[i]·ldy] += h[i]·w[0:d]
   void (*down_batch)(const int32_t* t, const float* h, int64_t n, const void* w, DType dt,
                      int64_t d, float* y, int64_t ldy, const void* next);
+  // --- Two-phase path (docs/kernels.md "Two-phase up+down") ---
+  // Phase 1 (sampled up product), one chunk of n ≤ kSpmmCols columns for tokens m0 ≤ m < m1, the
+  // token's x chunk held in registers while its pairs are walked. `x` and `w` point at the chunk's
+  // first column of row 0 (rows ldx / ldw apart):
+  //   u[i] = (accumulate ? u[i] : 0) + x[m·ldx : +n] · w[j[i]·ldw : +n],  ptr[m] ≤ i < ptr[m+1]
+  void (*updot)(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* x,
+                int64_t ldx, const void* w, DType dt, int64_t ldw, int64_t n, float* u,
+                bool accumulate);
+  // Phase 2 (sparse × dense down), one chunk of n ≤ kSpmmCols columns for tokens m0 ≤ m < m1, the
+  // chunk's outputs held in registers while the token's pairs are walked. `w` points at the chunk's
+  // first column of row 0 (rows ldw apart), `bias` (may be null) and `y` at the chunk's first column:
+  //   y[m·ldy + c] = bias[c] + Σ_{ptr[m] ≤ i < ptr[m+1]} h[i] · w[j[i]·ldw + c],  c < n
+  void (*spmm)(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* h,
+               const void* w, DType dt, int64_t ldw, int64_t n, const float* bias, float* y,
+               int64_t ldy);
 };
+
+// Widest chunk of FfnOps::spmm (every ISA), and the width of the packed down panels.
+constexpr int64_t kSpmmCols = 128;
+
+// Whether the sparse up+down of M tokens with nnz active pairs over F neurons takes the two-phase
+// path (ffn.cpp; SPARSELLM_FFN_TWOPHASE=1/0 forces it on/off).
+bool ffn_use_two_phase(int64_t M, int64_t nnz, int64_t F);
 
 const FfnOps& ffn_ops();  // for the active ISA
 

@@ -204,7 +204,118 @@ void down_batch(const int32_t* t, const float* h, int64_t n, const void* w, DTyp
   }
 }
 
-const FfnOps kAvx2{dot, axpy, updown, down, updown_batch, down_batch};
+// Phase 1: the token's x chunk (≤ 64 columns) in G ymm registers, each pair's dot in two
+// accumulators; the chunk's last n − 8·G columns (< 8) in scalars.
+template <int G, typename W>
+void updot_g(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* x, int64_t ldx,
+             const W* w, int64_t ldw, int64_t n, float* u, bool accumulate) {
+  const int64_t rest = n - 8 * G;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xm = x + m * ldx;
+    __m256 xv[G > 0 ? G : 1];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) xv[g] = _mm256_loadu_ps(xm + 8 * g);
+    const int64_t e = ptr[m + 1];
+    for (int64_t i = ptr[m]; i < e; ++i) {
+      const W* r = w + static_cast<int64_t>(j[i]) * ldw;
+      if (i + 8 < e) _mm_prefetch(reinterpret_cast<const char*>(w + static_cast<int64_t>(j[i + 8]) * ldw), _MM_HINT_T0);
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) {
+        if (g % 2 == 0) a0 = _mm256_fmadd_ps(xv[g], load8(r + 8 * g), a0);
+        else a1 = _mm256_fmadd_ps(xv[g], load8(r + 8 * g), a1);
+      }
+      float s = hsum(_mm256_add_ps(a0, a1));
+      for (int64_t q = 0; q < rest; ++q) s += xm[8 * G + q] * wval(r, 8 * G + q);
+      u[i] = accumulate ? u[i] + s : s;
+    }
+  }
+}
+
+template <typename W>
+void updot_t(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* x, int64_t ldx,
+             const W* w, int64_t ldw, int64_t n, float* u, bool accumulate) {
+  for (int64_t c = 0; c < n; c += 64) {
+    const int64_t k = n - c < 64 ? n - c : 64;
+    const bool acc = accumulate || c > 0;
+    switch (k / 8) {
+      case 0: updot_g<0>(ptr, m0, m1, j, x + c, ldx, w + c, ldw, k, u, acc); break;
+      case 1: updot_g<1>(ptr, m0, m1, j, x + c, ldx, w + c, ldw, k, u, acc); break;
+      case 2: updot_g<2>(ptr, m0, m1, j, x + c, ldx, w + c, ldw, k, u, acc); break;
+      case 3: updot_g<3>(ptr, m0, m1, j, x + c, ldx, w + c, ldw, k, u, acc); break;
+      case 4: updot_g<4>(ptr, m0, m1, j, x + c, ldx, w + c, ldw, k, u, acc); break;
+      case 5: updot_g<5>(ptr, m0, m1, j, x + c, ldx, w + c, ldw, k, u, acc); break;
+      case 6: updot_g<6>(ptr, m0, m1, j, x + c, ldx, w + c, ldw, k, u, acc); break;
+      case 7: updot_g<7>(ptr, m0, m1, j, x + c, ldx, w + c, ldw, k, u, acc); break;
+      default: updot_g<8>(ptr, m0, m1, j, x + c, ldx, w + c, ldw, k, u, acc); break;
+    }
+  }
+}
+
+void updot(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* x, int64_t ldx,
+           const void* w, DType dt, int64_t ldw, int64_t n, float* u, bool accumulate) {
+  if (dt == DType::F32) updot_t(ptr, m0, m1, j, x, ldx, static_cast<const float*>(w), ldw, n, u, accumulate);
+  else updot_t(ptr, m0, m1, j, x, ldx, static_cast<const uint16_t*>(w), ldw, n, u, accumulate);
+}
+
+// Phase 2: G groups of 8 columns in ymm accumulators (G ≤ 8: 64 columns), then the last
+// n − 8·G columns (< 8) in scalars; wider chunks are done 64 columns at a time.
+template <int G, typename W>
+void spmm_g(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* h, const W* w,
+            int64_t ldw, int64_t n, const float* bias, float* y, int64_t ldy) {
+  const int64_t rest = n - 8 * G;
+  for (int64_t m = m0; m < m1; ++m) {
+    __m256 a[G > 0 ? G : 1];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) a[g] = _mm256_setzero_ps();
+    float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const int64_t e = ptr[m + 1];
+    for (int64_t i = ptr[m]; i < e; ++i) {
+      const W* r = w + static_cast<int64_t>(j[i]) * ldw;
+      if (i + 8 < e) _mm_prefetch(reinterpret_cast<const char*>(w + static_cast<int64_t>(j[i + 8]) * ldw), _MM_HINT_T0);
+      const __m256 hv = _mm256_set1_ps(h[i]);
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) a[g] = _mm256_fmadd_ps(hv, load8(r + 8 * g), a[g]);
+      for (int64_t q = 0; q < rest; ++q) t[q] += h[i] * wval(r, 8 * G + q);
+    }
+    float* ym = y + m * ldy;
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      __m256 v = a[g];
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + 8 * g));
+      _mm256_storeu_ps(ym + 8 * g, v);
+    }
+    for (int64_t q = 0; q < rest; ++q) ym[8 * G + q] = (bias ? bias[8 * G + q] : 0.f) + t[q];
+  }
+}
+
+template <typename W>
+void spmm_t(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* h, const W* w,
+            int64_t ldw, int64_t n, const float* bias, float* y, int64_t ldy) {
+  for (int64_t c = 0; c < n; c += 64) {
+    const int64_t k = n - c < 64 ? n - c : 64;
+    const float* b = bias ? bias + c : nullptr;
+    switch (k / 8) {
+      case 0: spmm_g<0>(ptr, m0, m1, j, h, w + c, ldw, k, b, y + c, ldy); break;
+      case 1: spmm_g<1>(ptr, m0, m1, j, h, w + c, ldw, k, b, y + c, ldy); break;
+      case 2: spmm_g<2>(ptr, m0, m1, j, h, w + c, ldw, k, b, y + c, ldy); break;
+      case 3: spmm_g<3>(ptr, m0, m1, j, h, w + c, ldw, k, b, y + c, ldy); break;
+      case 4: spmm_g<4>(ptr, m0, m1, j, h, w + c, ldw, k, b, y + c, ldy); break;
+      case 5: spmm_g<5>(ptr, m0, m1, j, h, w + c, ldw, k, b, y + c, ldy); break;
+      case 6: spmm_g<6>(ptr, m0, m1, j, h, w + c, ldw, k, b, y + c, ldy); break;
+      case 7: spmm_g<7>(ptr, m0, m1, j, h, w + c, ldw, k, b, y + c, ldy); break;
+      default: spmm_g<8>(ptr, m0, m1, j, h, w + c, ldw, k, b, y + c, ldy); break;
+    }
+  }
+}
+
+void spmm(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* h, const void* w,
+          DType dt, int64_t ldw, int64_t n, const float* bias, float* y, int64_t ldy) {
+  if (dt == DType::F32) spmm_t(ptr, m0, m1, j, h, static_cast<const float*>(w), ldw, n, bias, y, ldy);
+  else spmm_t(ptr, m0, m1, j, h, static_cast<const uint16_t*>(w), ldw, n, bias, y, ldy);
+}
+
+const FfnOps kAvx2{dot, axpy, updown, down, updown_batch, down_batch, updot, spmm};
 
 }  // namespace
 

@@ -115,22 +115,30 @@ void down(const int32_t* j, const float* h, int64_t cnt, const void* w, DType dt
 template <int R, int A, typename W>
 inline void dots_r(const float* const* xr, const W* w, int64_t d, float* u) {
   __m512 a[R][A];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int q = 0; q < A; ++q) a[r][q] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 * A <= d; k += 16 * A) {
     __m512 wv[A];
+#pragma GCC unroll 8
     for (int q = 0; q < A; ++q) wv[q] = load16(w + k + 16 * q);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
       for (int q = 0; q < A; ++q) a[r][q] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[r] + k + 16 * q), wv[q], a[r][q]);
   }
   for (; k < d; k += 16) {
     const __mmask16 m = d - k >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(d - k);
     const __m512 w0 = load16m(w + k, m);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) a[r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xr[r] + k), w0, a[r][0]);
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     __m512 t = a[r][0];
+#pragma GCC unroll 8
     for (int q = 1; q < A; ++q) t = _mm512_add_ps(t, a[r][q]);
     u[r] = _mm512_reduce_add_ps(t);
   }
@@ -157,14 +165,19 @@ inline void axpys_r(float* const* yr, const float* h, const W* w, int64_t d) {
 template <typename W>
 void dots(const float* x, int64_t ldx, const int32_t* t, int64_t n, const W* w, int64_t d, float* u) {
   int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const float* xr[8];
+    for (int r = 0; r < 8; ++r) xr[r] = x + t[i + r] * ldx;
+    dots_r<8, 2>(xr, w, d, u + i);
+  }
   for (; i + 4 <= n; i += 4) {
     const float* xr[4] = {x + t[i] * ldx, x + t[i + 1] * ldx, x + t[i + 2] * ldx, x + t[i + 3] * ldx};
-    dots_r<4, 2>(xr, w, d, u + i);
+    dots_r<4, 4>(xr, w, d, u + i);
   }
   const float* xr[3] = {nullptr, nullptr, nullptr};
   for (int64_t r = i; r < n; ++r) xr[r - i] = x + t[r] * ldx;
   switch (n - i) {
-    case 3: dots_r<3, 2>(xr, w, d, u + i); break;
+    case 3: dots_r<3, 4>(xr, w, d, u + i); break;
     case 2: dots_r<2, 4>(xr, w, d, u + i); break;
     case 1: dots_r<1, 8>(xr, w, d, u + i); break;
     default: break;
@@ -229,7 +242,253 @@ void down_batch(const int32_t* t, const float* h, int64_t n, const void* w, DTyp
   }
 }
 
-const FfnOps kAvx512{dot, axpy, updown, down, updown_batch, down_batch};
+// Phase 1 (sampled up product), one chunk of at most 128 columns: the token's x chunk sits in
+// registers while its active neurons are walked, each costing one load of its chunk row (from L2:
+// the chunk's rows are shared by all tokens). bf16 rows are split into even / odd columns without
+// shuffles (see spmm_bf16), so x is split the same way once per token and chunk. G groups of 32
+// columns, the last with `last` (1..32) valid ones.
+template <int G>
+void updot_bf16(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* x, int64_t ldx,
+                const uint16_t* w, int64_t ldw, int64_t n, float* u, bool accumulate) {
+  const int last = static_cast<int>(n - 32 * (G - 1));
+  const __mmask32 lmask = last >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << last) - 1u);
+  const __mmask16 slo = last >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(last);
+  const __mmask16 shi = last > 16 ? (last >= 32 ? static_cast<__mmask16>(0xffff) : tail_mask(last - 16)) : static_cast<__mmask16>(0);
+  const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xm = x + m * ldx;
+    __m512 xe[G], xo[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const __mmask16 ml = g == G - 1 ? slo : static_cast<__mmask16>(0xffff);
+      const __mmask16 mh = g == G - 1 ? shi : static_cast<__mmask16>(0xffff);
+      const __m512 lo = _mm512_maskz_loadu_ps(ml, xm + 32 * g), hi = _mm512_maskz_loadu_ps(mh, xm + 32 * g + 16);
+      xe[g] = _mm512_permutex2var_ps(lo, ie, hi);
+      xo[g] = _mm512_permutex2var_ps(lo, io, hi);
+    }
+    const int64_t end = ptr[m + 1];
+    for (int64_t i = ptr[m]; i < end; ++i) {
+      const uint16_t* r = w + static_cast<int64_t>(j[i]) * ldw;
+      if (i + 8 < end) {
+        const char* p = reinterpret_cast<const char*>(w + static_cast<int64_t>(j[i + 8]) * ldw);
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) _mm_prefetch(p + 64 * g, _MM_HINT_T0);
+      }
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        const __mmask32 mk = g == G - 1 ? lmask : static_cast<__mmask32>(0xffffffffu);
+        const __m512i v = _mm512_maskz_loadu_epi16(mk, r + 32 * g);
+        a0 = _mm512_fmadd_ps(xe[g], _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), a0);
+        a1 = _mm512_fmadd_ps(xo[g], _mm512_castsi512_ps(_mm512_and_si512(v, odd)), a1);
+      }
+      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      u[i] = accumulate ? u[i] + sum : sum;
+    }
+  }
+}
+
+// f32 weights: G groups of 16 columns, the last with `last` (1..16) valid ones.
+template <int G>
+void updot_f32(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* x, int64_t ldx,
+               const float* w, int64_t ldw, int64_t n, float* u, bool accumulate) {
+  const int last = static_cast<int>(n - 16 * (G - 1));
+  const __mmask16 lm = last >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(last);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xm = x + m * ldx;
+    __m512 xv[G];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) xv[g] = _mm512_maskz_loadu_ps(g == G - 1 ? lm : static_cast<__mmask16>(0xffff), xm + 16 * g);
+    const int64_t end = ptr[m + 1];
+    for (int64_t i = ptr[m]; i < end; ++i) {
+      const float* r = w + static_cast<int64_t>(j[i]) * ldw;
+      if (i + 8 < end) {
+        const char* p = reinterpret_cast<const char*>(w + static_cast<int64_t>(j[i + 8]) * ldw);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; ++g) _mm_prefetch(p + 64 * g, _MM_HINT_T0);
+      }
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) {
+        const __m512 wv = _mm512_maskz_loadu_ps(g == G - 1 ? lm : static_cast<__mmask16>(0xffff), r + 16 * g);
+        if (g % 2 == 0) a0 = _mm512_fmadd_ps(xv[g], wv, a0);
+        else a1 = _mm512_fmadd_ps(xv[g], wv, a1);
+      }
+      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      u[i] = accumulate ? u[i] + sum : sum;
+    }
+  }
+}
+
+void updot(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* x, int64_t ldx,
+           const void* w, DType dt, int64_t ldw, int64_t n, float* u, bool accumulate) {
+  if (n <= 0) return;
+  if (dt == DType::BF16) {
+    const uint16_t* wb = static_cast<const uint16_t*>(w);
+    switch ((n + 31) / 32) {
+      case 1: updot_bf16<1>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
+      case 2: updot_bf16<2>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
+      case 3: updot_bf16<3>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
+      default: updot_bf16<4>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
+    }
+    return;
+  }
+  const float* wf = static_cast<const float*>(w);
+  switch ((n + 15) / 16) {
+    case 1: updot_f32<1>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    case 2: updot_f32<2>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    case 3: updot_f32<3>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    case 4: updot_f32<4>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    case 5: updot_f32<5>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    case 6: updot_f32<6>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    case 7: updot_f32<7>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    default: updot_f32<8>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+  }
+}
+
+// Phase 2 (sparse down), one chunk of at most 128 columns whose outputs stay in 8 zmm
+// accumulators while the token's active neurons are walked; each neuron costs one load of its
+// chunk row (from L2: the chunk's rows are shared by all tokens) and one FMA per 16 columns.
+// bf16 without shuffles: a 512-bit load holds 32 weights; the low halves of its 32-bit lanes
+// (shifted left 16) are the even columns and the high halves (masked) the odd ones, so the
+// accumulators hold a group's even and odd columns apart and are interleaved once at the store.
+// G groups of 32 columns; the last one has `last` (1..32) valid columns.
+template <int G>
+void spmm_bf16(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* h, const uint16_t* w,
+               int64_t ldw, int64_t n, const float* bias, float* y, int64_t ldy) {
+  const int last = static_cast<int>(n - 32 * (G - 1));
+  const __mmask32 lmask = last >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << last) - 1u);
+  const __mmask16 slo = last >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(last);
+  const __mmask16 shi = last > 16 ? (last >= 32 ? static_cast<__mmask16>(0xffff) : tail_mask(last - 16)) : static_cast<__mmask16>(0);
+  const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const __m512i ilo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i ihi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const uint16_t* wc = w;
+  for (int64_t m = m0; m < m1; ++m) {
+    // Two accumulator sets (even / odd pairs of the list) so that 4·G independent FMA chains
+    // hide the FMA latency; summed at the end.
+    __m512 e[G], o[G], e2[G], o2[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) e[g] = o[g] = e2[g] = o2[g] = _mm512_setzero_ps();
+    const int64_t end = ptr[m + 1];
+    int64_t i = ptr[m];
+    for (; i + 1 < end; i += 2) {
+      const uint16_t* r = wc + static_cast<int64_t>(j[i]) * ldw;
+      const uint16_t* r2 = wc + static_cast<int64_t>(j[i + 1]) * ldw;
+      if (i + 9 < end) {
+        const char* p = reinterpret_cast<const char*>(wc + static_cast<int64_t>(j[i + 8]) * ldw);
+        const char* p2 = reinterpret_cast<const char*>(wc + static_cast<int64_t>(j[i + 9]) * ldw);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; ++g) {
+          _mm_prefetch(p + 64 * g, _MM_HINT_T0);
+          _mm_prefetch(p2 + 64 * g, _MM_HINT_T0);
+        }
+      }
+      const __m512 hv = _mm512_set1_ps(h[i]), hv2 = _mm512_set1_ps(h[i + 1]);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        const __mmask32 mk = g == G - 1 ? lmask : static_cast<__mmask32>(0xffffffffu);
+        const __m512i v = _mm512_maskz_loadu_epi16(mk, r + 32 * g);
+        const __m512i v2 = _mm512_maskz_loadu_epi16(mk, r2 + 32 * g);
+        e[g] = _mm512_fmadd_ps(hv, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e[g]);
+        o[g] = _mm512_fmadd_ps(hv, _mm512_castsi512_ps(_mm512_and_si512(v, odd)), o[g]);
+        e2[g] = _mm512_fmadd_ps(hv2, _mm512_castsi512_ps(_mm512_slli_epi32(v2, 16)), e2[g]);
+        o2[g] = _mm512_fmadd_ps(hv2, _mm512_castsi512_ps(_mm512_and_si512(v2, odd)), o2[g]);
+      }
+    }
+    if (i < end) {
+      const uint16_t* r = wc + static_cast<int64_t>(j[i]) * ldw;
+      const __m512 hv = _mm512_set1_ps(h[i]);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        const __mmask32 mk = g == G - 1 ? lmask : static_cast<__mmask32>(0xffffffffu);
+        const __m512i v = _mm512_maskz_loadu_epi16(mk, r + 32 * g);
+        e[g] = _mm512_fmadd_ps(hv, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e[g]);
+        o[g] = _mm512_fmadd_ps(hv, _mm512_castsi512_ps(_mm512_and_si512(v, odd)), o[g]);
+      }
+    }
+    float* ym = y + m * ldy;
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      const __m512 ev = _mm512_add_ps(e[g], e2[g]), ov = _mm512_add_ps(o[g], o2[g]);
+      __m512 lo = _mm512_permutex2var_ps(ev, ilo, ov);
+      __m512 hi = _mm512_permutex2var_ps(ev, ihi, ov);
+      const __mmask16 ml = g == G - 1 ? slo : static_cast<__mmask16>(0xffff);
+      const __mmask16 mh = g == G - 1 ? shi : static_cast<__mmask16>(0xffff);
+      if (bias) {
+        lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(ml, bias + 32 * g));
+        hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(mh, bias + 32 * g + 16));
+      }
+      _mm512_mask_storeu_ps(ym + 32 * g, ml, lo);
+      _mm512_mask_storeu_ps(ym + 32 * g + 16, mh, hi);
+    }
+  }
+}
+
+// f32 weights: G groups of 16 columns, the last with `last` (1..16) valid ones.
+template <int G>
+void spmm_f32(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* h, const float* w,
+              int64_t ldw, int64_t n, const float* bias, float* y, int64_t ldy) {
+  const int last = static_cast<int>(n - 16 * (G - 1));
+  const __mmask16 lm = last >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(last);
+  const float* wc = w;
+  for (int64_t m = m0; m < m1; ++m) {
+    __m512 a[G];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) a[g] = _mm512_setzero_ps();
+    const int64_t end = ptr[m + 1];
+    for (int64_t i = ptr[m]; i < end; ++i) {
+      const float* r = wc + static_cast<int64_t>(j[i]) * ldw;
+      if (i + 8 < end) {
+        const char* p = reinterpret_cast<const char*>(wc + static_cast<int64_t>(j[i + 8]) * ldw);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; ++g) _mm_prefetch(p + 64 * g, _MM_HINT_T0);
+      }
+      const __m512 hv = _mm512_set1_ps(h[i]);
+#pragma GCC unroll 8
+      for (int g = 0; g < G - 1; ++g) a[g] = _mm512_fmadd_ps(hv, _mm512_loadu_ps(r + 16 * g), a[g]);
+      a[G - 1] = _mm512_fmadd_ps(hv, _mm512_maskz_loadu_ps(lm, r + 16 * (G - 1)), a[G - 1]);
+    }
+    float* ym = y + m * ldy;
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      const __mmask16 mk = g == G - 1 ? lm : static_cast<__mmask16>(0xffff);
+      __m512 v = a[g];
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + 16 * g));
+      _mm512_mask_storeu_ps(ym + 16 * g, mk, v);
+    }
+  }
+}
+
+void spmm(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* h, const void* w,
+          DType dt, int64_t ldw, int64_t n, const float* bias, float* y, int64_t ldy) {
+  if (n <= 0) return;
+  if (dt == DType::BF16) {
+    const uint16_t* wb = static_cast<const uint16_t*>(w);
+    switch ((n + 31) / 32) {
+      case 1: spmm_bf16<1>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
+      case 2: spmm_bf16<2>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
+      case 3: spmm_bf16<3>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
+      default: spmm_bf16<4>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
+    }
+    return;
+  }
+  const float* wf = static_cast<const float*>(w);
+  switch ((n + 15) / 16) {
+    case 1: spmm_f32<1>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    case 2: spmm_f32<2>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    case 3: spmm_f32<3>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    case 4: spmm_f32<4>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    case 5: spmm_f32<5>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    case 6: spmm_f32<6>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    case 7: spmm_f32<7>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    default: spmm_f32<8>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+  }
+}
+
+const FfnOps kAvx512{dot, axpy, updown, down, updown_batch, down_batch, updot, spmm};
 
 }  // namespace
 
