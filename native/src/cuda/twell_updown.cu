@@ -30,22 +30,24 @@ namespace {
 constexpr unsigned kFull = 0xffffffffu;
 
 // VPL: 8-element chunks per lane (d ≤ 256·VPL); NB: neurons per step; XS: x in shared memory
-// (gated; otherwise registers); MINB: blocks per SM asked of the register allocator.
+// (gated; otherwise registers); 4·MINB: warps per SM asked of the register allocator.
+// A block is one warp and one token row: a heavy row (hundreds of entries, 3% of the rows in the
+// benchmark) then holds only its own warp's slot while it finishes, not three idle partners'
+// (with 4-warp blocks a block lives as long as its heaviest row).
 template <int VPL, int NB, bool XS, bool GATED, int MINB>
-__global__ void __launch_bounds__(128, MINB) updown_grouped_kernel(
+__global__ void __launch_bounds__(32, 4 * MINB) updown_grouped_kernel(
     const uint16_t* __restrict__ x, int64_t ldx, int64_t M, const int32_t* __restrict__ count,
     const uint32_t* __restrict__ entries, int64_t tiles, int T, int cap, const uint16_t* __restrict__ up,
     const uint16_t* __restrict__ down_t, int64_t ldw, int d, const float* __restrict__ bias, float* __restrict__ y,
     int64_t ldy, int keep) {
   extern __shared__ uint4 xs_all[];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t m = static_cast<int64_t>(blockIdx.x) * 4 + warp;
-  if (m >= M) return;  // whole warp; no block barrier in this kernel
+  const int lane = threadIdx.x;
   const uint64_t pol_w = keep ? policy_evict_last() : policy_evict_normal();
   const uint64_t pol_s = policy_evict_first();
   constexpr bool XR = GATED && !XS;
+  uint4* xsm = xs_all;
+  for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {  // one row per block in practice
   uint4 xr[XR ? VPL : 1];
-  uint4* xsm = xs_all + warp * (VPL * 32);
   if (GATED) {
     const uint16_t* xrow = x + m * ldx;
 #pragma unroll
@@ -159,16 +161,18 @@ __global__ void __launch_bounds__(128, MINB) updown_grouped_kernel(
       __stcs(dst + 1, make_float4(o[4], o[5], o[6], o[7]));
     }
   }
+  __syncwarp();  // the next row overwrites x in shared memory
+  }
 }
 
 template <int VPL, int NB, bool XS, bool GATED, int MINB>
 void launch_grouped(const uint16_t* x, int64_t ldx, const DeviceTwell& g, const uint16_t* up, const uint16_t* down_t,
                     int64_t ldw, int d, const float* bias, float* y, int64_t ldy, int keep) {
-  const unsigned grid = static_cast<unsigned>(ceil_div(g.rows, 4));
-  const size_t smem = (GATED && XS) ? static_cast<size_t>(4 * VPL * 32) * sizeof(uint4) : 0;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(g.rows, int64_t(1) << 30));
+  const size_t smem = (GATED && XS) ? static_cast<size_t>(VPL * 32) * sizeof(uint4) : 0;
   auto k = updown_grouped_kernel<VPL, NB, XS, GATED, MINB>;
   if (smem > 48 * 1024) SLLM_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  k<<<grid, 128, smem>>>(x, ldx, g.rows, g.count, g.entries, g.tiles, g.tile, g.cap, up, down_t, ldw, d, bias, y, ldy,
+  k<<<grid, 32, smem>>>(x, ldx, g.rows, g.count, g.entries, g.tiles, g.tile, g.cap, up, down_t, ldw, d, bias, y, ldy,
                          keep);
   SLLM_LAUNCHED("twell_updown (grouped)");
 }
