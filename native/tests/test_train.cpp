@@ -509,10 +509,75 @@ void attention_kernels() {
   std::fprintf(stderr, "  attention kernels: worst rel. error %.2e (up to %s)\n", worst, isa_name(best));
 }
 
+// The blocked transposes (portable loops and 16×16 register tiles) must be exact copies, on shapes
+// with and without 16-multiples and with leading dimensions wider than the rows.
+void transposes() {
+  std::mt19937_64 rng(check::test_seed() + 43);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  const Isa best = active_isa();
+  const int64_t shapes[][2] = {{1, 1}, {16, 16}, {17, 33}, {64, 64}, {100, 37}, {130, 200}, {3, 300}, {300, 5}};
+  for (Isa isa : {Isa::Portable, Isa::Avx512}) {
+    if (static_cast<int>(isa) > static_cast<int>(best)) continue;
+    set_isa_limit(isa);
+    for (const auto& sh : shapes) {
+      const int64_t R = sh[0], C = sh[1], ldi = C + 3, ldo = R + 2;
+      std::vector<float> in(static_cast<size_t>(R * ldi)), out(static_cast<size_t>(C * ldo), 9.f);
+      for (auto& x : in) x = u(rng);
+      trainops::transpose(in.data(), ldi, R, C, out.data(), ldo);
+      bool ok = true;
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t c = 0; c < C; ++c) ok = ok && out[static_cast<size_t>(c * ldo + r)] == in[static_cast<size_t>(r * ldi + c)];
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t r = R; r < ldo; ++r) ok = ok && out[static_cast<size_t>(c * ldo + r)] == 9.f;
+      CHECK(ok, "transpose %lldx%lld (%s) differs from the element copy", static_cast<long long>(R), static_cast<long long>(C),
+            isa_name(isa));
+    }
+  }
+  set_isa_limit(best);
+}
+
+// step() does not zero the gradients first: the first micro-batch of a step overwrites every
+// gradient. Garbage (NaN) left in grads() before a step must therefore change nothing: two
+// trainers, one poisoned before each step, stay bitwise equal over steps of 1 and 2 micro-batches
+// on both FFN paths (a region the first micro-batch only added to would turn the weights NaN).
+void step_overwrites_gradients() {
+  std::mt19937_64 rng(check::test_seed() + 47);
+  TrainModelConfig c;
+  c.vocab = 31;
+  c.d_model = 24;
+  c.n_layers = 2;
+  c.n_heads = 3;
+  c.d_ff = 40;
+  c.context = 10;
+  for (FfnTrainPath path : {FfnTrainPath::Dense, FfnTrainPath::Hybrid}) {
+    TrainHyper hp;
+    hp.seed = rng();
+    hp.ffn_path = path;
+    hp.l1 = 0.01f;
+    hp.ell_width = 12;
+    Trainer a(c, hp), b(c, hp);
+    a.init_weights();
+    perturb(a, rng);
+    b.params() = a.params();
+    for (int it = 0; it < 3; ++it) {
+      const int64_t micro = 1 + it % 2;
+      const std::vector<int32_t> tok = random_tokens(rng, micro * 2 * 11, c.vocab);
+      std::fill(b.grads().begin(), b.grads().end(), NAN);
+      const StepStats sa = a.step(tok.data(), micro, 2, 10, 1e-2f);
+      const StepStats sb = b.step(tok.data(), micro, 2, 10, 1e-2f);
+      CHECK(sa.grad_norm == sb.grad_norm && std::isfinite(sb.grad_norm), "path %d step %d: grad norm %.9g vs %.9g",
+            int(path), it, sa.grad_norm, sb.grad_norm);
+      CHECK(a.params() == b.params(), "path %d step %d: weights differ after a step from poisoned gradients", int(path), it);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
   attention_kernels();
+  transposes();
+  step_overwrites_gradients();
   gradient_check(FfnTrainPath::Dense, 0.0);
   gradient_check(FfnTrainPath::Dense, 0.03);
   gradient_check(FfnTrainPath::Hybrid, 0.03);

@@ -134,7 +134,8 @@ class Trainer {
     int64_t attn_norm, q, k, v, o, ffn_norm, gate, updown;
   };
   struct LayerActs {
-    std::vector<float> x_in, xn1, rstd1, q, k, v, P, att, x_mid, xn2, rstd2;
+    // x_in: the residual stream entering the layer; qkv [M, 3d]: q, k (after RoPE) and v side by side.
+    std::vector<float> x_in, xn1, rstd1, qkv, P, att, x_mid, xn2, rstd2;
     HybridTape htape;
     DenseTape dtape;
     bool hybrid = false;
@@ -163,11 +164,15 @@ class Trainer {
   std::vector<uint8_t> dense_fresh_;
   std::vector<float> cos_, sin_;  // RoPE tables [context, hd/2]
   std::vector<float> ffn_dgate_, ffn_dud_;  // FFN gradient scratch [F, d], [F, 2, d] (kept: no page faults per call)
-  bool grads_zero_ = true;                  // no micro-batch has added to grads() since zero_grad()
+  // No micro-batch has written grads() since zero_grad() or the start of step(): the next one
+  // overwrites every gradient instead of adding (step() does not zero them first).
+  bool grads_zero_ = true;
+  std::vector<float> xf_, tmp_, dx_, dxn_, datt_, dqkv_;  // pass scratch [M, d] ([M, 3d] for dqkv_), kept
   int64_t saved_bytes_ = 0, peak_saved_bytes_ = 0;
   // Seconds per phase of the last step (SPARSELLM_TRAIN_PROFILE=1 prints them to stderr):
-  // projections fwd, attention fwd, FFN fwd, projections bwd, attention bwd, FFN bwd, optimizer, total.
-  double prof_[8] = {};
+  // projections fwd, attention fwd, FFN fwd, projections bwd, attention bwd, FFN bwd, optimizer, total,
+  // norms/RoPE/residual/embedding/loss, gradient norm (part of the optimizer).
+  double prof_[10] = {};
 };
 
 }  // namespace sparsellm

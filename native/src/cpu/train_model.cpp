@@ -303,7 +303,7 @@ void Trainer::ffn_backward(int64_t l, LayerActs& a, const float* x, const float*
   std::vector<float>& dud = ffn_dud_;
   if (a.hybrid) {
     if (grads_zero_) {
-      // First micro-batch since zero_grad(): the kernel's overwrite is the sum.
+      // First micro-batch of the step: the kernel's overwrite is the sum.
       hybrid_backward(x, dy, gate, ud, a.htape, lam, dx, g_.data() + L.gate, g_.data() + L.updown);
     } else {
       hybrid_backward(x, dy, gate, ud, a.htape, lam, dx, dgate.data(), dud.data());
@@ -320,14 +320,20 @@ void Trainer::ffn_backward(int64_t l, LayerActs& a, const float* x, const float*
     w.down_t = ud.down_t();
     float* dup = dud.data();
     float* ddown = dud.data() + F * d;  // [d, F]
-    dense_ffn_backward(x, dy, M, w, a.dtape, lam, dx, dgate.data(), dup, ddown);
-    add_to(g_.data() + L.gate, dgate.data(), F * d);
+    const bool first = grads_zero_;
+    dense_ffn_backward(x, dy, M, w, a.dtape, lam, dx, first ? g_.data() + L.gate : dgate.data(), dup, ddown);
+    if (!first) add_to(g_.data() + L.gate, dgate.data(), F * d);
     float* gu = g_.data() + L.updown;
 #pragma omp parallel for schedule(static) num_threads(num_threads())
     for (int64_t j = 0; j < F; ++j) {
       float* row = gu + j * 2 * d;
-      for (int64_t i = 0; i < d; ++i) row[i] += dup[j * d + i];
-      for (int64_t i = 0; i < d; ++i) row[d + i] += ddown[i * F + j];
+      if (first) {
+        for (int64_t i = 0; i < d; ++i) row[i] = dup[j * d + i];
+        for (int64_t i = 0; i < d; ++i) row[d + i] = ddown[i * F + j];
+      } else {
+        for (int64_t i = 0; i < d; ++i) row[i] += dup[j * d + i];
+        for (int64_t i = 0; i < d; ++i) row[d + i] += ddown[i * F + j];
+      }
     }
   }
 }
@@ -377,37 +383,51 @@ StepStats Trainer::forward_backward(const int32_t* tokens, int64_t B, int64_t T,
   StepStats s;
   s.layers.resize(sz(NL));
   const float* W = w_.data();
-  std::vector<float> x(sz(M * d)), tmp(sz(M * d));
-  for (int64_t m = 0; m < M; ++m) std::memcpy(x.data() + m * d, W + off_embed_ + inp[sz(m)] * d, sizeof(float) * sz(d));
+  const bool first = grads_zero_;  // gradients are overwritten, not added to
+  auto grow = [&](std::vector<float>& v, int64_t n) {
+    if (v.size() < sz(n)) v.resize(sz(n));
+  };
+  for (auto* v : {&xf_, &tmp_, &dx_, &dxn_, &datt_}) grow(*v, M * d);
+  grow(dqkv_, 3 * M * d);
+  for (LayerActs& a : acts_) {
+    for (auto* v : {&a.x_in, &a.xn1, &a.att, &a.x_mid, &a.xn2}) grow(*v, M * d);
+    grow(a.qkv, 3 * M * d);
+    grow(a.rstd1, M);
+    grow(a.rstd2, M);
+    grow(a.P, B * H * T * T);
+  }
+  float* tmp = tmp_.data();
+  TIMED(8, for (int64_t m = 0; m < M; ++m)
+               std::memcpy(acts_[0].x_in.data() + m * d, W + off_embed_ + inp[sz(m)] * d, sizeof(float) * sz(d)));
   int64_t kept = 0;
   for (int64_t l = 0; l < NL; ++l) {
     LayerActs& a = acts_[sz(l)];
     const LayerOffsets& L = lo_[sz(l)];
-    for (auto* v : {&a.x_in, &a.xn1, &a.q, &a.k, &a.v, &a.att, &a.x_mid, &a.xn2}) v->resize(sz(M * d));
-    a.rstd1.resize(sz(M));
-    a.rstd2.resize(sz(M));
-    a.P.resize(sz(B * H * T * T));
-    a.x_in = x;
-    rmsnorm_forward(x.data(), M, d, W + L.attn_norm, cfg_.norm_eps, a.xn1.data(), a.rstd1.data());
-    TIMED(0, linear_forward(a.xn1.data(), M, d, W + L.q, d, a.q.data());
-             linear_forward(a.xn1.data(), M, d, W + L.k, d, a.k.data());
-             linear_forward(a.xn1.data(), M, d, W + L.v, d, a.v.data()));
-    rope_apply(a.q.data(), B, T, H, hd, cos_.data(), sin_.data(), false);
-    rope_apply(a.k.data(), B, T, H, hd, cos_.data(), sin_.data(), false);
-    TIMED(1, attention_forward(a.q.data(), a.k.data(), a.v.data(), d, B, T, H, hd, a.P.data(), a.att.data(), d));
-    TIMED(0, linear_forward(a.att.data(), M, d, W + L.o, d, tmp.data()));
-    add_to(x.data(), tmp.data(), M * d);
-    a.x_mid = x;
-    rmsnorm_forward(x.data(), M, d, W + L.ffn_norm, cfg_.norm_eps, a.xn2.data(), a.rstd2.data());
-    TIMED(2, ffn_forward(l, a, a.xn2.data(), M, tmp.data(), s.layers[sz(l)]));
-    add_to(x.data(), tmp.data(), M * d);
+    float* q = a.qkv.data();
+    // x_in: the embeddings, or the previous layer's x_mid + FFN output (summed by the norm pass).
+    TIMED(8, if (l == 0) rmsnorm_forward(a.x_in.data(), nullptr, nullptr, M, d, W + L.attn_norm, cfg_.norm_eps,
+                                         a.xn1.data(), a.rstd1.data());
+             else rmsnorm_forward(acts_[sz(l - 1)].x_mid.data(), tmp, a.x_in.data(), M, d, W + L.attn_norm, cfg_.norm_eps,
+                                  a.xn1.data(), a.rstd1.data()));
+    // q, k, v in one GEMM: their weights are adjacent, [3d, d].
+    TIMED(0, linear_forward(a.xn1.data(), M, d, W + L.q, 3 * d, q));
+    TIMED(8, rope_apply(q, 3 * d, B, T, H, hd, cos_.data(), sin_.data(), false);
+             rope_apply(q + d, 3 * d, B, T, H, hd, cos_.data(), sin_.data(), false));
+    TIMED(1, attention_forward(q, q + d, q + 2 * d, 3 * d, B, T, H, hd, a.P.data(), a.att.data(), d));
+    TIMED(0, linear_forward(a.att.data(), M, d, W + L.o, d, tmp));
+    TIMED(8, rmsnorm_forward(a.x_in.data(), tmp, a.x_mid.data(), M, d, W + L.ffn_norm, cfg_.norm_eps, a.xn2.data(),
+                             a.rstd2.data()));
+    TIMED(2, ffn_forward(l, a, a.xn2.data(), M, tmp, s.layers[sz(l)]));
     if (backward) track_firing(l, a, M);
     kept += static_cast<int64_t>(sizeof(float)) * (8 * M * d + 2 * M + B * H * T * T) + s.layers[sz(l)].saved_bytes;
   }
+  float* xf = xf_.data();
   std::vector<float> xnf(sz(M * d)), rstdf(sz(M)), logits(sz(M * V));
-  rmsnorm_forward(x.data(), M, d, W + off_final_norm_, cfg_.norm_eps, xnf.data(), rstdf.data());
+  TIMED(8, rmsnorm_forward(acts_[sz(NL - 1)].x_mid.data(), tmp, xf, M, d, W + off_final_norm_, cfg_.norm_eps,
+                           xnf.data(), rstdf.data()));
   TIMED(0, linear_forward(xnf.data(), M, d, W + off_embed_, V, logits.data()));
-  const double ce_sum = cross_entropy(logits.data(), tgt.data(), M, V, static_cast<float>(scale / static_cast<double>(M)));
+  double ce_sum = 0;
+  TIMED(8, ce_sum = cross_entropy(logits.data(), tgt.data(), M, V, static_cast<float>(scale / static_cast<double>(M))));
   double l1 = 0;
   for (auto& ls : s.layers) l1 += ls.l1;
   l1 /= static_cast<double>(NL);
@@ -426,38 +446,33 @@ StepStats Trainer::forward_backward(const int32_t* tokens, int64_t B, int64_t T,
   }
   if (!backward) return s;
 
-  // ---- backward ----
+  // ---- backward ----  (every gradient region is written with `first`: overwritten, else added to)
   Scratch sc;
   float* G = g_.data();
-  std::vector<float> dxnf(sz(M * d)), dx(sz(M * d)), dxn(sz(M * d)), dq(sz(M * d)), dk(sz(M * d)),
-      dv(sz(M * d)), datt(sz(M * d));
-  TIMED(3, linear_backward(xnf.data(), logits.data(), M, d, W + off_embed_, V, dxnf.data(), G + off_embed_, sc));
-  rmsnorm_backward(x.data(), rstdf.data(), W + off_final_norm_, dxnf.data(), M, d, dx.data(), false, G + off_final_norm_);
+  float *dxnf = datt_.data(), *dx = dx_.data(), *dxn = dxn_.data(), *datt = datt_.data(), *dqkv = dqkv_.data();
+  TIMED(3, linear_backward(xnf.data(), logits.data(), M, d, W + off_embed_, V, dxnf, G + off_embed_, first, sc));
+  TIMED(8, rmsnorm_backward(xf, rstdf.data(), W + off_final_norm_, dxnf, M, d, dx, false, G + off_final_norm_, first));
   const float lam = static_cast<float>(hp_.l1 * scale / static_cast<double>(NL));
   for (int64_t l = NL - 1; l >= 0; --l) {
     LayerActs& a = acts_[sz(l)];
     const LayerOffsets& L = lo_[sz(l)];
     // x_out = x_mid + ffn(rmsnorm(x_mid))
-    TIMED(5, ffn_backward(l, a, a.xn2.data(), dx.data(), M, lam, dxn.data()));
-    rmsnorm_backward(a.x_mid.data(), a.rstd2.data(), W + L.ffn_norm, dxn.data(), M, d, dx.data(), true, G + L.ffn_norm);
+    TIMED(5, ffn_backward(l, a, a.xn2.data(), dx, M, lam, dxn));
+    TIMED(8, rmsnorm_backward(a.x_mid.data(), a.rstd2.data(), W + L.ffn_norm, dxn, M, d, dx, true, G + L.ffn_norm, first));
     // x_mid = x_in + o(attention(rope(q), rope(k), v))
-    TIMED(3, linear_backward(a.att.data(), dx.data(), M, d, W + L.o, d, datt.data(), G + L.o, sc));
-    TIMED(4, attention_backward(a.q.data(), a.k.data(), a.v.data(), d, a.P.data(), datt.data(), d, B, T, H, hd,
-                                dq.data(), dk.data(), dv.data(), d));
-    rope_apply(dq.data(), B, T, H, hd, cos_.data(), sin_.data(), true);
-    rope_apply(dk.data(), B, T, H, hd, cos_.data(), sin_.data(), true);
-    TIMED(3, linear_backward(a.xn1.data(), dq.data(), M, d, W + L.q, d, dxn.data(), G + L.q, sc);
-             linear_backward(a.xn1.data(), dk.data(), M, d, W + L.k, d, tmp.data(), G + L.k, sc);
-             add_to(dxn.data(), tmp.data(), M * d);
-             linear_backward(a.xn1.data(), dv.data(), M, d, W + L.v, d, tmp.data(), G + L.v, sc));
-    add_to(dxn.data(), tmp.data(), M * d);
-    rmsnorm_backward(a.x_in.data(), a.rstd1.data(), W + L.attn_norm, dxn.data(), M, d, dx.data(), true, G + L.attn_norm);
+    TIMED(3, linear_backward(a.att.data(), dx, M, d, W + L.o, d, datt, G + L.o, first, sc));
+    TIMED(4, attention_backward(a.qkv.data(), a.qkv.data() + d, a.qkv.data() + 2 * d, 3 * d, a.P.data(), datt, d, B, T,
+                                H, hd, dqkv, dqkv + d, dqkv + 2 * d, 3 * d));
+    TIMED(8, rope_apply(dqkv, 3 * d, B, T, H, hd, cos_.data(), sin_.data(), true);
+             rope_apply(dqkv + d, 3 * d, B, T, H, hd, cos_.data(), sin_.data(), true));
+    TIMED(3, linear_backward(a.xn1.data(), dqkv, M, d, W + L.q, 3 * d, dxn, G + L.q, first, sc));
+    TIMED(8, rmsnorm_backward(a.x_in.data(), a.rstd1.data(), W + L.attn_norm, dxn, M, d, dx, true, G + L.attn_norm, first));
   }
-  for (int64_t m = 0; m < M; ++m) {
+  TIMED(8, for (int64_t m = 0; m < M; ++m) {
     float* ge = G + off_embed_ + inp[sz(m)] * d;
-    const float* dm = dx.data() + m * d;
+    const float* dm = dx + m * d;
     for (int64_t i = 0; i < d; ++i) ge[i] += dm[i];
-  }
+  });
   return s;
 }
 
@@ -490,7 +505,7 @@ StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64
   }
   const double step_t0 = now_s();
   for (double& t : prof_) t = 0;
-  TIMED(6, zero_grad());
+  grads_zero_ = true;  // the first micro-batch overwrites every gradient: no zeroing pass
   StepStats total;
   total.layers.resize(sz(NL));
   const double scale = 1.0 / static_cast<double>(n_micro);
@@ -515,6 +530,7 @@ StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64
   // Global gradient norm (float64, fixed order) and clipping.
   const double opt_t0 = now_s();
   double ss = 0;
+  const double norm_t0 = now_s();
   {
     const int64_t n = n_params_;
     const int64_t chunk = 1 << 16;
@@ -528,6 +544,7 @@ StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64
     }
     for (double p : part) ss += p;
   }
+  prof_[9] = now_s() - norm_t0;
   total.grad_norm = std::sqrt(ss);
   if (!std::isfinite(total.grad_norm))
     throw std::runtime_error("Trainer.step: the gradient is not finite (loss diverged; lower the learning rate)");
@@ -550,12 +567,15 @@ StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64
   std::fill(dense_fresh_.begin(), dense_fresh_.end(), 0);
   prof_[6] += now_s() - opt_t0;
   prof_[7] = now_s() - step_t0;
-  if (profile_on())
+  if (profile_on()) {
+    double rest = prof_[7];
+    for (int i : {0, 1, 2, 3, 4, 5, 6, 8}) rest -= prof_[i];
     std::fprintf(stderr,
                  "train step %lld: total %.3fs = proj fwd %.3f, attn fwd %.3f, ffn fwd %.3f, proj bwd %.3f, attn bwd %.3f, "
-                 "ffn bwd %.3f, optimizer %.3f, other %.3f\n",
+                 "ffn bwd %.3f, optimizer %.3f (grad norm %.3f), norms/rope/residual/embed/loss %.3f, other %.3f\n",
                  static_cast<long long>(st_.step), prof_[7], prof_[0], prof_[1], prof_[2], prof_[3], prof_[4], prof_[5],
-                 prof_[6], prof_[7] - prof_[0] - prof_[1] - prof_[2] - prof_[3] - prof_[4] - prof_[5] - prof_[6]);
+                 prof_[6], prof_[9], prof_[8], rest);
+  }
   for (int64_t l = 0; l < NL; ++l)
     st_.last_nnz[sz(l)] = static_cast<double>(total.layers[sz(l)].nnz) / static_cast<double>(total.layers[sz(l)].tokens);
   end_of_step(total.tokens, total);

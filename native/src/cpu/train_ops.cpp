@@ -15,7 +15,12 @@
 
 namespace sparsellm::trainops {
 
+void transpose_avx512(const float* in, int64_t ld_in, int64_t rows, int64_t cols, float* out, int64_t ld_out);
+void adamw_avx512(float* w, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2, float eps,
+                  float wd, double c1, double c2, float gscale);
+
 void transpose(const float* in, int64_t ld_in, int64_t rows, int64_t cols, float* out, int64_t ld_out) {
+  if (active_isa() == Isa::Avx512) return transpose_avx512(in, ld_in, rows, cols, out, ld_out);
   const int64_t Bk = 64;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads())
   for (int64_t r0 = 0; r0 < rows; r0 += Bk)
@@ -29,9 +34,11 @@ void linear_forward(const float* x, int64_t M, int64_t din, const float* W, int6
   gemm(x, din, M, WeightView{W, DType::F32, dout, din, din}, y, dout);
 }
 
-// dx [M, din] = dy · W (overwritten, unless dx is null); dW [dout, din] += dyᵀ · x.
+// dx [M, din] = dy · W (overwritten, unless dx is null); dW [dout, din] = dyᵀ · x when `first`
+// (no earlier micro-batch wrote it), else dW += dyᵀ · x. Both through the GEMM on transposed
+// copies (Wᵀ for dx; dyᵀ and xᵀ for dW: the token dimension becomes the contracted one).
 void linear_backward(const float* x, const float* dy, int64_t M, int64_t din, const float* W, int64_t dout,
-                     float* dx, float* dW, Scratch& s) {
+                     float* dx, float* dW, bool first, Scratch& s) {
   if (dx) {
     s.wt.resize(static_cast<size_t>(din * dout));
     transpose(W, din, dout, din, s.wt.data(), dout);  // Wᵀ [din, dout]
@@ -39,9 +46,13 @@ void linear_backward(const float* x, const float* dy, int64_t M, int64_t din, co
   }
   s.at.resize(static_cast<size_t>(dout * M));
   s.bt.resize(static_cast<size_t>(din * M));
-  s.out.resize(static_cast<size_t>(dout * din));
   transpose(dy, dout, M, dout, s.at.data(), M);  // dyᵀ [dout, M]
   transpose(x, din, M, din, s.bt.data(), M);     // xᵀ [din, M]
+  if (first) {
+    gemm(s.at.data(), M, dout, WeightView{s.bt.data(), DType::F32, din, M, M}, dW, din);
+    return;
+  }
+  s.out.resize(static_cast<size_t>(dout * din));
   gemm(s.at.data(), M, dout, WeightView{s.bt.data(), DType::F32, din, M, M}, s.out.data(), din);
   add_to(dW, s.out.data(), dout * din);
 }
@@ -52,23 +63,34 @@ void add_to(float* dst, const float* src, int64_t n) {
 }
 
 // y[t] = x[t] · r[t] ⊙ w, r[t] = 1/sqrt(mean(x[t]²) + eps). x, y [M, d]; rstd [M].
-void rmsnorm_forward(const float* x, int64_t M, int64_t d, const float* w, float eps, float* y, float* rstd) {
+// With `add`: the norm of the residual sum x + add, which is also stored in `sum` [M, d].
+void rmsnorm_forward(const float* x, const float* add, float* sum, int64_t M, int64_t d, const float* w, float eps,
+                     float* y, float* rstd) {
 #pragma omp parallel for schedule(static) num_threads(num_threads())
   for (int64_t t = 0; t < M; ++t) {
     const float* xt = x + t * d;
+    if (add) {
+      const float* at = add + t * d;
+      float* st = sum + t * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) st[i] = xt[i] + at[i];
+      xt = st;
+    }
     double ss = 0;
+#pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(xt[i]) * xt[i];
     const float r = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(d) + eps));
     rstd[t] = r;
     float* yt = y + t * d;
+#pragma omp simd
     for (int64_t i = 0; i < d; ++i) yt[i] = xt[i] * r * w[i];
   }
 }
 
-// dx [M, d] (+= when accumulate, else overwritten) and dw [d] += Σ_t dy ⊙ x·r.
+// dx [M, d] (+= when accumulate, else overwritten) and dw [d] += Σ_t dy ⊙ x·r (= when dw_first).
 //   dx = r·(dy ⊙ w) − x · r³/d · Σ_i dy_i w_i x_i
 void rmsnorm_backward(const float* x, const float* rstd, const float* w, const float* dy, int64_t M, int64_t d,
-                      float* dx, bool accumulate, float* dw) {
+                      float* dx, bool accumulate, float* dw, bool dw_first) {
   const int nt = num_threads();
   std::vector<double> part(static_cast<size_t>(nt * d), 0.0);
 #pragma omp parallel num_threads(nt)
@@ -95,7 +117,7 @@ void rmsnorm_backward(const float* x, const float* rstd, const float* w, const f
   for (int64_t i = 0; i < d; ++i) {
     double s = 0;
     for (int k = 0; k < nt; ++k) s += part[static_cast<size_t>(k * d + i)];
-    dw[i] += static_cast<float>(s);
+    dw[i] = dw_first ? static_cast<float>(s) : dw[i] + static_cast<float>(s);
   }
 }
 
@@ -111,10 +133,10 @@ void rope_tables(int64_t positions, int64_t hd, double theta, std::vector<float>
     }
 }
 
-// In place on x [B·T, H·hd]: the pair (i, i + hd/2) of each head at position t is rotated by
-// +angle (forward) or −angle (backward: the transpose of the rotation).
-void rope_apply(float* x, int64_t B, int64_t T, int64_t H, int64_t hd, const float* cos_t, const float* sin_t,
-                bool inverse) {
+// In place on x [B·T, ld] (heads at columns 0 .. H·hd): the pair (i, i + hd/2) of each head at
+// position t is rotated by +angle (forward) or −angle (backward: the transpose of the rotation).
+void rope_apply(float* x, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t hd, const float* cos_t,
+                const float* sin_t, bool inverse) {
   const int64_t half = hd / 2;
   const float sg = inverse ? -1.f : 1.f;
 #pragma omp parallel for schedule(static) num_threads(num_threads())
@@ -123,7 +145,7 @@ void rope_apply(float* x, int64_t B, int64_t T, int64_t H, int64_t hd, const flo
     const float* c = cos_t + t * half;
     const float* s = sin_t + t * half;
     for (int64_t h = 0; h < H; ++h) {
-      float* xh = x + r * H * hd + h * hd;
+      float* xh = x + r * ld + h * hd;
       for (int64_t i = 0; i < half; ++i) {
         const float a = xh[i], b = xh[i + half];
         xh[i] = a * c[i] - sg * b * s[i];
@@ -161,6 +183,7 @@ double cross_entropy(float* logits, const int32_t* targets, int64_t M, int64_t V
 // w −= lr · (m̂ / (sqrt(v̂) + eps) + wd · w), with bias corrections c1 = 1 − β1^t, c2 = 1 − β2^t.
 void adamw(float* w, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2, float eps, float wd,
            double c1, double c2, float gscale) {
+  if (active_isa() == Isa::Avx512) return adamw_avx512(w, g, m, v, n, lr, b1, b2, eps, wd, c1, c2, gscale);
   const float ic1 = static_cast<float>(1.0 / c1);
   const float ic2 = static_cast<float>(1.0 / c2);
 #pragma omp parallel for schedule(static) num_threads(num_threads())

@@ -13,13 +13,14 @@ void transpose(const float* in, int64_t ld_in, int64_t rows, int64_t cols, float
 void add_to(float* dst, const float* src, int64_t n);
 void linear_forward(const float* x, int64_t M, int64_t din, const float* W, int64_t dout, float* y);
 void linear_backward(const float* x, const float* dy, int64_t M, int64_t din, const float* W, int64_t dout,
-                     float* dx, float* dW, Scratch& s);
-void rmsnorm_forward(const float* x, int64_t M, int64_t d, const float* w, float eps, float* y, float* rstd);
+                     float* dx, float* dW, bool first, Scratch& s);
+void rmsnorm_forward(const float* x, const float* add, float* sum, int64_t M, int64_t d, const float* w, float eps,
+                     float* y, float* rstd);
 void rmsnorm_backward(const float* x, const float* rstd, const float* w, const float* dy, int64_t M, int64_t d,
-                      float* dx, bool accumulate, float* dw);
+                      float* dx, bool accumulate, float* dw, bool dw_first);
 void rope_tables(int64_t positions, int64_t hd, double theta, std::vector<float>& cos_t, std::vector<float>& sin_t);
-void rope_apply(float* x, int64_t B, int64_t T, int64_t H, int64_t hd, const float* cos_t, const float* sin_t,
-                bool inverse);
+void rope_apply(float* x, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t hd, const float* cos_t,
+                const float* sin_t, bool inverse);
 // Causal attention (train_attention.h): q, k, v [B·T, ld_in]; out, dout [B·T, ld_out]; dq, dk, dv
 // [B·T, ld_grad] (overwritten); P [B, H, T, T].
 void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
