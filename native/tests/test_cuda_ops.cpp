@@ -505,6 +505,14 @@ void test_layers() {
     }
   }
   set_updown_variant(kUpdownAuto);
+  // Auto tunes the kernel at the first call with >= 8192 rows (each candidate timed, the
+  // fastest kept): that call's result must be exact too, and the choice must be recorded.
+  for (bool gated : {true, false}) {
+    test_layer_case(8200, 64, 300, gated, 0.03, 7, 256, false, true);
+    const int pick = updown_auto_choice(64, gated);
+    CHECK(pick != kUpdownAuto, "auto up+down: no kernel kept after a %s call with 8200 rows", gated ? "gated" : "non-gated");
+    std::printf("  auto up+down (%s, d=64): kept %s\n", gated ? "gated" : "non-gated", updown_variant_name(pick));
+  }
 }
 
 // --- hybrid training step vs float64 and the CPU trainer -----------------------------------------

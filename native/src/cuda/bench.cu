@@ -239,6 +239,7 @@ GpuBenchResult run_gpu_benchmarks(const GpuBenchOptions& o) {
           "active rows' weight bytes / time: " + std::to_string(bytes / (su.median * 1e-3) / 1e12) + " TB/s");
     }
     set_updown_variant(before);
+    log(std::string("up+down kernel kept by auto for this shape: ") + updown_variant_name(updown_auto_choice(d, o.gated)));
     for (int bt : {16, 64, 128, 256, 1024}) {
       const TwellUnionStats us = twell_union_stats(tw, bt);
       if (us.tiles == 0) continue;

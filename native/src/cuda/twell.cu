@@ -4,6 +4,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <map>
+#include <utility>
 #include <stdexcept>
 #include <string>
 
@@ -200,6 +202,65 @@ __global__ void __launch_bounds__(128) twell_updown_generic_kernel(
   }
 }
 
+// The auto choice among the kernels that serve a shape (d ≤ 2048, aligned): at the first call
+// with at least kTuneMinRows rows for a (d, gated) pair, each candidate (row, group2, group1s)
+// runs twice and the fastest (device events, the second run of each) is kept for that pair.
+// Every candidate sums the same terms in the same order (entries in row order, the same chunk
+// layout and butterfly reduction), so the choice never changes results, only speed. Smaller
+// calls use kUpdownDefault until a large one has tuned the shape.
+constexpr int64_t kTuneMinRows = 8192;
+std::map<std::pair<int64_t, int>, int>& tuned_updown() {
+  static std::map<std::pair<int64_t, int>, int> m;
+  return m;
+}
+
+template <bool GATED>
+void launch_updown(const uint16_t* x, int64_t ldx, const DeviceTwell& g, const uint16_t* up, const uint16_t* down_t,
+                   int64_t ldw, int64_t d, const float* bias, float* y, int64_t ldy, bool generic);
+
+template <bool GATED>
+void launch_updown_choice(const uint16_t* x, int64_t ldx, const DeviceTwell& g, const uint16_t* up,
+                          const uint16_t* down_t, int64_t ldw, int64_t d, const float* bias, float* y, int64_t ldy,
+                          bool generic) {
+  const bool fast_ok = !generic && d % 8 == 0 && d <= 2048 && ldx % 8 == 0 && ldw % 8 == 0 && ldy % 4 == 0 &&
+                       aligned(x, 16) && aligned(down_t, 16) && (!GATED || aligned(up, 16)) && aligned(y, 16);
+  int variant = updown_variant();
+  if (fast_ok && variant == kUpdownAuto) {
+    const auto key = std::make_pair(d, GATED ? 1 : 0);
+    auto it = tuned_updown().find(key);
+    if (it != tuned_updown().end()) {
+      variant = it->second;
+    } else if (g.rows >= kTuneMinRows) {
+      double best = 0;
+      int pick = kUpdownDefault;
+      for (int v : {kUpdownRow, kUpdownGroup2, kUpdownGroup1s}) {
+        double ms = 0;
+        for (int rep = 0; rep < 2; ++rep) {
+          EventTimer t;
+          t.start();
+          if (v == kUpdownRow) launch_updown<GATED>(x, ldx, g, up, down_t, ldw, d, bias, y, ldy, generic);
+          else twell_updown_grouped(v, x, ldx, g, up, down_t, ldw, d, bias, y, ldy);
+          ms = t.stop_ms();
+        }
+        if (v == kUpdownRow || ms < best) {
+          best = ms;
+          pick = v;
+        }
+      }
+      tuned_updown()[key] = pick;
+      return;  // y holds the last candidate's (identical) result
+    } else {
+      variant = kUpdownDefault;
+    }
+  }
+  if (fast_ok && variant != kUpdownRow) {
+    twell_updown_grouped(variant, x, ldx, g, up, down_t, ldw, d, bias, y, ldy);
+    return;
+  }
+  launch_updown<GATED>(x, ldx, g, up, down_t, ldw, d, bias, y, ldy, generic);
+}
+
+// The row kernel (any d ≤ 4096 with the alignment) or the any-shape kernel.
 template <bool GATED>
 void launch_updown(const uint16_t* x, int64_t ldx, const DeviceTwell& g, const uint16_t* up, const uint16_t* down_t,
                    int64_t ldw, int64_t d, const float* bias, float* y, int64_t ldy, bool generic) {
@@ -207,11 +268,6 @@ void launch_updown(const uint16_t* x, int64_t ldx, const DeviceTwell& g, const u
   const int di = static_cast<int>(d);
   const bool fast_ok = !generic && d % 8 == 0 && d <= 4096 && ldx % 8 == 0 && ldw % 8 == 0 && ldy % 4 == 0 &&
                        aligned(x, 16) && aligned(down_t, 16) && (!GATED || aligned(up, 16)) && aligned(y, 16);
-  const int variant = updown_variant() == kUpdownAuto ? kUpdownDefault : updown_variant();
-  if (fast_ok && variant != kUpdownRow && d <= 2048) {
-    twell_updown_grouped(variant, x, ldx, g, up, down_t, ldw, d, bias, y, ldy);
-    return;
-  }
 #define SLLM_UPDOWN(V) \
   twell_updown_kernel<V, GATED><<<grid, 128>>>(x, ldx, g.rows, g.count, g.entries, g.tiles, g.tile, g.cap, up, down_t, ldw, di, bias, y, ldy)
   if (!fast_ok) {
@@ -464,6 +520,11 @@ dim3 rows_grid(int64_t n, int64_t cols) {
 
 }  // namespace
 
+int updown_auto_choice(int64_t d, bool gated) {
+  auto it = tuned_updown().find(std::make_pair(d, gated ? 1 : 0));
+  return it == tuned_updown().end() ? kUpdownAuto : it->second;
+}
+
 void twell_finalize(const DeviceTwell& g, TwellDeviceStats* stats, int32_t* overflow_rows) {
   SLLM_CUDA(cudaMemsetAsync(stats, 0, sizeof(TwellDeviceStats), 0));
   if (g.rows == 0) return;
@@ -478,8 +539,8 @@ void twell_updown_bf16(const uint16_t* x, int64_t ldx, const DeviceTwell& g, con
   if (d > (int64_t(1) << 30) || g.tile > 65536 || ldy < d || ldw < d || (up && ldx < d))
     throw std::invalid_argument("twell_updown_bf16: bad dimensions");
   if (g.rows > int64_t(65535) * 65535 * 4) throw std::invalid_argument("twell_updown_bf16: too many rows");
-  if (up) launch_updown<true>(x, ldx, g, up, down_t, ldw, d, down_bias, y, ldy, generic);
-  else launch_updown<false>(x, ldx, g, up, down_t, ldw, d, down_bias, y, ldy, generic);
+  if (up) launch_updown_choice<true>(x, ldx, g, up, down_t, ldw, d, down_bias, y, ldy, generic);
+  else launch_updown_choice<false>(x, ldx, g, up, down_t, ldw, d, down_bias, y, ldy, generic);
 }
 
 void decode_sparse_bf16(const uint16_t* x, int64_t ldx, int64_t M, const float* g, int64_t ldg, int64_t F,

@@ -29,6 +29,10 @@ enum UpdownVariant : int {
 };
 constexpr int kUpdownVariants = 6;
 constexpr int kUpdownDefault = kUpdownGroup2;
+// Auto (variant 0) tunes per (d, gated) at the first call with ≥ 8192 rows: row, group2 and
+// group1s each run twice and the fastest is kept (twell.cu); they compute identical results.
+// The kept choice for a shape, or kUpdownAuto when none has been tuned yet.
+int updown_auto_choice(int64_t d, bool gated);
 const char* updown_variant_name(int v);
 // Process-wide choice for twell_updown_bf16 (0 = default). Not thread-safe; for tests/benchmarks.
 void set_updown_variant(int v);
