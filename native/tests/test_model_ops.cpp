@@ -207,7 +207,8 @@ void test_attention() {
   struct Case { int64_t heads, kv_heads, hd; };
   const Case cases[] = {{6, 6, 20}, {6, 2, 20}, {5, 1, 34}, {8, 4, 64}};
   for (const Case& c : cases) {
-    const int64_t prefill = 37, decode = 4, total = prefill + decode, layers = 2, layer = 1;
+    // 150 prompt tokens: several query blocks of kAttentionQueryBlock (the last one partial).
+    const int64_t prefill = 150, decode = 4, total = prefill + decode, layers = 2, layer = 1;
     KvCache cache;
     cache.allocate(layers, c.kv_heads, c.hd, total + 3);
     const int64_t qd = c.heads * c.hd, kd = c.kv_heads * c.hd;
@@ -240,7 +241,8 @@ void test_attention() {
     c2.allocate(layers, c.kv_heads, c.hd, total);
     std::vector<float> out2(total * qd);
     int64_t a = 0;
-    for (int64_t len : {5, 8, 11, 100}) {
+    // (a chunk of 70 at position 24: two query blocks that also see earlier keys)
+    for (int64_t len : {5, 8, 11, 70, 100}) {
       const int64_t b = std::min(total, a + len);
       if (a >= total) break;
       kv_cache_store(c2, layer, &k[a * kd], kd, &v[a * kd], kd, b - a, a);

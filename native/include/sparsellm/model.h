@@ -43,6 +43,11 @@ void layer_norm(const float* x, int64_t ldx, int64_t T, int64_t d, const float* 
 // rotated by the angle (pos0 + t) · theta^(-2i / head_dim). Angles are computed in float64.
 void rope_rotate_half(float* x, int64_t ldx, int64_t T, int64_t n_heads, int64_t head_dim, int64_t pos0,
                       double theta);
+// The same in two steps, so that one table serves q, k and every layer of a call:
+// cs [T, head_dim / 2, 2] = (cos, sin) of the angles of positions pos0 .. pos0 + T − 1, then
+// the rotation of x by that table.
+void rope_table(int64_t T, int64_t head_dim, int64_t pos0, double theta, float* cs);
+void rope_apply(float* x, int64_t ldx, int64_t T, int64_t n_heads, int64_t head_dim, const float* cs);
 
 // ---- element-wise ----------------------------------------------------------------------------
 
@@ -98,13 +103,16 @@ void kv_cache_store(KvCache& cache, int64_t layer, const float* k, int64_t ldk, 
 //   q [T, n_heads * head_dim] (ldq), out [T, n_heads * head_dim] (ldo).
 // Query head h reads kv head h / (n_heads / n_kv_heads): multi-head when equal, grouped-query
 // when n_kv_heads divides n_heads, multi-query when n_kv_heads = 1. Scores scaled by
-// 1/sqrt(head_dim), softmax in f32 with the row maximum subtracted. Many queries: per head, two
-// GEMMs (Q·Kᵀ, then P·V) around a vectorised causal softmax; few queries (decode): one pass per
-// (query, head) over the cache.
+// 1/sqrt(head_dim), softmax in f32 with the row maximum subtracted. Many queries: per (head,
+// block of queries), two single-threaded GEMMs (Q·Kᵀ over the keys the block sees, then P·V)
+// around a vectorised causal softmax, the threads sharing the items in one parallel region;
+// few queries (decode): one pass per (query, head) over the cache.
 void attention_causal(const float* q, int64_t ldq, int64_t T, int64_t n_heads, const KvCache& cache,
                       int64_t layer, int64_t pos0, float* out, int64_t ldo);
-// Calls with at least this many queries take the GEMM path.
+// Calls with at least this many queries take the GEMM path, in blocks of this many queries
+// (each block reads only the keys it can see).
 constexpr int64_t kAttentionGemmMinTokens = 8;
+constexpr int64_t kAttentionQueryBlock = 64;
 
 }  // namespace sparsellm
 
@@ -248,7 +256,7 @@ class Model {
   std::vector<LayerActivity> activity_;
   FfnObserver observer_;
   // Work buffers [T, ·], grown on demand.
-  std::vector<float> x_, h_, q_, k_, v_, att_, y_, g_, u_, obs_act_;
+  std::vector<float> x_, h_, q_, k_, v_, att_, y_, g_, u_, obs_act_, rope_cs_;
 };
 
 }  // namespace sparsellm

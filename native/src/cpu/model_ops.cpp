@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <vector>
 
 #include "model_kernels.h"
@@ -117,22 +118,26 @@ void layer_norm(const float* x, int64_t ldx, int64_t T, int64_t d, const float* 
   }
 }
 
-void rope_rotate_half(float* x, int64_t ldx, int64_t T, int64_t n_heads, int64_t head_dim, int64_t pos0,
-                      double theta) {
+void rope_table(int64_t T, int64_t head_dim, int64_t pos0, double theta, float* cs) {
   const int64_t half = head_dim / 2;
-  // cos/sin per (token, pair), shared by every head.
-  std::vector<float> cs(static_cast<size_t>(T * half * 2));
+  std::vector<double> inv_freq(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i)
+    inv_freq[static_cast<size_t>(i)] = std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
+#pragma omp parallel for num_threads(num_threads()) if (T * half >= 16384)
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t i = 0; i < half; ++i) {
-      const double inv_freq = std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
-      const double angle = static_cast<double>(pos0 + t) * inv_freq;
+      const double angle = static_cast<double>(pos0 + t) * inv_freq[static_cast<size_t>(i)];
       cs[(t * half + i) * 2] = static_cast<float>(std::cos(angle));
       cs[(t * half + i) * 2 + 1] = static_cast<float>(std::sin(angle));
     }
   }
+}
+
+void rope_apply(float* x, int64_t ldx, int64_t T, int64_t n_heads, int64_t head_dim, const float* cs) {
+  const int64_t half = head_dim / 2;
 #pragma omp parallel for num_threads(num_threads()) if (parallel_rows(T, n_heads * head_dim))
   for (int64_t t = 0; t < T; ++t) {
-    const float* c = cs.data() + t * half * 2;
+    const float* c = cs + t * half * 2;
     for (int64_t h = 0; h < n_heads; ++h) {
       float* xh = x + t * ldx + h * head_dim;
       for (int64_t i = 0; i < half; ++i) {
@@ -143,6 +148,13 @@ void rope_rotate_half(float* x, int64_t ldx, int64_t T, int64_t n_heads, int64_t
       }
     }
   }
+}
+
+void rope_rotate_half(float* x, int64_t ldx, int64_t T, int64_t n_heads, int64_t head_dim, int64_t pos0,
+                      double theta) {
+  std::vector<float> cs(static_cast<size_t>(T * head_dim));
+  rope_table(T, head_dim, pos0, theta, cs.data());
+  rope_apply(x, ldx, T, n_heads, head_dim, cs.data());
 }
 
 void add_bias(float* x, int64_t ldx, int64_t T, int64_t n, const float* b) {
@@ -215,9 +227,13 @@ void kv_cache_store(KvCache& cache, int64_t layer, const float* k, int64_t ldk, 
   const int64_t hd = cache.head_dim, cap = cache.capacity;
   for (int64_t h = 0; h < cache.n_kv_heads; ++h) {
     for (int64_t t = 0; t < T; ++t) std::memcpy(cache.k_at(layer, h, pos0 + t), k + t * ldk + h * hd, sizeof(float) * hd);
+    // Values transposed in blocks of 16 tokens: reads of 16 rows of head_dim, writes of 64 bytes.
     float* vt = cache.v_t(layer, h);
-    for (int64_t i = 0; i < hd; ++i)
-      for (int64_t t = 0; t < T; ++t) vt[i * cap + pos0 + t] = v[t * ldv + h * hd + i];
+    for (int64_t t0 = 0; t0 < T; t0 += 16) {
+      const int64_t t1 = std::min(T, t0 + 16);
+      for (int64_t i = 0; i < hd; ++i)
+        for (int64_t t = t0; t < t1; ++t) vt[i * cap + pos0 + t] = v[t * ldv + h * hd + i];
+    }
   }
 }
 
@@ -231,7 +247,9 @@ void softmax_causal_rows(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64
 
 namespace {
 
-// Few queries: one pass per (query, head) over the cache; threads split the (query, head) pairs.
+// Few queries: one pass per (query, head) over the cache; threads split the (query, head) pairs
+// when there is enough work to pay for waking them (a short cache: a few µs in all).
+constexpr int64_t kParallelAttentionWork = int64_t(1) << 20;
 void attention_rows(const float* q, int64_t ldq, int64_t T, int64_t n_heads, const KvCache& cache, int64_t layer,
                     int64_t pos0, float* out, int64_t ldo) {
   const int64_t hd = cache.head_dim, cap = cache.capacity;
@@ -241,7 +259,7 @@ void attention_rows(const float* q, int64_t ldq, int64_t T, int64_t n_heads, con
   const int threads = num_threads();
   std::vector<float> scratch(static_cast<size_t>(threads) * static_cast<size_t>(max_keys));
   const int64_t work = n_heads * T;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (work > 1 && max_keys * hd * work >= 32768)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (work > 1 && max_keys * hd * work >= kParallelAttentionWork)
   for (int64_t item = 0; item < work; ++item) {
     const int64_t t = T - 1 - item / n_heads;
     const int64_t h = item % n_heads;
@@ -284,22 +302,42 @@ void attention_rows(const float* q, int64_t ldq, int64_t T, int64_t n_heads, con
 void attention_causal(const float* q, int64_t ldq, int64_t T, int64_t n_heads, const KvCache& cache,
                       int64_t layer, int64_t pos0, float* out, int64_t ldo) {
   if (T < kAttentionGemmMinTokens) return attention_rows(q, ldq, T, n_heads, cache, layer, pos0, out, ldo);
-  // Many queries: per head, S = Q_h·K_hᵀ [T, keys] (GEMM), causal softmax in place, O_h = S·V_h
+  // Many queries: per (head, block of queries), S = Q_blk·K_hᵀ over the keys the block can see
+  // (causal: keys 0 .. pos0 + last query of the block), causal softmax in place, O_blk = S·V_h
   // (GEMM against the transposed values). Keys past a row's position are zeroed by the softmax,
-  // so the second product adds nothing for them.
+  // so the second product adds nothing for them. One parallel region: the threads take
+  // (head, block) items, each running its GEMMs single-threaded, largest blocks first.
   const int64_t hd = cache.head_dim, cap = cache.capacity;
   const int64_t group = n_heads / cache.n_kv_heads;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  const int64_t keys = pos0 + T;
-  std::vector<float> S(static_cast<size_t>(T * keys));
-  for (int64_t h = 0; h < n_heads; ++h) {
-    const int64_t kvh = h / group;
-    const WeightView K{cache.k_at(layer, kvh, 0), DType::F32, keys, hd, hd};
-    gemm(q + h * hd, ldq, T, K, S.data(), keys);
-    softmax_causal_rows(S.data(), keys, T, keys, pos0, scale);
-    const WeightView Vt{cache.v_t(layer, kvh), DType::F32, hd, keys, cap};
-    gemm(S.data(), keys, T, Vt, out + h * hd, ldo);
+  const int64_t nqb = (T + kAttentionQueryBlock - 1) / kAttentionQueryBlock;
+  const int64_t items = n_heads * nqb;
+  const int threads = static_cast<int>(std::min<int64_t>(num_threads(), items));
+  std::exception_ptr error;
+#pragma omp parallel num_threads(threads)
+  {
+    omp_set_num_threads(1);  // this thread's GEMMs and softmax run on it alone
+    std::vector<float> S;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      try {
+        const int64_t qb = nqb - 1 - item / n_heads, h = item % n_heads;
+        const int64_t t0 = qb * kAttentionQueryBlock, t1 = std::min(T, t0 + kAttentionQueryBlock);
+        const int64_t keys = pos0 + t1, rows = t1 - t0;
+        if (static_cast<int64_t>(S.size()) < rows * keys) S.resize(static_cast<size_t>(rows * keys));
+        const int64_t kvh = h / group;
+        const WeightView K{cache.k_at(layer, kvh, 0), DType::F32, keys, hd, hd};
+        gemm(q + t0 * ldq + h * hd, ldq, rows, K, S.data(), keys);
+        softmax_causal_rows(S.data(), keys, rows, keys, pos0 + t0, scale);
+        const WeightView Vt{cache.v_t(layer, kvh), DType::F32, hd, keys, cap};
+        gemm(S.data(), keys, rows, Vt, out + t0 * ldo + h * hd, ldo);
+      } catch (...) {
+#pragma omp critical(sparsellm_attention_error)
+        if (!error) error = std::current_exception();
+      }
+    }
   }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace sparsellm

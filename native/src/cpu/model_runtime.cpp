@@ -125,6 +125,10 @@ void Model::forward(const int32_t* tokens, int64_t T, bool all_logits, RunMode m
   grow(x_, T * d);
   grow(h_, T * d);
   grow(y_, T * d);
+  if (cfg_.rope) {
+    grow(rope_cs_, T * cfg_.head_dim);
+    rope_table(T, cfg_.head_dim, pos0, cfg_.rope_theta, rope_cs_.data());
+  }
   embed_tokens(w_.embed, tokens, T, x_.data(), d);
   if (!cfg_.rope) add_learned_positions(w_.pos_embed, pos0, cfg_.position_offset, T, x_.data(), d);
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
@@ -162,8 +166,8 @@ void Model::attention_block(int64_t l, int64_t T, int64_t pos0) {
   if (L.k_b) add_bias(k_.data(), kd, T, kd, L.k_b);
   if (L.v_b) add_bias(v_.data(), kd, T, kd, L.v_b);
   if (cfg_.rope) {
-    rope_rotate_half(q_.data(), qd, T, cfg_.n_heads, cfg_.head_dim, pos0, cfg_.rope_theta);
-    rope_rotate_half(k_.data(), kd, T, cfg_.n_kv_heads, cfg_.head_dim, pos0, cfg_.rope_theta);
+    rope_apply(q_.data(), qd, T, cfg_.n_heads, cfg_.head_dim, rope_cs_.data());
+    rope_apply(k_.data(), kd, T, cfg_.n_kv_heads, cfg_.head_dim, rope_cs_.data());
   }
   kv_cache_store(cache_, l, k_.data(), kd, v_.data(), kd, T, pos0);
   attention_causal(q_.data(), qd, T, cfg_.n_heads, cache_, l, pos0, att_.data(), qd);
