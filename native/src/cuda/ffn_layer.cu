@@ -1,5 +1,6 @@
 // CudaFfnLayer: one FFN block on the GPU (dense, TwELL sparse with exact row fallback, auto;
-// decode for a few tokens). Orchestration only; the kernels are in gemm.cu and twell.cu.
+// decode for a few tokens). Orchestration only; the kernels are in gemm.cu, twell.cu and
+// twell_updown.cu.
 #include <cuda_runtime.h>
 
 #include <algorithm>
