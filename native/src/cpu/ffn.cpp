@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <stdexcept>
 #include <string>
 
@@ -36,14 +37,8 @@ int64_t gather_row(const Twell& g, int64_t m, int32_t* js, float* vs) {
         ++n;
       }
     } else {
-      const float* src = g.dense + m * g.cols + base;
-      const int w = g.tile_width(t);
-      for (int k = 0; k < w; ++k)
-        if (src[k] != 0.f) {  // ReLU'd or thresholded: the kept entries are the non-zeros
-          js[n] = base + k;
-          vs[n] = src[k];
-          ++n;
-        }
+      // ReLU'd or thresholded: the kept entries are the non-zeros.
+      n += ffn_ops().nonzeros(g.dense + m * g.cols + base, g.tile_width(t), base, js + n, vs + n);
     }
   }
   return n;
@@ -201,6 +196,23 @@ int64_t env_int(const char* name, int64_t def) {
   return v && *v ? std::atoll(v) : def;
 }
 
+// Tokens per kernel call inside a chunk, and the slice of the next panel prefetched (into L2)
+// before each call: panel_bytes · (m1 − m0) / M, so that the whole next panel is requested by
+// the end of the chunk as one sequential stream (with few tokens the panels come from memory, and
+// the kernels' own prefetching of rows a few pairs ahead cannot hide its latency).
+constexpr int64_t kPrefetchTokens = 8;
+
+void prefetch_slice(const char* panel, int64_t bytes, int64_t m0, int64_t m1, int64_t M) {
+  const int64_t b0 = (bytes * m0 / M) & ~int64_t(63), b1 = bytes * m1 / M;
+  for (int64_t o = b0; o < b1; o += 64) __builtin_prefetch(panel + o, 0, 2);
+}
+
+double prof_clock() {  // SPARSELLM_FFN_PROFILE: the calling thread's CPU time (one thread)
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
 // up / down: the weight rows (column 0), rows ld_up / ld_down elements apart; up_panels /
 // down_panels (may be null): the same rows packed in chunk panels [chunks][F][kSpmmCols].
 void two_phase(const float* x, int64_t ldx, const Twell& g, const char* up, int64_t ld_up, const char* down,
@@ -225,8 +237,9 @@ void two_phase(const float* x, int64_t ldx, const Twell& g, const char* up, int6
   const int64_t* tptr = w.tptr.data();
   int32_t* tj = w.tj.data();
   float *tg = w.tg.data(), *th = w.th.data(), *part = w.part.data();
+  const int64_t panel_bytes = F * P * es;
   static const bool prof = std::getenv("SPARSELLM_FFN_PROFILE") != nullptr;
-  double tp0 = omp_get_wtime(), tp1 = 0, tp2 = 0;
+  double tp0 = prof_clock(), tpl = tp0, tp1 = 0, tp2 = 0;
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num();
@@ -236,18 +249,30 @@ void two_phase(const float* x, int64_t ldx, const Twell& g, const char* up, int6
       return std::min<int64_t>(M, std::lower_bound(tptr, tptr + M + 1, nnz * u / nt) - tptr);
     };
     const int64_t r0 = split(t), r1 = std::max(r0, split(t + 1));
+    const int64_t db = nchunks * t / nt, de = nchunks * (t + 1) / nt;  // this thread's down chunks
     for (int64_t m = r0; m < r1; ++m) detail::gather_row(g, m, tj + tptr[m], tg + tptr[m]);
     if (up) {
       // Phase 1: the threads split the chunks (so each panel is read once in all), each summing
       // its chunks into its own u; the partial u are then added in thread order.
 #pragma omp barrier
+      if (prof && t == 0) tpl = prof_clock();
       float* ut = t == 0 ? th : part + static_cast<int64_t>(t - 1) * nnz;
       const int64_t cb = nchunks * t / nt, ce = nchunks * (t + 1) / nt;
       if (cb == ce) std::fill(ut, ut + nnz, 0.f);
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t c0 = c * P, n = std::min(P, d - c0);
-        if (up_panels) ops.updot(tptr, 0, M, tj, x + c0, ldx, up_panels + c * F * P * es, dt, P, n, ut, c > cb);
-        else ops.updot(tptr, 0, M, tj, x + c0, ldx, up + c0 * es, dt, ld_up, n, ut, c > cb);
+        if (!up_panels) {
+          ops.updot(tptr, 0, M, tj, x + c0, ldx, up + c0 * es, dt, ld_up, n, ut, c > cb);
+          continue;
+        }
+        // The next panel this thread reads (its next up chunk, or its first down chunk) is
+        // prefetched in step with the tokens, a slice per group of tokens.
+        const char* next = c + 1 < ce ? up_panels + (c + 1) * F * P * es : (down_panels && db < de ? down_panels + db * F * P * es : nullptr);
+        for (int64_t m = 0; m < M; m += kPrefetchTokens) {
+          const int64_t m1 = std::min(M, m + kPrefetchTokens);
+          if (next) prefetch_slice(next, panel_bytes, m, m1, M);
+          ops.updot(tptr, m, m1, tj, x + c0, ldx, up_panels + c * F * P * es, dt, P, n, ut, c > cb);
+        }
       }
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -258,21 +283,28 @@ void two_phase(const float* x, int64_t ldx, const Twell& g, const char* up, int6
       }
     }
 #pragma omp barrier
-    if (prof && t == 0) tp1 = omp_get_wtime();
+    if (prof && t == 0) tp1 = prof_clock();
     const float* hv = up ? th : tg;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < nchunks; ++c) {
+    // Phase 2: the threads split the chunks (equal work: every chunk holds all the pairs).
+    for (int64_t c = db; c < de; ++c) {
       const int64_t c0 = c * P, n = std::min(P, d - c0);
-      if (down_panels)
-        ops.spmm(tptr, 0, M, tj, hv, down_panels + c * F * P * es, dt, P, n, bias ? bias + c0 : nullptr, y + c0, ldy);
-      else
-        ops.spmm(tptr, 0, M, tj, hv, down + c0 * es, dt, ld_down, n, bias ? bias + c0 : nullptr, y + c0, ldy);
+      const float* b = bias ? bias + c0 : nullptr;
+      if (!down_panels) {
+        ops.spmm(tptr, 0, M, tj, hv, down + c0 * es, dt, ld_down, n, b, y + c0, ldy);
+        continue;
+      }
+      const char* next = c + 1 < de ? down_panels + (c + 1) * F * P * es : nullptr;
+      for (int64_t m = 0; m < M; m += kPrefetchTokens) {
+        const int64_t m1 = std::min(M, m + kPrefetchTokens);
+        if (next) prefetch_slice(next, panel_bytes, m, m1, M);
+        ops.spmm(tptr, m, m1, tj, hv, down_panels + c * F * P * es, dt, P, n, b, y + c0, ldy);
+      }
     }
   }
   if (prof) {
-    tp2 = omp_get_wtime();
-    std::fprintf(stderr, "two_phase M=%lld nnz=%lld: lists+up %.2f down %.2f ms\n", (long long)M, (long long)nnz,
-                 (tp1 - tp0) * 1e3, (tp2 - tp1) * 1e3);
+    tp2 = prof_clock();
+    std::fprintf(stderr, "two_phase M=%lld nnz=%lld: lists %.2f up %.2f down %.2f ms\n", (long long)M, (long long)nnz,
+                 (tpl - tp0) * 1e3, (tp1 - tpl) * 1e3, (tp2 - tp1) * 1e3);
   }
 }
 

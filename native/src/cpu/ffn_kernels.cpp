@@ -82,6 +82,17 @@ void down_batch(const int32_t* t, const float* h, int64_t n, const void* w, DTyp
   for (int64_t i = 0; i < n; ++i) axpy(y + static_cast<int64_t>(t[i]) * ldy, h[i], w, dt, d);
 }
 
+int64_t nonzeros(const float* src, int64_t n, int32_t base, int32_t* js, float* vs) {
+  int64_t c = 0;
+  for (int64_t k = 0; k < n; ++k)
+    if (src[k] != 0.f) {
+      js[c] = base + static_cast<int32_t>(k);
+      vs[c] = src[k];
+      ++c;
+    }
+  return c;
+}
+
 void updot(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* x, int64_t ldx,
            const void* w, DType dt, int64_t ldw, int64_t n, float* u, bool accumulate) {
   const int64_t es = dtype_size(dt);
@@ -114,7 +125,7 @@ void spmm(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const fl
   else spmm_t(ptr, m0, m1, j, h, static_cast<const uint16_t*>(w), ldw, n, bias, y, ldy);
 }
 
-const FfnOps kPortable{dot, axpy, updown, down, updown_batch, down_batch, updot, spmm};
+const FfnOps kPortable{dot, axpy, updown, down, updown_batch, down_batch, nonzeros, updot, spmm};
 
 }  // namespace
 

@@ -29,6 +29,9 @@ struct FfnOps {
   //   for i < n: y[t[i]·ldy] += h[i]·w[0:d]
   void (*down_batch)(const int32_t* t, const float* h, int64_t n, const void* w, DType dt,
                      int64_t d, float* y, int64_t ldy, const void* next);
+  // The non-zero entries of src[0:n] in order: js[k] = base + position, vs[k] = value (NaN counts
+  // as non-zero). Returns their number.
+  int64_t (*nonzeros)(const float* src, int64_t n, int32_t base, int32_t* js, float* vs);
   // --- Two-phase path (docs/kernels.md "Two-phase up+down") ---
   // Phase 1 (sampled up product), one chunk of n ≤ kSpmmCols columns for tokens m0 ≤ m < m1, the
   // token's x chunk held in registers while its pairs are walked. `x` and `w` point at the chunk's

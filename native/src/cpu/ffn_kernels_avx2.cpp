@@ -204,6 +204,17 @@ void down_batch(const int32_t* t, const float* h, int64_t n, const void* w, DTyp
   }
 }
 
+int64_t nonzeros(const float* src, int64_t n, int32_t base, int32_t* js, float* vs) {
+  int64_t c = 0;
+  for (int64_t k = 0; k < n; ++k)
+    if (src[k] != 0.f) {
+      js[c] = base + static_cast<int32_t>(k);
+      vs[c] = src[k];
+      ++c;
+    }
+  return c;
+}
+
 // Phase 1: the token's x chunk (≤ 64 columns) in G ymm registers, each pair's dot in two
 // accumulators; the chunk's last n − 8·G columns (< 8) in scalars.
 template <int G, typename W>
@@ -315,7 +326,7 @@ void spmm(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const fl
   else spmm_t(ptr, m0, m1, j, h, static_cast<const uint16_t*>(w), ldw, n, bias, y, ldy);
 }
 
-const FfnOps kAvx2{dot, axpy, updown, down, updown_batch, down_batch, updot, spmm};
+const FfnOps kAvx2{dot, axpy, updown, down, updown_batch, down_batch, nonzeros, updot, spmm};
 
 }  // namespace
 

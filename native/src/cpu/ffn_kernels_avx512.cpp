@@ -242,6 +242,27 @@ void down_batch(const int32_t* t, const float* h, int64_t n, const void* w, DTyp
   }
 }
 
+// 16 values at a time: compare, compress in registers, masked store of the kept ones.
+int64_t nonzeros(const float* src, int64_t n, int32_t base, int32_t* js, float* vs) {
+  int64_t c = 0;
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(base), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 valid = n - k >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - k);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, src + k);
+    const __mmask16 nz = _mm512_mask_cmp_ps_mask(valid, v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    const int cnt = __builtin_popcount(static_cast<unsigned>(nz));
+    if (cnt) {
+      const __mmask16 out = tail_mask(cnt);
+      _mm512_mask_storeu_ps(vs + c, out, _mm512_maskz_compress_ps(nz, v));
+      _mm512_mask_storeu_epi32(js + c, out, _mm512_maskz_compress_epi32(nz, idx));
+      c += cnt;
+    }
+    idx = _mm512_add_epi32(idx, step);
+  }
+  return c;
+}
+
 // Phase 1 (sampled up product), one chunk of at most 128 columns: the token's x chunk sits in
 // registers while its active neurons are walked, each costing one load of its chunk row (from L2:
 // the chunk's rows are shared by all tokens). bf16 rows are split into even / odd columns without
@@ -488,7 +509,7 @@ void spmm(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const fl
   }
 }
 
-const FfnOps kAvx512{dot, axpy, updown, down, updown_batch, down_batch, updot, spmm};
+const FfnOps kAvx512{dot, axpy, updown, down, updown_batch, down_batch, nonzeros, updot, spmm};
 
 }  // namespace
 
