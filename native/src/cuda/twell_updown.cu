@@ -10,7 +10,8 @@
 //    (16-byte loads, lane l owns the 8-element chunks (i·32 + l)·8) before any is used, so
 //    NB·2·d·2 bytes per warp are in flight, and the NB dot products are reduced together
 //    (independent shuffle chains);
-//  - x stays in registers (or shared memory, to save registers), the output row in registers;
+//  - x stays in registers (or, widened to f32 once, in shared memory: fewer registers and no
+//    per-neuron widening), the output row in registers;
 //  - x, counts, entries are loaded and y stored with evict-first hints so that the streaming
 //    data does not push the weights (which nearly fit in L2) out; optionally (variant 5) the
 //    weights themselves are loaded with an evict_last policy.
@@ -29,6 +30,20 @@ namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
 
+// dot8 with x already widened to f32 (xa: elements 0-3, xb: 4-7): the same products, in the
+// same order, as dot8(x, w, acc).
+__device__ __forceinline__ float dot8f(const float4& xa, const float4& xb, const uint4& w, float acc) {
+  acc = fmaf(xa.x, bf16lo(w.x), acc);
+  acc = fmaf(xa.y, bf16hi(w.x), acc);
+  acc = fmaf(xa.z, bf16lo(w.y), acc);
+  acc = fmaf(xa.w, bf16hi(w.y), acc);
+  acc = fmaf(xb.x, bf16lo(w.z), acc);
+  acc = fmaf(xb.y, bf16hi(w.z), acc);
+  acc = fmaf(xb.z, bf16lo(w.w), acc);
+  acc = fmaf(xb.w, bf16hi(w.w), acc);
+  return acc;
+}
+
 // VPL: 8-element chunks per lane (d ≤ 256·VPL); NB: neurons per step; XS: x in shared memory
 // (gated; otherwise registers); 4·MINB: warps per SM asked of the register allocator.
 // A block is one warp and one token row: a heavy row (hundreds of entries, 3% of the rows in the
@@ -40,12 +55,12 @@ __global__ void __launch_bounds__(32, 4 * MINB) updown_grouped_kernel(
     const uint32_t* __restrict__ entries, int64_t tiles, int T, int cap, const uint16_t* __restrict__ up,
     const uint16_t* __restrict__ down_t, int64_t ldw, int d, const float* __restrict__ bias, float* __restrict__ y,
     int64_t ldy, int keep) {
-  extern __shared__ uint4 xs_all[];
+  extern __shared__ float4 xs_all[];  // XS: x as f32, chunk c of the row at [2c, 2c + 1]
   const int lane = threadIdx.x;
   const uint64_t pol_w = keep ? policy_evict_last() : policy_evict_normal();
   const uint64_t pol_s = policy_evict_first();
   constexpr bool XR = GATED && !XS;
-  uint4* xsm = xs_all;
+  float4* xsm = xs_all;
   for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {  // one row per block in practice
   uint4 xr[XR ? VPL : 1];
   if (GATED) {
@@ -54,8 +69,12 @@ __global__ void __launch_bounds__(32, 4 * MINB) updown_grouped_kernel(
     for (int i = 0; i < VPL; ++i) {
       const int k = (i * 32 + lane) * 8;
       const uint4 v = k < d ? ld_stream4(xrow + k, pol_s) : make_uint4(0, 0, 0, 0);
-      if (XR) xr[i] = v;
-      else xsm[i * 32 + lane] = v;  // each lane reads back only its own chunks
+      if (XR) {
+        xr[i] = v;
+      } else {  // widened once here instead of per neuron; each lane reads back only its own chunks
+        xsm[2 * (i * 32 + lane)] = make_float4(bf16lo(v.x), bf16hi(v.x), bf16lo(v.y), bf16hi(v.y));
+        xsm[2 * (i * 32 + lane) + 1] = make_float4(bf16lo(v.z), bf16hi(v.z), bf16lo(v.w), bf16hi(v.w));
+      }
     }
   }
   float acc[VPL * 8];
@@ -121,7 +140,10 @@ __global__ void __launch_bounds__(32, 4 * MINB) updown_grouped_kernel(
           for (int q = 0; q < NB; ++q) {
             s[q] = 0.f;
 #pragma unroll
-            for (int i = 0; i < VPL; ++i) s[q] = dot8(XR ? xr[XR ? i : 0] : xsm[i * 32 + lane], uv[GATED ? q : 0][i], s[q]);
+            for (int i = 0; i < VPL; ++i) {
+              if (XR) s[q] = dot8(xr[XR ? i : 0], uv[GATED ? q : 0][i], s[q]);
+              else s[q] = dot8f(xsm[2 * (i * 32 + lane)], xsm[2 * (i * 32 + lane) + 1], uv[GATED ? q : 0][i], s[q]);
+            }
           }
 #pragma unroll
           for (int o = 16; o > 0; o >>= 1) {
@@ -169,7 +191,7 @@ template <int VPL, int NB, bool XS, bool GATED, int MINB>
 void launch_grouped(const uint16_t* x, int64_t ldx, const DeviceTwell& g, const uint16_t* up, const uint16_t* down_t,
                     int64_t ldw, int d, const float* bias, float* y, int64_t ldy, int keep) {
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(g.rows, int64_t(1) << 30));
-  const size_t smem = (GATED && XS) ? static_cast<size_t>(VPL * 32) * sizeof(uint4) : 0;
+  const size_t smem = (GATED && XS) ? static_cast<size_t>(VPL * 32) * 2 * sizeof(float4) : 0;
   auto k = updown_grouped_kernel<VPL, NB, XS, GATED, MINB>;
   if (smem > 48 * 1024) SLLM_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   k<<<grid, 32, smem>>>(x, ldx, g.rows, g.count, g.entries, g.tiles, g.tile, g.cap, up, down_t, ldw, d, bias, y, ldy,
