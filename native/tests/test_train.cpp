@@ -586,5 +586,17 @@ int main() {
   dead_neurons();
   overfit();
   bad_inputs();
+  // The norms, the sum of squares, AdamW and the transposes have per-ISA builds: the whole-model
+  // checks again under each lower ISA the CPU has.
+  const Isa best = active_isa();
+  for (Isa isa : {Isa::Portable, Isa::Avx2}) {
+    if (static_cast<int>(isa) >= static_cast<int>(best)) continue;
+    set_isa_limit(isa);
+    std::fprintf(stderr, "  under %s:\n", isa_name(isa));
+    gradient_check(FfnTrainPath::Dense, 0.03);
+    gradient_check(FfnTrainPath::Hybrid, 0.03);
+    adamw_step();
+  }
+  set_isa_limit(best);
   return check::finish("test_train");
 }

@@ -531,19 +531,7 @@ StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64
   const double opt_t0 = now_s();
   double ss = 0;
   const double norm_t0 = now_s();
-  {
-    const int64_t n = n_params_;
-    const int64_t chunk = 1 << 16;
-    const int64_t nc = (n + chunk - 1) / chunk;
-    std::vector<double> part(sz(nc), 0.0);
-#pragma omp parallel for schedule(static) num_threads(num_threads())
-    for (int64_t c = 0; c < nc; ++c) {
-      double a = 0;
-      for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) a += static_cast<double>(g_[sz(i)]) * g_[sz(i)];
-      part[sz(c)] = a;
-    }
-    for (double p : part) ss += p;
-  }
+  ss = sum_squares(g_.data(), n_params_);
   prof_[9] = now_s() - norm_t0;
   total.grad_norm = std::sqrt(ss);
   if (!std::isfinite(total.grad_norm))

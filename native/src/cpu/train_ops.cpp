@@ -62,65 +62,6 @@ void add_to(float* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
-// y[t] = x[t] · r[t] ⊙ w, r[t] = 1/sqrt(mean(x[t]²) + eps). x, y [M, d]; rstd [M].
-// With `add`: the norm of the residual sum x + add, which is also stored in `sum` [M, d].
-void rmsnorm_forward(const float* x, const float* add, float* sum, int64_t M, int64_t d, const float* w, float eps,
-                     float* y, float* rstd) {
-#pragma omp parallel for schedule(static) num_threads(num_threads())
-  for (int64_t t = 0; t < M; ++t) {
-    const float* xt = x + t * d;
-    if (add) {
-      const float* at = add + t * d;
-      float* st = sum + t * d;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) st[i] = xt[i] + at[i];
-      xt = st;
-    }
-    double ss = 0;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(xt[i]) * xt[i];
-    const float r = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(d) + eps));
-    rstd[t] = r;
-    float* yt = y + t * d;
-#pragma omp simd
-    for (int64_t i = 0; i < d; ++i) yt[i] = xt[i] * r * w[i];
-  }
-}
-
-// dx [M, d] (+= when accumulate, else overwritten) and dw [d] += Σ_t dy ⊙ x·r (= when dw_first).
-//   dx = r·(dy ⊙ w) − x · r³/d · Σ_i dy_i w_i x_i
-void rmsnorm_backward(const float* x, const float* rstd, const float* w, const float* dy, int64_t M, int64_t d,
-                      float* dx, bool accumulate, float* dw, bool dw_first) {
-  const int nt = num_threads();
-  std::vector<double> part(static_cast<size_t>(nt * d), 0.0);
-#pragma omp parallel num_threads(nt)
-  {
-    double* pw = part.data() + static_cast<int64_t>(omp_get_thread_num()) * d;
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < M; ++t) {
-      const float* xt = x + t * d;
-      const float* gt = dy + t * d;
-      const double r = rstd[t];
-      double dot = 0;
-      for (int64_t i = 0; i < d; ++i) {
-        dot += static_cast<double>(gt[i]) * w[i] * xt[i];
-        pw[i] += static_cast<double>(gt[i]) * xt[i] * r;
-      }
-      const double c = dot * r * r * r / static_cast<double>(d);
-      float* dxt = dx + t * d;
-      for (int64_t i = 0; i < d; ++i) {
-        const float v = static_cast<float>(r * gt[i] * w[i] - xt[i] * c);
-        dxt[i] = accumulate ? dxt[i] + v : v;
-      }
-    }
-  }
-  for (int64_t i = 0; i < d; ++i) {
-    double s = 0;
-    for (int k = 0; k < nt; ++k) s += part[static_cast<size_t>(k * d + i)];
-    dw[i] = dw_first ? static_cast<float>(s) : dw[i] + static_cast<float>(s);
-  }
-}
-
 void rope_tables(int64_t positions, int64_t hd, double theta, std::vector<float>& cos_t, std::vector<float>& sin_t) {
   const int64_t half = hd / 2;
   cos_t.resize(static_cast<size_t>(positions * half));

@@ -14,10 +14,12 @@ void add_to(float* dst, const float* src, int64_t n);
 void linear_forward(const float* x, int64_t M, int64_t din, const float* W, int64_t dout, float* y);
 void linear_backward(const float* x, const float* dy, int64_t M, int64_t din, const float* W, int64_t dout,
                      float* dx, float* dW, bool first, Scratch& s);
+// RMSNorm (train_norm.h).
 void rmsnorm_forward(const float* x, const float* add, float* sum, int64_t M, int64_t d, const float* w, float eps,
                      float* y, float* rstd);
 void rmsnorm_backward(const float* x, const float* rstd, const float* w, const float* dy, int64_t M, int64_t d,
                       float* dx, bool accumulate, float* dw, bool dw_first);
+double sum_squares(const float* x, int64_t n);  // float64; independent of the thread count
 void rope_tables(int64_t positions, int64_t hd, double theta, std::vector<float>& cos_t, std::vector<float>& sin_t);
 void rope_apply(float* x, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t hd, const float* cos_t,
                 const float* sin_t, bool inverse);
