@@ -358,7 +358,7 @@ __global__ void __launch_bounds__(256) decode_sparse_kernel(const uint16_t* __re
 //    with x, and h = g·u is written to hbuf[m, j] (only at active positions). The warps of
 //    neurons 0..31 also initialise y[m] with the bias (the next kernel adds to it).
 // 2. decode_down_kernel: a warp per (token, 256 output columns, 256 neurons): the active
-//    neurons of the chunk (ballots over g), four at a time, add h·down_t[j][cols] into registers;
+//    neurons of the chunk (ballots over g), eight at a time, add h·down_t[j][cols] into registers;
 //    one atomic add per output element and chunk (ceil(F/256) adds per element in all).
 template <bool GATED>
 __global__ void __launch_bounds__(256, 2) decode_hidden_kernel(const uint16_t* __restrict__ x, int64_t ldx, int M,
@@ -442,12 +442,12 @@ __global__ void __launch_bounds__(256, 2) decode_down_kernel(int M, const float*
     unsigned act = __ballot_sync(kFull, gv > 0.f);
     any |= act != 0;
     while (act) {
-      int b[4];
-      bool ok[4];
-      float h[4];
-      uint4 dv[4];
+      int b[8];
+      bool ok[8];
+      float h[8];
+      uint4 dv[8];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
+      for (int q = 0; q < 8; ++q) {
         ok[q] = act != 0;
         b[q] = ok[q] ? __ffs(act) - 1 : 0;
         if (ok[q]) act &= act - 1;
@@ -457,7 +457,7 @@ __global__ void __launch_bounds__(256, 2) decode_down_kernel(int M, const float*
                                    : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
+      for (int q = 0; q < 8; ++q) {
         acc[0] = fmaf(h[q], bf16lo(dv[q].x), acc[0]);
         acc[1] = fmaf(h[q], bf16hi(dv[q].x), acc[1]);
         acc[2] = fmaf(h[q], bf16lo(dv[q].y), acc[2]);
