@@ -487,6 +487,7 @@ void test_layers() {
     test_layer_case(5, 2560, 700, gated, 0.02, 0, 32, false, false);   // d > 2048 (16 chunks per lane)
     test_layer_case(40, 64, 700, gated, 0.15, 0, 256, false, false, 4);  // capacity 63: tiles of > 32 entries
     test_layer_case(20, 64, 1500, gated, 0.01, 4, 32, false, true);      // 47 tiles: more than 32 per row
+    test_layer_case(6, 264, 700, gated, 0.5, 0, 256, false, false, 1);   // decode, half the neurons active
   }
   // Every fused up+down kernel variant (twell_updown.h) on the shapes that select its register
   // layouts: d = 2048 (8 chunks per lane, x in shared memory), 1000 and 520 (4 chunks per lane,
