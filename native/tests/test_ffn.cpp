@@ -7,7 +7,8 @@
 // whose relative error is of order eps_f32·sqrt(d + F) ≈ 6e-8·18 ≈ 1e-6 on the shapes below;
 // we allow 2e-5 (≥ 10x headroom, far below the O(1) error of any indexing or pattern bug).
 // bf16 weights: the reference uses the SAME bf16-rounded weights (widened exactly), so the
-// same tolerance holds. Threads 1 vs 2 and every ISA the CPU has are forced in turn.
+// same tolerance holds. Threads 1 vs 2, every ISA the CPU has and every sparse kernel (per-token,
+// two-phase) are forced in turn.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -64,7 +65,7 @@ std::string describe(const Case& c) {
   return buf;
 }
 
-void run_case(const Case& c, bool* saw_overflow, bool* saw_dense_auto, bool* saw_sparse_auto) {
+void run_case(const Case& c, bool* saw_overflow, bool* saw_dense_auto, bool* saw_sparse_auto, bool* saw_two_phase) {
   Problem p = ffntest::make_problem(c.M, c.d, c.F, c.density, c.heavy_every, 4.0, true, c.biases);
   if (!c.gated) p.up = p.gate;  // the TwELL producer is the up projection
   if (!c.gated || !c.biases) p.up_bias.clear();
@@ -95,14 +96,24 @@ void run_case(const Case& c, bool* saw_overflow, bool* saw_dense_auto, bool* saw
                  p.up_bias.empty() ? nullptr : p.up_bias.data(), p.down_bias.empty() ? nullptr : p.down_bias.data());
   const std::string what = describe(c);
   std::vector<float> y(static_cast<size_t>(c.M * c.d));
-  std::vector<float> first;
+  std::vector<float> first[3];
+  // Every sparse kernel is forced in turn (auto choice, per-token, two-phase); the two-phase one
+  // runs for M ≥ 2 tokens only.
+  const SparseKernel kernels[3] = {SparseKernel::Auto, SparseKernel::PerToken, SparseKernel::TwoPhase};
   for (int threads : {1, 2}) {
     set_num_threads(threads);
     for (int which = 0; which < 2; ++which) {
+      for (int kern = 0; kern < 3; ++kern)
       for (FfnMode mode : {FfnMode::Dense, FfnMode::Sparse, FfnMode::Auto}) {
+        if (kern > 0 && (which == 1 || mode != FfnMode::Sparse)) continue;
+        set_sparse_kernel(kernels[kern]);
         std::fill(y.begin(), y.end(), NAN);
         const FfnStats s = which == 0 ? layer.forward(p.x.data(), c.M, y.data(), mode)
                                       : layer.decode(p.x.data(), c.M, y.data(), mode);
+        set_sparse_kernel(SparseKernel::Auto);
+        if (kern == 1) CHECK(!s.two_phase, "%s: per-token kernel forced, two-phase ran", what.c_str());
+        if (kern == 2) CHECK(s.two_phase == (c.M >= 2), "%s: two-phase kernel forced, ran %d", what.c_str(), (int)s.two_phase);
+        if (s.two_phase) *saw_two_phase = true;
         const char* op = which == 0 ? "forward" : "decode";
         const double err = check::rel_error(y.data(), yref.data(), y.size());
         CHECK(err <= kTol, "%s %s mode %d threads %d: rel error %.3g > %.1g", what.c_str(), op, (int)mode, threads, err, kTol);
@@ -118,13 +129,14 @@ void run_case(const Case& c, bool* saw_overflow, bool* saw_dense_auto, bool* saw
         if (mode == FfnMode::Dense) CHECK(s.path == FfnPath::Dense, "%s %s: dense mode ran the sparse path", what.c_str(), op);
         if (mode == FfnMode::Auto) (s.path == FfnPath::Dense ? *saw_dense_auto : *saw_sparse_auto) = true;
         if (mode == FfnMode::Sparse && which == 0) {
-          if (first.empty()) first = y;
+          if (first[kern].empty()) first[kern] = y;
           else {
             // the thread count changes the token blocking (and with fewer tokens than threads the
-            // split of each token's active list), so results agree within f32 rounding only
-            std::vector<double> f64(first.begin(), first.end());
+            // split of each token's active list; two-phase: the order in which the threads'
+            // partial up products are added), so results agree within f32 rounding only
+            std::vector<double> f64(first[kern].begin(), first[kern].end());
             const double e = check::rel_error(y.data(), f64.data(), y.size());
-            CHECK(e <= 1e-6, "%s: threads 1 vs 2 differ by %.3g", what.c_str(), e);
+            CHECK(e <= 1e-6, "%s kernel %d: threads 1 vs 2 differ by %.3g", what.c_str(), kern, e);
           }
         }
       }
@@ -220,7 +232,7 @@ void run_thr_case(const Case& c, GateFn fn, double c0, bool* saw_overflow, bool*
 
 int main() {
   const Isa best = active_isa();
-  bool saw_overflow = false, saw_dense_auto = false, saw_sparse_auto = false;
+  bool saw_overflow = false, saw_dense_auto = false, saw_sparse_auto = false, saw_two_phase = false;
   std::vector<Case> cases;
   for (bool gated : {true, false})
     for (DType dt : {DType::F32, DType::BF16}) {
@@ -231,11 +243,17 @@ int main() {
       cases.push_back({7, 37, 300, 1.0, 0, 64, 8, gated, true, dt});
       cases.push_back({33, 16, 130, 0.05, 2, 16, 4, gated, false, dt});
       cases.push_back({2, 65, 257, 0.2, 2, 32, 2, gated, false, dt});
+      // Two-phase shapes: d not a multiple of its 128-column chunks (a 2-column last chunk; an
+      // odd d, so bf16 rows end mid-pair), F not a multiple of the tile, heavy rows, overflowing
+      // tiles; 77 tokens (threads split the chunks; the u partials of both are summed).
+      cases.push_back({77, 130, 300, 0.2, 4, 64, 8, gated, false, dt});
+      cases.push_back({7, 257, 301, 0.3, 2, 64, 4, gated, true, dt});
+      cases.push_back({77, 31, 190, 0.1, 3, 32, 4, gated, !gated, dt});
     }
   for (int isa = static_cast<int>(best); isa >= 0; --isa) {
     set_isa_limit(static_cast<Isa>(isa));
     std::fprintf(stderr, "isa %s\n", isa_name(active_isa()));
-    for (const Case& c : cases) run_case(c, &saw_overflow, &saw_dense_auto, &saw_sparse_auto);
+    for (const Case& c : cases) run_case(c, &saw_overflow, &saw_dense_auto, &saw_sparse_auto, &saw_two_phase);
   }
   bool thr_overflow = false, thr_negative = false;
   for (int isa = static_cast<int>(best); isa >= 0; --isa) {
@@ -252,5 +270,6 @@ int main() {
   set_isa_limit(best);
   CHECK(saw_overflow, "no case produced an overflowing tile: the overflow path went untested");
   CHECK(saw_dense_auto && saw_sparse_auto, "auto mode never chose %s", saw_dense_auto ? "sparse" : "dense");
+  CHECK(saw_two_phase, "the two-phase kernels never ran");
   return check::finish("test_ffn");
 }

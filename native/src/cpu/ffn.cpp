@@ -311,16 +311,31 @@ void two_phase(const float* x, int64_t ldx, const Twell& g, const char* up, int6
 // Which sparse kernel: the two-phase path once the mean number of tokens per neuron, nnz / F,
 // reaches kTwoPhaseMinReuse (each panel row then serves several tokens from L2); below it the
 // per-token (or token-blocked) kernels, which read only what each token needs.
-// SPARSELLM_FFN_TWOPHASE=1 / 0 forces / forbids it (for measurement and tests).
 constexpr double kTwoPhaseMinReuse = 2.0;
+
+SparseKernel kernel_from_env() {
+  const char* v = std::getenv("SPARSELLM_FFN_KERNEL");
+  if (!v) return SparseKernel::Auto;
+  const std::string s(v);
+  if (s == "per-token") return SparseKernel::PerToken;
+  if (s == "two-phase") return SparseKernel::TwoPhase;
+  return SparseKernel::Auto;
+}
+
+std::atomic<int> g_kernel{static_cast<int>(kernel_from_env())};
 
 }  // namespace
 
+void set_sparse_kernel(SparseKernel k) { g_kernel.store(static_cast<int>(k), std::memory_order_relaxed); }
+SparseKernel sparse_kernel() { return static_cast<SparseKernel>(g_kernel.load(std::memory_order_relaxed)); }
+
 bool detail::ffn_use_two_phase(int64_t M, int64_t nnz, int64_t F) {
-  static const int forced = static_cast<int>(env_int("SPARSELLM_FFN_TWOPHASE", -1));
   if (M < 2) return false;
-  if (forced == 0 || forced == 1) return forced == 1;
-  return static_cast<double>(nnz) >= kTwoPhaseMinReuse * static_cast<double>(F);
+  switch (sparse_kernel()) {
+    case SparseKernel::PerToken: return false;
+    case SparseKernel::TwoPhase: return true;
+    default: return static_cast<double>(nnz) >= kTwoPhaseMinReuse * static_cast<double>(F);
+  }
 }
 
 namespace {

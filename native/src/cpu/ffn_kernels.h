@@ -53,7 +53,7 @@ struct FfnOps {
 constexpr int64_t kSpmmCols = 128;
 
 // Whether the sparse up+down of M tokens with nnz active pairs over F neurons takes the two-phase
-// path (ffn.cpp; SPARSELLM_FFN_TWOPHASE=1/0 forces it on/off).
+// path (ffn.cpp; see set_sparse_kernel in sparsellm/ffn.h).
 bool ffn_use_two_phase(int64_t M, int64_t nnz, int64_t F);
 
 const FfnOps& ffn_ops();  // for the active ISA
