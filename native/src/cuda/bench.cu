@@ -239,6 +239,9 @@ GpuBenchResult run_gpu_benchmarks(const GpuBenchOptions& o) {
           "active rows' weight bytes / time: " + std::to_string(bytes / (su.median * 1e-3) / 1e12) + " TB/s");
     }
     set_updown_variant(before);
+    // Variants 4-5 load the weights with an evict_last policy: return those lines to normal
+    // priority so that the measurements after this one see an ordinary L2.
+    SLLM_CUDA(cudaCtxResetPersistingL2Cache());
     log(std::string("up+down kernel kept by auto for this shape: ") + updown_variant_name(updown_auto_choice(d, o.gated)));
     for (int bt : {16, 64, 128, 256, 1024}) {
       const TwellUnionStats us = twell_union_stats(tw, bt);
