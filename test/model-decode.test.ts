@@ -1,0 +1,76 @@
+// Decode steps of 1 to 4 tokens (the decode GEMV with M = 1..4, the FFN decode kernels) with the
+// KV cache equal a full recomputation of the same tokens, on the sparse, dense and auto paths,
+// for a ReLU model (TwELL decode) and a SiLU one (dense FFN). Tolerance as in model.test.ts:
+// both sides compute in f32 from the same bf16 weights, only the summation order differs
+// (measured ~1e-7 relative); 1e-5 relative (Frobenius) and 1e-4 of the largest logit. A
+// misplaced token, row or cache position is off by O(1) and fails.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { openCheckpoint } from '../src/core/checkpoint/dense.js';
+import { ModelRuntime } from '../src/core/model/runtime.js';
+import { packInputFromCheckpoint } from '../src/core/format/source.js';
+import { writePacked } from '../src/core/format/writer.js';
+import { FIXTURE_PATHS } from './helpers/fixtures.js';
+import { makeTempDir } from './helpers/tmp.js';
+
+const SEED = Number(process.env.SPARSELLM_TEST_SEED ?? Math.floor(Math.random() * 2 ** 31));
+console.log(`# model-decode.test seed ${SEED} (set SPARSELLM_TEST_SEED to replay)`);
+
+const ARCHS = ['llama-relu-gqa', 'llama-silu'] as const;
+let tmp: string;
+let cleanup: () => void = () => undefined;
+const packed = new Map<string, string>();
+
+before(async () => {
+  ({ dir: tmp, cleanup } = makeTempDir('sllm-decode-'));
+  for (const name of ARCHS) {
+    const ckpt = await openCheckpoint(FIXTURE_PATHS[name]!);
+    const out = join(tmp, `${name}.sllm`);
+    await writePacked(await packInputFromCheckpoint(ckpt), out, { dtype: 'BF16' });
+    await ckpt.close();
+    packed.set(name, out);
+  }
+});
+after(() => cleanup());
+
+function compareRows(got: Float32Array, want: Float32Array, what: string) {
+  assert.equal(got.length, want.length, what);
+  let num = 0, den = 0, maxAbs = 0, maxRef = 0;
+  for (let i = 0; i < want.length; i++) {
+    const d = got[i]! - want[i]!;
+    num += d * d;
+    den += want[i]! * want[i]!;
+    maxAbs = Math.max(maxAbs, Math.abs(d));
+    maxRef = Math.max(maxRef, Math.abs(want[i]!));
+  }
+  const rel = Math.sqrt(num / den);
+  assert.ok(rel < 1e-5, `${what}: relative error ${rel} ≥ 1e-5`);
+  assert.ok(maxAbs < 1e-4 * maxRef, `${what}: max abs error ${maxAbs} ≥ 1e-4 × ${maxRef}`);
+}
+
+for (const name of ARCHS) {
+  test(`${name}: decode chunks of 1-4 tokens equal full recomputation (sparse, dense, auto)`, async () => {
+    const rt = await ModelRuntime.load(packed.get(name)!, { context: 40 });
+    try {
+      let s = (SEED ^ name.length * 2654435761) >>> 0 || 1;
+      const next = () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 2 ** 32);
+      const tokens = Array.from({ length: 6 + 1 + 2 + 3 + 4 + 3 }, () => Math.floor(next() * rt.spec.vocabSize));
+      const full = rt.forward(tokens, { allLogits: true, mode: 'dense' });
+      const V = rt.spec.vocabSize;
+      for (const mode of ['sparse', 'dense', 'auto'] as const) {
+        rt.reset();
+        let pos = 6;
+        rt.forward(tokens.slice(0, pos), { mode });
+        for (const n of [1, 2, 3, 4, 3]) {
+          const got = rt.forward(tokens.slice(pos, pos + n), { allLogits: true, mode });
+          compareRows(got, full.subarray(pos * V, (pos + n) * V), `${name} ${mode} tokens ${pos}..${pos + n - 1}`);
+          pos += n;
+        }
+        assert.equal(rt.position, tokens.length);
+      }
+    } finally {
+      rt.close();
+    }
+  });
+}
