@@ -213,10 +213,13 @@ void Model::ffn_dense_generic(int64_t l, int64_t T) {
   FfnLayer& f = *ffn_[static_cast<size_t>(l)];
   const int64_t d = cfg_.d_model, F = L.d_ff;
   grow(g_, T * F);
-  gemm(h_.data(), d, T, f.gate_view(), g_.data(), F);
-  if (cfg_.gated) {
-    grow(u_, T * F);
-    gemm(h_.data(), d, T, f.up_view(), u_.data(), F);
+  if (cfg_.gated) grow(u_, T * F);
+  if (T <= kDecodeMaxTokens) {
+    const GemvOutput gu[2] = {{f.gate_view(), g_.data(), F}, {f.up_view(), u_.data(), F}};
+    gemv_multi(h_.data(), d, T, gu, cfg_.gated ? 2 : 1);
+  } else {
+    gemm(h_.data(), d, T, f.gate_view(), g_.data(), F);
+    if (cfg_.gated) gemm(h_.data(), d, T, f.up_view(), u_.data(), F);
   }
   const float* up_b = L.up_b;
   const float thr = L.threshold;
@@ -248,7 +251,8 @@ void Model::ffn_dense_generic(int64_t l, int64_t T) {
     nnz[static_cast<size_t>(t)] = n;
   }
   if (observer_) observer_(l, T, F, obs, g_.data());
-  gemm(g_.data(), F, T, f.down_standard(), y_.data(), d);
+  if (T <= kDecodeMaxTokens) gemv(g_.data(), F, T, f.down_standard(), y_.data(), d);
+  else gemm(g_.data(), F, T, f.down_standard(), y_.data(), d);
   if (L.down_b) add_bias(y_.data(), d, T, d, L.down_b);
   LayerActivity& a = activity_[static_cast<size_t>(l)];
   for (int64_t n : nnz) {
