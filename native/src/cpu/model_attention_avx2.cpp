@@ -1,4 +1,4 @@
-// The attention row softmax (model_kernels.h) compiled for AVX2; called only when the CPU has it.
+// The attention row softmax and decode query (model_kernels.h) compiled for AVX2; called only when the CPU has it.
 #include "model_kernels.h"
 #include "sparsellm/cpu_info.h"
 
@@ -6,6 +6,11 @@ namespace sparsellm {
 
 void softmax_causal_rows_avx2(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64_t pos0, float scale) {
   softmax_causal_rows_impl(S, ldS, T, n_cols, pos0, scale, num_threads());
+}
+
+void attend_one_avx2(const float* q, const float* K, int64_t hd, const float* Vt, int64_t cap, int64_t n_keys,
+                     float scale, float* scores, float* orow) {
+  attend_one_impl(q, K, hd, Vt, cap, n_keys, scale, scores, orow);
 }
 
 }  // namespace sparsellm

@@ -14,6 +14,16 @@ void softmax_causal_rows(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64
 void softmax_causal_rows_avx2(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64_t pos0, float scale);
 void softmax_causal_rows_avx512(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64_t pos0, float scale);
 
+// One decode query of one head over n_keys cached keys: orow[i] = Σ_j softmax(scale · q·K_j)_j ·
+// Vt[i · cap + j]. K [n_keys, hd] contiguous, Vt [hd][cap] (transposed values), scores: n_keys
+// floats of scratch. Compiled per ISA (model_attention_*.cpp).
+using AttendOneFn = void (*)(const float* q, const float* K, int64_t hd, const float* Vt, int64_t cap,
+                             int64_t n_keys, float scale, float* scores, float* orow);
+void attend_one_avx2(const float* q, const float* K, int64_t hd, const float* Vt, int64_t cap, int64_t n_keys,
+                     float scale, float* scores, float* orow);
+void attend_one_avx512(const float* q, const float* K, int64_t hd, const float* Vt, int64_t cap, int64_t n_keys,
+                       float scale, float* scores, float* orow);
+
 namespace {
 
 // exp(x) for x <= 0 (inputs after subtracting the row maximum), relative error < 2e-7, as
@@ -55,6 +65,35 @@ inline void softmax_causal_rows_impl(float* S, int64_t ldS, int64_t T, int64_t n
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) row[j] *= inv;
     if (n < n_cols) std::memset(row + n, 0, sizeof(float) * static_cast<size_t>(n_cols - n));
+  }
+}
+
+inline void attend_one_impl(const float* q, const float* K, int64_t hd, const float* Vt, int64_t cap, int64_t n_keys,
+                            float scale, float* scores, float* orow) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n_keys; ++j) {
+    const float* kr = K + j * hd;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < hd; ++i) s += q[i] * kr[i];
+    s *= scale;
+    scores[j] = s;
+    mx = s > mx ? s : mx;
+  }
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n_keys; ++j) {
+    const float e = exp_nonpositive(scores[j] - mx);
+    scores[j] = e;
+    sum += e;
+  }
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < hd; ++i) {
+    const float* vr = Vt + i * cap;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n_keys; ++j) acc += scores[j] * vr[j];
+    orow[i] = acc * inv;
   }
 }
 

@@ -248,8 +248,9 @@ void softmax_causal_rows(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64
 namespace {
 
 // Few queries: one pass per (query, head) over the cache; threads split the (query, head) pairs
-// when there is enough work to pay for waking them (a short cache: a few µs in all).
-constexpr int64_t kParallelAttentionWork = int64_t(1) << 20;
+// when there is enough work to pay for waking them. The exponentials use the same polynomial
+// as the prefill softmax (relative error < 2e-7).
+constexpr int64_t kParallelAttentionWork = int64_t(1) << 16;
 void attention_rows(const float* q, int64_t ldq, int64_t T, int64_t n_heads, const KvCache& cache, int64_t layer,
                     int64_t pos0, float* out, int64_t ldo) {
   const int64_t hd = cache.head_dim, cap = cache.capacity;
@@ -259,6 +260,8 @@ void attention_rows(const float* q, int64_t ldq, int64_t T, int64_t n_heads, con
   const int threads = num_threads();
   std::vector<float> scratch(static_cast<size_t>(threads) * static_cast<size_t>(max_keys));
   const int64_t work = n_heads * T;
+  const Isa isa = active_isa();
+  const AttendOneFn attend = isa == Isa::Avx512 ? attend_one_avx512 : isa == Isa::Avx2 ? attend_one_avx2 : attend_one_impl;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (work > 1 && max_keys * hd * work >= kParallelAttentionWork)
   for (int64_t item = 0; item < work; ++item) {
     const int64_t t = T - 1 - item / n_heads;
@@ -269,31 +272,7 @@ void attention_rows(const float* q, int64_t ldq, int64_t T, int64_t n_heads, con
     const int64_t n_keys = pos0 + t + 1;
     const float* K = cache.k_at(layer, kvh, 0);
     const float* Vt = cache.v_t(layer, kvh);
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n_keys; ++j) {
-      const float* kr = K + j * hd;
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < hd; ++i) s += qr[i] * kr[i];
-      s *= scale;
-      scores[j] = s;
-      mx = std::max(mx, s);
-    }
-    float sum = 0.f;
-    for (int64_t j = 0; j < n_keys; ++j) {
-      const float e = std::exp(scores[j] - mx);
-      scores[j] = e;
-      sum += e;
-    }
-    const float inv = 1.f / sum;
-    float* orow = out + t * ldo + h * hd;
-    for (int64_t i = 0; i < hd; ++i) {
-      const float* vr = Vt + i * cap;
-      float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < n_keys; ++j) acc += scores[j] * vr[j];
-      orow[i] = acc * inv;
-    }
+    attend(qr, K, hd, Vt, cap, n_keys, scale, scores, out + t * ldo + h * hd);
   }
 }
 
