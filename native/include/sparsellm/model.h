@@ -67,11 +67,10 @@ void add_inplace(float* x, int64_t ldx, const float* y, int64_t ldy, int64_t T, 
 
 // ---- attention -----------------------------------------------------------------------------
 
-// Keys and values of every layer, f32. Keys are laid out [layer][kv_head][position][head_dim]
-// (one head's keys contiguous, the rows of Q·Kᵀ); values transposed, [layer][kv_head][head_dim]
-// [position] (the rows of (P·V)ᵀ = Vᵀ·Pᵀ's weight, so both attention products are A·Wᵀ GEMMs).
-// `length` is the number of positions filled (the next position to write); the model advances
-// it after all layers have stored a call's tokens.
+// Keys and values of every layer, f32, both laid out [layer][kv_head][position][head_dim] (one
+// head's keys contiguous: the rows of Q·Kᵀ; a decoded token appends one contiguous row per head
+// to each). `length` is the number of positions filled (the next position to write); the model
+// advances it after all layers have stored a call's tokens.
 struct KvCache {
   int64_t n_layers = 0, n_kv_heads = 0, head_dim = 0, capacity = 0;
   int64_t length = 0;
@@ -79,17 +78,15 @@ struct KvCache {
   std::unique_ptr<float[]> k, v;
 
   void allocate(int64_t layers, int64_t kv_heads, int64_t hd, int64_t positions);
-  // Key of `pos`: head_dim contiguous floats.
-  float* k_at(int64_t layer, int64_t head, int64_t pos) {
-    return k.get() + ((layer * n_kv_heads + head) * capacity + pos) * head_dim;
-  }
-  const float* k_at(int64_t layer, int64_t head, int64_t pos) const {
-    return k.get() + ((layer * n_kv_heads + head) * capacity + pos) * head_dim;
-  }
-  // Values of one head, transposed: element (i, pos) at [i * capacity + pos].
-  float* v_t(int64_t layer, int64_t head) { return v.get() + (layer * n_kv_heads + head) * capacity * head_dim; }
-  const float* v_t(int64_t layer, int64_t head) const {
-    return v.get() + (layer * n_kv_heads + head) * capacity * head_dim;
+  // Key / value of `pos`: head_dim contiguous floats.
+  float* k_at(int64_t layer, int64_t head, int64_t pos) { return k.get() + offset(layer, head, pos); }
+  const float* k_at(int64_t layer, int64_t head, int64_t pos) const { return k.get() + offset(layer, head, pos); }
+  float* v_at(int64_t layer, int64_t head, int64_t pos) { return v.get() + offset(layer, head, pos); }
+  const float* v_at(int64_t layer, int64_t head, int64_t pos) const { return v.get() + offset(layer, head, pos); }
+
+ private:
+  int64_t offset(int64_t layer, int64_t head, int64_t pos) const {
+    return ((layer * n_kv_heads + head) * capacity + pos) * head_dim;
   }
 };
 
@@ -103,10 +100,11 @@ void kv_cache_store(KvCache& cache, int64_t layer, const float* k, int64_t ldk, 
 //   q [T, n_heads * head_dim] (ldq), out [T, n_heads * head_dim] (ldo).
 // Query head h reads kv head h / (n_heads / n_kv_heads): multi-head when equal, grouped-query
 // when n_kv_heads divides n_heads, multi-query when n_kv_heads = 1. Scores scaled by
-// 1/sqrt(head_dim), softmax in f32 with the row maximum subtracted. Many queries: per (head,
-// block of queries), two single-threaded GEMMs (Q·Kᵀ over the keys the block sees, then P·V)
-// around a vectorised causal softmax, the threads sharing the items in one parallel region;
-// few queries (decode): one pass per (query, head) over the cache.
+// 1/sqrt(head_dim), softmax in f32 with the row maximum subtracted. Many queries: the threads
+// share the heads in one parallel region; per head, the values are transposed once into
+// scratch, then per block of queries two single-threaded GEMMs (Q·Kᵀ over the keys the block
+// sees, then P·V) around a vectorised causal softmax. Few queries (decode): one pass per
+// (query, head) over the cache.
 void attention_causal(const float* q, int64_t ldq, int64_t T, int64_t n_heads, const KvCache& cache,
                       int64_t layer, int64_t pos0, float* out, int64_t ldo);
 // Calls with at least this many queries take the GEMM path, in blocks of this many queries

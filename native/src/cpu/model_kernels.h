@@ -14,15 +14,15 @@ void softmax_causal_rows(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64
 void softmax_causal_rows_avx2(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64_t pos0, float scale);
 void softmax_causal_rows_avx512(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64_t pos0, float scale);
 
-// One decode query of one head over n_keys cached keys: orow[i] = Σ_j softmax(scale · q·K_j)_j ·
-// Vt[i · cap + j]. K [n_keys, hd] contiguous, Vt [hd][cap] (transposed values), scores: n_keys
-// floats of scratch. Compiled per ISA (model_attention_*.cpp).
-using AttendOneFn = void (*)(const float* q, const float* K, int64_t hd, const float* Vt, int64_t cap,
-                             int64_t n_keys, float scale, float* scores, float* orow);
-void attend_one_avx2(const float* q, const float* K, int64_t hd, const float* Vt, int64_t cap, int64_t n_keys,
-                     float scale, float* scores, float* orow);
-void attend_one_avx512(const float* q, const float* K, int64_t hd, const float* Vt, int64_t cap, int64_t n_keys,
-                       float scale, float* scores, float* orow);
+// One decode query of one head over n_keys cached keys: orow = Σ_j softmax(scale · q·K_j)_j · V_j.
+// K, V [n_keys, hd] contiguous rows; scores: n_keys floats of scratch. Compiled per ISA
+// (model_attention_*.cpp).
+using AttendOneFn = void (*)(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
+                             float* scores, float* orow);
+void attend_one_avx2(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
+                     float* scores, float* orow);
+void attend_one_avx512(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
+                       float* scores, float* orow);
 
 namespace {
 
@@ -68,8 +68,8 @@ inline void softmax_causal_rows_impl(float* S, int64_t ldS, int64_t T, int64_t n
   }
 }
 
-inline void attend_one_impl(const float* q, const float* K, int64_t hd, const float* Vt, int64_t cap, int64_t n_keys,
-                            float scale, float* scores, float* orow) {
+inline void attend_one_impl(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
+                            float* scores, float* orow) {
   float mx = -INFINITY;
   for (int64_t j = 0; j < n_keys; ++j) {
     const float* kr = K + j * hd;
@@ -88,12 +88,13 @@ inline void attend_one_impl(const float* q, const float* K, int64_t hd, const fl
     sum += e;
   }
   const float inv = 1.f / sum;
-  for (int64_t i = 0; i < hd; ++i) {
-    const float* vr = Vt + i * cap;
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < n_keys; ++j) acc += scores[j] * vr[j];
-    orow[i] = acc * inv;
+#pragma omp simd
+  for (int64_t i = 0; i < hd; ++i) orow[i] = 0.f;
+  for (int64_t j = 0; j < n_keys; ++j) {
+    const float p = scores[j] * inv;
+    const float* vr = V + j * hd;
+#pragma omp simd
+    for (int64_t i = 0; i < hd; ++i) orow[i] += p * vr[i];
   }
 }
 

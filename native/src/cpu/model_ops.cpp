@@ -224,16 +224,10 @@ void KvCache::allocate(int64_t layers, int64_t kv_heads, int64_t hd, int64_t pos
 
 void kv_cache_store(KvCache& cache, int64_t layer, const float* k, int64_t ldk, const float* v, int64_t ldv,
                     int64_t T, int64_t pos0) {
-  const int64_t hd = cache.head_dim, cap = cache.capacity;
+  const int64_t hd = cache.head_dim;
   for (int64_t h = 0; h < cache.n_kv_heads; ++h) {
     for (int64_t t = 0; t < T; ++t) std::memcpy(cache.k_at(layer, h, pos0 + t), k + t * ldk + h * hd, sizeof(float) * hd);
-    // Values transposed in blocks of 16 tokens: reads of 16 rows of head_dim, writes of 64 bytes.
-    float* vt = cache.v_t(layer, h);
-    for (int64_t t0 = 0; t0 < T; t0 += 16) {
-      const int64_t t1 = std::min(T, t0 + 16);
-      for (int64_t i = 0; i < hd; ++i)
-        for (int64_t t = t0; t < t1; ++t) vt[i * cap + pos0 + t] = v[t * ldv + h * hd + i];
-    }
+    for (int64_t t = 0; t < T; ++t) std::memcpy(cache.v_at(layer, h, pos0 + t), v + t * ldv + h * hd, sizeof(float) * hd);
   }
 }
 
@@ -253,7 +247,7 @@ namespace {
 constexpr int64_t kParallelAttentionWork = int64_t(1) << 16;
 void attention_rows(const float* q, int64_t ldq, int64_t T, int64_t n_heads, const KvCache& cache, int64_t layer,
                     int64_t pos0, float* out, int64_t ldo) {
-  const int64_t hd = cache.head_dim, cap = cache.capacity;
+  const int64_t hd = cache.head_dim;
   const int64_t group = n_heads / cache.n_kv_heads;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const int64_t max_keys = pos0 + T;
@@ -271,8 +265,8 @@ void attention_rows(const float* q, int64_t ldq, int64_t T, int64_t n_heads, con
     const float* qr = q + t * ldq + h * hd;
     const int64_t n_keys = pos0 + t + 1;
     const float* K = cache.k_at(layer, kvh, 0);
-    const float* Vt = cache.v_t(layer, kvh);
-    attend(qr, K, hd, Vt, cap, n_keys, scale, scores, out + t * ldo + h * hd);
+    const float* V = cache.v_at(layer, kvh, 0);
+    attend(qr, K, V, hd, n_keys, scale, scores, out + t * ldo + h * hd);
   }
 }
 
@@ -281,35 +275,44 @@ void attention_rows(const float* q, int64_t ldq, int64_t T, int64_t n_heads, con
 void attention_causal(const float* q, int64_t ldq, int64_t T, int64_t n_heads, const KvCache& cache,
                       int64_t layer, int64_t pos0, float* out, int64_t ldo) {
   if (T < kAttentionGemmMinTokens) return attention_rows(q, ldq, T, n_heads, cache, layer, pos0, out, ldo);
-  // Many queries: per (head, block of queries), S = Q_blk·K_hᵀ over the keys the block can see
-  // (causal: keys 0 .. pos0 + last query of the block), causal softmax in place, O_blk = S·V_h
-  // (GEMM against the transposed values). Keys past a row's position are zeroed by the softmax,
-  // so the second product adds nothing for them. One parallel region: the threads take
-  // (head, block) items, each running its GEMMs single-threaded, largest blocks first.
-  const int64_t hd = cache.head_dim, cap = cache.capacity;
+  // Many queries: per head, Vᵀ [hd, keys] into scratch (the weight of P·V = S·(Vᵀ)ᵀ); then per
+  // block of queries, S = Q_blk·K_hᵀ over the keys the block can see (causal: keys 0 .. pos0 +
+  // last query of the block), causal softmax in place, O_blk = S·V_h. Keys past a row's
+  // position are zeroed by the softmax, so the second product adds nothing for them. One
+  // parallel region: the threads take whole heads (query heads of a group transpose the same
+  // values; that copy is ~1/(2·block) of the head's products), each running its GEMMs alone.
+  const int64_t hd = cache.head_dim;
   const int64_t group = n_heads / cache.n_kv_heads;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const int64_t nqb = (T + kAttentionQueryBlock - 1) / kAttentionQueryBlock;
-  const int64_t items = n_heads * nqb;
-  const int threads = static_cast<int>(std::min<int64_t>(num_threads(), items));
+  const int64_t keys_all = pos0 + T;
+  const int threads = static_cast<int>(std::min<int64_t>(num_threads(), n_heads));
   std::exception_ptr error;
 #pragma omp parallel num_threads(threads)
   {
     omp_set_num_threads(1);  // this thread's GEMMs and softmax run on it alone
-    std::vector<float> S;
+    std::vector<float> S, Vt;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
+    for (int64_t h = 0; h < n_heads; ++h) {
       try {
-        const int64_t qb = nqb - 1 - item / n_heads, h = item % n_heads;
-        const int64_t t0 = qb * kAttentionQueryBlock, t1 = std::min(T, t0 + kAttentionQueryBlock);
-        const int64_t keys = pos0 + t1, rows = t1 - t0;
-        if (static_cast<int64_t>(S.size()) < rows * keys) S.resize(static_cast<size_t>(rows * keys));
         const int64_t kvh = h / group;
-        const WeightView K{cache.k_at(layer, kvh, 0), DType::F32, keys, hd, hd};
-        gemm(q + t0 * ldq + h * hd, ldq, rows, K, S.data(), keys);
-        softmax_causal_rows(S.data(), keys, rows, keys, pos0 + t0, scale);
-        const WeightView Vt{cache.v_t(layer, kvh), DType::F32, hd, keys, cap};
-        gemm(S.data(), keys, rows, Vt, out + t0 * ldo + h * hd, ldo);
+        const float* V = cache.v_at(layer, kvh, 0);
+        if (static_cast<int64_t>(Vt.size()) < hd * keys_all) Vt.resize(static_cast<size_t>(hd * keys_all));
+        for (int64_t j0 = 0; j0 < keys_all; j0 += 16) {
+          const int64_t j1 = std::min(keys_all, j0 + 16);
+          for (int64_t i = 0; i < hd; ++i)
+            for (int64_t j = j0; j < j1; ++j) Vt[static_cast<size_t>(i * keys_all + j)] = V[j * hd + i];
+        }
+        for (int64_t qb = nqb - 1; qb >= 0; --qb) {
+          const int64_t t0 = qb * kAttentionQueryBlock, t1 = std::min(T, t0 + kAttentionQueryBlock);
+          const int64_t keys = pos0 + t1, rows = t1 - t0;
+          if (static_cast<int64_t>(S.size()) < rows * keys) S.resize(static_cast<size_t>(rows * keys));
+          const WeightView K{cache.k_at(layer, kvh, 0), DType::F32, keys, hd, hd};
+          gemm(q + t0 * ldq + h * hd, ldq, rows, K, S.data(), keys);
+          softmax_causal_rows(S.data(), keys, rows, keys, pos0 + t0, scale);
+          const WeightView VtW{Vt.data(), DType::F32, hd, keys, keys_all};
+          gemm(S.data(), keys, rows, VtW, out + t0 * ldo + h * hd, ldo);
+        }
       } catch (...) {
 #pragma omp critical(sparsellm_attention_error)
         if (!error) error = std::current_exception();
