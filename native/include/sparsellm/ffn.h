@@ -131,7 +131,7 @@ class FfnLayer {
   Twell twell_;
   std::vector<float> work_;  // dense activations [M, F] for the dense path
   bool auto_dense_ = false;  // Auto forward: the last call's counts chose the dense path
-  // W_up (gated) and W_downᵀ cut into column panels [d/128][F][128] for the two-phase sparse
+  // W_up (gated) and W_downᵀ cut into column panels [d/256][F][256] for the two-phase sparse
   // path (each phase reads one panel for all tokens), built on first use (docs/kernels.md).
   std::vector<uint8_t> panels_;
 };

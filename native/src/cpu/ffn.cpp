@@ -177,8 +177,9 @@ int64_t batch_tokens(const Twell& g) {
 //
 // For moderate densities, instead of streaming each active neuron's 8 KiB block once per token
 // (memory-bound), the (token, neuron) pairs of the call are listed token-major and d is cut into
-// column chunks of kSpmmCols. Each chunk's rows of W_up and W_down form a panel (F × 128 weights,
-// packed contiguously by FfnLayer) that stays in L2 while every token of a thread goes through it:
+// column chunks of kSpmmCols (256). Each chunk's rows of W_up and W_down form a panel (F × 256
+// weights, packed contiguously by FfnLayer) that every token goes through while it is in the
+// caches (the next panel is prefetched as one stream meanwhile); each row serves many tokens:
 //  1. up: for each chunk, a token's x chunk is held in registers and dotted with the chunk rows of
 //     its active neurons; the partial sums accumulate in u (one float per pair); h = g·u;
 //  2. down: for each chunk, a token's output chunk is held in registers while its active neurons'

@@ -50,7 +50,7 @@ struct FfnOps {
 };
 
 // Widest chunk of FfnOps::spmm (every ISA), and the width of the packed down panels.
-constexpr int64_t kSpmmCols = 128;
+constexpr int64_t kSpmmCols = 256;
 
 // Whether the sparse up+down of M tokens with nnz active pairs over F neurons takes the two-phase
 // path (ffn.cpp; see set_sparse_kernel in sparsellm/ffn.h).

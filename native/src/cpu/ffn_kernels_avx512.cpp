@@ -115,30 +115,30 @@ void down(const int32_t* j, const float* h, int64_t cnt, const void* w, DType dt
 template <int R, int A, typename W>
 inline void dots_r(const float* const* xr, const W* w, int64_t d, float* u) {
   __m512 a[R][A];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int q = 0; q < A; ++q) a[r][q] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 * A <= d; k += 16 * A) {
     __m512 wv[A];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int q = 0; q < A; ++q) wv[q] = load16(w + k + 16 * q);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int q = 0; q < A; ++q) a[r][q] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[r] + k + 16 * q), wv[q], a[r][q]);
   }
   for (; k < d; k += 16) {
     const __mmask16 m = d - k >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(d - k);
     const __m512 w0 = load16m(w + k, m);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) a[r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xr[r] + k), w0, a[r][0]);
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     __m512 t = a[r][0];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int q = 1; q < A; ++q) t = _mm512_add_ps(t, a[r][q]);
     u[r] = _mm512_reduce_add_ps(t);
   }
@@ -263,8 +263,8 @@ int64_t nonzeros(const float* src, int64_t n, int32_t base, int32_t* js, float* 
   return c;
 }
 
-// Phase 1 (sampled up product), one chunk of at most 128 columns: the token's x chunk sits in
-// registers while its active neurons are walked, each costing one load of its chunk row (from L2:
+// Phase 1 (sampled up product), one chunk of at most 256 columns: the token's x chunk sits in
+// registers while its active neurons are walked, each costing one load of its chunk row (from cache:
 // the chunk's rows are shared by all tokens). bf16 rows are split into even / odd columns without
 // shuffles (see spmm_bf16), so x is split the same way once per token and chunk. G groups of 32
 // columns, the last with `last` (1..32) valid ones.
@@ -281,7 +281,7 @@ void updot_bf16(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, co
   for (int64_t m = m0; m < m1; ++m) {
     const float* xm = x + m * ldx;
     __m512 xe[G], xo[G];
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int g = 0; g < G; ++g) {
       const __mmask16 ml = g == G - 1 ? slo : static_cast<__mmask16>(0xffff);
       const __mmask16 mh = g == G - 1 ? shi : static_cast<__mmask16>(0xffff);
@@ -294,11 +294,11 @@ void updot_bf16(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, co
       const uint16_t* r = w + static_cast<int64_t>(j[i]) * ldw;
       if (i + 8 < end) {
         const char* p = reinterpret_cast<const char*>(w + static_cast<int64_t>(j[i + 8]) * ldw);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
         for (int g = 0; g < G; ++g) _mm_prefetch(p + 64 * g, _MM_HINT_T0);
       }
       __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-#pragma GCC unroll 4
+#pragma GCC unroll 16
       for (int g = 0; g < G; ++g) {
         const __mmask32 mk = g == G - 1 ? lmask : static_cast<__mmask32>(0xffffffffu);
         const __m512i v = _mm512_maskz_loadu_epi16(mk, r + 32 * g);
@@ -320,18 +320,18 @@ void updot_f32(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, con
   for (int64_t m = m0; m < m1; ++m) {
     const float* xm = x + m * ldx;
     __m512 xv[G];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int g = 0; g < G; ++g) xv[g] = _mm512_maskz_loadu_ps(g == G - 1 ? lm : static_cast<__mmask16>(0xffff), xm + 16 * g);
     const int64_t end = ptr[m + 1];
     for (int64_t i = ptr[m]; i < end; ++i) {
       const float* r = w + static_cast<int64_t>(j[i]) * ldw;
       if (i + 8 < end) {
         const char* p = reinterpret_cast<const char*>(w + static_cast<int64_t>(j[i + 8]) * ldw);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int g = 0; g < G; ++g) _mm_prefetch(p + 64 * g, _MM_HINT_T0);
       }
       __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int g = 0; g < G; ++g) {
         const __m512 wv = _mm512_maskz_loadu_ps(g == G - 1 ? lm : static_cast<__mmask16>(0xffff), r + 16 * g);
         if (g % 2 == 0) a0 = _mm512_fmadd_ps(xv[g], wv, a0);
@@ -352,7 +352,11 @@ void updot(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const f
       case 1: updot_bf16<1>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
       case 2: updot_bf16<2>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
       case 3: updot_bf16<3>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
-      default: updot_bf16<4>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
+      case 4: updot_bf16<4>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
+      case 5: updot_bf16<5>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
+      case 6: updot_bf16<6>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
+      case 7: updot_bf16<7>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
+      default: updot_bf16<8>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
     }
     return;
   }
@@ -365,13 +369,21 @@ void updot(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const f
     case 5: updot_f32<5>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
     case 6: updot_f32<6>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
     case 7: updot_f32<7>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    default: updot_f32<8>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    case 8: updot_f32<8>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    case 9: updot_f32<9>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    case 10: updot_f32<10>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    case 11: updot_f32<11>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    case 12: updot_f32<12>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    case 13: updot_f32<13>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    case 14: updot_f32<14>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    case 15: updot_f32<15>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
+    default: updot_f32<16>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
   }
 }
 
-// Phase 2 (sparse down), one chunk of at most 128 columns whose outputs stay in 8 zmm
+// Phase 2 (sparse down), one chunk of at most 256 columns whose outputs stay in 16 zmm
 // accumulators while the token's active neurons are walked; each neuron costs one load of its
-// chunk row (from L2: the chunk's rows are shared by all tokens) and one FMA per 16 columns.
+// chunk row (from cache: the chunk's rows are shared by all tokens) and one FMA per 16 columns.
 // bf16 without shuffles: a 512-bit load holds 32 weights; the low halves of its 32-bit lanes
 // (shifted left 16) are the even columns and the high halves (masked) the odd ones, so the
 // accumulators hold a group's even and odd columns apart and are interleaved once at the store.
@@ -391,7 +403,7 @@ void spmm_bf16(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, con
     // Two accumulator sets (even / odd pairs of the list) so that 4·G independent FMA chains
     // hide the FMA latency; summed at the end.
     __m512 e[G], o[G], e2[G], o2[G];
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int g = 0; g < G; ++g) e[g] = o[g] = e2[g] = o2[g] = _mm512_setzero_ps();
     const int64_t end = ptr[m + 1];
     int64_t i = ptr[m];
@@ -401,14 +413,14 @@ void spmm_bf16(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, con
       if (i + 9 < end) {
         const char* p = reinterpret_cast<const char*>(wc + static_cast<int64_t>(j[i + 8]) * ldw);
         const char* p2 = reinterpret_cast<const char*>(wc + static_cast<int64_t>(j[i + 9]) * ldw);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int g = 0; g < G; ++g) {
           _mm_prefetch(p + 64 * g, _MM_HINT_T0);
           _mm_prefetch(p2 + 64 * g, _MM_HINT_T0);
         }
       }
       const __m512 hv = _mm512_set1_ps(h[i]), hv2 = _mm512_set1_ps(h[i + 1]);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
       for (int g = 0; g < G; ++g) {
         const __mmask32 mk = g == G - 1 ? lmask : static_cast<__mmask32>(0xffffffffu);
         const __m512i v = _mm512_maskz_loadu_epi16(mk, r + 32 * g);
@@ -422,7 +434,7 @@ void spmm_bf16(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, con
     if (i < end) {
       const uint16_t* r = wc + static_cast<int64_t>(j[i]) * ldw;
       const __m512 hv = _mm512_set1_ps(h[i]);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
       for (int g = 0; g < G; ++g) {
         const __mmask32 mk = g == G - 1 ? lmask : static_cast<__mmask32>(0xffffffffu);
         const __m512i v = _mm512_maskz_loadu_epi16(mk, r + 32 * g);
@@ -431,7 +443,7 @@ void spmm_bf16(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, con
       }
     }
     float* ym = y + m * ldy;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int g = 0; g < G; ++g) {
       const __m512 ev = _mm512_add_ps(e[g], e2[g]), ov = _mm512_add_ps(o[g], o2[g]);
       __m512 lo = _mm512_permutex2var_ps(ev, ilo, ov);
@@ -457,23 +469,23 @@ void spmm_f32(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, cons
   const float* wc = w;
   for (int64_t m = m0; m < m1; ++m) {
     __m512 a[G];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int g = 0; g < G; ++g) a[g] = _mm512_setzero_ps();
     const int64_t end = ptr[m + 1];
     for (int64_t i = ptr[m]; i < end; ++i) {
       const float* r = wc + static_cast<int64_t>(j[i]) * ldw;
       if (i + 8 < end) {
         const char* p = reinterpret_cast<const char*>(wc + static_cast<int64_t>(j[i + 8]) * ldw);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int g = 0; g < G; ++g) _mm_prefetch(p + 64 * g, _MM_HINT_T0);
       }
       const __m512 hv = _mm512_set1_ps(h[i]);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int g = 0; g < G - 1; ++g) a[g] = _mm512_fmadd_ps(hv, _mm512_loadu_ps(r + 16 * g), a[g]);
       a[G - 1] = _mm512_fmadd_ps(hv, _mm512_maskz_loadu_ps(lm, r + 16 * (G - 1)), a[G - 1]);
     }
     float* ym = y + m * ldy;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int g = 0; g < G; ++g) {
       const __mmask16 mk = g == G - 1 ? lm : static_cast<__mmask16>(0xffff);
       __m512 v = a[g];
@@ -492,7 +504,11 @@ void spmm(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const fl
       case 1: spmm_bf16<1>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
       case 2: spmm_bf16<2>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
       case 3: spmm_bf16<3>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
-      default: spmm_bf16<4>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
+      case 4: spmm_bf16<4>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
+      case 5: spmm_bf16<5>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
+      case 6: spmm_bf16<6>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
+      case 7: spmm_bf16<7>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
+      default: spmm_bf16<8>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
     }
     return;
   }
@@ -505,7 +521,15 @@ void spmm(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const fl
     case 5: spmm_f32<5>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
     case 6: spmm_f32<6>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
     case 7: spmm_f32<7>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    default: spmm_f32<8>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    case 8: spmm_f32<8>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    case 9: spmm_f32<9>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    case 10: spmm_f32<10>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    case 11: spmm_f32<11>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    case 12: spmm_f32<12>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    case 13: spmm_f32<13>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    case 14: spmm_f32<14>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    case 15: spmm_f32<15>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
+    default: spmm_f32<16>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
   }
 }
 
