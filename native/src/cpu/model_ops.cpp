@@ -225,6 +225,7 @@ void KvCache::allocate(int64_t layers, int64_t kv_heads, int64_t hd, int64_t pos
 void kv_cache_store(KvCache& cache, int64_t layer, const float* k, int64_t ldk, const float* v, int64_t ldv,
                     int64_t T, int64_t pos0) {
   const int64_t hd = cache.head_dim;
+#pragma omp parallel for num_threads(num_threads()) if (cache.n_kv_heads > 1 && T * cache.n_kv_heads * hd >= 65536)
   for (int64_t h = 0; h < cache.n_kv_heads; ++h) {
     for (int64_t t = 0; t < T; ++t) std::memcpy(cache.k_at(layer, h, pos0 + t), k + t * ldk + h * hd, sizeof(float) * hd);
     for (int64_t t = 0; t < T; ++t) std::memcpy(cache.v_at(layer, h, pos0 + t), v + t * ldv + h * hd, sizeof(float) * hd);
