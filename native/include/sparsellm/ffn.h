@@ -45,8 +45,8 @@ void twell_down(const Twell& h, const WeightView& down_t, const float* down_bias
                 int64_t ldy);
 
 // Which kernel the sparse up+down (twell_updown, twell_down, FfnLayer's sparse path) uses for
-// M ≥ 2 tokens: Auto picks the two-phase kernels once the mean number of tokens per active
-// neuron (nnz / d_ff) reaches 2, the per-token / token-blocked ones below (docs/kernels.md).
+// M ≥ 2 tokens: Auto picks the two-phase kernels once the mean number of tokens per neuron
+// (nnz / d_ff) reaches 3, the per-token / token-blocked ones below (docs/kernels.md).
 // Process-wide; for tests and measurement. Also SPARSELLM_FFN_KERNEL=auto|per-token|two-phase.
 enum class SparseKernel { Auto = 0, PerToken = 1, TwoPhase = 2 };
 void set_sparse_kernel(SparseKernel k);
