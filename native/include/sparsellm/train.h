@@ -172,7 +172,7 @@ class Trainer {
   // Seconds per phase of the last step (SPARSELLM_TRAIN_PROFILE=1 prints them to stderr):
   // projections fwd, attention fwd, FFN fwd, projections bwd, attention bwd, FFN bwd, optimizer, total,
   // norms/RoPE/residual/embedding/loss, gradient norm (part of the optimizer).
-  double prof_[10] = {};
+  double prof_[10] = {}, prof_cpu_[10] = {};
 };
 
 }  // namespace sparsellm

@@ -14,8 +14,12 @@
 #include "ffn_kernels.h"
 #include "sparsellm/cpu_info.h"
 #include "sparsellm/gemm.h"
+#include "train_hybrid.h"
 
 namespace sparsellm {
+
+int hybrid_neuron_pass_avx512(const HybridNeuronPass& a, int nthreads);
+int hybrid_neuron_pass_avx2(const HybridNeuronPass& a, int nthreads);
 
 namespace detail {
 int64_t gather_row(const Twell& g, int64_t m, int32_t* js, float* vs);  // ffn.cpp
@@ -150,7 +154,6 @@ void hybrid_backward(const float* x, const float* dy, const WeightView& gate, co
   const int64_t M = tape.M, d = tape.d, F = tape.F;
   const int W = tape.W;
   if (gate.rows != F || gate.cols != d) throw std::invalid_argument("hybrid_backward: tape does not match the weights");
-  const detail::FfnOps& ops = detail::ffn_ops();
   const float lam = M ? l1 / static_cast<float>(M) : 0.f;
   const int64_t nt = static_cast<int64_t>(tape.tail_rows.size());
   const float* up = static_cast<const float*>(ud.data);
@@ -220,62 +223,43 @@ void hybrid_backward(const float* x, const float* dy, const WeightView& gate, co
     }
   }
 
-  // Neuron-major pass: each neuron's three weight rows are read once; for each of its entries
-  //   dh = dy_m·W_down[:, j] (+ λ·sign(h)/M), du = dh·g, dg = dh·u,
-  //   dx_m += du·W_up[j] + dg·W_gate[j]   (into the thread's partial dx),
-  //   dW_gate[j] += dg·x_m, dW_up[j] += du·x_m, dW_down[:, j] += h·dy_m.
-  // Static schedule: the partials, summed in thread order, are deterministic for a thread count.
+  // Neuron-major pass (train_hybrid.h): each neuron's three weight rows are read once, then the
+  // partial dx of the threads are summed in thread order.
   const int nthreads = num_threads();
   float* dxp = s_dxp.get(static_cast<size_t>(nthreads) * M * d);
-#pragma omp parallel num_threads(nthreads)
-  {
-    const int t = omp_get_thread_num(), team = omp_get_num_threads();
-    float* mine = dxp + static_cast<size_t>(t) * M * d;
-    std::memset(mine, 0, sizeof(float) * M * d);
-#pragma omp for schedule(static, 16)
-    for (int64_t j = 0; j < F; ++j) {
-      float* gj = dgate + j * d;
-      float* uj = dupdown + j * 2 * d;
-      float* dj = uj + d;
-      const int64_t q0 = cs[j], q1 = cs[j + 1];
-      if (q0 == q1) {  // never active: zero gradient
-        std::memset(gj, 0, sizeof(float) * d);
-        std::memset(uj, 0, sizeof(float) * 2 * d);
-        continue;
-      }
-      const float* upj = up + j * ldu;
-      const float* gwj = gw + j * ldg;
-      const float* dnj = dn + j * ldu;
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t m = erow[q];
-        const float* dym = dy + m * d;
-        const float* xm = x + m * d;
-        const float g = eg[q], u = eu[q];
-        const float dh0 = etail[q] < 0 ? ops.dot(dym, dnj, DType::F32, d) : dht[static_cast<int64_t>(etail[q]) * F + j];
-        const float dh = dh0 + lam * sgn(u);
-        const float du = dh * g, dg = dh * u, h = g * u;
-        ops.axpy(mine + m * d, du, upj, DType::F32, d);
-        ops.axpy(mine + m * d, dg, gwj, DType::F32, d);
-        if (q == q0) {  // the first entry writes the gradient rows (no zeroing pass)
-          for (int64_t k = 0; k < d; ++k) {
-            gj[k] = dg * xm[k];
-            uj[k] = du * xm[k];
-            dj[k] = h * dym[k];
-          }
-        } else {
-          ops.axpy(gj, dg, xm, DType::F32, d);
-          ops.axpy(uj, du, xm, DType::F32, d);
-          ops.axpy(dj, h, dym, DType::F32, d);
-        }
-      }
-    }
-    // implicit barrier; then dx = Σ partials (thread order)
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < M * d; ++i) {
-      float s = 0.f;
-      for (int u = 0; u < team; ++u) s += dxp[static_cast<size_t>(u) * M * d + i];
-      dx[i] = s;
-    }
+  HybridNeuronPass a;
+  a.M = M;
+  a.d = d;
+  a.F = F;
+  a.x = x;
+  a.dy = dy;
+  a.up = up;
+  a.down_t = dn;
+  a.ld_ud = ldu;
+  a.gate = gw;
+  a.ld_gate = ldg;
+  a.cs = cs;
+  a.erow = erow;
+  a.etail = etail;
+  a.eg = eg;
+  a.eu = eu;
+  a.dht = dht;
+  a.lam = lam;
+  a.dxp = dxp;
+  a.dgate = dgate;
+  a.dupdown = dupdown;
+  int team = 1;
+  switch (active_isa()) {
+    case Isa::Avx512: team = hybrid_neuron_pass_avx512(a, nthreads); break;
+    case Isa::Avx2: team = hybrid_neuron_pass_avx2(a, nthreads); break;
+    default: team = hybrid_neuron_pass_impl(a, nthreads); break;
+  }
+  // dx = Σ partials (thread order)
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t i = 0; i < M * d; ++i) {
+    float s = 0.f;
+    for (int u = 0; u < team; ++u) s += dxp[static_cast<size_t>(u) * M * d + i];
+    dx[i] = s;
   }
 }
 

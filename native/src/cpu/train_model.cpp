@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -28,6 +29,12 @@ size_t sz(int64_t n) { return static_cast<size_t>(n); }
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
+// CPU seconds of the whole process (all threads): with a busy machine, the phase's own work.
+double cpu_s() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
 bool profile_on() {
   static const bool on = [] {
     const char* e = std::getenv("SPARSELLM_TRAIN_PROFILE");
@@ -35,12 +42,15 @@ bool profile_on() {
   }();
   return on;
 }
-// Adds the seconds `stmt` takes to prof_[i].
-#define TIMED(i, stmt)                 \
-  do {                                 \
-    const double t0_ = now_s();        \
-    stmt;                              \
-    prof_[i] += now_s() - t0_;         \
+// Adds the seconds `stmt` takes to prof_[i] (and, when profiling, its process CPU seconds to
+// prof_cpu_[i]).
+#define TIMED(i, stmt)                                  \
+  do {                                                  \
+    const double t0_ = now_s();                         \
+    const double c0_ = profile_on() ? cpu_s() : 0.0;    \
+    stmt;                                               \
+    prof_[i] += now_s() - t0_;                          \
+    if (profile_on()) prof_cpu_[i] += cpu_s() - c0_;    \
   } while (0)
 
 uint64_t mix(uint64_t a, uint64_t b) {
@@ -503,8 +513,9 @@ StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64
     else if (st_.step > 0 && hp_.recheck_steps > 0 && st_.step % hp_.recheck_steps == 0)
       st_.hybrid[sz(l)] = st_.last_nnz[sz(l)] < hp_.hybrid_cutoff ? 1 : 0;
   }
-  const double step_t0 = now_s();
+  const double step_t0 = now_s(), step_c0 = cpu_s();
   for (double& t : prof_) t = 0;
+  for (double& t : prof_cpu_) t = 0;
   grads_zero_ = true;  // the first micro-batch overwrites every gradient: no zeroing pass
   StepStats total;
   total.layers.resize(sz(NL));
@@ -528,7 +539,7 @@ StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64
     }
   }
   // Global gradient norm (float64, fixed order) and clipping.
-  const double opt_t0 = now_s();
+  const double opt_t0 = now_s(), opt_c0 = cpu_s();
   double ss = 0;
   const double norm_t0 = now_s();
   ss = sum_squares(g_.data(), n_params_);
@@ -554,7 +565,9 @@ StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64
   run(pos, n_params_, hp_.weight_decay);
   std::fill(dense_fresh_.begin(), dense_fresh_.end(), 0);
   prof_[6] += now_s() - opt_t0;
+  prof_cpu_[6] += cpu_s() - opt_c0;
   prof_[7] = now_s() - step_t0;
+  prof_cpu_[7] = cpu_s() - step_c0;
   if (profile_on()) {
     double rest = prof_[7];
     for (int i : {0, 1, 2, 3, 4, 5, 6, 8}) rest -= prof_[i];
@@ -563,6 +576,13 @@ StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64
                  "ffn bwd %.3f, optimizer %.3f (grad norm %.3f), norms/rope/residual/embed/loss %.3f, other %.3f\n",
                  static_cast<long long>(st_.step), prof_[7], prof_[0], prof_[1], prof_[2], prof_[3], prof_[4], prof_[5],
                  prof_[6], prof_[9], prof_[8], rest);
+    double crest = prof_cpu_[7];
+    for (int i : {0, 1, 2, 3, 4, 5, 6, 8}) crest -= prof_cpu_[i];
+    std::fprintf(stderr,
+                 "  cpu seconds (all threads): total %.3f = proj fwd %.3f, attn fwd %.3f, ffn fwd %.3f, proj bwd %.3f, "
+                 "attn bwd %.3f, ffn bwd %.3f, optimizer %.3f, norms/rope/residual/embed/loss %.3f, other %.3f\n",
+                 prof_cpu_[7], prof_cpu_[0], prof_cpu_[1], prof_cpu_[2], prof_cpu_[3], prof_cpu_[4], prof_cpu_[5],
+                 prof_cpu_[6], prof_cpu_[8], crest);
   }
   for (int64_t l = 0; l < NL; ++l)
     st_.last_nnz[sz(l)] = static_cast<double>(total.layers[sz(l)].nnz) / static_cast<double>(total.layers[sz(l)].tokens);
