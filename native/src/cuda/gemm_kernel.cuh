@@ -1,5 +1,7 @@
-// The tensor-core GEMM kernel (bf16 in, f32 accumulate), shared by the plain GEMM and the TwELL
-// gate GEMM (epilogue chosen at run time, so each block width is compiled once).
+// The mma.sync tensor-core GEMM kernel (bf16 in, f32 accumulate), shared by the plain GEMM and the
+// TwELL gate GEMM (epilogue chosen at run time, so each block width is compiled once). It runs on
+// every device of compute capability 8.0+; on 9.0 the Hopper kernel (gemm_wgmma.cu) replaces it
+// and shares its epilogue pieces (EpiParams, epi_value/epi_store, twell_pack_row) from here.
 //
 //   C[M, N] = A[M, K] · W[N, K]ᵀ   (both operands K-contiguous: "row.col" mma operands)
 //
