@@ -297,15 +297,22 @@ void updot_bf16(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, co
 #pragma GCC unroll 16
         for (int g = 0; g < G; ++g) _mm_prefetch(p + 64 * g, _MM_HINT_T0);
       }
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+      // Four accumulators (chains of G/2 FMAs); plain loads but for the last group.
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
 #pragma GCC unroll 16
       for (int g = 0; g < G; ++g) {
-        const __mmask32 mk = g == G - 1 ? lmask : static_cast<__mmask32>(0xffffffffu);
-        const __m512i v = _mm512_maskz_loadu_epi16(mk, r + 32 * g);
-        a0 = _mm512_fmadd_ps(xe[g], _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), a0);
-        a1 = _mm512_fmadd_ps(xo[g], _mm512_castsi512_ps(_mm512_and_si512(v, odd)), a1);
+        const __m512i v = g == G - 1 ? _mm512_maskz_loadu_epi16(lmask, r + 32 * g) : _mm512_loadu_si512(r + 32 * g);
+        const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
+        if (g % 2 == 0) {
+          a0 = _mm512_fmadd_ps(xe[g], we, a0);
+          a1 = _mm512_fmadd_ps(xo[g], wo, a1);
+        } else {
+          a2 = _mm512_fmadd_ps(xe[g], we, a2);
+          a3 = _mm512_fmadd_ps(xo[g], wo, a3);
+        }
       }
-      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
       u[i] = accumulate ? u[i] + sum : sum;
     }
   }
@@ -400,44 +407,22 @@ void spmm_bf16(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, con
   const __m512i ihi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   const uint16_t* wc = w;
   for (int64_t m = m0; m < m1; ++m) {
-    // Two accumulator sets (even / odd pairs of the list) so that 4·G independent FMA chains
-    // hide the FMA latency; summed at the end.
-    __m512 e[G], o[G], e2[G], o2[G];
+    // 2·G accumulators: independent FMA chains (16 for a full 256-column chunk).
+    __m512 e[G], o[G];
 #pragma GCC unroll 16
-    for (int g = 0; g < G; ++g) e[g] = o[g] = e2[g] = o2[g] = _mm512_setzero_ps();
+    for (int g = 0; g < G; ++g) e[g] = o[g] = _mm512_setzero_ps();
     const int64_t end = ptr[m + 1];
-    int64_t i = ptr[m];
-    for (; i + 1 < end; i += 2) {
+    for (int64_t i = ptr[m]; i < end; ++i) {
       const uint16_t* r = wc + static_cast<int64_t>(j[i]) * ldw;
-      const uint16_t* r2 = wc + static_cast<int64_t>(j[i + 1]) * ldw;
-      if (i + 9 < end) {
+      if (i + 8 < end) {
         const char* p = reinterpret_cast<const char*>(wc + static_cast<int64_t>(j[i + 8]) * ldw);
-        const char* p2 = reinterpret_cast<const char*>(wc + static_cast<int64_t>(j[i + 9]) * ldw);
 #pragma GCC unroll 16
-        for (int g = 0; g < G; ++g) {
-          _mm_prefetch(p + 64 * g, _MM_HINT_T0);
-          _mm_prefetch(p2 + 64 * g, _MM_HINT_T0);
-        }
+        for (int g = 0; g < G; ++g) _mm_prefetch(p + 64 * g, _MM_HINT_T0);
       }
-      const __m512 hv = _mm512_set1_ps(h[i]), hv2 = _mm512_set1_ps(h[i + 1]);
-#pragma GCC unroll 16
-      for (int g = 0; g < G; ++g) {
-        const __mmask32 mk = g == G - 1 ? lmask : static_cast<__mmask32>(0xffffffffu);
-        const __m512i v = _mm512_maskz_loadu_epi16(mk, r + 32 * g);
-        const __m512i v2 = _mm512_maskz_loadu_epi16(mk, r2 + 32 * g);
-        e[g] = _mm512_fmadd_ps(hv, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e[g]);
-        o[g] = _mm512_fmadd_ps(hv, _mm512_castsi512_ps(_mm512_and_si512(v, odd)), o[g]);
-        e2[g] = _mm512_fmadd_ps(hv2, _mm512_castsi512_ps(_mm512_slli_epi32(v2, 16)), e2[g]);
-        o2[g] = _mm512_fmadd_ps(hv2, _mm512_castsi512_ps(_mm512_and_si512(v2, odd)), o2[g]);
-      }
-    }
-    if (i < end) {
-      const uint16_t* r = wc + static_cast<int64_t>(j[i]) * ldw;
       const __m512 hv = _mm512_set1_ps(h[i]);
 #pragma GCC unroll 16
       for (int g = 0; g < G; ++g) {
-        const __mmask32 mk = g == G - 1 ? lmask : static_cast<__mmask32>(0xffffffffu);
-        const __m512i v = _mm512_maskz_loadu_epi16(mk, r + 32 * g);
+        const __m512i v = g == G - 1 ? _mm512_maskz_loadu_epi16(lmask, r + 32 * g) : _mm512_loadu_si512(r + 32 * g);
         e[g] = _mm512_fmadd_ps(hv, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e[g]);
         o[g] = _mm512_fmadd_ps(hv, _mm512_castsi512_ps(_mm512_and_si512(v, odd)), o[g]);
       }
@@ -445,9 +430,8 @@ void spmm_bf16(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, con
     float* ym = y + m * ldy;
 #pragma GCC unroll 16
     for (int g = 0; g < G; ++g) {
-      const __m512 ev = _mm512_add_ps(e[g], e2[g]), ov = _mm512_add_ps(o[g], o2[g]);
-      __m512 lo = _mm512_permutex2var_ps(ev, ilo, ov);
-      __m512 hi = _mm512_permutex2var_ps(ev, ihi, ov);
+      __m512 lo = _mm512_permutex2var_ps(e[g], ilo, o[g]);
+      __m512 hi = _mm512_permutex2var_ps(e[g], ihi, o[g]);
       const __mmask16 ml = g == G - 1 ? slo : static_cast<__mmask16>(0xffff);
       const __mmask16 mh = g == G - 1 ? shi : static_cast<__mmask16>(0xffff);
       if (bias) {
