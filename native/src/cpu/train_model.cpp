@@ -2,6 +2,7 @@
 // model, the per-layer choice between the dense and Hybrid FFN kernels, dead-neuron tracking,
 // gradient clipping and AdamW.
 #include <malloc.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
@@ -28,6 +29,11 @@ size_t sz(int64_t n) { return static_cast<size_t>(n); }
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+long minor_faults() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_minflt;
 }
 // CPU seconds of the whole process (all threads): with a busy machine, the phase's own work.
 double cpu_s() {
@@ -457,7 +463,8 @@ StepStats Trainer::forward_backward(const int32_t* tokens, int64_t B, int64_t T,
   if (!backward) return s;
 
   // ---- backward ----  (every gradient region is written with `first`: overwritten, else added to)
-  Scratch sc;
+  // Kept between calls: a fresh 48 MB transposed-weight buffer would be page-faulted in every step.
+  static thread_local Scratch sc;
   float* G = g_.data();
   float *dxnf = datt_.data(), *dx = dx_.data(), *dxn = dxn_.data(), *datt = datt_.data(), *dqkv = dqkv_.data();
   TIMED(3, linear_backward(xnf.data(), logits.data(), M, d, W + off_embed_, V, dxnf, G + off_embed_, first, sc));
@@ -514,6 +521,7 @@ StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64
       st_.hybrid[sz(l)] = st_.last_nnz[sz(l)] < hp_.hybrid_cutoff ? 1 : 0;
   }
   const double step_t0 = now_s(), step_c0 = cpu_s();
+  const long faults0 = profile_on() ? minor_faults() : 0;
   for (double& t : prof_) t = 0;
   for (double& t : prof_cpu_) t = 0;
   grads_zero_ = true;  // the first micro-batch overwrites every gradient: no zeroing pass
@@ -580,9 +588,10 @@ StepStats Trainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64
     for (int i : {0, 1, 2, 3, 4, 5, 6, 8}) crest -= prof_cpu_[i];
     std::fprintf(stderr,
                  "  cpu seconds (all threads): total %.3f = proj fwd %.3f, attn fwd %.3f, ffn fwd %.3f, proj bwd %.3f, "
-                 "attn bwd %.3f, ffn bwd %.3f, optimizer %.3f, norms/rope/residual/embed/loss %.3f, other %.3f\n",
+                 "attn bwd %.3f, ffn bwd %.3f, optimizer %.3f, norms/rope/residual/embed/loss %.3f, other %.3f; "
+                 "page faults %ld\n",
                  prof_cpu_[7], prof_cpu_[0], prof_cpu_[1], prof_cpu_[2], prof_cpu_[3], prof_cpu_[4], prof_cpu_[5],
-                 prof_cpu_[6], prof_cpu_[8], crest);
+                 prof_cpu_[6], prof_cpu_[8], crest, minor_faults() - faults0);
   }
   for (int64_t l = 0; l < NL; ++l)
     st_.last_nnz[sz(l)] = static_cast<double>(total.layers[sz(l)].nnz) / static_cast<double>(total.layers[sz(l)].tokens);
