@@ -10,7 +10,8 @@
 // value, so |y − ref| ≤ (K/4 + 8) · 6e-8 · Σ_k |x_k w_k| bounds every order used. A wrong row,
 // column, token or dropped tail is off by about Σ|x w| and fails. Results must also be
 // bit-identical between 1 and 2 threads (each row is computed by the same code whichever
-// thread takes it), and rows outside the outputs must stay untouched.
+// thread takes it), and rows outside the outputs must stay untouched. Also the fused dense
+// up+down of the FFN decode (gemv_updown), where the ISA has it.
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -140,6 +141,62 @@ void test_shapes(const char* isa) {
   }
 }
 
+// gemv_updown (dense gated up+down on the neuron-major layout) against float64, where the ISA
+// has it. Error bound: u_j sums d products (≤ (d/4 + 8)·eps relative to Σ|x·U_j|), each output
+// then sums F terms (≤ (F + 8)·eps): |y − ref| ≤ (d/4 + F + 16)·6e-8·Σ_j |c_j|·Σ_k|x_k U_jk|·|D_j|.
+void test_updown(const char* isa) {
+  if (!gemv_updown_available()) {
+    UpDownView none{nullptr, DType::BF16, 4, 4, 4};
+    float x[4] = {}, c[4] = {}, y[4] = {};
+    CHECK(!gemv_updown(x, 4, 1, c, 4, none, nullptr, y, 4), "%s: gemv_updown claims a kernel it does not have", isa);
+    return;
+  }
+  for (int64_t d : {1, 33, 100, 257}) {
+    for (int64_t F : {1, 5, 37, 130}) {
+      const int64_t ld = d + (F % 2 ? 7 : 0);
+      Mat ud = make(F, 2 * ld, 2 * ld, DType::BF16);  // row j: up (ld), down (ld)
+      const UpDownView view{ud.h.data(), DType::BF16, F, d, ld};
+      const std::vector<float> bias = uniform(static_cast<size_t>(d));
+      for (int64_t M : {1, 3, 4, 6}) {
+        const int64_t ldx = d + 1, ldc = F + 2, ldy = d + 3;
+        const std::vector<float> x = uniform(static_cast<size_t>(M * ldx));
+        std::vector<float> coef = uniform(static_cast<size_t>(M * ldc));
+        for (size_t i = 0; i < coef.size(); i += 3) coef[i] = 0.f;  // ReLU-like zeros
+        std::vector<float> y(static_cast<size_t>(M * ldy), kSentinel);
+        const bool with_bias = M % 2 == 1;
+        CHECK(gemv_updown(x.data(), ldx, M, coef.data(), ldc, view, with_bias ? bias.data() : nullptr, y.data(), ldy),
+              "%s: gemv_updown refused", isa);
+        const double tol = (static_cast<double>(d) / 4 + static_cast<double>(F) + 16) * 6e-8;
+        double worst = 0;
+        bool untouched = true;
+        for (int64_t m = 0; m < M; ++m) {
+          std::vector<double> u(static_cast<size_t>(F)), umag(static_cast<size_t>(F));
+          for (int64_t j = 0; j < F; ++j)
+            for (int64_t k = 0; k < d; ++k) {
+              const double p = static_cast<double>(x[static_cast<size_t>(m * ldx + k)]) * ud.at(j, k);
+              u[static_cast<size_t>(j)] += p;
+              umag[static_cast<size_t>(j)] += std::fabs(p);
+            }
+          for (int64_t k = 0; k < d; ++k) {
+            double ref = with_bias ? bias[static_cast<size_t>(k)] : 0.0, mag = std::fabs(ref);
+            for (int64_t j = 0; j < F; ++j) {
+              const double c = coef[static_cast<size_t>(m * ldc + j)];
+              ref += c * u[static_cast<size_t>(j)] * ud.at(j, ld + k);
+              mag += std::fabs(c) * umag[static_cast<size_t>(j)] * std::fabs(ud.at(j, ld + k));
+            }
+            const double err = std::fabs(y[static_cast<size_t>(m * ldy + k)] - ref) / (mag > 0 ? mag : 1);
+            if (!(err <= worst)) worst = err;
+          }
+          for (int64_t k = d; k < ldy; ++k) untouched &= y[static_cast<size_t>(m * ldy + k)] == kSentinel;
+        }
+        CHECK(worst <= tol, "%s updown d=%lld F=%lld M=%lld: error %.3g > %.3g", isa, (long long)d, (long long)F,
+              (long long)M, worst, tol);
+        CHECK(untouched, "%s updown: wrote past d", isa);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -150,6 +207,7 @@ int main() {
     for (int threads : {1, 2}) {
       set_num_threads(threads);
       test_shapes(isa_name(isa));
+      test_updown(isa_name(isa));
     }
     std::fprintf(stderr, "%s (%s): done\n", isa_name(isa), gemv_kernel_name());
   }

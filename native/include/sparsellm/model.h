@@ -132,6 +132,14 @@ struct GemvOutput {
 // ahead, default 1024). q/k/v (or gate/up) that read the same x go in one call.
 void gemv_multi(const float* x, int64_t ldx, int64_t M, const GemvOutput* outs, int n_outs);
 void gemv(const float* x, int64_t ldx, int64_t M, const WeightView& W, float* y, int64_t ldy);
+// Dense gated up+down for few tokens on the neuron-major updown layout (sparsellm/ffn.h):
+// y[m] = Σ_j coef[m, j] · (x[m]·W_up[j]) · W_down[:, j] (+ bias), every neuron's 2·d block read
+// once, in address order; the threads split the neurons and sum their partial outputs.
+// x [M, d] (ldx), coef [M, F] (ldc), y [M, d] (ldy, overwritten). bf16 on AVX-512 only:
+// returns false, writing nothing, where there is no such kernel (the caller runs GEMVs).
+bool gemv_updown(const float* x, int64_t ldx, int64_t M, const float* coef, int64_t ldc, const UpDownView& ud,
+                 const float* bias, float* y, int64_t ldy);
+bool gemv_updown_available();  // the current ISA has the fused kernel
 // The row kernel the current ISA dispatches to (e.g. "avx512 4 streams").
 const char* gemv_kernel_name();
 

@@ -41,7 +41,7 @@ void p_bf16(const GemvArgs& a, const uint16_t* W, int64_t ldw, int64_t n0, int64
 void p_f32(const GemvArgs& a, const float* W, int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   p_rows(a, W, ldw, n0, n1, y, ldy, [](float v) { return v; });
 }
-const GemvKernels k_portable{"portable", false, p_bf16, p_f32};
+const GemvKernels k_portable{"portable", false, p_bf16, p_f32, nullptr};
 
 const GemvKernels& pick() {
   switch (active_isa()) {
@@ -150,6 +150,62 @@ void gemv_multi(const float* x, int64_t ldx, int64_t M, const GemvOutput* outs, 
       }
     }
   }
+}
+
+bool gemv_updown_available() { return pick().updown_bf16 != nullptr; }
+
+bool gemv_updown(const float* x, int64_t ldx, int64_t M, const float* coef, int64_t ldc, const UpDownView& ud,
+                 const float* bias, float* y, int64_t ldy) {
+  const GemvKernels& kr = pick();
+  if (!kr.updown_bf16 || ud.dtype != DType::BF16) return false;
+  const int64_t d = ud.cols, F = ud.rows;
+  if (M < 0 || F < 0 || d < 1 || ud.ld < d || ldx < d || ldy < d || ldc < F)
+    throw std::invalid_argument("gemv_updown: bad shape");
+  if (M == 0) return true;
+  GemvArgs base;
+  base.K = d;
+  base.ldx = ldx;
+  base.pf = prefetch_bytes();
+  base.K2 = gemv_k2(d);
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), F / 16)));
+  for (int64_t g0 = 0; g0 < M; g0 += kMaxTokens) {
+    GemvArgs a = base;
+    a.M = static_cast<int>(std::min<int64_t>(kMaxTokens, M - g0));
+    a.x = x + g0 * ldx;
+    const size_t part = static_cast<size_t>(2 * a.M * a.K2);  // one thread's split y
+    float* buf = t_split.get(part * static_cast<size_t>(threads + 1));
+    a.xe = buf;
+    a.xo = buf + a.M * a.K2;
+    for (int m = 0; m < a.M; ++m) {
+      const float* xr = a.x + m * ldx;
+      for (int64_t j = 0; j < a.K2; ++j) {
+        buf[m * a.K2 + j] = 2 * j < d ? xr[2 * j] : 0.f;
+        buf[(a.M + m) * a.K2 + j] = 2 * j + 1 < d ? xr[2 * j + 1] : 0.f;
+      }
+    }
+    float* parts = buf + part;
+    const float* cg = coef + g0 * ldc;
+    float* yg = y + g0 * ldy;
+#pragma omp parallel num_threads(threads)
+    {
+      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      float* ye = parts + part * static_cast<size_t>(tid);
+      float* yo = ye + a.M * a.K2;
+      std::memset(ye, 0, part * sizeof(float));
+      kr.updown_bf16(a, cg, ldc, static_cast<const uint16_t*>(ud.data), 2 * ud.ld, F * tid / nt, F * (tid + 1) / nt,
+                     ye, yo);
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t e = 0; e < a.M * d; ++e) {
+        const int64_t m = e / d, k = e % d;
+        const size_t at = static_cast<size_t>((k & 1 ? a.M : 0) * a.K2 + m * a.K2 + k / 2);
+        float s = bias ? bias[k] : 0.f;
+        for (int u = 0; u < nt; ++u) s += parts[part * static_cast<size_t>(u) + at];
+        yg[m * ldy + k] = s;
+      }
+    }
+  }
+  return true;
 }
 
 void gemv(const float* x, int64_t ldx, int64_t M, const WeightView& W, float* y, int64_t ldy) {

@@ -137,7 +137,7 @@ void f32_rows(const GemvArgs& a, const float* W, int64_t ldw, int64_t n0, int64_
   }
 }
 
-const GemvKernels k_avx2{"avx2 4/2 streams", true, bf16_rows, f32_rows};
+const GemvKernels k_avx2{"avx2 4/2 streams", true, bf16_rows, f32_rows, nullptr};
 
 }  // namespace
 

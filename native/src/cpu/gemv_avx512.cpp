@@ -155,7 +155,93 @@ void f32_rows(const GemvArgs& a, const float* W, int64_t ldw, int64_t n0, int64_
   }
 }
 
-const GemvKernels k_avx512{"avx512 4 streams", true, bf16_rows, f32_rows};
+// Dense gated up+down (gemv_kernels.h, UpDownBf16): S neurons from S contiguous runs of the
+// neuron range at once; their up rows are dotted with x (as bf16_tile), then their down rows are
+// added, scaled, into the split accumulators ye / yo (one load and store of y per S rows). Each
+// run reads its neurons' 2·d blocks in address order, prefetched pf bytes ahead.
+template <int M_, int S_>
+inline void updown_tile(const GemvArgs& a, const float* coef, int64_t ldc, const uint16_t* const* blk,
+                        const int64_t* js, int64_t doff, float* ye, float* yo) {
+  const int64_t d = a.K, K2 = a.K2, pfe = a.pf / 2;
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  float h[M_][S_];
+  {
+    __m512 acc[M_][S_];
+    for (int m = 0; m < M_; ++m)
+      for (int s = 0; s < S_; ++s) acc[m][s] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < d; k += 32) {
+      const __mmask32 km = mask32(d - k);
+      __m512 we[S_], wo[S_];
+      for (int s = 0; s < S_; ++s) {
+        const __m512i v = _mm512_maskz_loadu_epi16(km, blk[s] + k);
+        _mm_prefetch(reinterpret_cast<const char*>(blk[s] + k + pfe), _MM_HINT_T0);
+        we[s] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        wo[s] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+      }
+      const int64_t j = k / 2;
+      for (int m = 0; m < M_; ++m) {
+        const __m512 a0 = _mm512_load_ps(a.xe + m * K2 + j), a1 = _mm512_load_ps(a.xo + m * K2 + j);
+        for (int s = 0; s < S_; ++s) acc[m][s] = _mm512_fmadd_ps(a1, wo[s], _mm512_fmadd_ps(a0, we[s], acc[m][s]));
+      }
+    }
+    for (int m = 0; m < M_; ++m)
+      for (int s = 0; s < S_; ++s) h[m][s] = coef[m * ldc + js[s]] * _mm512_reduce_add_ps(acc[m][s]);
+  }
+  for (int64_t k = 0; k < d; k += 32) {
+    const __mmask32 km = mask32(d - k);
+    __m512 we[S_], wo[S_];
+    for (int s = 0; s < S_; ++s) {
+      const uint16_t* dn = blk[s] + doff;
+      const __m512i v = _mm512_maskz_loadu_epi16(km, dn + k);
+      _mm_prefetch(reinterpret_cast<const char*>(dn + k + pfe), _MM_HINT_T0);
+      we[s] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      wo[s] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+    }
+    const int64_t j = k / 2;
+    for (int m = 0; m < M_; ++m) {
+      __m512 e = _mm512_load_ps(ye + m * K2 + j), o = _mm512_load_ps(yo + m * K2 + j);
+      for (int s = 0; s < S_; ++s) {
+        const __m512 hv = _mm512_set1_ps(h[m][s]);
+        e = _mm512_fmadd_ps(hv, we[s], e);
+        o = _mm512_fmadd_ps(hv, wo[s], o);
+      }
+      _mm512_store_ps(ye + m * K2 + j, e);
+      _mm512_store_ps(yo + m * K2 + j, o);
+    }
+  }
+}
+
+template <int M_>
+void updown_m(const GemvArgs& a, const float* coef, int64_t ldc, const uint16_t* W, int64_t ld, int64_t j0, int64_t j1,
+              float* ye, float* yo) {
+  const int64_t q = (j1 - j0) / S;
+  for (int64_t i = 0; i < q; ++i) {
+    const uint16_t* blk[S];
+    int64_t js[S];
+    for (int s = 0; s < S; ++s) {
+      js[s] = j0 + s * q + i;
+      blk[s] = W + js[s] * ld;
+    }
+    updown_tile<M_, S>(a, coef, ldc, blk, js, ld / 2, ye, yo);
+  }
+  for (int64_t j = j0 + S * q; j < j1; ++j) {
+    const uint16_t* blk[1] = {W + j * ld};
+    const int64_t js[1] = {j};
+    updown_tile<M_, 1>(a, coef, ldc, blk, js, ld / 2, ye, yo);
+  }
+}
+
+void updown_bf16(const GemvArgs& a, const float* coef, int64_t ldc, const uint16_t* W, int64_t ld, int64_t j0,
+                 int64_t j1, float* ye, float* yo) {
+  switch (a.M) {
+    case 1: return updown_m<1>(a, coef, ldc, W, ld, j0, j1, ye, yo);
+    case 2: return updown_m<2>(a, coef, ldc, W, ld, j0, j1, ye, yo);
+    case 3: return updown_m<3>(a, coef, ldc, W, ld, j0, j1, ye, yo);
+    default: return updown_m<4>(a, coef, ldc, W, ld, j0, j1, ye, yo);
+  }
+}
+
+const GemvKernels k_avx512{"avx512 4 streams", true, bf16_rows, f32_rows, updown_bf16};
 
 }  // namespace
 

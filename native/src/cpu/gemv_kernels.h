@@ -32,11 +32,21 @@ using RowsBf16 = void (*)(const GemvArgs& a, const uint16_t* W, int64_t ldw, int
 using RowsF32 = void (*)(const GemvArgs& a, const float* W, int64_t ldw, int64_t n0, int64_t n1, float* y,
                          int64_t ldy);
 
+// Dense gated up+down over neurons [j0, j1) (the dense decode FFN on the neuron-major updown
+// layout, one contiguous 2·d block per neuron): for each token m and neuron j,
+//   u = x[m] · U_j,  y[m] += (coef[m · ldc + j] · u) · D_j
+// with U_j = W + j · ld and D_j = U_j + ld / 2 (bf16, d = a.K <= ld / 2). y is accumulated in the even/odd
+// split layout of x: ye / yo [M][K2] (y[2i] in ye[i], y[2i + 1] in yo[i]). Null when the ISA
+// has none (the caller falls back to separate GEMVs).
+using UpDownBf16 = void (*)(const GemvArgs& a, const float* coef, int64_t ldc, const uint16_t* W, int64_t ld,
+                            int64_t j0, int64_t j1, float* ye, float* yo);
+
 struct GemvKernels {
   const char* name;
   bool split;  // bf16 kernel reads xe / xo
   RowsBf16 bf16;
   RowsF32 f32;
+  UpDownBf16 updown_bf16;
 };
 
 const GemvKernels& gemv_kernels_avx512();
