@@ -132,8 +132,9 @@ class FfnLayer {
   std::vector<float> work_;  // dense activations [M, F] for the dense path
   bool auto_dense_ = false;  // Auto forward: the last call's counts chose the dense path
   // W_up (gated) and W_downᵀ cut into column panels [d/256][F][256] for the two-phase sparse
-  // path (each phase reads one panel for all tokens), built on first use (docs/kernels.md).
-  std::vector<uint8_t> panels_;
+  // path (each phase reads one panel for all tokens), built on first use (docs/kernels.md), in
+  // memory advised for huge pages (a token's pairs touch hundreds of 4 KiB pages per panel).
+  std::shared_ptr<uint8_t> panels_;
 };
 
 }  // namespace sparsellm
