@@ -104,6 +104,8 @@ class Trainer {
     std::fill(dense_fresh_.begin(), dense_fresh_.end(), 0);
     return w_;
   }
+  // The gradient summed by the last step() (before clipping) or by accumulate() since zero_grad().
+  // step() does not zero it first: its first micro-batch overwrites every element.
   std::vector<float>& grads() { return g_; }
   std::vector<float>& moment1() { return m_; }
   std::vector<float>& moment2() { return v_; }
