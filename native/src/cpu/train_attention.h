@@ -4,7 +4,8 @@
 // internal linkage so that the AVX-512 / AVX2 builds never leak into portable code.
 //
 // Layouts: q, k, v [B·T, ld_in] (head h at columns h·hd .. h·hd + hd), out and dout [B·T, ld_out],
-// dq, dk, dv [B·T, ld_grad]; P [B, H, T, T] (row t holds the softmax over keys 0..t, zeros after).
+// dq, dk, dv [B·T, ld_grad]; P [B, H, T, T] (row t holds the softmax over keys 0..t and zeros to the
+// end of its block of kRows rows; the columns after that are never written nor read).
 // Per (b, h), with scale = 1/sqrt(hd):
 //   forward:  S = q·kᵀ, P = softmax_causal(scale·S), out = P·v
 //   backward: dP = dout·vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P))·scale, dq = dS·k, dk = dSᵀ·q, dv = Pᵀ·dout
@@ -70,8 +71,8 @@ inline float exp_le0(float x) {
   return p * two_n;
 }
 
-// Row t of S [.., ldS] (scores 0..t valid) becomes softmax(scale·S[t, 0..t]), zeros to T.
-inline void softmax_row(float* row, int64_t t, int64_t T, float scale) {
+// Row t of S (scores 0..t valid) becomes softmax(scale·S[t, 0..t]), zeros to `end`.
+inline void softmax_row(float* row, int64_t t, int64_t end, float scale) {
   const int64_t n = t + 1;
   float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
@@ -87,7 +88,7 @@ inline void softmax_row(float* row, int64_t t, int64_t T, float scale) {
   const float inv = 1.f / sum;
 #pragma omp simd
   for (int64_t s = 0; s < n; ++s) row[s] *= inv;
-  if (n < T) std::memset(row + n, 0, sizeof(float) * static_cast<size_t>(T - n));
+  if (n < end) std::memset(row + n, 0, sizeof(float) * static_cast<size_t>(end - n));
 }
 
 // out [T, hd] (ld) of one head: xt [hd, T] = xᵀ.
@@ -113,7 +114,7 @@ inline void attention_forward_impl(BlockProduct mm, const float* q, const float*
           const int R = static_cast<int>(std::min<int64_t>(kRows, T - t0));
           const int64_t n = std::min(T, t0 + R);  // keys this block of rows can see
           mm(R, n, hd, q + base_in + t0 * ld_in, ld_in, 1, kt.data(), T, Pbh + t0 * T, T, false);
-          for (int r = 0; r < R; ++r) softmax_row(Pbh + (t0 + r) * T, t0 + r, T, scale);
+          for (int r = 0; r < R; ++r) softmax_row(Pbh + (t0 + r) * T, t0 + r, n, scale);
           mm(R, hd, n, Pbh + t0 * T, T, 1, v + base_in, ld_in, out + base_out + t0 * ld_out, ld_out, false);
         }
       }
@@ -148,7 +149,7 @@ inline void attention_backward_impl(BlockProduct mm, const float* q, const float
             for (int64_t s = 0; s <= t; ++s) rs += row[s] * p[s];
 #pragma omp simd
             for (int64_t s = 0; s <= t; ++s) row[s] = p[s] * (row[s] - rs) * scale;
-            if (t + 1 < T) std::memset(row + t + 1, 0, sizeof(float) * static_cast<size_t>(T - t - 1));
+            if (t + 1 < n) std::memset(row + t + 1, 0, sizeof(float) * static_cast<size_t>(n - t - 1));
           }
           mm(R, hd, n, dSr, T, 1, k + base_in, ld_in, dq + base_g + t0 * ld_grad, ld_grad, false);  // dq = dS·k
         }

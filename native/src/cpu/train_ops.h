@@ -24,7 +24,8 @@ void rope_tables(int64_t positions, int64_t hd, double theta, std::vector<float>
 void rope_apply(float* x, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t hd, const float* cos_t,
                 const float* sin_t, bool inverse);
 // Causal attention (train_attention.h): q, k, v [B·T, ld_in]; out, dout [B·T, ld_out]; dq, dk, dv
-// [B·T, ld_grad] (overwritten); P [B, H, T, T].
+// [B·T, ld_grad] (overwritten); P [B, H, T, T] (row t: the softmax over keys 0..t; later columns
+// are scratch of the kernels, not all written).
 void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
                        int64_t hd, float* P, float* out, int64_t ld_out);
 void attention_backward(const float* q, const float* k, const float* v, int64_t ld_in, const float* P,
