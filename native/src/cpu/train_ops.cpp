@@ -1,6 +1,7 @@
 // The training building blocks other than the FFN (whose kernels live in hybrid.cpp): linear
-// layers through the dense GEMM, RMSNorm, RoPE, cross-entropy, AdamW (causal attention is in
-// train_attention*.cpp). Each forward sits next to its backward.
+// layers through the dense GEMM, RoPE, cross-entropy, AdamW (causal attention is in
+// train_attention*.cpp, RMSNorm and the gradient's sum of squares in train_norm*.cpp; the
+// AVX-512 transpose and AdamW in train_ops_avx512.cpp). Each forward sits next to its backward.
 // f32 storage; reductions that decide a row's scale are accumulated in float64.
 #include "train_ops.h"
 

@@ -1,10 +1,13 @@
-// Internal training ops (train_ops.cpp); shapes and formulas are documented there.
+// Internal training ops (train_ops.cpp, train_norm.cpp, train_attention.cpp and their per-ISA
+// builds); shapes and formulas are documented there.
 #pragma once
 #include <cstdint>
 #include <vector>
 
 namespace sparsellm::trainops {
 
+// Buffers of linear_backward (Wᵀ, dyᵀ, xᵀ, and dyᵀ·x when it must be added): keep one alive
+// between calls, or every call page-faults them in again.
 struct Scratch {
   std::vector<float> wt, at, bt, out;
 };
