@@ -1,8 +1,8 @@
 // Decode GEMV driver (sparsellm/model.h, gemv / gemv_multi): y_i = x · W_iᵀ for 1 .. 4 tokens,
 // several weight matrices sharing one input in a single parallel region. The rows of all the
-// matrices are concatenated and cut into one contiguous range per thread (static, by rows), so
-// each thread streams its share once with no scheduling or per-call allocation; the ISA row
-// kernels (gemv_kernels.h) keep several rows in flight per thread.
+// matrices are concatenated and cut into a few contiguous chunks per thread (chunk_count), so
+// each thread streams long contiguous runs with no per-call allocation; the ISA row kernels
+// (gemv_kernels.h) keep several rows in flight per thread.
 #include <omp.h>
 
 #include <algorithm>
@@ -80,6 +80,15 @@ struct SplitBuffer {
 };
 thread_local SplitBuffer t_split;
 
+// Work is cut into a few contiguous chunks per thread, handed out in order as threads come:
+// on a quiet machine each thread streams about its static share, and a thread the OS delays
+// holds the others up by one chunk at most. The result never depends on which thread ran a
+// chunk (rows are independent; gemv_updown sums its per-chunk partials in chunk order).
+int64_t chunk_count(int64_t units, int threads) {
+  if (threads <= 1) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(4 * threads, units / 16));
+}
+
 }  // namespace
 }  // namespace gemv_detail
 
@@ -113,6 +122,7 @@ void gemv_multi(const float* x, int64_t ldx, int64_t M, const GemvOutput* outs, 
   int64_t bytes = 0;
   for (int i = 0; i < n_outs; ++i) bytes += outs[i].w.rows * K * dtype_size(outs[i].w.dtype);
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), bytes >> 18)));
+  const int64_t chunks = chunk_count(R, threads);
   for (int64_t g0 = 0; g0 < M; g0 += kMaxTokens) {
     GemvArgs a = base;
     a.M = static_cast<int>(std::min<int64_t>(kMaxTokens, M - g0));
@@ -131,10 +141,9 @@ void gemv_multi(const float* x, int64_t ldx, int64_t M, const GemvOutput* outs, 
         }
       }
     }
-#pragma omp parallel num_threads(threads)
-    {
-      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-      const int64_t r0 = R * tid / nt, r1 = R * (tid + 1) / nt;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t r0 = R * c / chunks, r1 = R * (c + 1) / chunks;
       int64_t off = 0;
       for (int i = 0; i < n_outs && off < r1; ++i) {
         const GemvOutput& o = outs[i];
@@ -168,12 +177,15 @@ bool gemv_updown(const float* x, int64_t ldx, int64_t M, const float* coef, int6
   base.pf = prefetch_bytes();
   base.K2 = gemv_k2(d);
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), F / 16)));
+  // Fixed chunking (independent of the thread count), so the partial sums and their order are
+  // the same however many threads run.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(8, F / 16));
   for (int64_t g0 = 0; g0 < M; g0 += kMaxTokens) {
     GemvArgs a = base;
     a.M = static_cast<int>(std::min<int64_t>(kMaxTokens, M - g0));
     a.x = x + g0 * ldx;
     const size_t part = static_cast<size_t>(2 * a.M * a.K2);  // one thread's split y
-    float* buf = t_split.get(part * static_cast<size_t>(threads + 1));
+    float* buf = t_split.get(part * static_cast<size_t>(chunks + 1));
     a.xe = buf;
     a.xo = buf + a.M * a.K2;
     for (int m = 0; m < a.M; ++m) {
@@ -188,19 +200,20 @@ bool gemv_updown(const float* x, int64_t ldx, int64_t M, const float* coef, int6
     float* yg = y + g0 * ldy;
 #pragma omp parallel num_threads(threads)
     {
-      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-      float* ye = parts + part * static_cast<size_t>(tid);
-      float* yo = ye + a.M * a.K2;
-      std::memset(ye, 0, part * sizeof(float));
-      kr.updown_bf16(a, cg, ldc, static_cast<const uint16_t*>(ud.data), 2 * ud.ld, F * tid / nt, F * (tid + 1) / nt,
-                     ye, yo);
-#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < chunks; ++c) {
+        float* ye = parts + part * static_cast<size_t>(c);
+        float* yo = ye + a.M * a.K2;
+        std::memset(ye, 0, part * sizeof(float));
+        kr.updown_bf16(a, cg, ldc, static_cast<const uint16_t*>(ud.data), 2 * ud.ld, F * c / chunks,
+                       F * (c + 1) / chunks, ye, yo);
+      }
 #pragma omp for schedule(static)
       for (int64_t e = 0; e < a.M * d; ++e) {
         const int64_t m = e / d, k = e % d;
         const size_t at = static_cast<size_t>((k & 1 ? a.M : 0) * a.K2 + m * a.K2 + k / 2);
         float s = bias ? bias[k] : 0.f;
-        for (int u = 0; u < nt; ++u) s += parts[part * static_cast<size_t>(u) + at];
+        for (int64_t u = 0; u < chunks; ++u) s += parts[part * static_cast<size_t>(u) + at];
         yg[m * ldy + k] = s;
       }
     }
