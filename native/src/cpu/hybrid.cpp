@@ -15,6 +15,7 @@
 #include "sparsellm/cpu_info.h"
 #include "sparsellm/gemm.h"
 #include "train_hybrid.h"
+#include "train_ops.h"
 
 namespace sparsellm {
 
@@ -29,14 +30,10 @@ namespace {
 
 inline float sgn(float v) { return v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f); }
 
-// out [cols, rows] = in [rows, cols]ᵀ (ld_in >= cols), blocked for the caches.
+// out [cols, rows] = in [rows, cols]ᵀ (ld_in >= cols): the training ops' transpose (16×16 register
+// tiles on AVX-512), so the dense reference pays no more for its transposes than the rest of the step.
 void transpose(const float* in, int64_t ld_in, int64_t rows, int64_t cols, float* out) {
-  const int64_t B = 64;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads())
-  for (int64_t r0 = 0; r0 < rows; r0 += B)
-    for (int64_t c0 = 0; c0 < cols; c0 += B)
-      for (int64_t c = c0; c < std::min(cols, c0 + B); ++c)
-        for (int64_t r = r0; r < std::min(rows, r0 + B); ++r) out[c * rows + r] = in[r * ld_in + c];
+  trainops::transpose(in, ld_in, rows, cols, out, rows);
 }
 
 void check_f32(const WeightView& gate, const UpDownView& ud, const char* who) {
