@@ -54,12 +54,18 @@ SparseKernel sparse_kernel();
 
 // --- The layer ------------------------------------------------------------------------------
 
+class GateScreen;  // int8 screen of a ReLU gate for the sparse decode (cpu/gate_screen.h)
+
 enum class FfnMode { Dense = 0, Sparse = 1, Auto = 2 };
 enum class FfnPath { Dense = 0, Sparse = 1 };
 
 struct FfnStats : SparsityStats {
   FfnPath path = FfnPath::Dense;
   bool two_phase = false;  // sparse path: the two-phase up+down kernels ran (docs/kernels.md)
+  // Decode with the screened gate (docs/runtime.md): gate rows computed exactly (the union of
+  // the tokens' candidates); -1 when the gate was not screened (or the call fell back to the
+  // full gate GEMV).
+  int64_t gate_candidates = -1;
 };
 
 struct FfnLayerConfig {
@@ -136,6 +142,8 @@ class FfnLayer {
   // path (each phase reads one panel for all tokens), built on first use (docs/kernels.md), in
   // memory advised for huge pages (a token's pairs touch hundreds of 4 KiB pages per panel).
   std::shared_ptr<uint8_t> panels_;
+  // The screened gate of the sparse decode (plain-ReLU gated layers), built on first use.
+  std::shared_ptr<GateScreen> screen_;
 };
 
 }  // namespace sparsellm

@@ -5,10 +5,13 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 
 #include "ffn_kernels.h"
+#include "gate_screen.h"
 #include "sparsellm/cpu_info.h"
 #include "sparsellm/ffn.h"
 #include "sparsellm/gemm.h"
@@ -24,6 +27,15 @@ void down_gemv(const float* h, int64_t F, int64_t M, const WeightView& down, con
   if (bias)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < d; ++k) y[m * d + k] += bias[k];
+}
+
+// SPARSELLM_GATE_SCREEN=0 turns the screened gate off (A/B measurement); on by default.
+bool gate_screen_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("SPARSELLM_GATE_SCREEN");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  return on;
 }
 
 }  // namespace
@@ -86,10 +98,19 @@ FfnStats FfnLayer::decode(const float* x, int64_t M, float* y, FfnMode mode) {
     return st;
   }
 
-  // Gate GEMV (+ bias for non-gated); the pre-activations stay in work_ [M, F].
+  // Gate GEMV (+ bias for non-gated); the pre-activations stay in work_ [M, F]. Plain-ReLU
+  // gated layers screen the gate with its int8 copy first (gate_screen.h): only the rows the
+  // bound cannot rule out are computed, exactly as the GEMV computes them, so the active set
+  // and values are the same bits.
   if (work_.size() < static_cast<size_t>(M * F)) work_.resize(static_cast<size_t>(M * F));
   float* G = work_.data();
-  gemv(x, d, M, gate_view(), G, F);
+  int64_t gate_candidates = -1;
+  if (cfg_.gated && !ub && act.plain_relu() && M <= 4 && gate_screen_enabled()) {
+    if (!screen_) screen_ = std::make_shared<GateScreen>(gate_view());
+    gate_candidates = screen_->gate(gate_view(), x, d, M, G, F);
+  } else {
+    gemv(x, d, M, gate_view(), G, F);
+  }
 
   // Active lists of all tokens, flattened: (token, neuron, value).
   std::vector<int32_t> tok, js;
@@ -99,6 +120,7 @@ FfnStats FfnLayer::decode(const float* x, int64_t M, float* y, FfnMode mode) {
   vs.reserve(static_cast<size_t>(M) * 64);
   FfnStats st;
   st.rows = M;
+  st.gate_candidates = gate_candidates;
   for (int64_t m = 0; m < M; ++m) {
     float* g = G + m * F;
     int64_t row = 0;

@@ -1,0 +1,229 @@
+// Screened gate for the sparse decode (gate_screen.h; docs/runtime.md, "Screened gate
+// (decode)"): the int8 copy of the gate is built once per layer; each decode call streams it
+// (about half the bf16 gate's bytes), keeps the rows whose bound does not rule them out, and
+// computes those rows exactly with the decode GEMV (gemv_multi on runs of consecutive rows,
+// the same row kernels as the plain call, so the same bits).
+#include "gate_screen.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+#include <vector>
+
+#include "sparsellm/cpu_info.h"
+#include "sparsellm/model.h"
+
+namespace sparsellm {
+namespace gate_screen_detail {
+namespace {
+
+// Portable kernel: one row at a time, four partial sums.
+void p_rows(const ScreenArgs& a, const int8_t* Q, int64_t ldq, int64_t n0, int64_t n1, float* dot, int64_t ldd) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* q = Q + n * ldq;
+    for (int m = 0; m < a.M; ++m) {
+      const float* x = a.x + m * a.ldx;
+      float s[4] = {0, 0, 0, 0};
+      int64_t k = 0;
+      for (; k + 4 <= a.K; k += 4)
+        for (int j = 0; j < 4; ++j) s[j] += x[k + j] * static_cast<float>(q[k + j]);
+      for (; k < a.K; ++k) s[0] += x[k] * static_cast<float>(q[k]);
+      dot[m * ldd + n] = (s[0] + s[1]) + (s[2] + s[3]);
+    }
+  }
+}
+
+RowsI8 pick() {
+  switch (active_isa()) {
+    case Isa::Avx512: return screen_kernel_avx512();
+    case Isa::Avx2: return screen_kernel_avx2();
+    default: return p_rows;
+  }
+}
+
+std::atomic<double> g_bound_scale{1.0};
+std::atomic<int64_t> g_calls{0}, g_fallbacks{0}, g_rows{0}, g_cands{0};
+
+// SPARSELLM_GATE_SCREEN_STATS=1: one line on stderr at exit with the counters.
+struct ExitReport {
+  ~ExitReport() {
+    const char* v = std::getenv("SPARSELLM_GATE_SCREEN_STATS");
+    if (!v || std::strcmp(v, "1") != 0) return;
+    const int64_t c = g_calls.load(), r = g_rows.load(), k = g_cands.load();
+    std::fprintf(stderr, "gate screen: %lld calls, %lld fallbacks, candidate rows %lld of %lld screened (%.3f%%)\n",
+                 (long long)c, (long long)g_fallbacks.load(), (long long)k, (long long)r,
+                 r ? 100.0 * static_cast<double>(k) / static_cast<double>(r) : 0.0);
+  }
+} g_exit_report;
+
+}  // namespace
+}  // namespace gate_screen_detail
+
+using namespace gate_screen_detail;
+
+void gate_screen_set_bound_scale(double scale) { g_bound_scale.store(scale); }
+
+GateScreenCounters gate_screen_counters() {
+  GateScreenCounters c;
+  c.calls = g_calls.load();
+  c.fallbacks = g_fallbacks.load();
+  c.rows = g_rows.load();
+  c.candidates = g_cands.load();
+  return c;
+}
+
+GateScreen::GateScreen(const WeightView& w) : F_(w.rows), K_(w.cols) {
+  if (w.dtype != DType::F32 && w.dtype != DType::BF16) throw std::invalid_argument("GateScreen: W must be f32 or bf16");
+  if (F_ < 0 || K_ < 1 || w.ld < K_ || (F_ > 0 && !w.data)) throw std::invalid_argument("GateScreen: bad shape");
+  ldq_ = (K_ + 63) / 64 * 64;
+  const size_t qbytes = static_cast<size_t>(std::max<int64_t>(1, F_ + 1) * ldq_);  // + one row: prefetch target
+  q_ = static_cast<int8_t*>(std::aligned_alloc(64, qbytes));
+  if (!q_) throw std::bad_alloc();
+  std::memset(q_ + F_ * ldq_, 0, static_cast<size_t>(ldq_));
+  scale_.reset(new float[static_cast<size_t>(std::max<int64_t>(1, F_))]);
+  resid_.reset(new float[static_cast<size_t>(std::max<int64_t>(1, F_))]);
+  dot_.reset(new float[static_cast<size_t>(std::max<int64_t>(1, 4 * F_))]);
+  flag_.reset(new uint8_t[static_cast<size_t>(std::max<int64_t>(1, F_))]);
+  cand_.reset(new int32_t[static_cast<size_t>(std::max<int64_t>(1, F_))]);
+  const bool bf = w.dtype == DType::BF16;
+  double mx = 0;
+#pragma omp parallel num_threads(num_threads()) reduction(max : mx)
+  {
+    std::vector<double> row(static_cast<size_t>(K_));
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < F_; ++j) {
+      int8_t* q = q_ + j * ldq_;
+      std::memset(q, 0, static_cast<size_t>(ldq_));
+      double a = 0;
+      bool finite = true;
+      for (int64_t k = 0; k < K_; ++k) {
+        const double v = bf ? bf16_to_f32(static_cast<const uint16_t*>(w.data)[j * w.ld + k])
+                            : static_cast<const float*>(w.data)[j * w.ld + k];
+        row[static_cast<size_t>(k)] = v;
+        finite = finite && std::isfinite(v);
+        a = std::max(a, std::fabs(v));
+      }
+      if (!finite) {  // never screened out (the bound is infinite)
+        scale_[j] = 0.f;
+        resid_[j] = INFINITY;
+        continue;
+      }
+      const float s = static_cast<float>(a / 127.0);
+      double r2 = 0;
+      for (int64_t k = 0; k < K_; ++k) {
+        const double v = row[static_cast<size_t>(k)];
+        double t = s > 0.f ? std::nearbyint(v / static_cast<double>(s)) : 0.0;
+        t = std::min(127.0, std::max(-127.0, t));
+        q[k] = static_cast<int8_t>(t);
+        const double e = v - static_cast<double>(s) * t;
+        r2 += e * e;
+      }
+      const double r = std::sqrt(r2) * (1 + 1e-12);
+      float rf = static_cast<float>(r);
+      if (static_cast<double>(rf) < r) rf = std::nextafter(rf, INFINITY);
+      scale_[j] = s;
+      resid_[j] = rf;
+      mx = std::max(mx, 127.0 * static_cast<double>(s));
+    }
+  }
+  max_abs_ = mx;
+}
+
+GateScreen::~GateScreen() { std::free(q_); }
+
+size_t GateScreen::bytes() const { return static_cast<size_t>((F_ + 1) * ldq_ + 8 * F_); }
+
+int64_t GateScreen::gate(const WeightView& w, const float* x, int64_t ldx, int64_t M, float* G, int64_t ldg,
+                         double max_fraction) {
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  auto full = [&]() -> int64_t {
+    g_fallbacks.fetch_add(1, std::memory_order_relaxed);
+    gemv(x, ldx, M, w, G, ldg);
+    return -1;
+  };
+  if (M < 1 || M > 4 || w.rows != F_ || w.cols != K_ || ldx < K_ || (M > 1 && ldg < F_)) return full();
+  if (F_ == 0) return 0;
+  // Per-token norms (float64) and the bound's coefficients.
+  const double u23 = std::ldexp(1.0, -23);
+  const double gam = static_cast<double>(K_ + 16) * u23;  // γ_{K+16} with slack
+  const double tiny = static_cast<double>(K_ + 16) * std::ldexp(1.0, -100);  // underflow / flushed subnormals
+  const double bs = g_bound_scale.load(std::memory_order_relaxed);
+  double c2[4], cs[4], c0[4];
+  for (int64_t m = 0; m < M; ++m) {
+    double n1 = 0, n2 = 0;
+    for (int64_t k = 0; k < K_; ++k) {
+      const double v = x[m * ldx + k];
+      n1 += std::fabs(v);
+      n2 += v * v;
+    }
+    if (!std::isfinite(n1) || n1 > 1e30 || n1 * std::max(1.0, max_abs_) > 1e35) return full();
+    c2[m] = std::sqrt(n2) * (1 + 1e-12) * bs;
+    cs[m] = 2 * 127 * gam * n1 * (1 + 1e-6) * bs + 128 * tiny * bs;
+    c0[m] = tiny * bs;
+  }
+  // Screen: int8 dots for all rows, then the per-row test, threads splitting the rows.
+  const RowsI8 kern = pick();
+  ScreenArgs a;
+  a.x = x;
+  a.ldx = ldx;
+  a.M = static_cast<int>(M);
+  a.K = K_;
+  a.pf = 1024;
+  const int threads = std::max(1, num_threads());
+  const int64_t chunks = threads <= 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(4 * threads, F_ / 16));
+  float* dot = dot_.get();
+  uint8_t* flag = flag_.get();
+  const float* sc = scale_.get();
+  const float* rs = resid_.get();
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t r0 = F_ * c / chunks, r1 = F_ * (c + 1) / chunks;
+    kern(a, q_, ldq_, r0, r1, dot, F_);
+    for (int64_t j = r0; j < r1; ++j) {
+      const double s = sc[j], r = rs[j];
+      bool keep = false;
+      for (int64_t m = 0; m < M; ++m) {
+        const double gt = s * static_cast<double>(dot[m * F_ + j]);
+        const double bound = (r * c2[m] + s * cs[m] + c0[m]) * (1 + 1e-12);
+        keep = keep || !(gt + bound <= 0);  // NaN or inf: kept
+      }
+      flag[j] = keep;
+    }
+  }
+  int32_t* cand = cand_.get();
+  int64_t nc = 0;
+  for (int64_t j = 0; j < F_; ++j)
+    if (flag[j]) cand[nc++] = static_cast<int32_t>(j);
+  g_rows.fetch_add(F_, std::memory_order_relaxed);
+  g_cands.fetch_add(nc, std::memory_order_relaxed);
+  if (static_cast<double>(nc) > max_fraction * static_cast<double>(F_)) return full();
+  // Rows ruled out: 0 (ReLU of the exact value is 0 as well). Candidates: the decode GEMV on
+  // runs of consecutive rows, all in one call.
+  for (int64_t m = 0; m < M; ++m) std::memset(G + m * ldg, 0, sizeof(float) * static_cast<size_t>(F_));
+  if (nc == 0) return 0;
+  std::vector<GemvOutput> outs;
+  outs.reserve(static_cast<size_t>(nc));
+  const size_t es = static_cast<size_t>(dtype_size(w.dtype));
+  for (int64_t i = 0; i < nc;) {
+    int64_t e = i + 1;
+    while (e < nc && cand[e] == cand[e - 1] + 1) ++e;
+    const int64_t j = cand[i];
+    GemvOutput o;
+    o.w = WeightView{static_cast<const char*>(w.data) + static_cast<size_t>(j * w.ld) * es, w.dtype, e - i, K_, w.ld};
+    o.y = G + j;
+    o.ldy = ldg;
+    outs.push_back(o);
+    i = e;
+  }
+  gemv_multi(x, ldx, M, outs.data(), static_cast<int>(outs.size()));
+  return nc;
+}
+
+}  // namespace sparsellm

@@ -1,0 +1,90 @@
+// AVX-512 int8 row kernel of the screened gate (gate_screen.h): S rows in flight per thread,
+// each from its own contiguous run of rows, 64 bytes per row per step (four 16-lane widenings
+// int8 → int32 → f32), a prefetch `pf` bytes ahead on every run, f32 FMAs into M x S
+// accumulators. Rows are zero padded to ldq; x is read with a mask past K.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "gate_screen.h"
+
+namespace sparsellm::gate_screen_detail {
+namespace {
+
+constexpr int S = 4;
+
+template <int M_, int S_>
+inline void tile(const ScreenArgs& a, const int8_t* const* q, const int8_t* const* nx, float* const* out,
+                 int64_t ldd) {
+  __m512 acc[M_][S_];
+  for (int m = 0; m < M_; ++m)
+    for (int s = 0; s < S_; ++s) acc[m][s] = _mm512_setzero_ps();
+  const int64_t K = a.K, ldx = a.ldx, pf = a.pf;
+  const float* x = a.x;
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    const int64_t kp = k + pf;
+    for (int s = 0; s < S_; ++s)
+      _mm_prefetch(reinterpret_cast<const char*>(kp < K ? q[s] + kp : nx[s] + (kp - K)), _MM_HINT_T0);
+    for (int c = 0; c < 4; ++c) {
+      __m512 wv[S_];
+      for (int s = 0; s < S_; ++s)
+        wv[s] = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[s] + k + 16 * c))));
+      for (int m = 0; m < M_; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * ldx + k + 16 * c);
+        for (int s = 0; s < S_; ++s) acc[m][s] = _mm512_fmadd_ps(xv, wv[s], acc[m][s]);
+      }
+    }
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 km = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    __m512 wv[S_];
+    for (int s = 0; s < S_; ++s)  // rows are zero padded to a multiple of 64 bytes
+      wv[s] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[s] + k))));
+    for (int m = 0; m < M_; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(km, x + m * ldx + k);
+      for (int s = 0; s < S_; ++s) acc[m][s] = _mm512_fmadd_ps(xv, wv[s], acc[m][s]);
+    }
+  }
+  for (int m = 0; m < M_; ++m)
+    for (int s = 0; s < S_; ++s) out[s][m * ldd] = _mm512_reduce_add_ps(acc[m][s]);
+}
+
+template <int M_>
+void rows_m(const ScreenArgs& a, const int8_t* Q, int64_t ldq, int64_t n0, int64_t n1, float* dot, int64_t ldd) {
+  const int64_t cnt = (n1 - n0) / S;
+  for (int64_t i = 0; i < cnt; ++i) {
+    const int8_t* q[S];
+    const int8_t* nx[S];
+    float* out[S];
+    for (int s = 0; s < S; ++s) {
+      const int64_t n = n0 + s * cnt + i;
+      q[s] = Q + n * ldq;
+      nx[s] = q[s] + ldq;
+      out[s] = dot + n;
+    }
+    tile<M_, S>(a, q, nx, out, ldd);
+  }
+  for (int64_t n = n0 + S * cnt; n < n1; ++n) {
+    const int8_t* q[1] = {Q + n * ldq};
+    const int8_t* nx[1] = {Q + (n + 1) * ldq};
+    float* out[1] = {dot + n};
+    tile<M_, 1>(a, q, nx, out, ldd);
+  }
+}
+
+void rows(const ScreenArgs& a, const int8_t* Q, int64_t ldq, int64_t n0, int64_t n1, float* dot, int64_t ldd) {
+  switch (a.M) {
+    case 1: rows_m<1>(a, Q, ldq, n0, n1, dot, ldd); break;
+    case 2: rows_m<2>(a, Q, ldq, n0, n1, dot, ldd); break;
+    case 3: rows_m<3>(a, Q, ldq, n0, n1, dot, ldd); break;
+    default: rows_m<4>(a, Q, ldq, n0, n1, dot, ldd); break;
+  }
+}
+
+}  // namespace
+
+RowsI8 screen_kernel_avx512() { return rows; }
+
+}  // namespace sparsellm::gate_screen_detail
