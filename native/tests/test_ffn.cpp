@@ -16,6 +16,7 @@
 
 #include "check.h"
 #include "ffn_test_util.h"
+#include "../src/cpu/ffn_kernels.h"
 #include "sparsellm/cpu_info.h"
 #include "sparsellm/ffn.h"
 
@@ -55,6 +56,9 @@ struct Case {
   int T, C;
   bool gated, biases;
   DType dtype;
+  // Token pairs (2k, 2k+1): 1 = the same x (they share every active neuron); -1 = the second
+  // one's x negated (a plain-ReLU gate then activates complementary sets: they share none).
+  int pairs = 0;
 };
 
 std::string describe(const Case& c) {
@@ -75,6 +79,10 @@ void run_case(const Case& c, bool* saw_overflow, bool* saw_dense_auto, bool* saw
     for (auto& v : p.up_bias) v = wi(ffntest::rng()) / 8.0f;
   }
   if (c.gated) p.up_bias.clear();
+  if (c.pairs != 0)
+    for (int64_t m = 1; m < c.M; m += 2)
+      for (int64_t k = 0; k < c.d; ++k)
+        p.x[static_cast<size_t>(m * c.d + k)] = static_cast<float>(c.pairs) * p.x[static_cast<size_t>((m - 1) * c.d + k)];
   if (c.dtype == DType::BF16) {
     ffntest::round_bf16(p.gate);  // multiples of 1/8 in [-1, 1]: exact in bf16
     ffntest::round_bf16(p.up);
@@ -82,6 +90,17 @@ void run_case(const Case& c, bool* saw_overflow, bool* saw_dense_auto, bool* saw
   }
   const std::vector<double> yref = ffntest::ref_ffn(p, c.gated);
   const std::vector<double> z = ffntest::ref_linear(p.x, c.M, c.d, c.gated ? p.gate : p.up, c.F, c.gated ? nullptr : &p.up_bias);
+  if (c.pairs != 0) {  // the pairs share all (1) or none (-1) of their active neurons
+    int64_t shared = 0, active = 0;
+    for (int64_t m = 1; m < c.M; m += 2)
+      for (int64_t j = 0; j < c.F; ++j) {
+        const bool a = z[static_cast<size_t>((m - 1) * c.F + j)] > 0, b = z[static_cast<size_t>(m * c.F + j)] > 0;
+        shared += a && b;
+        active += a || b;
+      }
+    CHECK(active > 0 && shared == (c.pairs > 0 ? active : 0), "pairs %d: %lld of %lld active neurons shared", c.pairs,
+          (long long)shared, (long long)active);
+  }
   TwellParams tp{c.T, c.C};
   const RefStats rs = ref_stats(z, c.M, c.F, c.T, tp.capacity());
   if (rs.ovf_tiles) *saw_overflow = true;
@@ -160,6 +179,10 @@ void run_thr_case(const Case& c, GateFn fn, double c0, bool* saw_overflow, bool*
   Problem p = ffntest::make_problem(c.M, c.d, c.F, c.density, c.heavy_every, 4.0, true, c.biases);
   if (!c.gated) p.up = p.gate;
   if (c.gated) p.up_bias.clear();
+  if (c.pairs != 0)
+    for (int64_t m = 1; m < c.M; m += 2)
+      for (int64_t k = 0; k < c.d; ++k)
+        p.x[static_cast<size_t>(m * c.d + k)] = static_cast<float>(c.pairs) * p.x[static_cast<size_t>((m - 1) * c.d + k)];
   if (c.dtype == DType::BF16) {  // the reference uses the same bf16-rounded weights
     ffntest::round_bf16(p.gate);
     ffntest::round_bf16(p.up);
@@ -192,6 +215,17 @@ void run_thr_case(const Case& c, GateFn fn, double c0, bool* saw_overflow, bool*
       for (int64_t j = 0; j < c.F; ++j) s += h[static_cast<size_t>(m * c.F + j)] * p.down[static_cast<size_t>(i * c.F + j)];
       yref[static_cast<size_t>(m * c.d + i)] = s;
     }
+  if (c.pairs != 0) {  // the pairs share all (1) or none (-1) of their active neurons
+    int64_t shared = 0, active = 0;
+    for (int64_t m = 1; m < c.M; m += 2)
+      for (int64_t j = 0; j < c.F; ++j) {
+        const bool a = z[static_cast<size_t>((m - 1) * c.F + j)] > 0, b = z[static_cast<size_t>(m * c.F + j)] > 0;
+        shared += a && b;
+        active += a || b;
+      }
+    CHECK(active > 0 && shared == (c.pairs > 0 ? active : 0), "pairs %d: %lld of %lld active neurons shared", c.pairs,
+          (long long)shared, (long long)active);
+  }
   TwellParams tp{c.T, c.C};
   const RefStats rs = ref_stats(keep, c.M, c.F, c.T, tp.capacity());
   if (rs.ovf_tiles) *saw_overflow = true;
@@ -255,6 +289,27 @@ int main() {
     std::fprintf(stderr, "isa %s\n", isa_name(active_isa()));
     for (const Case& c : cases) run_case(c, &saw_overflow, &saw_dense_auto, &saw_sparse_auto, &saw_two_phase);
   }
+  // The two-phase path walks each panel in neuron ranges (about 512 KiB each, so one range at
+  // these shapes): tiny ranges (1 and 3 KiB: 2 and 6 rows of 256 bf16 columns, 1 and 3 of f32)
+  // make every panel span many, the last one short. Token pairs sharing all or none of their
+  // neurons (a plain-ReLU gate: negated inputs activate complementary sets).
+  std::vector<Case> range_cases;
+  for (bool gated : {true, false})
+    for (DType dt : {DType::F32, DType::BF16}) {
+      range_cases.push_back({77, 130, 300, 0.2, 4, 64, 8, gated, false, dt});
+      range_cases.push_back({33, 48, 300, 0.2, 4, 256, 8, gated, true, dt, 1});
+      range_cases.push_back({34, 37, 301, 0.3, 0, 64, 4, gated, false, dt, -1});
+      range_cases.push_back({7, 257, 301, 0.3, 2, 64, 4, gated, true, dt});
+    }
+  for (int64_t rb : {1 << 10, 3 << 10}) {
+    detail::ffn_set_two_phase_range_bytes(rb);
+    for (int isa = static_cast<int>(best); isa >= 0; --isa) {
+      set_isa_limit(static_cast<Isa>(isa));
+      std::fprintf(stderr, "isa %s, two-phase ranges of %lld bytes\n", isa_name(active_isa()), (long long)rb);
+      for (const Case& c : range_cases) run_case(c, &saw_overflow, &saw_dense_auto, &saw_sparse_auto, &saw_two_phase);
+    }
+  }
+  detail::ffn_set_two_phase_range_bytes(0);
   bool thr_overflow = false, thr_negative = false;
   for (int isa = static_cast<int>(best); isa >= 0; --isa) {
     set_isa_limit(static_cast<Isa>(isa));

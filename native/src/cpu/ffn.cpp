@@ -190,7 +190,7 @@ int64_t batch_tokens(const Twell& g) {
 // Threads split the chunks in both phases, so every panel is read once per call (phase 1 sums the
 // threads' partial u in thread order: results depend on the thread count within f32 rounding).
 struct TwoPhaseWork {
-  std::vector<int64_t> tptr;
+  std::vector<int64_t> tptr, bnd;
   std::vector<int32_t> tj;
   std::vector<float> tg, th, part;
 };
@@ -205,6 +205,14 @@ int64_t env_int(const char* name, int64_t def) {
 // the end of the chunk as one sequential stream (with few tokens the panels come from memory, and
 // the kernels' own prefetching of rows a few pairs ahead cannot hide its latency).
 constexpr int64_t kPrefetchTokens = 8;
+
+// Neuron ranges of a panel: a panel (F rows of kSpmmCols columns, 2.9 MB at F 5632 in bf16) does
+// not fit a core's L2, so each token's pairs would fetch their rows from L3. The panel is walked
+// as S consecutive ranges of F/S rows (at most kRangeBytes each), all tokens per range, so a
+// range's rows are reused by the tokens from L2; the next range is prefetched meanwhile.
+constexpr int64_t kRangeBytes = 512 << 10;
+
+std::atomic<int64_t> g_range_bytes{0};  // ffn_set_two_phase_range_bytes (0: the default)
 
 void prefetch_slice(const char* panel, int64_t bytes, int64_t m0, int64_t m1, int64_t M) {
   const int64_t b0 = (bytes * m0 / M) & ~int64_t(63), b1 = bytes * m1 / M;
@@ -242,6 +250,14 @@ void two_phase(const float* x, int64_t ldx, const Twell& g, const char* up, int6
   int32_t* tj = w.tj.data();
   float *tg = w.tg.data(), *th = w.th.data(), *part = w.part.data();
   const int64_t panel_bytes = F * P * es;
+  static const int64_t range_env = env_int("SPARSELLM_FFN_RANGE_KB", kRangeBytes >> 10) << 10;
+  const int64_t range_set = g_range_bytes.load(std::memory_order_relaxed);
+  const int64_t range_cap = range_set > 0 ? range_set : range_env;
+  const int64_t S0 = std::max<int64_t>(1, std::min<int64_t>(F, (panel_bytes + range_cap - 1) / std::max<int64_t>(1, range_cap)));
+  const int64_t FR = (F + S0 - 1) / S0;  // neurons per range (the last may be shorter)
+  const int64_t S = (F + FR - 1) / FR;   // ranges, none empty
+  w.bnd.resize(static_cast<size_t>((S + 1) * (M + 1)));
+  int64_t* bnd = w.bnd.data();
   static const bool prof = std::getenv("SPARSELLM_FFN_PROFILE") != nullptr;
   double tp0 = prof_clock(), tpl = tp0, tp1 = 0, tp2 = 0;
 #pragma omp parallel num_threads(nt)
@@ -255,6 +271,18 @@ void two_phase(const float* x, int64_t ldx, const Twell& g, const char* up, int6
     const int64_t r0 = split(t), r1 = std::max(r0, split(t + 1));
     const int64_t db = nchunks * t / nt, de = nchunks * (t + 1) / nt;  // this thread's down chunks
     for (int64_t m = r0; m < r1; ++m) detail::gather_row(g, m, tj + tptr[m], tg + tptr[m]);
+    // Range bounds: bnd[s·(M+1) + m] = the first pair of token m whose neuron is ≥ s·FR.
+    for (int64_t m = r0; m < r1; ++m)
+      for (int64_t s = 0; s <= S; ++s)
+        bnd[s * (M + 1) + m] = s == 0 ? tptr[m]
+                                      : s == S ? tptr[m + 1]
+                                               : std::lower_bound(tj + tptr[m], tj + tptr[m + 1], static_cast<int32_t>(s * FR)) - tj;
+    // The blocks (panel c, range s) of a phase in this thread's order; `next_of` is the block
+    // read after block k (the first block of `then` after the last one), prefetched meanwhile.
+    const int64_t range_bytes = FR * P * es;
+    auto block = [&](const char* panels, int64_t c, int64_t s) { return panels + c * panel_bytes + s * range_bytes; };
+    auto range_len = [&](int64_t s) { return (std::min(F, (s + 1) * FR) - s * FR) * P * es; };
+    int64_t pb[2];
     if (up) {
       // Phase 1: the threads split the chunks (so each panel is read once in all), each summing
       // its chunks into its own u; the partial u are then added in thread order.
@@ -269,13 +297,28 @@ void two_phase(const float* x, int64_t ldx, const Twell& g, const char* up, int6
           ops.updot(tptr, 0, M, tj, x + c0, ldx, up + c0 * es, dt, ld_up, n, ut, c > cb);
           continue;
         }
-        // The next panel this thread reads (its next up chunk, or its first down chunk) is
-        // prefetched in step with the tokens, a slice per group of tokens.
-        const char* next = c + 1 < ce ? up_panels + (c + 1) * F * P * es : (down_panels && db < de ? down_panels + db * F * P * es : nullptr);
-        for (int64_t m = 0; m < M; m += kPrefetchTokens) {
-          const int64_t m1 = std::min(M, m + kPrefetchTokens);
-          if (next) prefetch_slice(next, panel_bytes, m, m1, M);
-          ops.updot(tptr, m, m1, tj, x + c0, ldx, up_panels + c * F * P * es, dt, P, n, ut, c > cb);
+        for (int64_t s = 0; s < S; ++s) {
+          // The next block this thread reads (the next range, its next up chunk, or its first
+          // down chunk) is prefetched in step with the tokens, a slice per group of tokens.
+          const char* next = s + 1 < S ? block(up_panels, c, s + 1)
+                             : c + 1 < ce ? block(up_panels, c + 1, 0)
+                             : (down_panels && db < de ? block(down_panels, db, 0) : nullptr);
+          const int64_t nb = s + 1 < S ? range_len(s + 1) : range_len(0);
+          const int64_t* bs = bnd + s * (M + 1);
+          const int64_t* be = bnd + (s + 1) * (M + 1);
+          for (int64_t m = 0; m < M; m += kPrefetchTokens) {
+            const int64_t m1 = std::min(M, m + kPrefetchTokens);
+            if (next) prefetch_slice(next, nb, m, m1, M);
+            if (S == 1) {
+              ops.updot(tptr, m, m1, tj, x + c0, ldx, up_panels + c * panel_bytes, dt, P, n, ut, c > cb);
+              continue;
+            }
+            for (int64_t q = m; q < m1; ++q) {
+              pb[0] = bs[q];
+              pb[1] = be[q];
+              ops.updot(pb, 0, 1, tj, x + q * ldx + c0, ldx, up_panels + c * panel_bytes, dt, P, n, ut, c > cb);
+            }
+          }
         }
       }
 #pragma omp barrier
@@ -297,11 +340,26 @@ void two_phase(const float* x, int64_t ldx, const Twell& g, const char* up, int6
         ops.spmm(tptr, 0, M, tj, hv, down + c0 * es, dt, ld_down, n, b, y + c0, ldy);
         continue;
       }
-      const char* next = c + 1 < de ? down_panels + (c + 1) * F * P * es : nullptr;
-      for (int64_t m = 0; m < M; m += kPrefetchTokens) {
-        const int64_t m1 = std::min(M, m + kPrefetchTokens);
-        if (next) prefetch_slice(next, panel_bytes, m, m1, M);
-        ops.spmm(tptr, m, m1, tj, hv, down_panels + c * F * P * es, dt, P, n, b, y + c0, ldy);
+      for (int64_t s = 0; s < S; ++s) {
+        const char* next = s + 1 < S ? block(down_panels, c, s + 1) : c + 1 < de ? block(down_panels, c + 1, 0) : nullptr;
+        const int64_t nb = s + 1 < S ? range_len(s + 1) : range_len(0);
+        const int64_t* bs = bnd + s * (M + 1);
+        const int64_t* be = bnd + (s + 1) * (M + 1);
+        for (int64_t m = 0; m < M; m += kPrefetchTokens) {
+          const int64_t m1 = std::min(M, m + kPrefetchTokens);
+          if (next) prefetch_slice(next, nb, m, m1, M);
+          if (S == 1) {
+            ops.spmm(tptr, m, m1, tj, hv, down_panels + c * panel_bytes, dt, P, n, b, y + c0, ldy);
+            continue;
+          }
+          for (int64_t q = m; q < m1; ++q) {
+            // Ranges after the first add to the token's partial output (spmm's bias may be y).
+            float* yq = y + q * ldy + c0;
+            pb[0] = bs[q];
+            pb[1] = be[q];
+            ops.spmm(pb, 0, 1, tj, hv, down_panels + c * panel_bytes, dt, P, n, s == 0 ? b : yq, yq, ldy);
+          }
+        }
       }
     }
   }
@@ -335,6 +393,8 @@ std::atomic<int> g_kernel{static_cast<int>(kernel_from_env())};
 
 void set_sparse_kernel(SparseKernel k) { g_kernel.store(static_cast<int>(k), std::memory_order_relaxed); }
 SparseKernel sparse_kernel() { return static_cast<SparseKernel>(g_kernel.load(std::memory_order_relaxed)); }
+
+void detail::ffn_set_two_phase_range_bytes(int64_t bytes) { g_range_bytes.store(std::max<int64_t>(0, bytes)); }
 
 bool detail::ffn_use_two_phase(int64_t M, int64_t nnz, int64_t F) {
   if (M < 2) return false;

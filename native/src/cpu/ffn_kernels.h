@@ -56,6 +56,10 @@ constexpr int64_t kSpmmCols = 256;
 // path (ffn.cpp; see set_sparse_kernel in sparsellm/ffn.h).
 bool ffn_use_two_phase(int64_t M, int64_t nnz, int64_t F);
 
+// Bytes of a panel's neuron range in the two-phase path (ffn.cpp, kRangeBytes): 0 restores the
+// default (or SPARSELLM_FFN_RANGE_KB). Tests set tiny ranges so that small shapes span several.
+void ffn_set_two_phase_range_bytes(int64_t bytes);
+
 const FfnOps& ffn_ops();  // for the active ISA
 
 const FfnOps& ffn_ops_portable();
