@@ -244,6 +244,23 @@ void test_layer(const char* isa) {
   }
 }
 
+// Back-off: after repeated fallbacks the screen is skipped (plain GEMV, still exact).
+void test_backoff(const char* isa) {
+  Gate g{64, 40, 40, DType::BF16, {}, {}};
+  const std::vector<float> x = make_case(g, 1, 41);
+  std::vector<float> ref(64), got(64);
+  gemv(x.data(), 41, 1, g.view(), ref.data(), 64);
+  GateScreen screen(g.view());
+  for (int i = 0; i < GateScreen::kMaxMisses + 2; ++i) {
+    const GateScreenCounters c0 = gate_screen_counters();
+    const int64_t nc = screen.gate(g.view(), x.data(), 41, 1, got.data(), 64, 0.0);
+    const GateScreenCounters c1 = gate_screen_counters();
+    CHECK(nc == -1 && std::memcmp(ref.data(), got.data(), 64 * 4) == 0, "%s backoff call %d: not the GEMV", isa, i);
+    const bool screened = c1.rows > c0.rows;
+    CHECK(screened == (i < GateScreen::kMaxMisses), "%s backoff call %d: screened %d", isa, i, (int)screened);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -256,6 +273,7 @@ int main() {
       Tally t;
       test_exact(isa_name(isa), t);
       test_layer(isa_name(isa));
+      test_backoff(isa_name(isa));
       std::fprintf(stderr, "%s, %d thread(s): %lld cases, candidates %lld of %lld rows (active %lld)\n",
                    isa_name(isa), threads, (long long)t.cases, (long long)t.cands, (long long)t.rows,
                    (long long)t.active);

@@ -150,6 +150,11 @@ int64_t GateScreen::gate(const WeightView& w, const float* x, int64_t ldx, int64
   };
   if (M < 1 || M > 4 || w.rows != F_ || w.cols != K_ || ldx < K_ || (M > 1 && ldg < F_)) return full();
   if (F_ == 0) return 0;
+  if (skip_ > 0) {
+    --skip_;
+    gemv(x, ldx, M, w, G, ldg);
+    return -1;
+  }
   // Per-token norms (float64) and the bound's coefficients.
   const double u23 = std::ldexp(1.0, -23);
   const double gam = static_cast<double>(K_ + 16) * u23;  // γ_{K+16} with slack
@@ -203,7 +208,14 @@ int64_t GateScreen::gate(const WeightView& w, const float* x, int64_t ldx, int64
     if (flag[j]) cand[nc++] = static_cast<int32_t>(j);
   g_rows.fetch_add(F_, std::memory_order_relaxed);
   g_cands.fetch_add(nc, std::memory_order_relaxed);
-  if (static_cast<double>(nc) > max_fraction * static_cast<double>(F_)) return full();
+  if (static_cast<double>(nc) > max_fraction * static_cast<double>(F_)) {
+    if (++misses_ >= kMaxMisses) {
+      misses_ = 0;
+      skip_ = kSkip;
+    }
+    return full();
+  }
+  misses_ = 0;
   // Rows ruled out: 0 (ReLU of the exact value is 0 as well). Candidates: the decode GEMV on
   // runs of consecutive rows, all in one call.
   for (int64_t m = 0; m < M; ++m) std::memset(G + m * ldg, 0, sizeof(float) * static_cast<size_t>(F_));

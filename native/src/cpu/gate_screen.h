@@ -57,11 +57,15 @@ class GateScreen {
   // G [M, F] (ldg) such that relu(G) equals, bit for bit, relu of the plain decode GEMV of W.
   // Rows screened out get 0; candidate rows (union over the tokens) get the GEMV's value for
   // every token. Falls back to the full GEMV when more than max_fraction of the rows are
-  // candidates or x is not finite / too large for the bound. Returns the number of candidate
-  // rows, or -1 when the call fell back.
+  // candidates or x is not finite / too large for the bound (and skips the screen for a while
+  // after repeated fallbacks). Returns the number of candidate rows, or -1 when the call ran
+  // the full GEMV.
   int64_t gate(const WeightView& w, const float* x, int64_t ldx, int64_t M, float* G, int64_t ldg,
                double max_fraction = 0.25);
 
+  // Back-off: after kMaxMisses fallbacks in a row (the layer's candidates keep exceeding the
+  // threshold) the next kSkip calls run the plain GEMV without screening, then it tries again.
+  static constexpr int kMaxMisses = 4, kSkip = 64;
  private:
   int64_t F_ = 0, K_ = 0, ldq_ = 0;
   int8_t* q_ = nullptr;              // [F][ldq], 64-byte aligned
@@ -71,6 +75,7 @@ class GateScreen {
   std::unique_ptr<float[]> dot_;     // [4][F] screened dots
   std::unique_ptr<uint8_t[]> flag_;  // [F]
   std::unique_ptr<int32_t[]> cand_;  // [F]
+  int misses_ = 0, skip_ = 0;
 };
 
 // Test hooks: the bound is multiplied by `scale` (1 in production; tests show that 0.1 breaks
