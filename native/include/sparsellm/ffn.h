@@ -84,7 +84,7 @@ struct FfnLayerConfig {
   double sparse_bytes_per_s = 25e9;  // weight bytes/s the sparse kernels stream (active blocks)
   double gemm_flops_per_s = 150e9;   // dense GEMM rate (compute-bound, many tokens)
   double dense_bytes_per_s = 20e9;   // dense GEMV rate (memory-bound, few tokens)
-  double twophase_flops_per_s = 46e9;  // useful FLOP rate of the two-phase up+down (bf16;
+  double twophase_flops_per_s = 64e9;  // useful FLOP rate of the two-phase up+down (bf16;
                                        // the model takes 2/3 of it for f32 weights)
 };
 
