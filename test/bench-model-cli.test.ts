@@ -40,4 +40,6 @@ test('decode bytes per token: dense counts every matrix once, sparse only the ac
   assert.equal(decodeBytes(spec, 2, 0), 472 * 2);
   assert.equal(decodeBytes(spec, 2, 0, [3]), (192 + 80 + 3 * 16 + 40) * 2);
   assert.equal(decodeBytes(spec, 2, 10), 472 * 2 + 2 * 10 * 4 * 4);
+  // A screened gate: int8 copy (F·d bytes + 8 per row) plus the candidate rows read exactly.
+  assert.equal(decodeBytes(spec, 2, 0, [3], [5]), (192 + 3 * 16 + 40) * 2 + 10 * 8 + 8 * 10 + 5 * 8 * 2);
 });

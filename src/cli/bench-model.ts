@@ -81,8 +81,16 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
   const rows = [r.dense, r.sparse].map((p) => [p.mode, fmt(p.prefillTokensPerSecond), fmt(p.decodeTokensPerSecond), formatBytes(p.decodeBytesPerToken), fmt(p.decodeGBs)]);
   rows.push(['sparse/dense', `${r.speedup.prefill.toFixed(2)}×`, `${r.speedup.decode.toFixed(2)}×`, `${(r.sparse.decodeBytesPerToken / r.dense.decodeBytesPerToken).toFixed(2)}×`, '']);
   rows.push(['dense/sparse CPU time', `${r.cpuTimeRatio.prefill.toFixed(2)}×`, `${r.cpuTimeRatio.decode.toFixed(2)}×`, '', '']);
-  const layerHead = ['layer', 'd_ff', 'nnz/token mean', 'max', 'overflow tiles'];
-  const layerRows = r.layers.map((l) => [l.layer, l.dFF, l.nnzMean === null ? '-' : l.nnzMean.toFixed(1), l.nnzMax, l.overflowTiles]);
+  // "gate rows read exactly": per sparse decode call, the rows the int8 screen could not rule out.
+  const layerHead = ['layer', 'd_ff', 'nnz/token mean', 'max', 'overflow tiles', 'decode gate rows read exactly'];
+  const layerRows = r.layers.map((l) => [
+    l.layer,
+    l.dFF,
+    l.nnzMean === null ? '-' : l.nnzMean.toFixed(1),
+    l.nnzMax,
+    l.overflowTiles,
+    l.gateCandidatesMean === null ? 'all (not screened)' : l.gateCandidatesMean.toFixed(1),
+  ]);
   const summary =
     `${r.spec.modelType}, ${r.spec.nLayers} layers, d_model ${r.spec.dModel}, ${r.storageDtype} weights ${formatBytes(r.weightsBytes)}; ` +
     `peak RSS ${formatBytes(r.peakRssBytes)}` +

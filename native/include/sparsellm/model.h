@@ -218,6 +218,9 @@ struct LayerActivity {
   int64_t overflow_tiles = 0;  // TwELL tiles over capacity (recomputed exactly, never dropped)
   int64_t overflow_rows = 0;
   int64_t sparse_calls = 0, dense_calls = 0;
+  // Decode calls whose gate was screened by its int8 copy (docs/runtime.md "Screened gate"), and
+  // the gate rows those calls then read exactly (bf16/f32); the rest of the gate was read as int8.
+  int64_t gate_screened_calls = 0, gate_candidate_rows = 0;
 };
 
 // A decoder-only transformer over mapped weights, with its KV cache. Not reentrant.

@@ -262,6 +262,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       o.Set("overflowRows", static_cast<double>(a.overflow_rows));
       o.Set("sparseCalls", static_cast<double>(a.sparse_calls));
       o.Set("denseCalls", static_cast<double>(a.dense_calls));
+      o.Set("gateScreenedCalls", static_cast<double>(a.gate_screened_calls));
+      o.Set("gateCandidateRows", static_cast<double>(a.gate_candidate_rows));
       out.Set(static_cast<uint32_t>(i), o);
     }
     return out;

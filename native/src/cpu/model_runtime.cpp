@@ -198,6 +198,10 @@ void Model::ffn_block(int64_t l, int64_t T, RunMode mode) {
       a.overflow_rows += s.overflow_rows;
     }
     (s.path == FfnPath::Sparse ? a.sparse_calls : a.dense_calls) += 1;
+    if (s.gate_candidates >= 0) {
+      a.gate_screened_calls += 1;
+      a.gate_candidate_rows += s.gate_candidates;
+    }
   } else {
     ffn_dense_generic(l, T);
     a.dense_calls += 1;

@@ -80,8 +80,12 @@ function tokens(n: number, vocab: number, seed: number): number[] {
   return out;
 }
 
-/** Bytes of weights (and KV cache) one decoded token reads, dense or with `nnz[i]` active neurons. */
-export function decodeBytes(spec: ModelSpec, elem: number, kvPositions: number, nnz?: (number | null)[]): number {
+/**
+ * Bytes of weights (and KV cache) one decoded token reads, dense or with `nnz[i]` active neurons.
+ * `gateCandidates[i]`, when a number: layer i's gate was screened by its int8 copy (one byte per
+ * weight plus 8 bytes per row) and that many rows were then read exactly.
+ */
+export function decodeBytes(spec: ModelSpec, elem: number, kvPositions: number, nnz?: (number | null)[], gateCandidates?: (number | null)[]): number {
   const d = spec.dModel;
   const qd = spec.nHeads * spec.headDim;
   const kd = spec.nKvHeads * spec.headDim;
@@ -93,7 +97,9 @@ export function decodeBytes(spec: ModelSpec, elem: number, kvPositions: number, 
     const active = nnz?.[i] ?? null;
     // gated: gate + up + down; non-gated: up + down. Sparse: the gate (or up) stays dense.
     const perNeuron = spec.gated ? 2 * d : d;
-    bytes += F * d * elem + (active === null ? F : Math.min(F, active)) * perNeuron * elem;
+    const screened = gateCandidates?.[i] ?? null;
+    const gateBytes = screened === null ? F * d * elem : F * d + 8 * F + Math.min(F, screened) * d * elem;
+    bytes += gateBytes + (active === null ? F : Math.min(F, active)) * perNeuron * elem;
   }
   bytes += spec.vocabSize * d * elem; // LM head
   return bytes;
@@ -159,7 +165,14 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
     const result = (mode: FfnRunMode): PathResult => {
       const t = times[mode]!;
       const dec = opts.decodeTokens / median(t.decode);
-      const bytes = decodeBytes(spec, elem, kvAvg, mode === 'dense' ? undefined : sparseActivity.map((a) => (a.sparseCalls > 0 ? a.nnzMean : null)));
+      const sparseMode = mode !== 'dense';
+      const bytes = decodeBytes(
+        spec,
+        elem,
+        kvAvg,
+        sparseMode ? sparseActivity.map((a) => (a.sparseCalls > 0 ? a.nnzMean : null)) : undefined,
+        sparseMode ? sparseActivity.map((a) => a.gateCandidatesMean) : undefined,
+      );
       return {
         mode,
         prefillTokensPerSecond: opts.prefillTokens / median(t.prefill),

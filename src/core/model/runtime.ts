@@ -31,13 +31,17 @@ export interface LayerActivity {
   overflowRows: number;
   sparseCalls: number;
   denseCalls: number;
+  /** Decode calls whose ReLU gate was screened by its int8 copy (docs/runtime.md "Screened gate"). */
+  gateScreenedCalls: number;
+  /** Mean gate rows per screened call read exactly after the screen (null when none screened). */
+  gateCandidatesMean: number | null;
 }
 
 interface NativeModel {
   forward(tokens: Int32Array, allLogits: boolean, mode: FfnRunMode): Float32Array;
   reset(): void;
   position(): number;
-  activity(): { tokens: number; nnz: number; maxRowNnz: number; overflowTiles: number; overflowRows: number; sparseCalls: number; denseCalls: number }[];
+  activity(): { tokens: number; nnz: number; maxRowNnz: number; overflowTiles: number; overflowRows: number; sparseCalls: number; denseCalls: number; gateScreenedCalls: number; gateCandidateRows: number }[];
   resetActivity(): void;
   setFfnObserver(fn: FfnObserver | null): void;
   close(): void;
@@ -181,6 +185,8 @@ export class ModelRuntime {
         overflowRows: a.overflowRows,
         sparseCalls: a.sparseCalls,
         denseCalls: a.denseCalls,
+        gateScreenedCalls: a.gateScreenedCalls,
+        gateCandidatesMean: a.gateScreenedCalls > 0 ? a.gateCandidateRows / a.gateScreenedCalls : null,
       }));
   }
 
