@@ -81,9 +81,9 @@ struct FfnLayerConfig {
   // auto_crossover × the estimated dense up+down (docs/kernels.md, "Dense fallback"). The
   // estimates use these machine rates (defaults measured on the 2-core development machine).
   double auto_crossover = 0.9;
-  double sparse_bytes_per_s = 25e9;  // weight bytes/s the sparse kernels stream (active blocks)
+  double sparse_bytes_per_s = 45e9;  // weight bytes/s the sparse kernels stream (active blocks)
   double gemm_flops_per_s = 150e9;   // dense GEMM rate (compute-bound, many tokens)
-  double dense_bytes_per_s = 20e9;   // dense GEMV rate (memory-bound, few tokens)
+  double dense_bytes_per_s = 60e9;   // dense decode GEMV rate (memory-bound, few tokens)
   double twophase_flops_per_s = 64e9;  // useful FLOP rate of the two-phase up+down (bf16;
                                        // the model takes 2/3 of it for f32 weights)
 };

@@ -150,7 +150,13 @@ FfnStats FfnLayer::decode(const float* x, int64_t M, float* y, FfnMode mode) {
   }
 
   if (mode == FfnMode::Auto && prefer_dense(st, M)) {
-    // Dense up+down from the gate already computed (activated in place above).
+    // Dense up+down from the gate already computed (activated in place above): the same fused
+    // pass over the neuron-major blocks as dense mode where it exists, else up GEMV then down.
+    st.path = FfnPath::Dense;
+    if (cfg_.gated && !ub && cfg_.dtype == DType::BF16 && gemv_updown_available()) {
+      gemv_updown(x, d, M, G, F, updown_view(), down_bias(), y, d);
+      return st;
+    }
     if (cfg_.gated) {
       if (work_.size() < static_cast<size_t>(2 * M * F)) {
         work_.resize(static_cast<size_t>(2 * M * F));
