@@ -23,6 +23,7 @@
 
 #ifdef SPARSELLM_HAVE_CUDA
 #include "sparsellm/cuda_ops.h"
+#include "../src/cuda/kernel_policy.h"
 #include "../src/cuda/twell_updown.h"
 #endif
 
@@ -508,12 +509,16 @@ void test_layers() {
   set_updown_variant(kUpdownAuto);
   // Auto tunes the kernel at the first call with >= 8192 rows (each candidate timed, the
   // fastest kept): that call's result must be exact too, and the choice must be recorded.
+  // (Auto tunes only once unverified kernels are allowed: kernel_policy.h.)
+  const bool unverified = unverified_kernels();
+  set_unverified_kernels(true);
   for (bool gated : {true, false}) {
     test_layer_case(8200, 64, 300, gated, 0.03, 7, 256, false, true);
     const int pick = updown_auto_choice(64, gated);
     CHECK(pick != kUpdownAuto, "auto up+down: no kernel kept after a %s call with 8200 rows", gated ? "gated" : "non-gated");
     std::printf("  auto up+down (%s, d=64): kept %s\n", gated ? "gated" : "non-gated", updown_variant_name(pick));
   }
+  set_unverified_kernels(unverified);
 }
 
 // --- hybrid training step vs float64 and the CPU trainer -----------------------------------------
@@ -641,8 +646,15 @@ int main(int argc, char** argv) {
     test_twell_gate(300, 2048, 600, 128, 8, 0.05, 3, true);
     test_twell_gate(257, 72, 1000, 64, 8, 0.05, 4, true);
     test_twell_gate(7, 40, 300, 32, 4, 0.1, 2, true);
-    test_layers();
-    test_hybrid();
+    // The layers and the trainer with the default (verified) kernels, then with the unverified
+    // ones allowed (wgmma GEMM inside the layers, auto-tuned up+down, two-kernel decode).
+    for (bool unverified : {false, true}) {
+      set_unverified_kernels(unverified);
+      std::printf("  layers and trainer, unverified kernels %s\n", unverified ? "on" : "off");
+      test_layers();
+      test_hybrid();
+    }
+    set_unverified_kernels(false);
   } catch (const std::exception& e) {
     CHECK(false, "exception: %s", e.what());
   }

@@ -12,6 +12,7 @@
 #include "common.cuh"
 #include "gemm_kernel.cuh"
 #include "gemm_wgmma.h"
+#include "kernel_policy.h"
 #include "sparsellm/cuda_ops.h"
 
 namespace sparsellm::cuda {
@@ -97,10 +98,13 @@ GemmKernel env_choice() {
 GemmKernel g_choice = env_choice();
 const char* g_last = "none";
 
-// The Hopper kernel when the device and operands allow it; false: the caller runs mma.sync.
+// The Hopper kernel when chosen (explicitly, or by Auto once unverified kernels are allowed:
+// kernel_policy.h) and the device and operands allow it; false: the caller runs mma.sync.
 bool try_wgmma(const uint16_t* A, int64_t lda, const uint16_t* W, int64_t ldw, int64_t M, int64_t N, int64_t K,
                const EpiParams& p) {
-  if (g_choice == GemmKernel::MmaSync || !detail::wgmma_supported()) return false;
+  if (g_choice == GemmKernel::MmaSync || (g_choice == GemmKernel::Auto && !unverified_kernels()) ||
+      !detail::wgmma_supported())
+    return false;
   const int cluster = g_choice == GemmKernel::WgmmaCluster2 ? 2 : 1;
   if (!detail::wgmma_gemm(A, lda, W, ldw, M, N, K, p, cluster)) return false;
   g_last = cluster == 2 ? "wgmma-cluster2" : "wgmma";

@@ -12,6 +12,7 @@
 #include "common.cuh"
 #include "sparsellm/cuda_ops.h"
 #include "twell_loads.cuh"
+#include "kernel_policy.h"
 #include "twell_updown.h"
 
 namespace sparsellm::cuda {
@@ -225,6 +226,8 @@ void launch_updown_choice(const uint16_t* x, int64_t ldx, const DeviceTwell& g, 
   const bool fast_ok = !generic && d % 8 == 0 && d <= 2048 && ldx % 8 == 0 && ldw % 8 == 0 && ldy % 4 == 0 &&
                        aligned(x, 16) && aligned(down_t, 16) && (!GATED || aligned(up, 16)) && aligned(y, 16);
   int variant = updown_variant();
+  // Auto keeps the verified row kernel until unverified kernels are allowed (kernel_policy.h).
+  if (variant == kUpdownAuto && !unverified_kernels()) variant = kUpdownRow;
   if (fast_ok && variant == kUpdownAuto) {
     const auto key = std::make_pair(d, GATED ? 1 : 0);
     auto it = tuned_updown().find(key);
@@ -552,7 +555,9 @@ void decode_sparse_bf16(const uint16_t* x, int64_t ldx, int64_t M, const float* 
                    aligned(x, 16))
                       ? 1
                       : 0;
-  if (vec && F > 0 && d <= (int64_t(1) << 30)) {
+  // The two-kernel decode (hidden, then down) once unverified kernels are allowed
+  // (kernel_policy.h); the one-kernel decode otherwise.
+  if (vec && F > 0 && d <= (int64_t(1) << 30) && unverified_kernels()) {
     const int Mi = static_cast<int>(M), di = static_cast<int>(d);
     // Work buffer for h (gated): process-wide, grow-only, deliberately never freed (no teardown
     // order issue with the CUDA runtime at exit). All work is on the default stream, in order.
