@@ -9,7 +9,7 @@ namespace sparsellm {
 CudaStatus cuda_query() {
   CudaStatus s;
   s.compiled = true;
-  s.archs = {"sm_80", "sm_90"};
+  s.archs = {"sm_80", "sm_90a"};  // CMAKE_CUDA_ARCHITECTURES (native/CMakeLists.txt)
   cudaRuntimeGetVersion(&s.runtime_version);
   if (cudaDriverGetVersion(&s.driver_version) != cudaSuccess) s.driver_version = 0;
   int count = 0;
