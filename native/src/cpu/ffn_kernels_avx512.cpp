@@ -2,6 +2,9 @@
 // -mavx512f/bw/vl; only reached through ffn_ops() when the CPU has AVX-512.
 #include <immintrin.h>
 
+#include <type_traits>
+#include <utility>
+
 #include "ffn_kernels.h"
 
 namespace sparsellm::detail {
@@ -350,42 +353,32 @@ void updot_f32(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, con
   }
 }
 
+// Calls f(std::integral_constant<int, G>{}) with G = min(max(groups, 1), Max): the kernels keep
+// one set of accumulators per group in registers, so the group count is a template parameter.
+template <int Max, int G = 1, typename F>
+inline void with_groups(int64_t groups, F&& f) {
+  if constexpr (G == Max) {
+    f(std::integral_constant<int, G>{});
+  } else {
+    if (groups <= G) f(std::integral_constant<int, G>{});
+    else with_groups<Max, G + 1>(groups, std::forward<F>(f));
+  }
+}
+
 void updot(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const float* x, int64_t ldx,
            const void* w, DType dt, int64_t ldw, int64_t n, float* u, bool accumulate) {
   if (n <= 0) return;
   if (dt == DType::BF16) {
     const uint16_t* wb = static_cast<const uint16_t*>(w);
-    switch ((n + 31) / 32) {
-      case 1: updot_bf16<1>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
-      case 2: updot_bf16<2>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
-      case 3: updot_bf16<3>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
-      case 4: updot_bf16<4>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
-      case 5: updot_bf16<5>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
-      case 6: updot_bf16<6>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
-      case 7: updot_bf16<7>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
-      default: updot_bf16<8>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate); break;
-    }
+    with_groups<8>((n + 31) / 32, [&](auto g) {
+      updot_bf16<decltype(g)::value>(ptr, m0, m1, j, x, ldx, wb, ldw, n, u, accumulate);
+    });
     return;
   }
   const float* wf = static_cast<const float*>(w);
-  switch ((n + 15) / 16) {
-    case 1: updot_f32<1>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    case 2: updot_f32<2>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    case 3: updot_f32<3>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    case 4: updot_f32<4>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    case 5: updot_f32<5>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    case 6: updot_f32<6>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    case 7: updot_f32<7>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    case 8: updot_f32<8>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    case 9: updot_f32<9>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    case 10: updot_f32<10>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    case 11: updot_f32<11>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    case 12: updot_f32<12>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    case 13: updot_f32<13>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    case 14: updot_f32<14>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    case 15: updot_f32<15>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-    default: updot_f32<16>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate); break;
-  }
+  with_groups<16>((n + 15) / 16, [&](auto g) {
+    updot_f32<decltype(g)::value>(ptr, m0, m1, j, x, ldx, wf, ldw, n, u, accumulate);
+  });
 }
 
 // Phase 2 (sparse down), one chunk of at most 256 columns whose outputs stay in 16 zmm
@@ -484,37 +477,15 @@ void spmm(const int64_t* ptr, int64_t m0, int64_t m1, const int32_t* j, const fl
   if (n <= 0) return;
   if (dt == DType::BF16) {
     const uint16_t* wb = static_cast<const uint16_t*>(w);
-    switch ((n + 31) / 32) {
-      case 1: spmm_bf16<1>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
-      case 2: spmm_bf16<2>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
-      case 3: spmm_bf16<3>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
-      case 4: spmm_bf16<4>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
-      case 5: spmm_bf16<5>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
-      case 6: spmm_bf16<6>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
-      case 7: spmm_bf16<7>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
-      default: spmm_bf16<8>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy); break;
-    }
+    with_groups<8>((n + 31) / 32, [&](auto g) {
+      spmm_bf16<decltype(g)::value>(ptr, m0, m1, j, h, wb, ldw, n, bias, y, ldy);
+    });
     return;
   }
   const float* wf = static_cast<const float*>(w);
-  switch ((n + 15) / 16) {
-    case 1: spmm_f32<1>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    case 2: spmm_f32<2>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    case 3: spmm_f32<3>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    case 4: spmm_f32<4>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    case 5: spmm_f32<5>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    case 6: spmm_f32<6>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    case 7: spmm_f32<7>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    case 8: spmm_f32<8>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    case 9: spmm_f32<9>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    case 10: spmm_f32<10>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    case 11: spmm_f32<11>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    case 12: spmm_f32<12>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    case 13: spmm_f32<13>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    case 14: spmm_f32<14>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    case 15: spmm_f32<15>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-    default: spmm_f32<16>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy); break;
-  }
+  with_groups<16>((n + 15) / 16, [&](auto g) {
+    spmm_f32<decltype(g)::value>(ptr, m0, m1, j, h, wf, ldw, n, bias, y, ldy);
+  });
 }
 
 const FfnOps kAvx512{dot, axpy, updown, down, updown_batch, down_batch, nonzeros, updot, spmm};
