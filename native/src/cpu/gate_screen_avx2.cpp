@@ -10,8 +10,6 @@
 namespace sparsellm::gate_screen_detail {
 namespace {
 
-constexpr int streams(int M) { return M <= 2 ? 4 : 2; }
-
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -20,7 +18,7 @@ inline float hsum(__m256 v) {
 }
 
 template <int M_, int S_>
-inline void tile(const ScreenArgs& a, const int8_t* const* q, const int8_t* const* nx, float* const* out,
+inline void avx2_tile(const ScreenArgs& a, const int8_t* const* q, const int8_t* const* nx, float* const* out,
                  int64_t ldd) {
   __m256 acc[M_][S_];
   for (int m = 0; m < M_; ++m)
@@ -50,41 +48,16 @@ inline void tile(const ScreenArgs& a, const int8_t* const* q, const int8_t* cons
     }
 }
 
-template <int M_>
-void rows_m(const ScreenArgs& a, const int8_t* Q, int64_t ldq, int64_t n0, int64_t n1, float* dot, int64_t ldd) {
-  constexpr int S = streams(M_);
-  const int64_t cnt = (n1 - n0) / S;
-  for (int64_t i = 0; i < cnt; ++i) {
-    const int8_t* q[S];
-    const int8_t* nx[S];
-    float* out[S];
-    for (int s = 0; s < S; ++s) {
-      const int64_t n = n0 + s * cnt + i;
-      q[s] = Q + n * ldq;
-      nx[s] = q[s] + ldq;
-      out[s] = dot + n;
-    }
-    tile<M_, S>(a, q, nx, out, ldd);
+struct Kernel {
+  static constexpr int streams(int M) { return M <= 2 ? 4 : 2; }  // rows in flight
+  template <int M_, int S_>
+  static void tile(const ScreenArgs& a, const int8_t* const* q, const int8_t* const* nx, float* const* out, int64_t ldd) {
+    avx2_tile<M_, S_>(a, q, nx, out, ldd);
   }
-  for (int64_t n = n0 + S * cnt; n < n1; ++n) {
-    const int8_t* q[1] = {Q + n * ldq};
-    const int8_t* nx[1] = {Q + (n + 1) * ldq};
-    float* out[1] = {dot + n};
-    tile<M_, 1>(a, q, nx, out, ldd);
-  }
-}
-
-void rows(const ScreenArgs& a, const int8_t* Q, int64_t ldq, int64_t n0, int64_t n1, float* dot, int64_t ldd) {
-  switch (a.M) {
-    case 1: rows_m<1>(a, Q, ldq, n0, n1, dot, ldd); break;
-    case 2: rows_m<2>(a, Q, ldq, n0, n1, dot, ldd); break;
-    case 3: rows_m<3>(a, Q, ldq, n0, n1, dot, ldd); break;
-    default: rows_m<4>(a, Q, ldq, n0, n1, dot, ldd); break;
-  }
-}
+};
 
 }  // namespace
 
-RowsI8 screen_kernel_avx2() { return rows; }
+RowsI8 screen_kernel_avx2() { return walk_rows<Kernel>; }
 
 }  // namespace sparsellm::gate_screen_detail

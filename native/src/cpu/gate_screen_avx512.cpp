@@ -14,7 +14,7 @@ namespace {
 constexpr int S = 4;
 
 template <int M_, int S_>
-inline void tile(const ScreenArgs& a, const int8_t* const* q, const int8_t* const* nx, float* const* out,
+inline void avx512_tile(const ScreenArgs& a, const int8_t* const* q, const int8_t* const* nx, float* const* out,
                  int64_t ldd) {
   __m512 acc[M_][S_];
   for (int m = 0; m < M_; ++m)
@@ -51,40 +51,16 @@ inline void tile(const ScreenArgs& a, const int8_t* const* q, const int8_t* cons
     for (int s = 0; s < S_; ++s) out[s][m * ldd] = _mm512_reduce_add_ps(acc[m][s]);
 }
 
-template <int M_>
-void rows_m(const ScreenArgs& a, const int8_t* Q, int64_t ldq, int64_t n0, int64_t n1, float* dot, int64_t ldd) {
-  const int64_t cnt = (n1 - n0) / S;
-  for (int64_t i = 0; i < cnt; ++i) {
-    const int8_t* q[S];
-    const int8_t* nx[S];
-    float* out[S];
-    for (int s = 0; s < S; ++s) {
-      const int64_t n = n0 + s * cnt + i;
-      q[s] = Q + n * ldq;
-      nx[s] = q[s] + ldq;
-      out[s] = dot + n;
-    }
-    tile<M_, S>(a, q, nx, out, ldd);
+struct Kernel {
+  static constexpr int streams(int) { return S; }
+  template <int M_, int S_>
+  static void tile(const ScreenArgs& a, const int8_t* const* q, const int8_t* const* nx, float* const* out, int64_t ldd) {
+    avx512_tile<M_, S_>(a, q, nx, out, ldd);
   }
-  for (int64_t n = n0 + S * cnt; n < n1; ++n) {
-    const int8_t* q[1] = {Q + n * ldq};
-    const int8_t* nx[1] = {Q + (n + 1) * ldq};
-    float* out[1] = {dot + n};
-    tile<M_, 1>(a, q, nx, out, ldd);
-  }
-}
-
-void rows(const ScreenArgs& a, const int8_t* Q, int64_t ldq, int64_t n0, int64_t n1, float* dot, int64_t ldd) {
-  switch (a.M) {
-    case 1: rows_m<1>(a, Q, ldq, n0, n1, dot, ldd); break;
-    case 2: rows_m<2>(a, Q, ldq, n0, n1, dot, ldd); break;
-    case 3: rows_m<3>(a, Q, ldq, n0, n1, dot, ldd); break;
-    default: rows_m<4>(a, Q, ldq, n0, n1, dot, ldd); break;
-  }
-}
+};
 
 }  // namespace
 
-RowsI8 screen_kernel_avx512() { return rows; }
+RowsI8 screen_kernel_avx512() { return walk_rows<Kernel>; }
 
 }  // namespace sparsellm::gate_screen_detail
