@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 
+#include "row_streams.h"
 #include "sparsellm/tensor.h"
 
 namespace sparsellm::gate_screen_detail {
@@ -37,34 +38,17 @@ using RowsI8 = void (*)(const ScreenArgs& a, const int8_t* Q, int64_t ldq, int64
 RowsI8 screen_kernel_avx512();
 RowsI8 screen_kernel_avx2();
 
-// The row walk the ISA kernels share (a RowsI8): for M_ = a.M tokens, rows [n0, n1) are cut into
-// S_ = Kernel::streams(M_) contiguous runs read side by side (one row of each run per step, each
-// run prefetching into its own next row), then the rows left over one at a time. Kernel supplies
-// `static constexpr int streams(int M)` and `template <int M_, int S_> static void tile(a, q, next,
-// out, ldd)` (S_ rows q[s] into out[s][m * ldd]). Each ISA file passes a Kernel type of its own
-// anonymous namespace, so every instantiation stays in the file compiled for its ISA.
+// The row walk the ISA kernels share (a RowsI8; row_streams.h): for M_ = a.M tokens, rows
+// [n0, n1) in S_ = Kernel::streams(M_) runs side by side. Kernel supplies `static constexpr int
+// streams(int M)` and `template <int M_, int S_> static void tile(a, q, next, out, ldd)` (S_ rows
+// q[s] into out[s][m * ldd]). Each ISA file passes a Kernel type of its own anonymous namespace,
+// so every instantiation stays in the file compiled for its ISA.
 template <typename Kernel, int M_>
 void walk_rows_m(const ScreenArgs& a, const int8_t* Q, int64_t ldq, int64_t n0, int64_t n1, float* dot, int64_t ldd) {
-  constexpr int S_ = Kernel::streams(M_);
-  const int64_t cnt = (n1 - n0) / S_;
-  for (int64_t i = 0; i < cnt; ++i) {
-    const int8_t* q[S_];
-    const int8_t* nx[S_];
-    float* out[S_];
-    for (int s = 0; s < S_; ++s) {
-      const int64_t n = n0 + s * cnt + i;
-      q[s] = Q + n * ldq;
-      nx[s] = q[s] + ldq;
-      out[s] = dot + n;
-    }
-    Kernel::template tile<M_, S_>(a, q, nx, out, ldd);
-  }
-  for (int64_t n = n0 + S_ * cnt; n < n1; ++n) {
-    const int8_t* q[1] = {Q + n * ldq};
-    const int8_t* nx[1] = {Q + (n + 1) * ldq};
-    float* out[1] = {dot + n};
-    Kernel::template tile<M_, 1>(a, q, nx, out, ldd);
-  }
+  detail::walk_row_streams<Kernel::streams(M_)>(
+      Q, ldq, n0, n1, dot, [&](auto s, const int8_t* const* q, const int8_t* const* nx, float* const* out) {
+        Kernel::template tile<M_, decltype(s)::value>(a, q, nx, out, ldd);
+      });
 }
 
 template <typename Kernel>

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "aligned_buffer.h"
 #include "gemm_kernels.h"
 #include "sparsellm/cpu_info.h"
 #include "sparsellm/gemm.h"
@@ -145,25 +146,9 @@ GemmTuning& tuning_ref() {
   return t;
 }
 
-// 64-byte aligned growable scratch, one per thread (the packed W slab, the epilogue C block) or
-// per calling thread (the packed A chunk).
-struct Buffer {
-  float* p = nullptr;
-  size_t n = 0;
-  ~Buffer() { std::free(p); }
-  float* get(size_t count) {
-    if (count > n) {
-      std::free(p);
-      p = static_cast<float*>(std::aligned_alloc(64, (count * sizeof(float) + 63) / 64 * 64));
-      if (!p) {
-        n = 0;
-        throw std::bad_alloc();
-      }
-      n = count;
-    }
-    return p;
-  }
-};
+// Scratch, one per thread (the packed W slab, the epilogue C block) or per calling thread (the
+// packed A chunk).
+using Buffer = detail::AlignedBuffer;
 thread_local Buffer t_apack, t_wpack, t_cblock;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }

@@ -11,6 +11,7 @@
 #include <new>
 #include <stdexcept>
 
+#include "aligned_buffer.h"
 #include "gemv_kernels.h"
 #include "sparsellm/cpu_info.h"
 #include "sparsellm/model.h"
@@ -60,24 +61,8 @@ int64_t prefetch_bytes() {
   return pf;
 }
 
-// The even/odd split of x, per calling thread, grown on demand (64-byte aligned).
-struct SplitBuffer {
-  float* p = nullptr;
-  size_t n = 0;
-  ~SplitBuffer() { std::free(p); }
-  float* get(size_t count) {
-    if (count > n) {
-      std::free(p);
-      p = static_cast<float*>(std::aligned_alloc(64, (count * sizeof(float) + 63) / 64 * 64));
-      if (!p) {
-        n = 0;
-        throw std::bad_alloc();
-      }
-      n = count;
-    }
-    return p;
-  }
-};
+// The even/odd split of x, per calling thread, grown on demand.
+using SplitBuffer = detail::AlignedBuffer;
 thread_local SplitBuffer t_split;
 
 // Work is cut into a few contiguous chunks per thread, handed out in order as threads come:

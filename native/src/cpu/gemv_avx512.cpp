@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "gemv_kernels.h"
+#include "row_streams.h"
 
 namespace sparsellm::gemv_detail {
 namespace {
@@ -108,25 +109,10 @@ struct F32Tile {
 
 template <template <int, int> class Tile, int M_, typename T>
 inline void rows(const GemvArgs& a, const T* W, int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  const int64_t q = (n1 - n0) / S;
-  for (int64_t i = 0; i < q; ++i) {
-    const T* w[S];
-    const T* nx[S];
-    float* yo[S];
-    for (int s = 0; s < S; ++s) {
-      const int64_t n = n0 + s * q + i;
-      w[s] = W + n * ldw;
-      nx[s] = w[s] + ldw;
-      yo[s] = y + n;
-    }
-    Tile<M_, S>::run(a, w, nx, yo, ldy);
-  }
-  for (int64_t n = n0 + S * q; n < n1; ++n) {
-    const T* w[1] = {W + n * ldw};
-    const T* nx[1] = {W + (n + 1) * ldw};
-    float* yo[1] = {y + n};
-    Tile<M_, 1>::run(a, w, nx, yo, ldy);
-  }
+  detail::walk_row_streams<S>(W, ldw, n0, n1, y,
+                                 [&](auto s, const T* const* w, const T* const* nx, float* const* yo) {
+                                   Tile<M_, decltype(s)::value>::run(a, w, nx, yo, ldy);
+                                 });
 }
 
 template <int M_>

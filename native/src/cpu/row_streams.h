@@ -1,0 +1,37 @@
+// Internal: the row walk of the memory-bound row kernels (decode GEMV, screened gate). Rows
+// [n0, n1) of W (ld elements apart) are cut into S contiguous runs read side by side: each step
+// hands the tile one row of every run (S independent streams for the prefetchers, each tile
+// prefetching into its rows' successors), then the rows left over go one at a time.
+// tile(std::integral_constant<int, S'>{}, rows, next, out) with S' = S or 1: rows[s] the rows,
+// next[s] the row after each, out[s] = y + row index. Pass a lambda of the calling ISA file, so
+// that every instantiation stays in the file compiled for its ISA.
+#pragma once
+#include <cstdint>
+#include <type_traits>
+
+namespace sparsellm::detail {
+
+template <int S, typename T, typename Tile>
+inline void walk_row_streams(const T* W, int64_t ld, int64_t n0, int64_t n1, float* y, Tile&& tile) {
+  const int64_t q = (n1 - n0) / S;
+  for (int64_t i = 0; i < q; ++i) {
+    const T* w[S];
+    const T* nx[S];
+    float* out[S];
+    for (int s = 0; s < S; ++s) {
+      const int64_t n = n0 + s * q + i;
+      w[s] = W + n * ld;
+      nx[s] = w[s] + ld;
+      out[s] = y + n;
+    }
+    tile(std::integral_constant<int, S>{}, w, nx, out);
+  }
+  for (int64_t n = n0 + S * q; n < n1; ++n) {
+    const T* w[1] = {W + n * ld};
+    const T* nx[1] = {W + (n + 1) * ld};
+    float* out[1] = {y + n};
+    tile(std::integral_constant<int, 1>{}, w, nx, out);
+  }
+}
+
+}  // namespace sparsellm::detail
