@@ -26,6 +26,19 @@ test('bench --model --json: dense and sparse paths, ratios, sparsity per layer',
   assert.ok(j.sparse.decodeBytesPerToken < j.dense.decodeBytesPerToken);
 });
 
+test('bench --model --json: one bandwidth probe per timed round, the dense fraction paired round by round', () => {
+  const r = run(['bench', '--model', FIXTURE_PATHS.opt!, '--prefill', '16', '--decode', '4', '--repeats', '3', '--warmup', '0', '--json', '-q']);
+  assert.equal(r.status, 0, r.stderr);
+  const j = JSON.parse(r.stdout);
+  const bw: number[] = j.memoryBandwidthSamplesGBs;
+  assert.equal(bw.length, 3);
+  assert.ok(bw.every((x) => x > 0.5 && x < 5000), `probes ${bw}`);
+  const sorted = [...bw].sort((a, b) => a - b);
+  assert.equal(j.memoryBandwidthGBs, sorted[1]);
+  const perRound = j.dense.decodeSeconds.map((s: number, i: number) => (j.dense.decodeBytesPerToken * 4) / s / 1e9 / bw[i]!).sort((a: number, b: number) => a - b);
+  assert.ok(Math.abs(j.denseDecodeBandwidthFraction - perRound[1]) < 1e-12, `${j.denseDecodeBandwidthFraction} vs ${perRound}`);
+});
+
 test('bench --model: usage errors', () => {
   let r = run(['bench', '--model', FIXTURE_PATHS.opt!, '--csv']);
   assert.equal(r.status, 2, r.stderr);

@@ -76,7 +76,6 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
     out.result({ tool: 'sparsellm bench --model', version: VERSION, commit: sourceCommit(), machine, ...r });
     return;
   }
-  const fmt = (x: number) => (x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2));
   const head = ['path', `prefill ${r.options.prefillTokens} tok/s`, `decode tok/s`, 'decode bytes/token', 'decode GB/s'];
   const rows = [r.dense, r.sparse].map((p) => [p.mode, fmt(p.prefillTokensPerSecond), fmt(p.decodeTokensPerSecond), formatBytes(p.decodeBytesPerToken), fmt(p.decodeGBs)]);
   rows.push(['sparse/dense', `${r.speedup.prefill.toFixed(2)}×`, `${r.speedup.decode.toFixed(2)}×`, `${(r.sparse.decodeBytesPerToken / r.dense.decodeBytesPerToken).toFixed(2)}×`, '']);
@@ -94,7 +93,7 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
   const summary =
     `${r.spec.modelType}, ${r.spec.nLayers} layers, d_model ${r.spec.dModel}, ${r.storageDtype} weights ${formatBytes(r.weightsBytes)}; ` +
     `peak RSS ${formatBytes(r.peakRssBytes)}` +
-    (r.memoryBandwidthGBs ? `; machine read bandwidth ${fmt(r.memoryBandwidthGBs)} GB/s, dense decode reaches ${(100 * r.denseDecodeBandwidthFraction!).toFixed(0)}%` : '');
+    (r.memoryBandwidthGBs ? `; ${bandwidthSummary(r)}` : '');
   if (flags.markdown) {
     const md = (h: (string | number)[], rs: (string | number)[][]) =>
       [`| ${h.join(' | ')} |`, `|${h.map(() => ' --- ').join('|')}|`, ...rs.map((x) => `| ${x.join(' | ')} |`)].join('\n') + '\n';
@@ -107,4 +106,16 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
   if (loadStart > 0.5 * logicalCpus()) {
     out.note(`note: the machine was busy (1-minute load ${loadStart} at start, ${loadEnd} at end, ${logicalCpus()} CPUs): absolute times are noisy; the same-run ratios are more reliable`);
   }
+}
+
+const fmt = (x: number) => (x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2));
+
+// "machine read bandwidth 72 GB/s (5 probes, one after each round: 65-78), dense decode reaches 71%"
+function bandwidthSummary(r: ModelBenchResult): string {
+  const xs = r.memoryBandwidthSamplesGBs;
+  const range = xs.length > 1 ? `: ${fmt(Math.min(...xs))}-${fmt(Math.max(...xs))}` : '';
+  return (
+    `machine read bandwidth ${fmt(r.memoryBandwidthGBs!)} GB/s (median of ${xs.length} probe${xs.length > 1 ? 's' : ''}, one after each round${range}), ` +
+    `dense decode reaches ${(100 * r.denseDecodeBandwidthFraction!).toFixed(0)}% of its round's probe`
+  );
 }

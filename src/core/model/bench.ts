@@ -18,7 +18,7 @@ export interface ModelBenchOptions {
   repeats: number;
   warmup: number;
   seed: number;
-  /** Measure the machine's read bandwidth (about a second). */
+  /** Measure the machine's read bandwidth after every timed round (about half a second each). */
   bandwidth: boolean;
   onProgress?: (done: number, total: number) => void;
   onNotice?: (text: string) => void;
@@ -49,13 +49,19 @@ export interface ModelBenchResult {
   weightsBytes: number;
   peakRssBytes: number;
   options: Omit<ModelBenchOptions, 'onProgress' | 'onNotice'>;
+  /**
+   * The machine's read bandwidth: median of the probes taken after each timed round (the host's
+   * bandwidth can drift over minutes, so each round's decode is compared with its own probe).
+   */
   memoryBandwidthGBs: number | null;
+  /** Every probe, in round order. */
+  memoryBandwidthSamplesGBs: number[];
   dense: PathResult;
   sparse: PathResult;
   speedup: { prefill: number; decode: number };
   /** Dense CPU time over sparse CPU time, prefill and decode. */
   cpuTimeRatio: { prefill: number; decode: number };
-  /** Dense decode bandwidth as a fraction of the measured machine bandwidth. */
+  /** Dense decode bandwidth over the probe taken in the same round: median over the rounds. */
   denseDecodeBandwidthFraction: number | null;
   layers: LayerActivity[];
 }
@@ -129,6 +135,11 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
     const total = (opts.warmup + opts.repeats) * modes.length;
     let done = 0;
     let sparseActivity: LayerActivity[] = [];
+    const probe = () => (engine() as NativeAddon & { memoryBandwidth(bytes?: number): number }).memoryBandwidth();
+    const bandwidthSamples: number[] = [];
+    // Peak memory of the model runs, read before the first bandwidth probe allocates its buffer
+    // (after one whole round, both paths have allocated all they will).
+    let peakRssBytes: number | undefined;
     for (let r = 0; r < opts.warmup + opts.repeats; r++) {
       // Alternate the order so that neither path always runs first after the other.
       const order = r % 2 ? [...modes].reverse() : modes;
@@ -156,10 +167,13 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
         if (mode === 'sparse') sparseActivity = rt.activity();
         opts.onProgress?.(++done, total);
       }
+      if (opts.bandwidth && r >= opts.warmup) {
+        peakRssBytes ??= process.resourceUsage().maxRSS * 1024;
+        bandwidthSamples.push(probe());
+      }
     }
-    // Peak memory of the model runs, read before the bandwidth probe allocates its own buffer.
-    const peakRssBytes = process.resourceUsage().maxRSS * 1024;
-    const bandwidth = opts.bandwidth ? ((engine() as NativeAddon & { memoryBandwidth(bytes?: number): number }).memoryBandwidth()) : null;
+    peakRssBytes ??= process.resourceUsage().maxRSS * 1024;
+    const bandwidth = bandwidthSamples.length ? median(bandwidthSamples) : null;
     const elem = rt.storageDtype === 'F32' ? 4 : 2;
     const kvAvg = opts.decodePrompt + opts.decodeTokens / 2;
     const result = (mode: FfnRunMode): PathResult => {
@@ -187,6 +201,10 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
     };
     const dense = result('dense');
     const sparse = result('sparse');
+    // Round r's dense decode against round r's probe.
+    const denseFraction = bandwidthSamples.length
+      ? median(times.dense!.decode.map((sec, r) => (dense.decodeBytesPerToken * opts.decodeTokens) / sec / 1e9 / bandwidthSamples[r]!))
+      : null;
     return {
       model: path,
       spec: { modelType: spec.modelType, nLayers: spec.nLayers, dModel: spec.dModel, nHeads: spec.nHeads, nKvHeads: spec.nKvHeads, vocabSize: spec.vocabSize, activation: spec.activation, dFF: spec.dFF },
@@ -195,11 +213,12 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
       peakRssBytes,
       options: { prefillTokens: opts.prefillTokens, decodeTokens: opts.decodeTokens, decodePrompt: opts.decodePrompt, repeats: opts.repeats, warmup: opts.warmup, seed: opts.seed, bandwidth: opts.bandwidth },
       memoryBandwidthGBs: bandwidth,
+      memoryBandwidthSamplesGBs: bandwidthSamples,
       dense,
       sparse,
       speedup: { prefill: sparse.prefillTokensPerSecond / dense.prefillTokensPerSecond, decode: sparse.decodeTokensPerSecond / dense.decodeTokensPerSecond },
       cpuTimeRatio: { prefill: dense.prefillCpuSeconds / sparse.prefillCpuSeconds, decode: dense.decodeCpuSeconds / sparse.decodeCpuSeconds },
-      denseDecodeBandwidthFraction: bandwidth ? dense.decodeGBs / bandwidth : null,
+      denseDecodeBandwidthFraction: denseFraction,
       layers: sparseActivity,
     };
   } finally {
