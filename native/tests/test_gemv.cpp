@@ -10,8 +10,9 @@
 // value, so |y − ref| ≤ (K/4 + 8) · 6e-8 · Σ_k |x_k w_k| bounds every order used. A wrong row,
 // column, token or dropped tail is off by about Σ|x w| and fails. Results must also be
 // bit-identical between 1 and 2 threads (each row is computed by the same code whichever
-// thread takes it), and rows outside the outputs must stay untouched. Also the fused dense
-// up+down of the FFN decode (gemv_updown), where the ISA has it.
+// thread takes it), and rows outside the outputs must stay untouched. Also listed rows only
+// (gemv_rows) and the fused dense up+down of the FFN decode (gemv_updown), where the ISA has it.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -141,6 +142,56 @@ void test_shapes(const char* isa) {
   }
 }
 
+// gemv_rows: listed rows (random subsets in random order, gaps, neighbours, the last row; a
+// list shorter and longer than the kernels' streams) equal gemv's values bit for bit (the same
+// row kernels), unlisted entries keep their sentinel; a bad index is refused.
+void test_rows(const char* isa) {
+  std::uniform_int_distribution<int> coin(0, 3);
+  for (DType dt : {DType::BF16, DType::F32}) {
+    for (int64_t K : {7, 100, 515}) {
+      const int64_t N = 301, ldy = N + 3;
+      const Mat w = make(N, K, K + 2, dt);
+      for (int64_t M : {1, 2, 5}) {
+        const int64_t ldx = K + 1;
+        const std::vector<float> x = uniform(static_cast<size_t>(M * ldx));
+        std::vector<float> full(static_cast<size_t>(M * ldy));
+        gemv(x.data(), ldx, M, w.view(), full.data(), ldy);
+        for (int trial = 0; trial < 4; ++trial) {
+          std::vector<int32_t> rows;
+          for (int32_t r = 0; r < N; ++r)
+            if (trial == 0 ? r % 97 == 3 : coin(rng()) == 0) rows.push_back(r);
+          if (trial == 3) rows.push_back(static_cast<int32_t>(N - 1));
+          std::shuffle(rows.begin(), rows.end(), rng());
+          std::vector<float> y(full.size(), kSentinel);
+          gemv_rows(x.data(), ldx, M, w.view(), rows.data(), static_cast<int64_t>(rows.size()), y.data(), ldy);
+          std::vector<char> listed(static_cast<size_t>(N), 0);
+          for (int32_t r : rows) listed[static_cast<size_t>(r)] = 1;
+          bool same = true, untouched = true;
+          for (int64_t t = 0; t < M; ++t)
+            for (int64_t n = 0; n < ldy; ++n) {
+              const size_t at = static_cast<size_t>(t * ldy + n);
+              if (n < N && listed[static_cast<size_t>(n)]) same &= std::memcmp(&y[at], &full[at], 4) == 0;
+              else untouched &= y[at] == kSentinel;
+            }
+          CHECK(same, "%s gemv_rows %s K=%lld M=%lld trial %d (%zu rows): differs from gemv", isa,
+                dt == DType::BF16 ? "bf16" : "f32", (long long)K, (long long)M, trial, rows.size());
+          CHECK(untouched, "%s gemv_rows K=%lld M=%lld: wrote an unlisted row", isa, (long long)K, (long long)M);
+        }
+      }
+    }
+  }
+  const Mat w = make(5, 8, 8, DType::BF16);
+  float x[8] = {1, 2, 3, 4, 5, 6, 7, 8}, y[5];
+  const int32_t bad[2] = {1, 5};
+  bool threw = false;
+  try {
+    gemv_rows(x, 8, 1, w.view(), bad, 2, y, 5);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw, "%s gemv_rows: row index past the matrix accepted", isa);
+}
+
 // gemv_updown (dense gated up+down on the neuron-major layout) against float64, where the ISA
 // has it. Error bound: u_j sums d products (≤ (d/4 + 8)·eps relative to Σ|x·U_j|), each output
 // then sums F terms (≤ (F + 8)·eps): |y − ref| ≤ (d/4 + F + 16)·6e-8·Σ_j |c_j|·Σ_k|x_k U_jk|·|D_j|.
@@ -222,6 +273,7 @@ int main() {
     for (int threads : {1, 2}) {
       set_num_threads(threads);
       test_shapes(isa_name(isa));
+      test_rows(isa_name(isa));
       test_updown(isa_name(isa));
     }
     std::fprintf(stderr, "%s (%s): done\n", isa_name(isa), gemv_kernel_name());

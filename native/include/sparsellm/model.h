@@ -132,6 +132,11 @@ struct GemvOutput {
 // ahead, default 1024). q/k/v (or gate/up) that read the same x go in one call.
 void gemv_multi(const float* x, int64_t ldx, int64_t M, const GemvOutput* outs, int n_outs);
 void gemv(const float* x, int64_t ldx, int64_t M, const WeightView& W, float* y, int64_t ldy);
+// Listed rows only: y[m * ldy + rows[i]] = x[m] · W[rows[i]] for i < n (rows in any order; other
+// entries of y untouched), each row computed exactly as gemv computes it (the same bits), several
+// listed rows in flight per thread, each prefetching into the next listed row of its run.
+void gemv_rows(const float* x, int64_t ldx, int64_t M, const WeightView& W, const int32_t* rows, int64_t n, float* y,
+               int64_t ldy);
 // Dense gated up+down for few tokens on the neuron-major updown layout (sparsellm/ffn.h):
 // y[m] = Σ_j coef[m, j] · (x[m]·W_up[j]) · W_down[:, j] (+ bias), every neuron's 2·d block read
 // once, in address order; the threads split the neurons and sum their partial outputs.

@@ -1,8 +1,8 @@
 // Screened gate for the sparse decode (gate_screen.h; docs/runtime.md, "Screened gate
 // (decode)"): the int8 copy of the gate is built once per layer; each decode call streams it
 // (about half the bf16 gate's bytes), keeps the rows whose bound does not rule them out, and
-// computes those rows exactly with the decode GEMV (gemv_multi on runs of consecutive rows,
-// the same row kernels as the plain call, so the same bits).
+// computes those rows exactly with the decode GEMV (gemv_rows on the listed rows: the same
+// row kernels as the plain call, so the same bits).
 #include "gate_screen.h"
 
 #include <omp.h>
@@ -216,25 +216,11 @@ int64_t GateScreen::gate(const WeightView& w, const float* x, int64_t ldx, int64
     return full();
   }
   misses_ = 0;
-  // Rows ruled out: 0 (ReLU of the exact value is 0 as well). Candidates: the decode GEMV on
-  // runs of consecutive rows, all in one call.
+  // Rows ruled out: 0 (ReLU of the exact value is 0 as well). Candidates: the decode GEMV's
+  // own row kernels on the listed rows (gemv_rows), several in flight per thread.
   for (int64_t m = 0; m < M; ++m) std::memset(G + m * ldg, 0, sizeof(float) * static_cast<size_t>(F_));
   if (nc == 0) return 0;
-  std::vector<GemvOutput> outs;
-  outs.reserve(static_cast<size_t>(nc));
-  const size_t es = static_cast<size_t>(dtype_size(w.dtype));
-  for (int64_t i = 0; i < nc;) {
-    int64_t e = i + 1;
-    while (e < nc && cand[e] == cand[e - 1] + 1) ++e;
-    const int64_t j = cand[i];
-    GemvOutput o;
-    o.w = WeightView{static_cast<const char*>(w.data) + static_cast<size_t>(j * w.ld) * es, w.dtype, e - i, K_, w.ld};
-    o.y = G + j;
-    o.ldy = ldg;
-    outs.push_back(o);
-    i = e;
-  }
-  gemv_multi(x, ldx, M, outs.data(), static_cast<int>(outs.size()));
+  gemv_rows(x, ldx, M, w, cand, nc, G, ldg);
   return nc;
 }
 

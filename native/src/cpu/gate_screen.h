@@ -46,7 +46,7 @@ RowsI8 screen_kernel_avx2();
 template <typename Kernel, int M_>
 void walk_rows_m(const ScreenArgs& a, const int8_t* Q, int64_t ldq, int64_t n0, int64_t n1, float* dot, int64_t ldd) {
   detail::walk_row_streams<Kernel::streams(M_)>(
-      Q, ldq, n0, n1, dot, [&](auto s, const int8_t* const* q, const int8_t* const* nx, float* const* out) {
+      Q, ldq, nullptr, n0, n1, dot, [&](auto s, const int8_t* const* q, const int8_t* const* nx, float* const* out) {
         Kernel::template tile<M_, decltype(s)::value>(a, q, nx, out, ldd);
       });
 }

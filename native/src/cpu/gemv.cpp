@@ -23,7 +23,8 @@ namespace {
 // Portable kernels: one row at a time, four partial sums.
 template <typename T, typename F>
 void p_rows(const GemvArgs& a, const T* W, int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy, F widen) {
-  for (int64_t n = n0; n < n1; ++n) {
+  for (int64_t i = n0; i < n1; ++i) {
+    const int64_t n = a.rows ? a.rows[i] : i;
     const T* w = W + n * ldw;
     for (int m = 0; m < a.M; ++m) {
       const float* x = a.x + m * a.ldx;
@@ -74,6 +75,33 @@ int64_t chunk_count(int64_t units, int threads) {
   return std::max<int64_t>(1, std::min<int64_t>(4 * threads, units / 16));
 }
 
+// The arguments of tokens [g0, g0 + min(4, M - g0)): with the ISA's split layout, the even and
+// odd elements of their x rows go into the calling thread's buffer (read by all threads).
+GemvArgs token_group(const GemvKernels& kr, const float* x, int64_t ldx, int64_t K, int64_t M, int64_t g0) {
+  GemvArgs a;
+  a.K = K;
+  a.ldx = ldx;
+  a.pf = prefetch_bytes();
+  a.K2 = gemv_k2(K);
+  a.M = static_cast<int>(std::min<int64_t>(kMaxTokens, M - g0));
+  a.x = x + g0 * ldx;
+  if (kr.split && K > 0) {
+    float* buf = t_split.get(static_cast<size_t>(2 * a.M * a.K2));
+    a.xe = buf;
+    a.xo = buf + a.M * a.K2;
+    for (int m = 0; m < a.M; ++m) {
+      const float* xr = a.x + m * ldx;
+      float* e = buf + m * a.K2;
+      float* o = buf + (a.M + m) * a.K2;
+      for (int64_t j = 0; j < a.K2; ++j) {
+        e[j] = 2 * j < K ? xr[2 * j] : 0.f;
+        o[j] = 2 * j + 1 < K ? xr[2 * j + 1] : 0.f;
+      }
+    }
+  }
+  return a;
+}
+
 }  // namespace
 }  // namespace gemv_detail
 
@@ -98,34 +126,13 @@ void gemv_multi(const float* x, int64_t ldx, int64_t M, const GemvOutput* outs, 
   if (ldx < K || !x) throw std::invalid_argument("gemv: ldx < K or null x");
   if (R == 0) return;
   const GemvKernels& kr = pick();
-  GemvArgs base;
-  base.K = K;
-  base.ldx = ldx;
-  base.pf = prefetch_bytes();
-  base.K2 = gemv_k2(K);
   // Small products are not worth waking the team: at least 256 KiB of weights per thread.
   int64_t bytes = 0;
   for (int i = 0; i < n_outs; ++i) bytes += outs[i].w.rows * K * dtype_size(outs[i].w.dtype);
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), bytes >> 18)));
   const int64_t chunks = chunk_count(R, threads);
   for (int64_t g0 = 0; g0 < M; g0 += kMaxTokens) {
-    GemvArgs a = base;
-    a.M = static_cast<int>(std::min<int64_t>(kMaxTokens, M - g0));
-    a.x = x + g0 * ldx;
-    if (kr.split && K > 0) {
-      float* buf = t_split.get(static_cast<size_t>(2 * a.M * a.K2));
-      a.xe = buf;
-      a.xo = buf + a.M * a.K2;
-      for (int m = 0; m < a.M; ++m) {
-        const float* xr = a.x + m * ldx;
-        float* e = buf + m * a.K2;
-        float* o = buf + (a.M + m) * a.K2;
-        for (int64_t j = 0; j < a.K2; ++j) {
-          e[j] = 2 * j < K ? xr[2 * j] : 0.f;
-          o[j] = 2 * j + 1 < K ? xr[2 * j + 1] : 0.f;
-        }
-      }
-    }
+    const GemvArgs a = token_group(kr, x, ldx, K, M, g0);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t r0 = R * c / chunks, r1 = R * (c + 1) / chunks;
@@ -142,6 +149,33 @@ void gemv_multi(const float* x, int64_t ldx, int64_t M, const GemvOutput* outs, 
         }
         off += o.w.rows;
       }
+    }
+  }
+}
+
+void gemv_rows(const float* x, int64_t ldx, int64_t M, const WeightView& W, const int32_t* rows, int64_t n, float* y,
+               int64_t ldy) {
+  if (M < 0 || n < 0) throw std::invalid_argument("gemv_rows: negative shape");
+  if (M == 0 || n == 0) return;
+  const int64_t K = W.cols;
+  if (W.dtype != DType::F32 && W.dtype != DType::BF16) throw std::invalid_argument("gemv_rows: W must be f32 or bf16");
+  if (!W.data || !x || !y || !rows || W.ld < K || ldx < K || (M > 1 && ldy < W.rows))
+    throw std::invalid_argument("gemv_rows: null pointer or bad leading dimension");
+  for (int64_t i = 0; i < n; ++i)
+    if (rows[i] < 0 || rows[i] >= W.rows) throw std::invalid_argument("gemv_rows: row index out of range");
+  const GemvKernels& kr = pick();
+  // Scattered rows are latency-bound, not bandwidth-bound: both threads from a few rows on.
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), n / 8)));
+  const int64_t chunks = chunk_count(n * 16, threads);
+  for (int64_t g0 = 0; g0 < M; g0 += kMaxTokens) {
+    GemvArgs a = token_group(kr, x, ldx, K, M, g0);
+    a.rows = rows;
+    float* yg = y + g0 * ldy;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t i0 = n * c / chunks, i1 = n * (c + 1) / chunks;
+      if (W.dtype == DType::BF16) kr.bf16(a, static_cast<const uint16_t*>(W.data), W.ld, i0, i1, yg, ldy);
+      else kr.f32(a, static_cast<const float*>(W.data), W.ld, i0, i1, yg, ldy);
     }
   }
 }

@@ -109,7 +109,7 @@ struct F32Tile {
 
 template <template <int, int> class Tile, int M_, typename T>
 inline void rows(const GemvArgs& a, const T* W, int64_t ldw, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  detail::walk_row_streams<S>(W, ldw, n0, n1, y,
+  detail::walk_row_streams<S>(W, ldw, a.rows, n0, n1, y,
                                  [&](auto s, const T* const* w, const T* const* nx, float* const* yo) {
                                    Tile<M_, decltype(s)::value>::run(a, w, nx, yo, ldy);
                                  });

@@ -25,6 +25,9 @@ struct GemvArgs {
   int M = 1;
   int64_t K = 0;
   int64_t pf = 1024;  // prefetch distance in bytes
+  // Null: positions [n0, n1) are rows n0 .. n1 - 1. Else position n is row rows[n] (gathered
+  // rows; y of row r still lands at y[m * ldy + r]). A row's value is the same either way.
+  const int32_t* rows = nullptr;
 };
 
 using RowsBf16 = void (*)(const GemvArgs& a, const uint16_t* W, int64_t ldw, int64_t n0, int64_t n1, float* y,
