@@ -20,6 +20,7 @@
 
 #include "sparsellm/ffn.h"
 #include "sparsellm/hybrid.h"
+#include "sparsellm/model.h"
 #include "sparsellm/twell.h"
 
 namespace sparsellm::cuda {
@@ -275,6 +276,89 @@ class CudaFfnTrainer {
   TrainStepStats step_device(const uint16_t* x, const uint16_t* dy, int64_t M, TrainMode mode, const HybridParams& p);
   // The last step's weight gradients in standard layouts: dgate [F, d], dup [F, d], ddown [d, F].
   void export_grads(float* dgate, float* dup, float* ddown) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// ===== Model operations (model_ops.cu, model.cu) ===============================================
+// The rest of a decoder-only transformer on the device, the counterparts of sparsellm/model.h's
+// CPU functions (same formulas). T tokens, d width, hd head_dim; activations f32 row-major with
+// an explicit leading dimension; bf16 outputs [T, ldo] feed the projections' GEMMs, so their
+// columns d .. ldo − 1 are written as zero. Tables and weights are bf16 on the device.
+
+// out[t, :d] = table[rows[t], :d] (rows: device int32 [T], in range; checked by the caller).
+void embed_rows_bf16(const uint16_t* table, int64_t ldt, const int32_t* rows, int64_t T, int64_t d, float* out,
+                     int64_t ldo);
+// out[t, :d] += table[row0 + t, :d] (learned positions: row0 = pos0 + offset).
+void add_rows_bf16(const uint16_t* table, int64_t ldt, int64_t row0, int64_t T, int64_t d, float* out, int64_t ldo);
+// out = RMSNorm(x) ⊙ w (rms), or LayerNorm(x) ⊙ w + b (b may be null), as bf16 [T, ldo].
+void norm_rows(const float* x, int64_t ldx, int64_t T, int64_t d, const float* w, const float* b, float eps,
+               bool rms, uint16_t* out, int64_t ldo);
+// cs [T, half, 2] = (cos, sin) of (pos0 + t) · inv_freq[i], computed in float64 (inv_freq: device
+// double [half] = theta^(−2i/hd), as the CPU rope_table computes it).
+void rope_table_device(int64_t T, int64_t half, int64_t pos0, const double* inv_freq, float* cs);
+// Rotate-half RoPE in place on x [T, n_heads · head_dim] (ldx) with the table cs.
+void rope_apply_device(float* x, int64_t ldx, int64_t T, int64_t n_heads, int64_t head_dim, const float* cs);
+// One layer's block of the KV cache, cache_k / cache_v [n_kv_heads][capacity][head_dim] f32 (the
+// CPU KvCache layout), gets k, v [T, n_kv_heads · head_dim] at positions pos0 .. pos0 + T − 1.
+void kv_store_device(float* cache_k, float* cache_v, int64_t n_kv_heads, int64_t capacity, int64_t head_dim,
+                     const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t T, int64_t pos0);
+// Causal attention of T queries at positions pos0 .. over one layer's cache (keys 0 .. pos0 + t
+// already stored): q [T, n_heads · hd] (ldq) f32, out bf16 [T, ldo]. Query head h reads kv head
+// h / (n_heads / n_kv_heads); scores scaled by 1/sqrt(hd); softmax in f32 (online, maximum
+// subtracted). head_dim ≤ 256; any T and context.
+void attention_device(const float* q, int64_t ldq, int64_t T, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                      const float* cache_k, const float* cache_v, int64_t capacity, int64_t pos0, uint16_t* out,
+                      int64_t ldo);
+// x[t, :n] += y[t, :n] (residual).
+void add_rows_f32(float* x, int64_t ldx, const float* y, int64_t ldy, int64_t T, int64_t n);
+// Generic FFN activation (the CPU Model's dense path for any activation): a = act(g) (g already
+// holds its bias), zeroed where |a| <= threshold when threshold >= 0, times u (gated, u may be
+// null: non-gated); h = bf16 [T, ldh]. g, u f32 [T, F] (ldg). Adds each row's non-zero count to
+// counters (device, {nnz, max_row_nnz}).
+void ffn_activate_device(const float* g, const float* u, int64_t ldg, int64_t T, int64_t F, ActKind act,
+                         float threshold, uint16_t* h, int64_t ldh, unsigned long long* counters);
+// Adds each row's count of g > 0 (f32 [T, F], ldg) to counters {nnz, max_row_nnz}.
+void count_positive_rows_f32(const float* g, int64_t ldg, int64_t T, int64_t F, unsigned long long* counters);
+
+// The whole forward pass on the device, the counterpart of sparsellm::Model (model.h) with the
+// same semantics: embeddings (+ learned positions) → pre-norm blocks (attention with a KV cache
+// on the device, FFN) → final norm → LM head; only the logits come back to the host. Weights are
+// uploaded once as bf16 (f32 stored matrices rounded); activations between the operations are f32
+// (residual stream, q/k/v, scores) and bf16 where a projection reads them. Projections:
+// gemm_bf16, or gemv_bf16 for at most kGemvMaxRows tokens. FFN: plain-ReLU layers run on a
+// CudaFfnLayer (dense / TwELL sparse / auto; calls of at most kDecodeMaxTokens tokens take the
+// sparse decode kernels unless dense); every other layer (silu / gelu, thresholded or not, or a
+// ReLU with a threshold) runs the generic dense path with its activation and threshold (the same
+// function the CPU computes, counted as a dense call). Not reentrant.
+class CudaModel {
+ public:
+  // `weights` point into host memory (the mapped file) only during the constructor.
+  CudaModel(const ModelConfig& cfg, const ModelWeights& weights, int64_t context);
+  ~CudaModel();
+  CudaModel(const CudaModel&) = delete;
+  CudaModel& operator=(const CudaModel&) = delete;
+
+  const ModelConfig& config() const;
+  int64_t context() const;
+  int64_t position() const;  // positions in the cache (the next token's position)
+  void reset();              // empties the cache
+
+  // As Model::forward: T tokens at position() .., appended to the cache; logits (host) [vocab]
+  // for the last token or [T, vocab] when all_logits. Throws std::invalid_argument when a token
+  // is out of range or the context would overflow (nothing runs then).
+  void forward(const int32_t* tokens, int64_t T, bool all_logits, RunMode mode, float* logits);
+
+  // Per-layer FFN activity since the last reset_stats(). Decode calls in dense mode count no
+  // tokens (their gate stays inside the layer).
+  std::vector<LayerActivity> activity() const;
+  void reset_stats();
+  // Device bytes held: weights (attention, FFN kernel layout, tables) and the KV cache.
+  int64_t bytes() const;
+
+  static constexpr int64_t kDecodeMaxTokens = 4;
 
  private:
   struct Impl;
