@@ -208,14 +208,32 @@ void test_updown(const char* isa) {
       Mat ud = make(F, 2 * ld, 2 * ld, DType::BF16);  // row j: up (ld), down (ld)
       const UpDownView view{ud.h.data(), DType::BF16, F, d, ld};
       const std::vector<float> bias = uniform(static_cast<size_t>(d));
-      for (int64_t M : {1, 3, 4, 6}) {
+      // listed: gemv_updown_rows over a random subset in random order (the sparse decode), with
+      // a poisonous coefficient on every unlisted neuron (it must not be read).
+      for (int64_t M : {1, 3, 4, 6})
+        for (bool listed : {false, true}) {
         const int64_t ldx = d + 1, ldc = F + 2, ldy = d + 3;
         const std::vector<float> x = uniform(static_cast<size_t>(M * ldx));
         std::vector<float> coef = uniform(static_cast<size_t>(M * ldc));
         for (size_t i = 0; i < coef.size(); i += 3) coef[i] = 0.f;  // ReLU-like zeros
+        std::vector<char> in(static_cast<size_t>(F), 1);
+        std::vector<int32_t> rows;
+        if (listed) {
+          std::uniform_int_distribution<int> coin(0, 2);
+          for (int32_t j = 0; j < F; ++j) {
+            in[static_cast<size_t>(j)] = coin(rng()) == 0;
+            if (in[static_cast<size_t>(j)]) rows.push_back(j);
+            else
+              for (int64_t m = 0; m < M; ++m) coef[static_cast<size_t>(m * ldc + j)] = 1e30f;
+          }
+          std::shuffle(rows.begin(), rows.end(), rng());
+        }
         std::vector<float> y(static_cast<size_t>(M * ldy), kSentinel);
         const bool with_bias = M % 2 == 1;
-        CHECK(gemv_updown(x.data(), ldx, M, coef.data(), ldc, view, with_bias ? bias.data() : nullptr, y.data(), ldy),
+        const float* b = with_bias ? bias.data() : nullptr;
+        CHECK(listed ? gemv_updown_rows(x.data(), ldx, M, coef.data(), ldc, view, rows.data(),
+                                        static_cast<int64_t>(rows.size()), b, y.data(), ldy)
+                     : gemv_updown(x.data(), ldx, M, coef.data(), ldc, view, b, y.data(), ldy),
               "%s: gemv_updown refused", isa);
         const double tol = (static_cast<double>(d) / 4 + static_cast<double>(F) + 16) * 6e-8;
         double worst = 0;
@@ -231,6 +249,7 @@ void test_updown(const char* isa) {
           for (int64_t k = 0; k < d; ++k) {
             double ref = with_bias ? bias[static_cast<size_t>(k)] : 0.0, mag = std::fabs(ref);
             for (int64_t j = 0; j < F; ++j) {
+              if (!in[static_cast<size_t>(j)]) continue;
               const double c = coef[static_cast<size_t>(m * ldc + j)];
               ref += c * u[static_cast<size_t>(j)] * ud.at(j, ld + k);
               mag += std::fabs(c) * umag[static_cast<size_t>(j)] * std::fabs(ud.at(j, ld + k));
@@ -240,10 +259,10 @@ void test_updown(const char* isa) {
           }
           for (int64_t k = d; k < ldy; ++k) untouched &= y[static_cast<size_t>(m * ldy + k)] == kSentinel;
         }
-        CHECK(worst <= tol, "%s updown d=%lld F=%lld M=%lld: error %.3g > %.3g", isa, (long long)d, (long long)F,
-              (long long)M, worst, tol);
+        CHECK(worst <= tol, "%s updown%s d=%lld F=%lld M=%lld: error %.3g > %.3g", isa, listed ? " (listed)" : "",
+              (long long)d, (long long)F, (long long)M, worst, tol);
         CHECK(untouched, "%s updown: wrote past d", isa);
-      }
+        }
     }
   }
   // The same inputs on 1 and 2 threads give bit-identical outputs (fixed chunks summed in order).
@@ -258,8 +277,16 @@ void test_updown(const char* isa) {
     gemv_updown(x.data(), d, 2, coef.data(), F, view, nullptr, y1.data(), d);
     set_num_threads(2);
     gemv_updown(x.data(), d, 2, coef.data(), F, view, nullptr, y2.data(), d);
-    set_num_threads(keep);
     CHECK(std::memcmp(y1.data(), y2.data(), y1.size() * 4) == 0, "%s updown: 1 and 2 threads differ", isa);
+    std::vector<int32_t> rows;
+    for (int32_t j = F - 1; j >= 0; j -= 7) rows.push_back(j);  // 74 scattered neurons, descending
+    const int64_t n = static_cast<int64_t>(rows.size());
+    set_num_threads(1);
+    gemv_updown_rows(x.data(), d, 2, coef.data(), F, view, rows.data(), n, nullptr, y1.data(), d);
+    set_num_threads(2);
+    gemv_updown_rows(x.data(), d, 2, coef.data(), F, view, rows.data(), n, nullptr, y2.data(), d);
+    set_num_threads(keep);
+    CHECK(std::memcmp(y1.data(), y2.data(), y1.size() * 4) == 0, "%s updown (listed): 1 and 2 threads differ", isa);
   }
 }
 

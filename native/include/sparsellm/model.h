@@ -144,6 +144,11 @@ void gemv_rows(const float* x, int64_t ldx, int64_t M, const WeightView& W, cons
 // returns false, writing nothing, where there is no such kernel (the caller runs GEMVs).
 bool gemv_updown(const float* x, int64_t ldx, int64_t M, const float* coef, int64_t ldc, const UpDownView& ud,
                  const float* bias, float* y, int64_t ldy);
+// The same over the n listed neurons rows[0 .. n) only (the sparse decode: the active ones, in
+// any order; coef of the unlisted ones is ignored). Partial sums in chunks of the list, summed in
+// chunk order: bit-identical for any thread count.
+bool gemv_updown_rows(const float* x, int64_t ldx, int64_t M, const float* coef, int64_t ldc, const UpDownView& ud,
+                      const int32_t* rows, int64_t n, const float* bias, float* y, int64_t ldy);
 bool gemv_updown_available();  // the current ISA has the fused kernel
 // The row kernel the current ISA dispatches to (e.g. "avx512 4 streams").
 const char* gemv_kernel_name();

@@ -112,8 +112,13 @@ FfnStats FfnLayer::decode(const float* x, int64_t M, float* y, FfnMode mode) {
     gemv(x, d, M, gate_view(), G, F);
   }
 
-  // Active lists of all tokens, flattened: (token, neuron, value).
-  std::vector<int32_t> tok, js;
+  // Activate the gate in place and count. A screened gate leaves only its candidate rows
+  // non-zero, so only those are visited (in ascending order, as a full scan would); else all F.
+  // Per token: non-zeros, tiles over capacity; all tokens: the active lists, flattened as
+  // (token, neuron, value) in token order, and the union of the active neurons.
+  const int32_t* visit = gate_candidates >= 0 ? screen_->candidates() : nullptr;
+  const int64_t n_visit = gate_candidates >= 0 ? gate_candidates : F;
+  std::vector<int32_t> tok, js, active;
   std::vector<float> vs;
   tok.reserve(static_cast<size_t>(M) * 64);
   js.reserve(static_cast<size_t>(M) * 64);
@@ -123,26 +128,25 @@ FfnStats FfnLayer::decode(const float* x, int64_t M, float* y, FfnMode mode) {
   st.gate_candidates = gate_candidates;
   for (int64_t m = 0; m < M; ++m) {
     float* g = G + m * F;
-    int64_t row = 0;
+    int64_t row = 0, in_tile = 0, tile = -1;
     bool row_ovf = false;
-    for (int64_t t0 = 0; t0 < F; t0 += T) {
-      const int64_t t1 = std::min(F, t0 + T);
-      int64_t n = 0;
-      for (int64_t j = t0; j < t1; ++j) {
-        const float v = act.apply(g[j] + (ub ? ub[j] : 0.f));
-        g[j] = v;
-        if (v != 0.f) {
-          tok.push_back(static_cast<int32_t>(m));
-          js.push_back(static_cast<int32_t>(j));
-          vs.push_back(v);
-          ++n;
-        }
+    for (int64_t i = 0; i < n_visit; ++i) {
+      const int64_t j = visit ? visit[i] : i;
+      const float v = act.apply(g[j] + (ub ? ub[j] : 0.f));
+      g[j] = v;
+      if (v == 0.f) continue;
+      if (j / T != tile) {
+        tile = j / T;
+        in_tile = 0;
       }
-      row += n;
-      if (n > cap) {
+      if (++in_tile == cap + 1) {
         ++st.overflow_tiles;
         row_ovf = true;
       }
+      tok.push_back(static_cast<int32_t>(m));
+      js.push_back(static_cast<int32_t>(j));
+      vs.push_back(v);
+      ++row;
     }
     st.nnz += row;
     st.max_row_nnz = std::max(st.max_row_nnz, row);
@@ -171,9 +175,22 @@ FfnStats FfnLayer::decode(const float* x, int64_t M, float* y, FfnMode mode) {
     return st;
   }
 
-  // Sparse: thread t takes entries [L·t/nt, L·(t+1)/nt) of the flattened list into its own
-  // partial outputs [M, d]; partials are then summed in thread order.
   st.path = FfnPath::Sparse;
+  // Gated bf16 with the fused kernel (AVX-512): one pass over the union of the active neurons'
+  // blocks, several in flight per thread (gemv_updown_rows); a neuron inactive for some of the
+  // tokens has coefficient 0 there (G holds the activated gate, 0 where inactive).
+  if (cfg_.gated && !ub && cfg_.dtype == DType::BF16 && gemv_updown_available()) {
+    active = js;
+    if (M > 1) {
+      std::sort(active.begin(), active.end());
+      active.erase(std::unique(active.begin(), active.end()), active.end());
+    }
+    gemv_updown_rows(x, d, M, G, F, updown_view(), active.data(), static_cast<int64_t>(active.size()), down_bias(), y,
+                     d);
+    return st;
+  }
+  // Otherwise thread t takes entries [L·t/nt, L·(t+1)/nt) of the flattened list into its own
+  // partial outputs [M, d]; partials are then summed in thread order.
   const detail::FfnOps& ops = detail::ffn_ops();
   const int64_t L = static_cast<int64_t>(js.size());
   const int nt = num_threads();

@@ -86,6 +86,9 @@ class GateScreen {
   // the full GEMV.
   int64_t gate(const WeightView& w, const float* x, int64_t ldx, int64_t M, float* G, int64_t ldg,
                double max_fraction = 0.25);
+  // After a gate() call that returned n >= 0: its n candidate rows, ascending (every other row of
+  // G is 0 for every token).
+  const int32_t* candidates() const { return cand_.get(); }
 
   // Back-off: after kMaxMisses fallbacks in a row (the layer's candidates keep exceeding the
   // threshold) the next kSkip calls run the plain GEMV without screening, then it tries again.

@@ -182,12 +182,15 @@ void gemv_rows(const float* x, int64_t ldx, int64_t M, const WeightView& W, cons
 
 bool gemv_updown_available() { return pick().updown_bf16 != nullptr; }
 
-bool gemv_updown(const float* x, int64_t ldx, int64_t M, const float* coef, int64_t ldc, const UpDownView& ud,
-                 const float* bias, float* y, int64_t ldy) {
+namespace {
+
+// gemv_updown over neurons [0, F), or over the n listed neurons rows[0 .. n) (gemv_updown_rows).
+bool updown_driver(const float* x, int64_t ldx, int64_t M, const float* coef, int64_t ldc, const UpDownView& ud,
+                   const int32_t* rows, int64_t n, const float* bias, float* y, int64_t ldy) {
   const GemvKernels& kr = pick();
   if (!kr.updown_bf16 || ud.dtype != DType::BF16) return false;
   const int64_t d = ud.cols, F = ud.rows;
-  if (M < 0 || F < 0 || d < 1 || ud.ld < d || ldx < d || ldy < d || ldc < F)
+  if (M < 0 || F < 0 || n < 0 || d < 1 || ud.ld < d || ldx < d || ldy < d || ldc < F)
     throw std::invalid_argument("gemv_updown: bad shape");
   if (M == 0) return true;
   GemvArgs base;
@@ -195,10 +198,12 @@ bool gemv_updown(const float* x, int64_t ldx, int64_t M, const float* coef, int6
   base.ldx = ldx;
   base.pf = prefetch_bytes();
   base.K2 = gemv_k2(d);
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), F / 16)));
+  base.rows = rows;
   // Fixed chunking (independent of the thread count), so the partial sums and their order are
-  // the same however many threads run.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(8, F / 16));
+  // the same however many threads run. Listed neurons are scattered (latency-bound): chunks of
+  // about one tile of 4 streams each, so that both threads work from a few neurons on.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(8, rows ? n / 4 : n / 16));
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), chunks)));
   for (int64_t g0 = 0; g0 < M; g0 += kMaxTokens) {
     GemvArgs a = base;
     a.M = static_cast<int>(std::min<int64_t>(kMaxTokens, M - g0));
@@ -224,8 +229,8 @@ bool gemv_updown(const float* x, int64_t ldx, int64_t M, const float* coef, int6
         float* ye = parts + part * static_cast<size_t>(c);
         float* yo = ye + a.M * a.K2;
         std::memset(ye, 0, part * sizeof(float));
-        kr.updown_bf16(a, cg, ldc, static_cast<const uint16_t*>(ud.data), 2 * ud.ld, F * c / chunks,
-                       F * (c + 1) / chunks, ye, yo);
+        kr.updown_bf16(a, cg, ldc, static_cast<const uint16_t*>(ud.data), 2 * ud.ld, n * c / chunks,
+                       n * (c + 1) / chunks, ye, yo);
       }
 #pragma omp for schedule(static)
       for (int64_t e = 0; e < a.M * d; ++e) {
@@ -238,6 +243,21 @@ bool gemv_updown(const float* x, int64_t ldx, int64_t M, const float* coef, int6
     }
   }
   return true;
+}
+
+}  // namespace
+
+bool gemv_updown(const float* x, int64_t ldx, int64_t M, const float* coef, int64_t ldc, const UpDownView& ud,
+                 const float* bias, float* y, int64_t ldy) {
+  return updown_driver(x, ldx, M, coef, ldc, ud, nullptr, ud.rows, bias, y, ldy);
+}
+
+bool gemv_updown_rows(const float* x, int64_t ldx, int64_t M, const float* coef, int64_t ldc, const UpDownView& ud,
+                      const int32_t* rows, int64_t n, const float* bias, float* y, int64_t ldy) {
+  if (n > 0 && !rows) throw std::invalid_argument("gemv_updown_rows: null list");
+  for (int64_t i = 0; i < n; ++i)
+    if (rows[i] < 0 || rows[i] >= ud.rows) throw std::invalid_argument("gemv_updown_rows: neuron index out of range");
+  return updown_driver(x, ldx, M, coef, ldc, ud, rows, n, bias, y, ldy);
 }
 
 void gemv(const float* x, int64_t ldx, int64_t M, const WeightView& W, float* y, int64_t ldy) {

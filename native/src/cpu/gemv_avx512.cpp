@@ -144,10 +144,12 @@ void f32_rows(const GemvArgs& a, const float* W, int64_t ldw, int64_t n0, int64_
 // Dense gated up+down (gemv_kernels.h, UpDownBf16): S neurons from S contiguous runs of the
 // neuron range at once; their up rows are dotted with x (as bf16_tile), then their down rows are
 // added, scaled, into the split accumulators ye / yo (one load and store of y per S rows). Each
-// run reads its neurons' 2·d blocks in address order, prefetched pf bytes ahead.
+// run reads its neurons' 2·d blocks in address order, prefetched pf bytes ahead; past a down
+// row's end the prefetch goes into nxt[s], the run's next block (the next listed neuron's when
+// the neurons are gathered).
 template <int M_, int S_>
 inline void updown_tile(const GemvArgs& a, const float* coef, int64_t ldc, const uint16_t* const* blk,
-                        const int64_t* js, int64_t doff, float* ye, float* yo) {
+                        const uint16_t* const* nxt, const int64_t* js, int64_t doff, float* ye, float* yo) {
   const int64_t d = a.K, K2 = a.K2, pfe = a.pf / 2;
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   float h[M_][S_];
@@ -173,47 +175,64 @@ inline void updown_tile(const GemvArgs& a, const float* coef, int64_t ldc, const
     for (int m = 0; m < M_; ++m)
       for (int s = 0; s < S_; ++s) h[m][s] = coef[m * ldc + js[s]] * _mm512_reduce_add_ps(acc[m][s]);
   }
-  for (int64_t k = 0; k < d; k += 32) {
-    const __mmask32 km = mask32(d - k);
-    __m512 we[S_], wo[S_];
-    for (int s = 0; s < S_; ++s) {
-      const uint16_t* dn = blk[s] + doff;
-      const __m512i v = _mm512_maskz_loadu_epi16(km, dn + k);
-      _mm_prefetch(reinterpret_cast<const char*>(dn + k + pfe), _MM_HINT_T0);
-      we[s] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-      wo[s] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
-    }
-    const int64_t j = k / 2;
-    for (int m = 0; m < M_; ++m) {
-      __m512 e = _mm512_load_ps(ye + m * K2 + j), o = _mm512_load_ps(yo + m * K2 + j);
+  // Down rows: prefetch pf[s] + k + off, into the row itself while that stays inside the
+  // block (pf = down row, off = pfe), then into the next block (pf = nxt, off = pfe - doff).
+  const auto down_steps = [&](int64_t k, int64_t k_end, const uint16_t* const* pf, int64_t off) {
+    for (; k < k_end; k += 32) {
+      const __mmask32 km = mask32(d - k);
+      __m512 we[S_], wo[S_];
       for (int s = 0; s < S_; ++s) {
-        const __m512 hv = _mm512_set1_ps(h[m][s]);
-        e = _mm512_fmadd_ps(hv, we[s], e);
-        o = _mm512_fmadd_ps(hv, wo[s], o);
+        const __m512i v = _mm512_maskz_loadu_epi16(km, blk[s] + doff + k);
+        _mm_prefetch(reinterpret_cast<const char*>(pf[s] + k + off), _MM_HINT_T0);
+        we[s] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        wo[s] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
       }
-      _mm512_store_ps(ye + m * K2 + j, e);
-      _mm512_store_ps(yo + m * K2 + j, o);
+      const int64_t j = k / 2;
+      for (int m = 0; m < M_; ++m) {
+        __m512 e = _mm512_load_ps(ye + m * K2 + j), o = _mm512_load_ps(yo + m * K2 + j);
+        for (int s = 0; s < S_; ++s) {
+          const __m512 hv = _mm512_set1_ps(h[m][s]);
+          e = _mm512_fmadd_ps(hv, we[s], e);
+          o = _mm512_fmadd_ps(hv, wo[s], o);
+        }
+        _mm512_store_ps(ye + m * K2 + j, e);
+        _mm512_store_ps(yo + m * K2 + j, o);
+      }
     }
-  }
+  };
+  const uint16_t* dn[S_];
+  for (int s = 0; s < S_; ++s) dn[s] = blk[s] + doff;
+  const int64_t k_steps = (d + 31) / 32 * 32;
+  int64_t k_own = doff - pfe <= 0 ? 0 : (doff - pfe + 31) / 32 * 32;  // first step prefetching past the block
+  if (k_own > k_steps) k_own = k_steps;
+  down_steps(0, k_own, dn, pfe);
+  down_steps(k_own, k_steps, nxt, pfe - doff);
 }
 
 template <int M_>
 void updown_m(const GemvArgs& a, const float* coef, int64_t ldc, const uint16_t* W, int64_t ld, int64_t j0, int64_t j1,
               float* ye, float* yo) {
+  // Position p is neuron p, or a.rows[p] when the neurons are listed (gathered).
+  const auto neuron = [&a](int64_t p) -> int64_t { return a.rows ? a.rows[p] : p; };
+  const auto next_block = [&](int64_t p, int64_t j) { return W + (a.rows && p + 1 < j1 ? neuron(p + 1) : j + 1) * ld; };
   const int64_t q = (j1 - j0) / S;
   for (int64_t i = 0; i < q; ++i) {
     const uint16_t* blk[S];
+    const uint16_t* nxt[S];
     int64_t js[S];
     for (int s = 0; s < S; ++s) {
-      js[s] = j0 + s * q + i;
+      const int64_t p = j0 + s * q + i;
+      js[s] = neuron(p);
       blk[s] = W + js[s] * ld;
+      nxt[s] = next_block(p, js[s]);
     }
-    updown_tile<M_, S>(a, coef, ldc, blk, js, ld / 2, ye, yo);
+    updown_tile<M_, S>(a, coef, ldc, blk, nxt, js, ld / 2, ye, yo);
   }
-  for (int64_t j = j0 + S * q; j < j1; ++j) {
-    const uint16_t* blk[1] = {W + j * ld};
-    const int64_t js[1] = {j};
-    updown_tile<M_, 1>(a, coef, ldc, blk, js, ld / 2, ye, yo);
+  for (int64_t p = j0 + S * q; p < j1; ++p) {
+    const int64_t js[1] = {neuron(p)};
+    const uint16_t* blk[1] = {W + js[0] * ld};
+    const uint16_t* nxt[1] = {next_block(p, js[0])};
+    updown_tile<M_, 1>(a, coef, ldc, blk, nxt, js, ld / 2, ye, yo);
   }
 }
 
