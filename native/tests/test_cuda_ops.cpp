@@ -11,7 +11,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -20,6 +22,7 @@
 #include "sparsellm/cuda_status.h"
 #include "sparsellm/ffn.h"
 #include "sparsellm/gemm.h"
+#include "sparsellm/model.h"
 
 #ifdef SPARSELLM_HAVE_CUDA
 #include "sparsellm/cuda_ops.h"
@@ -613,6 +616,239 @@ void test_hybrid() {
   test_hybrid_case(33, 64, 1000, 0.03, 4, 256, 8, 0.1f);    // most heavy rows in the tail
 }
 
+// --- the whole model (CudaModel) and its attention ------------------------------------------------
+
+// attention_device against the CPU attention_causal (f32, itself tested against float64 in
+// test_model_ops) on the same cache: bf16 output, so one rounding of 2^-9 relative: 8e-3.
+void test_attention_case(int64_t T, int64_t pos0, int64_t n_heads, int64_t n_kv, int64_t hd) {
+  const int64_t cap = pos0 + T + 3, qd = n_heads * hd, kd = n_kv * hd, ldo = pad8(qd) + 8;
+  KvCache cache;
+  cache.allocate(1, n_kv, hd, cap);
+  std::vector<float> q = random_vec(static_cast<size_t>(T * qd), 1.0);
+  std::vector<float> k = random_vec(static_cast<size_t>((pos0 + T) * kd), 1.0);
+  std::vector<float> v = random_vec(static_cast<size_t>((pos0 + T) * kd), 1.0);
+  kv_cache_store(cache, 0, k.data(), kd, v.data(), kd, pos0 + T, 0);
+  std::vector<float> ref(static_cast<size_t>(T * qd));
+  attention_causal(q.data(), qd, T, n_heads, cache, 0, pos0, ref.data(), qd);
+  // Device: the cache filled by kv_store_device in two calls (0 .. pos0 − 1, then the T new).
+  const size_t cbytes = static_cast<size_t>(n_kv * cap * hd) * 4;
+  DeviceBuffer ck(cbytes), cv(cbytes), dk = to_device(k.data(), k.size() * 4), dv = to_device(v.data(), v.size() * 4);
+  DeviceBuffer dq = to_device(q.data(), q.size() * 4), out(static_cast<size_t>(T * ldo) * 2);
+  memset_device(out.data(), 0xff, out.bytes());  // NaN pattern: padding must be overwritten
+  if (pos0 > 0) kv_store_device(ck.as<float>(), cv.as<float>(), n_kv, cap, hd, dk.as<float>(), kd, dv.as<float>(), kd, pos0, 0);
+  kv_store_device(ck.as<float>(), cv.as<float>(), n_kv, cap, hd, dk.as<float>() + pos0 * kd, kd,
+                  dv.as<float>() + pos0 * kd, kd, T, pos0);
+  attention_device(dq.as<float>(), qd, T, n_heads, n_kv, hd, ck.as<float>(), cv.as<float>(), cap, pos0,
+                   out.as<uint16_t>(), ldo);
+  std::vector<uint16_t> o(static_cast<size_t>(T * ldo));
+  download(o.data(), out.data(), o.size() * 2);
+  std::vector<float> got(static_cast<size_t>(T * qd));
+  std::vector<double> r(ref.begin(), ref.end());
+  bool pad_ok = true;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t c = 0; c < qd; ++c) got[t * qd + c] = bf16_to_f32(o[t * ldo + c]);
+    for (int64_t c = qd; c < ldo; ++c) pad_ok &= o[t * ldo + c] == 0;
+  }
+  const double e = check::rel_error(got.data(), r.data(), r.size());
+  CHECK(e < 8e-3, "attention T %lld pos0 %lld heads %lld/%lld hd %lld: rel err %.3g", (long long)T, (long long)pos0,
+        (long long)n_heads, (long long)n_kv, (long long)hd, e);
+  CHECK(pad_ok, "attention: padding columns not zeroed");
+}
+
+// A random model in host memory, laid out as the packed file (FFN in kernel layout, bf16).
+struct RandomModel {
+  ModelConfig cfg;
+  ModelWeights w;
+  std::deque<std::vector<uint16_t>> mats;
+  std::deque<std::vector<float>> vecs;
+
+  WeightView matrix(int64_t rows, int64_t cols, double scale) {
+    std::vector<float> f = random_vec(static_cast<size_t>(rows * cols), scale);
+    std::vector<uint16_t> b(f.size());
+    for (size_t i = 0; i < f.size(); ++i) b[i] = bf(f[i]);
+    mats.push_back(std::move(b));
+    return WeightView{mats.back().data(), DType::BF16, rows, cols, cols};
+  }
+  const float* vec(int64_t n, double mean, double scale) {
+    std::vector<float> f = random_vec(static_cast<size_t>(n), scale);
+    for (auto& x : f) x += static_cast<float>(mean);
+    vecs.push_back(std::move(f));
+    return vecs.back().data();
+  }
+};
+
+// llama: RMSNorm, RoPE, gated, no biases, separate LM head; else GPT-2 style: LayerNorm with
+// biases, learned positions (offset 2), non-gated with biases everywhere, tied embeddings.
+std::unique_ptr<RandomModel> random_model(bool llama, ActKind act, float threshold) {
+  auto m = std::make_unique<RandomModel>();
+  ModelConfig& c = m->cfg;
+  c.vocab = 50;
+  c.n_layers = 2;
+  c.max_positions = 64;
+  c.gated = c.rmsnorm = c.rope = llama;
+  if (llama) {
+    c.d_model = 72, c.n_heads = 4, c.n_kv_heads = 2, c.head_dim = 18;
+  } else {
+    c.d_model = 60, c.n_heads = 3, c.n_kv_heads = 3, c.head_dim = 20, c.position_offset = 2;
+  }
+  const int64_t d = c.d_model, qd = c.n_heads * c.head_dim, kd = c.n_kv_heads * c.head_dim;
+  const int64_t F = llama ? 200 : 150;
+  const double ws = 1.0 / std::sqrt(static_cast<double>(d));
+  ModelWeights& w = m->w;
+  w.embed = m->matrix(c.vocab, d, 1.0);
+  w.lm_head = llama ? m->matrix(c.vocab, d, ws) : w.embed;
+  if (!llama) w.pos_embed = m->matrix(c.max_positions + c.position_offset, d, 0.5);
+  w.final_norm_w = m->vec(d, 1.0, 0.1);
+  if (!llama) w.final_norm_b = m->vec(d, 0.0, 0.1);
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    LayerWeights L;
+    L.attn_norm_w = m->vec(d, 1.0, 0.1);
+    L.ffn_norm_w = m->vec(d, 1.0, 0.1);
+    L.q = m->matrix(qd, d, ws);
+    L.k = m->matrix(kd, d, ws);
+    L.v = m->matrix(kd, d, ws);
+    L.o = m->matrix(d, qd, 1.0 / std::sqrt(static_cast<double>(qd)));
+    if (!llama) {
+      L.attn_norm_b = m->vec(d, 0.0, 0.1);
+      L.ffn_norm_b = m->vec(d, 0.0, 0.1);
+      L.q_b = m->vec(qd, 0.0, 0.1);
+      L.k_b = m->vec(kd, 0.0, 0.1);
+      L.v_b = m->vec(kd, 0.0, 0.1);
+      L.o_b = m->vec(d, 0.0, 0.1);
+      L.up_b = m->vec(F, -0.3, 0.1);  // shifts the ReLU towards sparsity
+      L.down_b = m->vec(d, 0.0, 0.1);
+    }
+    L.d_ff = F;
+    L.ffn_dtype = DType::BF16;
+    L.act = act;
+    L.threshold = threshold;
+    L.twell.tile = 64;
+    L.twell.compression = 2;  // capacity 31: some tiles overflow (exact fallback), most do not
+    L.ffn_a = m->matrix(F, d, ws).data;
+    L.ffn_b = m->matrix(F, (c.gated ? 2 : 1) * d, c.gated ? ws : 1.0 / std::sqrt(static_cast<double>(F))).data;
+    w.layers.push_back(L);
+  }
+  return m;
+}
+
+int64_t argmax(const float* v, int64_t n) { return std::max_element(v, v + n) - v; }
+
+// The CPU Model and the CudaModel on the same random model: prefill of 37 tokens (all logits),
+// then 5 single-token decodes fed the CPU's greedy choice. Logits: relative error < 2e-2 (the
+// GPU rounds the activations that enter each projection to bf16, 2^-9 relative per rounding,
+// about ten roundings in series through two layers and the head; the CPU keeps them f32), and
+// the GPU's greedy token equals the CPU's wherever the CPU's top two logits are apart by more
+// than 5% of their spread. The KV cache: the 42 tokens in one call on the GPU give the same
+// logits as prefill + decodes (1e-2: GEMM vs GEMV summation order, bf16 roundings flipping).
+void test_model_case(const char* name, bool llama, ActKind act, float threshold, RunMode mode) {
+  auto hm = random_model(llama, act, threshold);
+  const ModelConfig& c = hm->cfg;
+  const int64_t context = 48, P = 37, S = 5, V = c.vocab;
+  const char* mname = mode == RunMode::Dense ? "dense" : mode == RunMode::Sparse ? "sparse" : "auto";
+  Model cpu(c, hm->w, context, nullptr);
+  CudaModel gpu(c, hm->w, context);
+  CHECK(gpu.bytes() > 0 && gpu.context() == context, "%s: bytes/context", name);
+  std::uniform_int_distribution<int> tok(0, static_cast<int>(V) - 1);
+  std::vector<int32_t> seq(static_cast<size_t>(P));
+  for (auto& t : seq) t = tok(rng());
+  std::vector<float> lc(static_cast<size_t>(P * V)), lg(static_cast<size_t>(P * V));
+  cpu.forward(seq.data(), P, true, mode, lc.data());
+  gpu.forward(seq.data(), P, true, mode, lg.data());
+  std::vector<double> ref(lc.begin(), lc.end());
+  double e = check::rel_error(lg.data(), ref.data(), ref.size());
+  CHECK(e < 2e-2, "%s %s: prefill logits rel err %.3g", name, mname, e);
+  std::vector<float> steps_gpu;  // last-token logits of the prefill, then of each decode
+  steps_gpu.insert(steps_gpu.end(), lg.end() - V, lg.end());
+  int decisive = 0, agree = 0;
+  auto compare_choice = [&](const float* c_logits, const float* g_logits) {
+    std::vector<float> s(c_logits, c_logits + V);
+    std::sort(s.begin(), s.end());
+    const float spread = s.back() - s.front();
+    if (s[static_cast<size_t>(V - 1)] - s[static_cast<size_t>(V - 2)] > 0.05f * spread) {
+      ++decisive;
+      agree += argmax(c_logits, V) == argmax(g_logits, V);
+    }
+  };
+  compare_choice(lc.data() + (P - 1) * V, lg.data() + (P - 1) * V);
+  int32_t next = static_cast<int32_t>(argmax(lc.data() + (P - 1) * V, V));
+  std::vector<float> c1(static_cast<size_t>(V)), g1(static_cast<size_t>(V));
+  for (int64_t s = 0; s < S; ++s) {
+    seq.push_back(next);
+    cpu.forward(&next, 1, false, mode, c1.data());
+    gpu.forward(&next, 1, false, mode, g1.data());
+    std::vector<double> r1(c1.begin(), c1.end());
+    e = check::rel_error(g1.data(), r1.data(), r1.size());
+    CHECK(e < 2e-2, "%s %s: decode step %lld logits rel err %.3g", name, mname, (long long)s, e);
+    compare_choice(c1.data(), g1.data());
+    steps_gpu.insert(steps_gpu.end(), g1.begin(), g1.end());
+    next = static_cast<int32_t>(argmax(c1.data(), V));
+  }
+  CHECK(agree == decisive, "%s %s: greedy tokens agree on %d of %d decisive steps", name, mname, agree, decisive);
+  CHECK(gpu.position() == P + S, "%s: position %lld", name, (long long)gpu.position());
+  if (mode == RunMode::Sparse) {
+    const std::vector<LayerActivity> ag = gpu.activity();
+    const std::vector<LayerActivity>& ac = cpu.activity();
+    for (size_t l = 0; l < ag.size(); ++l) {
+      CHECK(ag[l].tokens == ac[l].tokens, "%s: layer %zu counted %lld tokens, the CPU %lld", name, l,
+            (long long)ag[l].tokens, (long long)ac[l].tokens);
+      const double rel = std::fabs(static_cast<double>(ag[l].nnz - ac[l].nnz)) / std::max<double>(1.0, ac[l].nnz);
+      CHECK(ag[l].nnz > 0 && rel < 0.05, "%s: layer %zu nnz %lld vs CPU %lld", name, l, (long long)ag[l].nnz,
+            (long long)ac[l].nnz);
+      CHECK(ag[l].sparse_calls + ag[l].dense_calls == 1 + S, "%s: layer %zu calls", name, l);
+    }
+    gpu.reset_stats();
+    CHECK(gpu.activity()[0].tokens == 0 && gpu.activity()[0].nnz == 0, "%s: reset_stats", name);
+  }
+  // KV cache: the whole sequence in one call on the GPU.
+  gpu.reset();
+  const int64_t N = P + S;
+  std::vector<float> all(static_cast<size_t>(N * V));
+  gpu.forward(seq.data(), N, true, mode, all.data());
+  std::vector<double> st(steps_gpu.begin(), steps_gpu.end());
+  e = check::rel_error(all.data() + (P - 1) * V, st.data(), st.size());
+  CHECK(e < 1e-2, "%s %s: cached decode vs one call rel err %.3g", name, mname, e);
+  // Context and vocabulary checks throw and leave the cache as it was.
+  std::vector<int32_t> more(static_cast<size_t>(context - N + 1), 1);
+  bool threw = false;
+  try {
+    gpu.forward(more.data(), static_cast<int64_t>(more.size()), false, mode, g1.data());
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw && gpu.position() == N, "%s: a call past the context must throw", name);
+  gpu.reset();
+  std::vector<int32_t> longp(static_cast<size_t>(context + 1), 2);
+  threw = false;
+  try {
+    gpu.forward(longp.data(), context + 1, false, mode, g1.data());
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw && gpu.position() == 0, "%s: a prompt longer than the context must throw", name);
+  int32_t bad = static_cast<int32_t>(V);
+  threw = false;
+  try {
+    gpu.forward(&bad, 1, false, mode, g1.data());
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw, "%s: a token outside the vocabulary must throw", name);
+  std::printf("    model %-22s %-6s prefill ok, %d/%d decisive greedy steps agree\n", name, mname, agree, decisive);
+}
+
+void test_models() {
+  test_attention_case(1, 0, 2, 1, 8);
+  test_attention_case(3, 290, 4, 1, 256);    // decode, MQA, the widest head, a long context
+  test_attention_case(70, 0, 6, 3, 130);     // prefill, GQA, head_dim across lanes with a tail
+  test_attention_case(9, 40, 4, 4, 64);      // a chunk after a cached prefix
+  for (RunMode mode : {RunMode::Dense, RunMode::Sparse, RunMode::Auto}) {
+    test_model_case("llama relu", true, ActKind::Relu, -1.f, mode);
+    test_model_case("gpt2 relu", false, ActKind::Relu, -1.f, mode);
+    test_model_case("llama silu thresholded", true, ActKind::Silu, 0.02f, mode);
+    test_model_case("gpt2 gelu_tanh", false, ActKind::GeluTanh, -1.f, mode);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -653,6 +889,7 @@ int main(int argc, char** argv) {
       std::printf("  layers and trainer, unverified kernels %s\n", unverified ? "on" : "off");
       test_layers();
       test_hybrid();
+      test_models();
     }
     set_unverified_kernels(false);
   } catch (const std::exception& e) {

@@ -7,6 +7,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "model_args.h"
 #include "registry.h"
 #include "sparsellm/model.h"
 
@@ -106,6 +107,101 @@ class Tensors {
   std::unordered_map<std::string, TensorLoc> map_;
 };
 
+}  // namespace
+
+// new Model / CudaModel(path, spec, layers, tensors, context): see model_args.h.
+ModelArgs parse_model_args(const Napi::CallbackInfo& info, const char* cls) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 5 || !info[0].IsString() || !info[1].IsObject() || !info[2].IsArray() || !info[3].IsObject() ||
+      !info[4].IsNumber())
+    throw_js(env, std::string("new ") + cls + "(path, spec, layers, tensors, context): bad arguments");
+  const std::string path = info[0].As<Napi::String>().Utf8Value();
+  std::shared_ptr<MappedFile> file;
+  try {
+    file = std::make_shared<MappedFile>(path);
+  } catch (const std::exception& e) {
+    throw_js(env, e.what());
+  }
+  Napi::Object spec = info[1].As<Napi::Object>();
+  Napi::Array layers = info[2].As<Napi::Array>();
+  Tensors T(env, info[3].As<Napi::Object>(), *file);
+
+  ModelConfig c;
+  c.vocab = get_int(env, spec, "vocabSize");
+  c.d_model = get_int(env, spec, "dModel");
+  c.n_layers = get_int(env, spec, "nLayers");
+  c.n_heads = get_int(env, spec, "nHeads");
+  c.n_kv_heads = get_int(env, spec, "nKvHeads");
+  c.head_dim = get_int(env, spec, "headDim");
+  c.max_positions = get_int(env, spec, "maxPositions");
+  c.gated = get_bool(env, spec, "gated");
+  c.rmsnorm = get_str(env, spec, "norm") == "rmsnorm";
+  c.rope = get_str(env, spec, "positions") == "rope";
+  c.position_offset = get_int(env, spec, "positionOffset");
+  c.rope_theta = get_num(env, spec, "ropeTheta");
+  c.norm_eps = static_cast<float>(get_num(env, spec, "normEps"));
+  const bool tied = get_bool(env, spec, "tiedEmbeddings");
+  if (static_cast<int64_t>(layers.Length()) != c.n_layers) throw_js(env, "Model: layers length ≠ nLayers");
+
+  const int64_t d = c.d_model, qd = c.n_heads * c.head_dim, kd = c.n_kv_heads * c.head_dim;
+  ModelWeights w;
+  w.embed = T.matrix("embed.weight", c.vocab, d);
+  if (!c.rope) w.pos_embed = T.matrix("pos_embed.weight", c.max_positions + c.position_offset, d);
+  w.lm_head = tied ? w.embed : T.matrix("lm_head.weight", c.vocab, d);
+  w.final_norm_w = T.f32("final_norm.weight", d);
+  w.final_norm_b = T.f32_opt("final_norm.bias", d);
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    Napi::Object lo = layers.Get(static_cast<uint32_t>(i)).As<Napi::Object>();
+    LayerWeights L;
+    L.attn_norm_w = T.f32(p + "attn_norm.weight", d);
+    L.attn_norm_b = T.f32_opt(p + "attn_norm.bias", d);
+    L.q = T.matrix(p + "attn.q.weight", qd, d);
+    L.k = T.matrix(p + "attn.k.weight", kd, d);
+    L.v = T.matrix(p + "attn.v.weight", kd, d);
+    L.o = T.matrix(p + "attn.o.weight", d, qd);
+    L.q_b = T.f32_opt(p + "attn.q.bias", qd);
+    L.k_b = T.f32_opt(p + "attn.k.bias", kd);
+    L.v_b = T.f32_opt(p + "attn.v.bias", kd);
+    L.o_b = T.f32_opt(p + "attn.o.bias", d);
+    L.ffn_norm_w = T.f32(p + "ffn_norm.weight", d);
+    L.ffn_norm_b = T.f32_opt(p + "ffn_norm.bias", d);
+    const int64_t F = get_int(env, lo, "dFF");
+    L.d_ff = F;
+    L.act = parse_act(env, get_str(env, lo, "activation"));
+    Napi::Value thr = lo.Get("threshold");
+    L.threshold = thr.IsNumber() ? thr.As<Napi::Number>().FloatValue() : -1.f;
+    Napi::Value tw = lo.Get("twell");
+    if (tw.IsObject()) {
+      Napi::Object two = tw.As<Napi::Object>();
+      L.twell.tile = static_cast<int>(get_int(env, two, "tileWidth"));
+      L.twell.compression = static_cast<int>(get_int(env, two, "compression"));
+    }
+    DType da, db;
+    if (c.gated) {
+      L.ffn_a = T.raw(p + "ffn.gate", {F, d}, &da);
+      L.ffn_b = T.raw(p + "ffn.updown", {F, 2, d}, &db);
+    } else {
+      L.ffn_a = T.raw(p + "ffn.up", {F, d}, &da);
+      L.ffn_b = T.raw(p + "ffn.down_t", {F, d}, &db);
+    }
+    if (da != db) throw_js(env, path + ": layer " + std::to_string(i) + " FFN tensors differ in dtype");
+    L.ffn_dtype = da;
+    L.up_b = T.f32_opt(p + "ffn.up.bias", F);
+    L.down_b = T.f32_opt(p + "ffn.down.bias", d);
+    w.layers.push_back(L);
+  }
+  ModelArgs a;
+  a.path = path;
+  a.file = std::move(file);
+  a.cfg = c;
+  a.weights = std::move(w);
+  a.context = info[4].As<Napi::Number>().Int64Value();
+  return a;
+}
+
+namespace {
+
 class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
  public:
   static Napi::Function Define(Napi::Env env) {
@@ -120,91 +216,11 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
 
   // new Model(path, spec, layers, tensors, context)
   explicit ModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelWrap>(info) {
-    Napi::Env env = info.Env();
-    if (info.Length() != 5 || !info[0].IsString() || !info[1].IsObject() || !info[2].IsArray() || !info[3].IsObject() ||
-        !info[4].IsNumber())
-      throw_js(env, "new Model(path, spec, layers, tensors, context): bad arguments");
-    const std::string path = info[0].As<Napi::String>().Utf8Value();
-    std::shared_ptr<MappedFile> file;
+    ModelArgs a = parse_model_args(info, "Model");
     try {
-      file = std::make_shared<MappedFile>(path);
+      model_ = std::make_unique<Model>(a.cfg, std::move(a.weights), a.context, a.file);
     } catch (const std::exception& e) {
-      throw_js(env, e.what());
-    }
-    Napi::Object spec = info[1].As<Napi::Object>();
-    Napi::Array layers = info[2].As<Napi::Array>();
-    Tensors T(env, info[3].As<Napi::Object>(), *file);
-
-    ModelConfig c;
-    c.vocab = get_int(env, spec, "vocabSize");
-    c.d_model = get_int(env, spec, "dModel");
-    c.n_layers = get_int(env, spec, "nLayers");
-    c.n_heads = get_int(env, spec, "nHeads");
-    c.n_kv_heads = get_int(env, spec, "nKvHeads");
-    c.head_dim = get_int(env, spec, "headDim");
-    c.max_positions = get_int(env, spec, "maxPositions");
-    c.gated = get_bool(env, spec, "gated");
-    c.rmsnorm = get_str(env, spec, "norm") == "rmsnorm";
-    c.rope = get_str(env, spec, "positions") == "rope";
-    c.position_offset = get_int(env, spec, "positionOffset");
-    c.rope_theta = get_num(env, spec, "ropeTheta");
-    c.norm_eps = static_cast<float>(get_num(env, spec, "normEps"));
-    const bool tied = get_bool(env, spec, "tiedEmbeddings");
-    if (static_cast<int64_t>(layers.Length()) != c.n_layers) throw_js(env, "Model: layers length ≠ nLayers");
-
-    const int64_t d = c.d_model, qd = c.n_heads * c.head_dim, kd = c.n_kv_heads * c.head_dim;
-    ModelWeights w;
-    w.embed = T.matrix("embed.weight", c.vocab, d);
-    if (!c.rope) w.pos_embed = T.matrix("pos_embed.weight", c.max_positions + c.position_offset, d);
-    w.lm_head = tied ? w.embed : T.matrix("lm_head.weight", c.vocab, d);
-    w.final_norm_w = T.f32("final_norm.weight", d);
-    w.final_norm_b = T.f32_opt("final_norm.bias", d);
-    for (int64_t i = 0; i < c.n_layers; ++i) {
-      const std::string p = "layers." + std::to_string(i) + ".";
-      Napi::Object lo = layers.Get(static_cast<uint32_t>(i)).As<Napi::Object>();
-      LayerWeights L;
-      L.attn_norm_w = T.f32(p + "attn_norm.weight", d);
-      L.attn_norm_b = T.f32_opt(p + "attn_norm.bias", d);
-      L.q = T.matrix(p + "attn.q.weight", qd, d);
-      L.k = T.matrix(p + "attn.k.weight", kd, d);
-      L.v = T.matrix(p + "attn.v.weight", kd, d);
-      L.o = T.matrix(p + "attn.o.weight", d, qd);
-      L.q_b = T.f32_opt(p + "attn.q.bias", qd);
-      L.k_b = T.f32_opt(p + "attn.k.bias", kd);
-      L.v_b = T.f32_opt(p + "attn.v.bias", kd);
-      L.o_b = T.f32_opt(p + "attn.o.bias", d);
-      L.ffn_norm_w = T.f32(p + "ffn_norm.weight", d);
-      L.ffn_norm_b = T.f32_opt(p + "ffn_norm.bias", d);
-      const int64_t F = get_int(env, lo, "dFF");
-      L.d_ff = F;
-      L.act = parse_act(env, get_str(env, lo, "activation"));
-      Napi::Value thr = lo.Get("threshold");
-      L.threshold = thr.IsNumber() ? thr.As<Napi::Number>().FloatValue() : -1.f;
-      Napi::Value tw = lo.Get("twell");
-      if (tw.IsObject()) {
-        Napi::Object two = tw.As<Napi::Object>();
-        L.twell.tile = static_cast<int>(get_int(env, two, "tileWidth"));
-        L.twell.compression = static_cast<int>(get_int(env, two, "compression"));
-      }
-      DType da, db;
-      if (c.gated) {
-        L.ffn_a = T.raw(p + "ffn.gate", {F, d}, &da);
-        L.ffn_b = T.raw(p + "ffn.updown", {F, 2, d}, &db);
-      } else {
-        L.ffn_a = T.raw(p + "ffn.up", {F, d}, &da);
-        L.ffn_b = T.raw(p + "ffn.down_t", {F, d}, &db);
-      }
-      if (da != db) throw_js(env, path + ": layer " + std::to_string(i) + " FFN tensors differ in dtype");
-      L.ffn_dtype = da;
-      L.up_b = T.f32_opt(p + "ffn.up.bias", F);
-      L.down_b = T.f32_opt(p + "ffn.down.bias", d);
-      w.layers.push_back(L);
-    }
-    const int64_t context = info[4].As<Napi::Number>().Int64Value();
-    try {
-      model_ = std::make_unique<Model>(c, std::move(w), context, file);
-    } catch (const std::exception& e) {
-      throw_js(env, path + ": " + e.what());
+      throw_js(info.Env(), a.path + ": " + e.what());
     }
   }
 
