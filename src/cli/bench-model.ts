@@ -5,6 +5,7 @@ import type { Command } from 'commander';
 import { setThreads, engine } from '../core/native.js';
 import { UsageError } from '../core/errors.js';
 import { benchModel, type ModelBenchResult } from '../core/model/bench.js';
+import { resolveModelBackend } from '../core/model/runtime.js';
 import { loadAverage1m, logicalCpus, sourceCommit } from '../core/bench/runinfo.js';
 import { parsePositiveInt } from './options.js';
 import { Output, formatBytes } from './ui.js';
@@ -40,13 +41,21 @@ export function addModelBenchOptions(cmd: Command): Command {
 
 export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
   if (flags.csv) throw new UsageError('--csv is not available with --model; use --json or --markdown');
-  if (flags.backend === 'cuda') throw new UsageError('--backend cuda: this build has no CUDA model runtime yet; use --backend cpu');
+  // auto: the CPU; cuda: only where allowed (resolveModelBackend says why not).
+  const backend = resolveModelBackend(flags.backend);
   const out = new Output({ json: flags.json, quiet: flags.quiet });
   setThreads(flags.threads);
   const info = engine().buildInfo();
   const loadStart = loadAverage1m();
   const modelPath = typeof flags.model === 'string' ? flags.model : DEFAULT_MODEL;
-  out.note(`sparsellm ${VERSION} bench --model ${modelPath}: cpu (${info.cpu.brand}, ${info.cpu.isa}, ${info.cpu.threads} threads), load ${loadStart}`);
+  const gpu = info.cuda.devices[0]?.name ?? 'GPU';
+  out.note(
+    backend === 'cuda'
+      ? `sparsellm ${VERSION} bench --model ${modelPath}: cuda (${gpu}; unverified CUDA model runtime), load ${loadStart}`
+      : `sparsellm ${VERSION} bench --model ${modelPath}: cpu (${info.cpu.brand}, ${info.cpu.isa}, ${info.cpu.threads} threads), load ${loadStart}`,
+  );
+  // The bandwidth probe reads host memory: it says nothing about a GPU's decode.
+  if (backend === 'cuda' && flags.bandwidth !== false) out.note('note: --backend cuda skips the host memory bandwidth probe (it measures CPU memory, not the GPU\'s)');
   const total = (flags.warmup + flags.repeats) * 2;
   const bar = out.progress('bench', total);
   let r: ModelBenchResult;
@@ -61,7 +70,8 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
       repeats: flags.repeats,
       warmup: flags.warmup,
       seed: flags.seed,
-      bandwidth: flags.bandwidth !== false,
+      bandwidth: flags.bandwidth !== false && backend === 'cpu',
+      backend,
       onProgress: () => bar.tick(1),
       onNotice: (s) => out.note(s),
     });
@@ -71,7 +81,7 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
     throw e;
   }
   const loadEnd = loadAverage1m();
-  const machine = { cpu: info.cpu.brand, isa: info.cpu.isa, threads: info.cpu.threads, cpus: logicalCpus(), loadAverage: { start: loadStart, end: loadEnd } };
+  const machine = { cpu: info.cpu.brand, isa: info.cpu.isa, threads: info.cpu.threads, cpus: logicalCpus(), loadAverage: { start: loadStart, end: loadEnd }, ...(backend === 'cuda' ? { gpu } : {}) };
   if (flags.json) {
     out.result({ tool: 'sparsellm bench --model', version: VERSION, commit: sourceCommit(), machine, ...r });
     return;

@@ -6,7 +6,7 @@ import { Option, type Command } from 'commander';
 import { SparseLlmError, UsageError } from '../core/errors.js';
 import { setThreads } from '../core/native.js';
 import { generate, perplexity } from '../core/model/generate.js';
-import { ModelRuntime, type FfnRunMode, type LayerActivity } from '../core/model/runtime.js';
+import { ModelRuntime, resolveModelBackend, type FfnRunMode, type LayerActivity } from '../core/model/runtime.js';
 import { StreamDecoder } from '../core/tokenizer/index.js';
 import { parseNumberInRange, parsePositiveInt } from './options.js';
 import { Output, formatBytes } from './ui.js';
@@ -57,13 +57,6 @@ export function registerInfer(program: Command): void {
     .action(async (model: string | undefined, opts: InferOptions) => runInfer(model ?? DEFAULT_MODEL, opts));
 }
 
-function checkBackend(backend: InferOptions['backend']): 'cpu' {
-  if (backend === 'cuda') {
-    throw new UsageError('--backend cuda: this build has no CUDA model runtime yet (the CUDA kernels do not run whole models); use --backend cpu');
-  }
-  return 'cpu';
-}
-
 async function readStdin(): Promise<string> {
   const chunks: Buffer[] = [];
   for await (const c of process.stdin) chunks.push(c as Buffer);
@@ -92,7 +85,8 @@ function summarizeActivity(layers: LayerActivity[]): string {
 
 async function runInfer(modelPath: string, opts: InferOptions): Promise<void> {
   const out = new Output(opts);
-  const backend = checkBackend(opts.backend);
+  // auto: the CPU; cuda: only where allowed (resolveModelBackend says why not).
+  const backend = resolveModelBackend(opts.backend);
   setThreads(opts.threads);
   const mode: FfnRunMode = opts.dense ? 'dense' : 'auto';
 
@@ -115,6 +109,7 @@ async function runInfer(modelPath: string, opts: InferOptions): Promise<void> {
     // Perplexity windows default to 1024 tokens (or the model's maximum when smaller).
     defaultContext: corpus ? 1024 : undefined,
     onNotice: (s) => out.note(s),
+    backend,
   });
   try {
     const tok = rt.tokenizer;

@@ -4,7 +4,7 @@
 // memory and the FFN sparsity observed.
 import { engine, type NativeAddon } from '../native.js';
 import { UsageError } from '../errors.js';
-import { ModelRuntime, type FfnRunMode, type LayerActivity } from './runtime.js';
+import { ModelRuntime, type FfnRunMode, type LayerActivity, type ModelBackend } from './runtime.js';
 import type { ModelSpec } from './spec.js';
 
 export interface ModelBenchOptions {
@@ -20,6 +20,8 @@ export interface ModelBenchOptions {
   seed: number;
   /** Measure the machine's read bandwidth after every timed round (about half a second each). */
   bandwidth: boolean;
+  /** Where the model runs (default cpu; the caller checks that cuda is allowed). */
+  backend?: ModelBackend;
   onProgress?: (done: number, total: number) => void;
   onNotice?: (text: string) => void;
 }
@@ -44,6 +46,7 @@ export interface PathResult {
 
 export interface ModelBenchResult {
   model: string;
+  backend: ModelBackend;
   spec: Pick<ModelSpec, 'modelType' | 'nLayers' | 'dModel' | 'nHeads' | 'nKvHeads' | 'vocabSize' | 'activation'> & { dFF: number[] };
   storageDtype: string;
   weightsBytes: number;
@@ -113,7 +116,7 @@ export function decodeBytes(spec: ModelSpec, elem: number, kvPositions: number, 
 
 export async function benchModel(path: string, asked: ModelBenchOptions): Promise<ModelBenchResult> {
   const askedNeed = Math.max(asked.prefillTokens, asked.decodePrompt + asked.decodeTokens);
-  const rt = await ModelRuntime.load(path, { context: undefined, defaultContext: askedNeed, onNotice: asked.onNotice });
+  const rt = await ModelRuntime.load(path, { context: undefined, defaultContext: askedNeed, onNotice: asked.onNotice, backend: asked.backend });
   const opts = { ...asked };
   if (opts.fitPrefill) opts.prefillTokens = Math.min(opts.prefillTokens, rt.context);
   if (opts.fitDecode) opts.decodeTokens = Math.max(1, Math.min(opts.decodeTokens, rt.context - opts.decodePrompt));
@@ -174,7 +177,8 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
     }
     peakRssBytes ??= process.resourceUsage().maxRSS * 1024;
     const bandwidth = bandwidthSamples.length ? median(bandwidthSamples) : null;
-    const elem = rt.storageDtype === 'F32' ? 4 : 2;
+    // The CUDA runtime holds every matrix as bf16 on the device.
+    const elem = rt.storageDtype === 'F32' && rt.backend === 'cpu' ? 4 : 2;
     const kvAvg = opts.decodePrompt + opts.decodeTokens / 2;
     const result = (mode: FfnRunMode): PathResult => {
       const t = times[mode]!;
@@ -207,6 +211,7 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
       : null;
     return {
       model: path,
+      backend: rt.backend,
       spec: { modelType: spec.modelType, nLayers: spec.nLayers, dModel: spec.dModel, nHeads: spec.nHeads, nKvHeads: spec.nKvHeads, vocabSize: spec.vocabSize, activation: spec.activation, dFF: spec.dFF },
       storageDtype: rt.storageDtype,
       weightsBytes: rt.weightsBytes,

@@ -17,6 +17,27 @@ import type { ModelSpec } from './spec.js';
 /** How ReLU FFNs run: dense GEMMs, TwELL sparse kernels, or the engine's per-call choice. */
 export type FfnRunMode = 'dense' | 'sparse' | 'auto';
 
+/** Where a whole model runs: the CPU runtime, or the CUDA one (CudaModel, docs/runtime.md). */
+export type ModelBackend = 'cpu' | 'cuda';
+
+/**
+ * The backend a whole-model command runs on: `auto` and `cpu` run on the CPU; `cuda` only where
+ * a GPU is usable and SPARSELLM_CUDA_UNVERIFIED=1 is set, since the CUDA model runtime has not
+ * yet run on a GPU (the policy of native/src/cuda/kernel_policy.h). Throws a UsageError saying
+ * why otherwise.
+ */
+export function resolveModelBackend(asked: 'auto' | 'cpu' | 'cuda', env: NodeJS.ProcessEnv = process.env): ModelBackend {
+  if (asked !== 'cuda') return 'cpu';
+  const cuda = engine().buildInfo().cuda;
+  if (!cuda.compiled || !cuda.usable || !(engine() as ModelAddon).CudaModel) {
+    const why = cuda.compiled ? cuda.reason : `this build has no CUDA backend (${cuda.reason})`;
+    throw new UsageError(`--backend cuda: the CUDA model runtime needs a usable GPU: ${why}; use --backend cpu`);
+  }
+  if (env.SPARSELLM_CUDA_UNVERIFIED !== '1') {
+    throw new UsageError('--backend cuda: the CUDA model runtime has not yet been verified on a GPU; set SPARSELLM_CUDA_UNVERIFIED=1 to run it');
+  }
+  return 'cuda';
+}
 /** FFN activity of one layer, measured over the tokens run since the last resetActivity(). */
 export interface LayerActivity {
   layer: number;
@@ -53,8 +74,11 @@ interface NativeModel {
  */
 export type FfnObserver = (layer: number, T: number, F: number, act: Float32Array, hidden: Float32Array) => void;
 
+type NativeModelCtor = new (path: string, spec: ModelSpec, layers: readonly PackedLayer[], tensors: Record<string, { offset: number; bytes: number; dtype: string; shape: number[] }>, context: number) => NativeModel;
 type ModelAddon = NativeAddon & {
-  Model: new (path: string, spec: ModelSpec, layers: readonly PackedLayer[], tensors: Record<string, { offset: number; bytes: number; dtype: string; shape: number[] }>, context: number) => NativeModel;
+  Model: NativeModelCtor;
+  /** Builds with the CUDA backend only (native/src/addon/cuda_model_binding.cpp). */
+  CudaModel?: NativeModelCtor;
 };
 
 export interface LoadOptions {
@@ -65,6 +89,8 @@ export interface LoadOptions {
   onNotice?: (text: string) => void;
   /** Storage dtype when packing a dense checkpoint on the fly (default BF16). */
   dtype?: StorageDType;
+  /** Where the model runs (default cpu); see resolveModelBackend for when cuda is allowed. */
+  backend?: ModelBackend;
 }
 
 export class ModelRuntime {
@@ -81,6 +107,7 @@ export class ModelRuntime {
     readonly storageDtype: StorageDType,
     /** True when the model came from a dense checkpoint packed on the fly. */
     readonly packedOnTheFly: boolean,
+    readonly backend: ModelBackend,
   ) {}
 
   /** Opens a packed .sllm file, or packs a dense checkpoint (directory or .safetensors) on the fly. */
@@ -128,13 +155,16 @@ export class ModelRuntime {
         tensors[name] = { offset: t.offset, bytes: t.bytes, dtype: t.dtype, shape: t.shape };
       }
       const addon = engine() as ModelAddon;
+      const backend = opts.backend ?? 'cpu';
+      const Ctor = backend === 'cuda' ? addon.CudaModel : addon.Model;
+      if (!Ctor) throw new SparseLlmError('this build has no CUDA model runtime (the addon was built without nvcc); use the cpu backend');
       let native: NativeModel;
       try {
-        native = new addon.Model(file, spec, pm.layers, tensors, context);
+        native = new Ctor(file, spec, pm.layers, tensors, context);
       } catch (e) {
         throw new SparseLlmError(onTheFly ? `${shownPath}: ${(e as Error).message}` : (e as Error).message);
       }
-      return new ModelRuntime(native, spec, pm.layers, tokenizer, context, shownPath, pm.fileSize, pm.storageDtype, onTheFly);
+      return new ModelRuntime(native, spec, pm.layers, tokenizer, context, shownPath, pm.fileSize, pm.storageDtype, onTheFly, backend);
     } finally {
       await pm.close();
     }
