@@ -10,7 +10,8 @@
 #   node_modules/tsx node_modules/esbuild node_modules/@esbuild   (for test/cuda.test.ts; optional)
 #
 # Steps: GPU and driver; CUDA correctness (C++ test vs CPU engine and float64; addon test when
-# tsx is present); benchmarks on the shapes (scripts/gpu-bench.mjs). Full logs under
+# tsx is present); benchmarks on the shapes (scripts/gpu-bench.mjs); the CUDA model
+# runtime (test/cuda-model.test.ts, bench --model --backend cuda on a fixture). Full logs under
 # $OUT (or ./gpu-check-out); the short table is printed last. Sized for one 10-minute command.
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-check-out}"
@@ -58,6 +59,24 @@ echo "== Benchmarks (scripts/gpu-bench.mjs, SPARSELLM_CUDA_UNVERIFIED=1)"
 SPARSELLM_CUDA_UNVERIFIED=1 timeout 300 node scripts/gpu-bench.mjs --out "$OUT" 2> "$OUT/gpu-bench.log" | tee "$OUT/gpu-bench-table.md"
 rc=${PIPESTATUS[0]}
 grep -E "relative error|measured|median" "$OUT/gpu-bench.log" | head -40
+[[ $rc -ne 0 ]] && status=1
+
+# The CUDA model runtime (CudaModel, unverified: written without a GPU): the JS-side test
+# (CPU vs CUDA logits on a fixture) when tsx is present, then bench --model end to end on a
+# small fixture checkpoint (packed on the fly), dense vs sparse on the GPU.
+if [[ -f node_modules/tsx/dist/loader.mjs && -d node_modules/esbuild ]]; then
+  echo "== CUDA model runtime through the addon: test/cuda-model.test.ts"
+  timeout 90 node --import tsx --test test/cuda-model.test.ts > "$OUT/cuda-model-test.log" 2>&1
+  rc=$?
+  grep -E "^# (pass|fail|skipped)|^not ok" "$OUT/cuda-model-test.log"
+  [[ $rc -ne 0 ]] && status=1
+fi
+echo "== Whole model on the GPU: bench --model fixtures/models/llama-relu-gqa --backend cuda"
+SPARSELLM_CUDA_UNVERIFIED=1 timeout 120 node bin/sparsellm.js bench --model fixtures/models/llama-relu-gqa --backend cuda \
+  --prefill 96 --decode 24 --repeats 3 --warmup 1 --json > "$OUT/bench-model-cuda.json" 2> "$OUT/bench-model-cuda.log"
+rc=$?
+tail -3 "$OUT/bench-model-cuda.log"
+echo "bench --model --backend cuda exit $rc"
 [[ $rc -ne 0 ]] && status=1
 
 echo
