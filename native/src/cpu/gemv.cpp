@@ -200,9 +200,9 @@ bool updown_driver(const float* x, int64_t ldx, int64_t M, const float* coef, in
   base.K2 = gemv_k2(d);
   base.rows = rows;
   // Fixed chunking (independent of the thread count), so the partial sums and their order are
-  // the same however many threads run. Listed neurons are scattered (latency-bound): chunks of
-  // about one tile of 4 streams each, so that both threads work from a few neurons on.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(8, rows ? n / 4 : n / 16));
+  // the same however many threads run. Listed neurons are scattered (latency-bound): each chunk
+  // prefetches a tile of blocks ahead, so a few tiles per chunk; both threads from 24 neurons on.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(8, rows ? n / 12 : n / 16));
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), chunks)));
   for (int64_t g0 = 0; g0 < M; g0 += kMaxTokens) {
     GemvArgs a = base;

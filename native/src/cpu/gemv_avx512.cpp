@@ -144,13 +144,17 @@ void f32_rows(const GemvArgs& a, const float* W, int64_t ldw, int64_t n0, int64_
 // Dense gated up+down (gemv_kernels.h, UpDownBf16): S neurons from S contiguous runs of the
 // neuron range at once; their up rows are dotted with x (as bf16_tile), then their down rows are
 // added, scaled, into the split accumulators ye / yo (one load and store of y per S rows). Each
-// run reads its neurons' 2·d blocks in address order, prefetched pf bytes ahead; past a down
-// row's end the prefetch goes into nxt[s], the run's next block (the next listed neuron's when
-// the neurons are gathered).
+// run reads its neurons' 2·d blocks in address order. Contiguous neurons: prefetched pf bytes
+// ahead (past a down row's end, into nxt[s], the run's next block). Listed (gathered) neurons:
+// the run's next block nxt[s] is scattered, so it is prefetched whole, at the offset being read
+// in this one (a block ahead, as the per-entry sparse kernel does).
 template <int M_, int S_>
 inline void updown_tile(const GemvArgs& a, const float* coef, int64_t ldc, const uint16_t* const* blk,
                         const uint16_t* const* nxt, const int64_t* js, int64_t doff, float* ye, float* yo) {
-  const int64_t d = a.K, K2 = a.K2, pfe = a.pf / 2;
+  const int64_t d = a.K, K2 = a.K2;
+  const bool listed = a.rows != nullptr;
+  const int64_t pfe = listed ? 0 : a.pf / 2;
+  const uint16_t* const* up_pf = listed ? nxt : blk;  // up rows: prefetch up_pf[s] + k + pfe
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   float h[M_][S_];
   {
@@ -162,7 +166,7 @@ inline void updown_tile(const GemvArgs& a, const float* coef, int64_t ldc, const
       __m512 we[S_], wo[S_];
       for (int s = 0; s < S_; ++s) {
         const __m512i v = _mm512_maskz_loadu_epi16(km, blk[s] + k);
-        _mm_prefetch(reinterpret_cast<const char*>(blk[s] + k + pfe), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(up_pf[s] + k + pfe), _MM_HINT_T0);
         we[s] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
         wo[s] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
       }
@@ -175,8 +179,9 @@ inline void updown_tile(const GemvArgs& a, const float* coef, int64_t ldc, const
     for (int m = 0; m < M_; ++m)
       for (int s = 0; s < S_; ++s) h[m][s] = coef[m * ldc + js[s]] * _mm512_reduce_add_ps(acc[m][s]);
   }
-  // Down rows: prefetch pf[s] + k + off, into the row itself while that stays inside the
-  // block (pf = down row, off = pfe), then into the next block (pf = nxt, off = pfe - doff).
+  // Down rows: prefetch pf[s] + k + off. Contiguous: into the row itself while that stays
+  // inside the block (pf = down row, off = pfe), then into the next block (pf = nxt, off =
+  // pfe - doff). Listed: the next block's down row (pf = nxt, off = doff) throughout.
   const auto down_steps = [&](int64_t k, int64_t k_end, const uint16_t* const* pf, int64_t off) {
     for (; k < k_end; k += 32) {
       const __mmask32 km = mask32(d - k);
@@ -200,9 +205,13 @@ inline void updown_tile(const GemvArgs& a, const float* coef, int64_t ldc, const
       }
     }
   };
+  const int64_t k_steps = (d + 31) / 32 * 32;
+  if (listed) {
+    down_steps(0, k_steps, nxt, doff);
+    return;
+  }
   const uint16_t* dn[S_];
   for (int s = 0; s < S_; ++s) dn[s] = blk[s] + doff;
-  const int64_t k_steps = (d + 31) / 32 * 32;
   int64_t k_own = doff - pfe <= 0 ? 0 : (doff - pfe + 31) / 32 * 32;  // first step prefetching past the block
   if (k_own > k_steps) k_own = k_steps;
   down_steps(0, k_own, dn, pfe);
