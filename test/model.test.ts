@@ -158,6 +158,24 @@ for (const name of RELU) {
   });
 }
 
+test('weights resident (huge-page memory, the default) or memory-mapped: the same logits, bit for bit', async () => {
+  const path = packed.get('llama-relu-gqa')!;
+  const runs: Float32Array[] = [];
+  for (const weights of ['resident', 'mmap'] as const) {
+    const rt = await ModelRuntime.load(path, { context: 32, weights });
+    try {
+      const tokens = randomTokens(13, rt.spec.vocabSize, rng(SEED * 11));
+      const prefill = rt.forward(tokens.slice(0, 10), { allLogits: true, mode: 'sparse' });
+      const step = rt.forward(tokens.slice(10), { allLogits: true, mode: 'sparse' });
+      runs.push(Float32Array.from([...prefill, ...step]));
+    } finally {
+      rt.close();
+    }
+  }
+  assert.ok(runs[0]!.every((v) => Number.isFinite(v)) && runs[0]!.some((v) => v !== 0));
+  assert.deepEqual(Buffer.from(runs[0]!.buffer), Buffer.from(runs[1]!.buffer));
+});
+
 test('generation: greedy is deterministic, same seed gives the same sample, different seeds differ', async () => {
   const rt = await ModelRuntime.load(packed.get('llama-relu-gqa')!, { context: 64 });
   try {

@@ -3,8 +3,13 @@
 // bf16 exactly), so the relative error is a few f32 roundings per reduction: 1e-5 for norms
 // and positions, 2e-5 for attention (a softmax and two reductions over up to ~100 keys),
 // 2e-6 for element-wise functions.
+#include <unistd.h>
+
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "check.h"
@@ -36,6 +41,36 @@ std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
 double widen(const WeightView& w, int64_t r, int64_t c) {
   if (w.dtype == DType::F32) return static_cast<const float*>(w.data)[r * w.ld + c];
   return bf16_to_f32(static_cast<const uint16_t*>(w.data)[r * w.ld + c]);
+}
+
+// MappedFile: mapped and resident (huge-page memory) views of a file hold its bytes exactly
+// (a size that is not a multiple of the 2 MiB page, nor of 4 KiB, read in several pieces); a missing file is refused
+// with its name.
+void test_mapped_file() {
+  char path[] = "/tmp/sparsellm-test-mapped-XXXXXX";
+  const int fd = ::mkstemp(path);
+  CHECK(fd >= 0, "mkstemp failed");
+  if (fd < 0) return;
+  std::vector<uint8_t> bytes((size_t(37) << 20) + 4099);  // several 16 MiB reads
+  for (auto& b : bytes) b = static_cast<uint8_t>(rng()());
+  CHECK(::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()), "short write");
+  ::close(fd);
+  for (Residency r : {Residency::Map, Residency::Resident}) {
+    MappedFile f(path, r);
+    CHECK(f.size() == static_cast<int64_t>(bytes.size()) && f.residency() == r, "size or residency wrong");
+    CHECK(std::memcmp(f.data(), bytes.data(), bytes.size()) == 0, "residency %d: bytes differ", static_cast<int>(r));
+  }
+  ::unlink(path);
+  for (Residency r : {Residency::Map, Residency::Resident}) {
+    std::string msg;
+    try {
+      MappedFile f(path, r);
+    } catch (const std::runtime_error& e) {
+      msg = e.what();
+    }
+    CHECK(msg.find(path) != std::string::npos && msg.find("cannot open") != std::string::npos,
+          "missing file: message '%s'", msg.c_str());
+  }
 }
 
 void test_embeddings() {
@@ -258,6 +293,7 @@ void test_attention() {
 }  // namespace
 
 int main() {
+  test_mapped_file();
   const Isa best = active_isa();
   for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Avx512}) {
     if (static_cast<int>(isa) > static_cast<int>(best)) continue;

@@ -23,6 +23,7 @@ export interface ModelBenchFlags {
   seed: number;
   backend: 'auto' | 'cpu' | 'cuda';
   bandwidth?: boolean;
+  mmap?: boolean;
   json?: boolean;
   csv?: boolean;
   markdown?: boolean;
@@ -36,7 +37,8 @@ export function addModelBenchOptions(cmd: Command): Command {
     .option('--prefill <n>', 'with --model: prompt tokens of the timed prefill (default: 512, or the model context if shorter)', parsePositiveInt('--prefill'))
     .option('--decode <n>', 'with --model: tokens of the timed decode (default: 128, or what the model context leaves)', parsePositiveInt('--decode'))
     .option('--decode-prompt <n>', 'with --model: tokens in the cache before the timed decode', parsePositiveInt('--decode-prompt'), 16)
-    .option('--no-bandwidth', 'with --model: skip measuring the machine memory bandwidth');
+    .option('--no-bandwidth', 'with --model: skip measuring the machine memory bandwidth')
+    .option('--mmap', 'with --model: ' + 'map the weights file instead of reading it into huge-page memory (opens faster and shares the page cache; decode is slower)');
 }
 
 export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
@@ -72,6 +74,7 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
       seed: flags.seed,
       bandwidth: flags.bandwidth !== false && backend === 'cpu',
       backend,
+      weights: flags.mmap ? 'mmap' : 'resident',
       onProgress: () => bar.tick(1),
       onNotice: (s) => out.note(s),
     });
@@ -101,7 +104,7 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
     l.gateCandidatesMean === null ? 'all (not screened)' : l.gateCandidatesMean.toFixed(1),
   ]);
   const summary =
-    `${r.spec.modelType}, ${r.spec.nLayers} layers, d_model ${r.spec.dModel}, ${r.storageDtype} weights ${formatBytes(r.weightsBytes)}; ` +
+    `${r.spec.modelType}, ${r.spec.nLayers} layers, d_model ${r.spec.dModel}, ${r.storageDtype} weights ${formatBytes(r.weightsBytes)} (${r.weights === 'mmap' ? 'memory-mapped' : 'resident, huge pages advised'}); ` +
     `peak RSS ${formatBytes(r.peakRssBytes)}` +
     (r.memoryBandwidthGBs ? `; ${bandwidthSummary(r)}` : '');
   if (flags.markdown) {

@@ -22,6 +22,7 @@ interface InferOptions {
   perplexity?: string;
   context?: number;
   dense?: boolean;
+  mmap?: boolean;
   backend: 'auto' | 'cpu' | 'cuda';
   threads?: number;
   json?: boolean;
@@ -50,6 +51,7 @@ export function registerInfer(program: Command): void {
     .option('--perplexity <path>', 'measure perplexity over a text file, or every .txt file of a directory, instead of generating')
     .option('--context <n>', 'context length: KV-cache size, and the window of --perplexity (default: the model maximum; 1024 for --perplexity)', parsePositiveInt('--context'))
     .option('--dense', 'run every FFN on the dense path (default: TwELL sparse kernels for ReLU FFNs where they pay)')
+    .option('--mmap', 'map the weights file instead of reading it into huge-page memory (opens faster and shares the page cache; decode is slower)')
     .addOption(new Option('--backend <backend>', 'compute backend').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--threads <n>', 'CPU threads (default: all cores)', parsePositiveInt('--threads'))
     .option('--json', 'print a JSON result on stdout (the generated text is not streamed)')
@@ -110,6 +112,7 @@ async function runInfer(modelPath: string, opts: InferOptions): Promise<void> {
     defaultContext: corpus ? 1024 : undefined,
     onNotice: (s) => out.note(s),
     backend,
+    weights: opts.mmap ? 'mmap' : 'resident',
   });
   try {
     const tok = rt.tokenizer;

@@ -154,22 +154,32 @@ bool gemv_updown_available();  // the current ISA has the fused kernel
 const char* gemv_kernel_name();
 
 
-// A read-only memory map of a whole file (the packed model). Throws std::runtime_error naming
-// the file when it cannot be opened or mapped.
+// A whole file (the packed model) in memory, read-only. Map: a memory map of the file (pages
+// come from the page cache as they are touched; quick to open, shared between processes).
+// Resident: read once into anonymous memory advised for transparent huge pages: 2 MiB pages
+// spare the decode's scattered reads (active neurons, candidate gate rows) most TLB misses, and
+// the streams a page-walk per 4 KiB (about 10% faster decode on the proxy model); costs one read
+// of the file at load. Throws std::runtime_error naming the file when it cannot be opened,
+// mapped or read.
+enum class Residency { Map, Resident };
 class MappedFile {
  public:
-  explicit MappedFile(const std::string& path);
+  explicit MappedFile(const std::string& path, Residency residency = Residency::Map);
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
   const uint8_t* data() const { return data_; }
   int64_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  Residency residency() const { return residency_; }
 
  private:
   std::string path_;
+  Residency residency_ = Residency::Map;
   const uint8_t* data_ = nullptr;
   int64_t size_ = 0;
+  void* region_ = nullptr;  // the mapping to unmap (huge-page aligned inside it when resident)
+  size_t region_bytes_ = 0;
 };
 
 struct ModelConfig {

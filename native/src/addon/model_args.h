@@ -18,7 +18,8 @@ struct ModelArgs {
   int64_t context = 0;
 };
 
-// new <cls>(path, spec, layers, tensors, context): maps the packed file, checks that every tensor
+// new <cls>(path, spec, layers, tensors, context[, weights]): maps the packed file (or reads it
+// into huge-page memory when weights is 'resident'; sparsellm/model.h, Residency), checks that every tensor
 // lies inside it with the expected shape and dtype, and builds the engine's config and views.
 // Throws a JS error naming the file on any problem.
 ModelArgs parse_model_args(const Napi::CallbackInfo& info, const char* cls);

@@ -109,16 +109,23 @@ class Tensors {
 
 }  // namespace
 
-// new Model / CudaModel(path, spec, layers, tensors, context): see model_args.h.
+// new Model / CudaModel(path, spec, layers, tensors, context[, weights]): see model_args.h.
 ModelArgs parse_model_args(const Napi::CallbackInfo& info, const char* cls) {
   Napi::Env env = info.Env();
-  if (info.Length() != 5 || !info[0].IsString() || !info[1].IsObject() || !info[2].IsArray() || !info[3].IsObject() ||
-      !info[4].IsNumber())
-    throw_js(env, std::string("new ") + cls + "(path, spec, layers, tensors, context): bad arguments");
+  const bool weights_arg = info.Length() == 6 && info[5].IsString();
+  if ((info.Length() != 5 && !weights_arg) || !info[0].IsString() || !info[1].IsObject() || !info[2].IsArray() ||
+      !info[3].IsObject() || !info[4].IsNumber())
+    throw_js(env, std::string("new ") + cls + "(path, spec, layers, tensors, context[, 'map' | 'resident']): bad arguments");
   const std::string path = info[0].As<Napi::String>().Utf8Value();
+  Residency residency = Residency::Map;
+  if (weights_arg) {
+    const std::string w = info[5].As<Napi::String>().Utf8Value();
+    if (w != "map" && w != "resident") throw_js(env, std::string("new ") + cls + ": weights must be 'map' or 'resident'");
+    residency = w == "resident" ? Residency::Resident : Residency::Map;
+  }
   std::shared_ptr<MappedFile> file;
   try {
-    file = std::make_shared<MappedFile>(path);
+    file = std::make_shared<MappedFile>(path, residency);
   } catch (const std::exception& e) {
     throw_js(env, e.what());
   }

@@ -1,7 +1,10 @@
 // Memory-bandwidth probe: every thread reads its share of a buffer far larger than the caches;
 // the best of several passes gives the sustained read bandwidth (GB/s, 1e9 bytes per second)
-// that memory-bound kernels (the decode GEMV) are compared with.
+// that memory-bound kernels (the decode GEMV) are compared with. The buffer is advised for
+// transparent huge pages, as the model runtime's resident weights are, so that the probe is not
+// weaker than what it is compared with (4 KiB pages read ~15% slower here).
 #include <omp.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <chrono>
@@ -34,8 +37,12 @@ float read_sum_portable(const float* p, int64_t n) {
 double memory_bandwidth_gbs(int64_t bytes) {
   if (bytes < (int64_t(1) << 20)) throw std::invalid_argument("memoryBandwidth: buffer must be at least 1 MiB");
   const int64_t n = bytes / 64 * 16;  // whole cache lines of floats
-  float* buf = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(n) * sizeof(float)));
-  if (!buf) throw std::bad_alloc();
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t region = (static_cast<size_t>(n) * sizeof(float) + kHuge - 1) / kHuge * kHuge + kHuge;
+  void* mem = ::mmap(nullptr, region, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mem == MAP_FAILED) throw std::bad_alloc();
+  float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(mem) + kHuge - 1) / kHuge * kHuge);
+  ::madvise(buf, region - kHuge, MADV_HUGEPAGE);
   const Isa isa = active_isa();
   float (*sum)(const float*, int64_t) = isa == Isa::Avx512 ? membw_detail::read_sum_avx512
                                         : isa == Isa::Avx2 ? membw_detail::read_sum_avx2
@@ -60,7 +67,7 @@ double memory_bandwidth_gbs(int64_t bytes) {
     sink = sink + total;
     if (pass > 0) best = std::max(best, static_cast<double>(n) * sizeof(float) / s / 1e9);
   }
-  std::free(buf);
+  ::munmap(mem, region);
   (void)sink;
   return best;
 }

@@ -23,30 +23,72 @@ namespace sparsellm {
 
 // ---- MappedFile ------------------------------------------------------------------------------
 
-MappedFile::MappedFile(const std::string& path) : path_(path) {
+namespace {
+
+[[noreturn]] void fail(const std::string& path, const char* what, int err) {
+  throw std::runtime_error(path + ": " + what + ": " + std::strerror(err));
+}
+
+}  // namespace
+
+MappedFile::MappedFile(const std::string& path, Residency residency) : path_(path), residency_(residency) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw std::runtime_error(path + ": cannot open: " + std::strerror(errno));
+  if (fd < 0) fail(path, "cannot open", errno);
   struct stat st{};
   if (::fstat(fd, &st) != 0) {
-    int e = errno;
+    const int e = errno;
     ::close(fd);
-    throw std::runtime_error(path + ": cannot stat: " + std::strerror(e));
+    fail(path, "cannot stat", e);
   }
   size_ = static_cast<int64_t>(st.st_size);
-  if (size_ > 0) {
+  if (size_ > 0 && residency_ == Residency::Map) {
     void* p = ::mmap(nullptr, static_cast<size_t>(size_), PROT_READ, MAP_PRIVATE, fd, 0);
     if (p == MAP_FAILED) {
-      int e = errno;
+      const int e = errno;
       ::close(fd);
-      throw std::runtime_error(path + ": cannot memory-map: " + std::strerror(e));
+      fail(path, "cannot memory-map", e);
     }
+    region_ = p;
+    region_bytes_ = static_cast<size_t>(size_);
     data_ = static_cast<const uint8_t*>(p);
+  } else if (size_ > 0) {
+    // A 2 MiB-aligned stretch of anonymous memory (over-allocated by one huge page to align),
+    // advised for huge pages before the first touch, then filled from the file.
+    constexpr size_t kHuge = size_t(2) << 20;
+    const size_t bytes = (static_cast<size_t>(size_) + kHuge - 1) / kHuge * kHuge;
+    void* p = ::mmap(nullptr, bytes + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      const int e = errno;
+      ::close(fd);
+      fail(path, "cannot allocate memory for the weights", e);
+    }
+    region_ = p;
+    region_bytes_ = bytes + kHuge;
+    uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + kHuge - 1) / kHuge * kHuge);
+    ::madvise(base, bytes, MADV_HUGEPAGE);  // advice only: without THP the copy still works
+    size_t got = 0;
+    while (got < static_cast<size_t>(size_)) {
+      const size_t want = std::min(static_cast<size_t>(size_) - got, size_t(16) << 20);
+      const ssize_t r = ::pread(fd, base + got, want, static_cast<off_t>(got));
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) {
+        const int e = r < 0 ? errno : EIO;
+        ::munmap(region_, region_bytes_);
+        region_ = nullptr;
+        ::close(fd);
+        if (r == 0) throw std::runtime_error(path + ": the file ended early while being read");
+        fail(path, "cannot read", e);
+      }
+      got += static_cast<size_t>(r);
+    }
+    ::mprotect(base, bytes, PROT_READ);  // the weights are read-only from here on
+    data_ = base;
   }
-  ::close(fd);  // the mapping stays valid
+  ::close(fd);  // a mapping stays valid
 }
 
 MappedFile::~MappedFile() {
-  if (data_) ::munmap(const_cast<uint8_t*>(data_), static_cast<size_t>(size_));
+  if (region_) ::munmap(region_, region_bytes_);
 }
 
 // ---- Model -----------------------------------------------------------------------------------

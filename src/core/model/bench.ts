@@ -4,7 +4,7 @@
 // memory and the FFN sparsity observed.
 import { engine, type NativeAddon } from '../native.js';
 import { UsageError } from '../errors.js';
-import { ModelRuntime, type FfnRunMode, type LayerActivity, type ModelBackend } from './runtime.js';
+import { ModelRuntime, type FfnRunMode, type LayerActivity, type ModelBackend, type WeightResidency } from './runtime.js';
 import type { ModelSpec } from './spec.js';
 
 export interface ModelBenchOptions {
@@ -22,6 +22,8 @@ export interface ModelBenchOptions {
   bandwidth: boolean;
   /** Where the model runs (default cpu; the caller checks that cuda is allowed). */
   backend?: ModelBackend;
+  /** Host residency of the weights (LoadOptions.weights; default resident). */
+  weights?: WeightResidency;
   onProgress?: (done: number, total: number) => void;
   onNotice?: (text: string) => void;
 }
@@ -47,6 +49,8 @@ export interface PathResult {
 export interface ModelBenchResult {
   model: string;
   backend: ModelBackend;
+  /** How the weights sat in host memory (LoadOptions.weights; the CUDA backend maps them). */
+  weights: WeightResidency;
   spec: Pick<ModelSpec, 'modelType' | 'nLayers' | 'dModel' | 'nHeads' | 'nKvHeads' | 'vocabSize' | 'activation'> & { dFF: number[] };
   storageDtype: string;
   weightsBytes: number;
@@ -116,7 +120,7 @@ export function decodeBytes(spec: ModelSpec, elem: number, kvPositions: number, 
 
 export async function benchModel(path: string, asked: ModelBenchOptions): Promise<ModelBenchResult> {
   const askedNeed = Math.max(asked.prefillTokens, asked.decodePrompt + asked.decodeTokens);
-  const rt = await ModelRuntime.load(path, { context: undefined, defaultContext: askedNeed, onNotice: asked.onNotice, backend: asked.backend });
+  const rt = await ModelRuntime.load(path, { context: undefined, defaultContext: askedNeed, onNotice: asked.onNotice, backend: asked.backend, weights: asked.weights });
   const opts = { ...asked };
   if (opts.fitPrefill) opts.prefillTokens = Math.min(opts.prefillTokens, rt.context);
   if (opts.fitDecode) opts.decodeTokens = Math.max(1, Math.min(opts.decodeTokens, rt.context - opts.decodePrompt));
@@ -212,6 +216,7 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
     return {
       model: path,
       backend: rt.backend,
+      weights: rt.backend === 'cpu' ? (opts.weights ?? 'resident') : 'mmap',
       spec: { modelType: spec.modelType, nLayers: spec.nLayers, dModel: spec.dModel, nHeads: spec.nHeads, nKvHeads: spec.nKvHeads, vocabSize: spec.vocabSize, activation: spec.activation, dFF: spec.dFF },
       storageDtype: rt.storageDtype,
       weightsBytes: rt.weightsBytes,

@@ -74,7 +74,7 @@ interface NativeModel {
  */
 export type FfnObserver = (layer: number, T: number, F: number, act: Float32Array, hidden: Float32Array) => void;
 
-type NativeModelCtor = new (path: string, spec: ModelSpec, layers: readonly PackedLayer[], tensors: Record<string, { offset: number; bytes: number; dtype: string; shape: number[] }>, context: number) => NativeModel;
+type NativeModelCtor = new (path: string, spec: ModelSpec, layers: readonly PackedLayer[], tensors: Record<string, { offset: number; bytes: number; dtype: string; shape: number[] }>, context: number, weights?: 'map' | 'resident') => NativeModel;
 type ModelAddon = NativeAddon & {
   Model: NativeModelCtor;
   /** Builds with the CUDA backend only (native/src/addon/cuda_model_binding.cpp). */
@@ -91,7 +91,17 @@ export interface LoadOptions {
   dtype?: StorageDType;
   /** Where the model runs (default cpu); see resolveModelBackend for when cuda is allowed. */
   backend?: ModelBackend;
+  /**
+   * CPU backend: 'resident' (default) reads the weights once into memory advised for huge pages
+   * (faster decode: scattered reads of the sparse path miss the TLB far less); 'mmap' maps the
+   * file instead (quicker to open, pages shared with other processes). The CUDA backend always
+   * maps (the weights are uploaded to the device).
+   */
+  weights?: WeightResidency;
 }
+
+/** How a model's weights sit in host memory (LoadOptions.weights). */
+export type WeightResidency = 'resident' | 'mmap';
 
 export class ModelRuntime {
   private closed = false;
@@ -160,7 +170,8 @@ export class ModelRuntime {
       if (!Ctor) throw new SparseLlmError('this build has no CUDA model runtime (the addon was built without nvcc); use the cpu backend');
       let native: NativeModel;
       try {
-        native = new Ctor(file, spec, pm.layers, tensors, context);
+        const weights = backend === 'cpu' && (opts.weights ?? 'resident') === 'resident' ? 'resident' : 'map';
+        native = new Ctor(file, spec, pm.layers, tensors, context, weights);
       } catch (e) {
         throw new SparseLlmError(onTheFly ? `${shownPath}: ${(e as Error).message}` : (e as Error).message);
       }
