@@ -67,6 +67,24 @@ void add_inplace(float* x, int64_t ldx, const float* y, int64_t ldy, int64_t T, 
 
 // ---- attention -----------------------------------------------------------------------------
 
+// Floats in anonymous memory (zero pages until touched), advised for transparent huge pages when
+// `huge`: the decode's cache rows are scattered over n_kv_heads regions per layer, and with 4 KiB
+// pages nearly every row read or written is a TLB miss.
+class FloatRegion {
+ public:
+  FloatRegion() = default;
+  ~FloatRegion();
+  FloatRegion(const FloatRegion&) = delete;
+  FloatRegion& operator=(const FloatRegion&) = delete;
+  void allocate(size_t n, bool huge);  // throws std::bad_alloc
+  float* get() const { return data_; }
+
+ private:
+  float* data_ = nullptr;
+  void* region_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 // Keys and values of every layer, f32, both laid out [layer][kv_head][position][head_dim] (one
 // head's keys contiguous: the rows of Q·Kᵀ; a decoded token appends one contiguous row per head
 // to each). `length` is the number of positions filled (the next position to write); the model
@@ -74,8 +92,11 @@ void add_inplace(float* x, int64_t ldx, const float* y, int64_t ldy, int64_t T, 
 struct KvCache {
   int64_t n_layers = 0, n_kv_heads = 0, head_dim = 0, capacity = 0;
   int64_t length = 0;
-  // Not zero-filled: positions >= length are never read, and untouched pages cost no memory.
-  std::unique_ptr<float[]> k, v;
+  // Positions >= length are never read. Caches of up to kKvHugePageMaxBytes (keys and values
+  // together) are on huge pages; larger ones keep 4 KiB pages, so that a long context costs
+  // memory only as it fills.
+  FloatRegion k, v;
+  static constexpr size_t kKvHugePageMaxBytes = size_t(1) << 30;
 
   void allocate(int64_t layers, int64_t kv_heads, int64_t hd, int64_t positions);
   // Key / value of `pos`: head_dim contiguous floats.
