@@ -26,17 +26,17 @@ test('bench --model --json: dense and sparse paths, ratios, sparsity per layer',
   assert.ok(j.sparse.decodeBytesPerToken < j.dense.decodeBytesPerToken);
 });
 
-test('bench --model --json: one bandwidth probe per timed round, the dense fraction paired round by round', () => {
+test('bench --model --json: bandwidth probed before and after the rounds, the dense share against their mean', () => {
   const r = run(['bench', '--model', FIXTURE_PATHS.opt!, '--prefill', '16', '--decode', '4', '--repeats', '3', '--warmup', '0', '--json', '-q']);
   assert.equal(r.status, 0, r.stderr);
   const j = JSON.parse(r.stdout);
   const bw: number[] = j.memoryBandwidthSamplesGBs;
-  assert.equal(bw.length, 3);
+  assert.equal(bw.length, 2);
   assert.ok(bw.every((x) => x > 0.5 && x < 5000), `probes ${bw}`);
-  const sorted = [...bw].sort((a, b) => a - b);
-  assert.equal(j.memoryBandwidthGBs, sorted[1]);
-  const perRound = j.dense.decodeSeconds.map((s: number, i: number) => (j.dense.decodeBytesPerToken * 4) / s / 1e9 / bw[i]!).sort((a: number, b: number) => a - b);
-  assert.ok(Math.abs(j.denseDecodeBandwidthFraction - perRound[1]) < 1e-12, `${j.denseDecodeBandwidthFraction} vs ${perRound}`);
+  assert.ok(Math.abs(j.memoryBandwidthGBs - (bw[0]! + bw[1]!) / 2) < 1e-9);
+  assert.ok(Math.abs(j.denseDecodeBandwidthFraction - j.dense.decodeGBs / j.memoryBandwidthGBs) < 1e-12);
+  // The probe's buffer (1 GiB) is allocated in a child process, not counted in this peak.
+  assert.ok(j.peakRssBytes < 900 * 2 ** 20, `peak RSS ${j.peakRssBytes}`);
 });
 
 test('bench --model: usage errors', () => {

@@ -123,12 +123,12 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
 
 const fmt = (x: number) => (x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2));
 
-// "machine read bandwidth 72 GB/s (5 probes, one after each round: 65-78), dense decode reaches 71%"
+// "machine read bandwidth 72.1 GB/s (probes before and after the rounds: 70.3, 73.9), dense decode reaches 71%"
 function bandwidthSummary(r: ModelBenchResult): string {
   const xs = r.memoryBandwidthSamplesGBs;
-  const range = xs.length > 1 ? `: ${fmt(Math.min(...xs))}-${fmt(Math.max(...xs))}` : '';
+  const drift = xs.length === 2 && Math.abs(xs[0]! - xs[1]!) > 0.15 * Math.max(xs[0]!, xs[1]!) ? '; the host\'s bandwidth moved during the run' : '';
   return (
-    `machine read bandwidth ${fmt(r.memoryBandwidthGBs!)} GB/s (median of ${xs.length} probe${xs.length > 1 ? 's' : ''}, one after each round${range}), ` +
-    `dense decode reaches ${(100 * r.denseDecodeBandwidthFraction!).toFixed(0)}% of its round's probe`
+    `machine read bandwidth ${fmt(r.memoryBandwidthGBs!)} GB/s (probes before and after the rounds: ${xs.map(fmt).join(', ')}${drift}), ` +
+    `dense decode reaches ${(100 * r.denseDecodeBandwidthFraction!).toFixed(0)}%`
   );
 }

@@ -2,8 +2,9 @@
 // in the same run (alternating, median of the repeats), with the bytes each path reads per
 // decoded token, the memory bandwidth they reach against the machine's measured bandwidth, peak
 // memory and the FFN sparsity observed.
-import { engine, type NativeAddon } from '../native.js';
-import { UsageError } from '../errors.js';
+import { spawnSync } from 'node:child_process';
+import { addonPath, engine } from '../native.js';
+import { SparseLlmError, UsageError } from '../errors.js';
 import { ModelRuntime, type FfnRunMode, type LayerActivity, type ModelBackend, type WeightResidency } from './runtime.js';
 import type { ModelSpec } from './spec.js';
 
@@ -18,7 +19,7 @@ export interface ModelBenchOptions {
   repeats: number;
   warmup: number;
   seed: number;
-  /** Measure the machine's read bandwidth after every timed round (about half a second each). */
+  /** Measure the machine's read bandwidth before and after the rounds (about a second each). */
   bandwidth: boolean;
   /** Where the model runs (default cpu; the caller checks that cuda is allowed). */
   backend?: ModelBackend;
@@ -57,18 +58,18 @@ export interface ModelBenchResult {
   peakRssBytes: number;
   options: Omit<ModelBenchOptions, 'onProgress' | 'onNotice'>;
   /**
-   * The machine's read bandwidth: median of the probes taken after each timed round (the host's
-   * bandwidth can drift over minutes, so each round's decode is compared with its own probe).
+   * The machine's read bandwidth: the mean of two probes, before the first round and after the
+   * last (the host's bandwidth drifts over minutes; the two show how much it moved meanwhile).
    */
   memoryBandwidthGBs: number | null;
-  /** Every probe, in round order. */
+  /** The probes: [before, after]. */
   memoryBandwidthSamplesGBs: number[];
   dense: PathResult;
   sparse: PathResult;
   speedup: { prefill: number; decode: number };
   /** Dense CPU time over sparse CPU time, prefill and decode. */
   cpuTimeRatio: { prefill: number; decode: number };
-  /** Dense decode bandwidth over the probe taken in the same round: median over the rounds. */
+  /** Dense decode bandwidth over memoryBandwidthGBs. */
   denseDecodeBandwidthFraction: number | null;
   layers: LayerActivity[];
 }
@@ -118,6 +119,20 @@ export function decodeBytes(spec: ModelSpec, elem: number, kvPositions: number, 
   return bytes;
 }
 
+/**
+ * The machine's read bandwidth (memoryBandwidth(), GB/s) with `threads` threads, measured in a
+ * child process, so that its gigabyte buffer never counts in this process's peak RSS.
+ */
+function probeBandwidth(threads: number): number {
+  const code = `const a = require(${JSON.stringify(addonPath)}); a.setThreads(${threads}); process.stdout.write(String(a.memoryBandwidth()));`;
+  const r = spawnSync(process.execPath, ['-e', code], { encoding: 'utf8' });
+  const gbs = Number(r.stdout);
+  if (r.status !== 0 || !(gbs > 0)) {
+    throw new SparseLlmError(`memory bandwidth probe failed: ${(r.stderr || r.error?.message || 'no output').trim().split('\n').pop()}`);
+  }
+  return gbs;
+}
+
 export async function benchModel(path: string, asked: ModelBenchOptions): Promise<ModelBenchResult> {
   const askedNeed = Math.max(asked.prefillTokens, asked.decodePrompt + asked.decodeTokens);
   const rt = await ModelRuntime.load(path, { context: undefined, defaultContext: askedNeed, onNotice: asked.onNotice, backend: asked.backend, weights: asked.weights });
@@ -142,11 +157,12 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
     const total = (opts.warmup + opts.repeats) * modes.length;
     let done = 0;
     let sparseActivity: LayerActivity[] = [];
-    const probe = () => (engine() as NativeAddon & { memoryBandwidth(bytes?: number): number }).memoryBandwidth();
+    const threads = engine().buildInfo().cpu.threads;
     const bandwidthSamples: number[] = [];
-    // Peak memory of the model runs, read before the first bandwidth probe allocates its buffer
-    // (after one whole round, both paths have allocated all they will).
-    let peakRssBytes: number | undefined;
+    // The bandwidth is probed before the first round and after the last, not between rounds:
+    // runs that followed a probe at once were up to 1.5x slower (prefill most, dense more than
+    // sparse) even half a second later, which biased the ratios.
+    if (opts.bandwidth) bandwidthSamples.push(probeBandwidth(threads));
     for (let r = 0; r < opts.warmup + opts.repeats; r++) {
       // Alternate the order so that neither path always runs first after the other.
       const order = r % 2 ? [...modes].reverse() : modes;
@@ -174,13 +190,10 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
         if (mode === 'sparse') sparseActivity = rt.activity();
         opts.onProgress?.(++done, total);
       }
-      if (opts.bandwidth && r >= opts.warmup) {
-        peakRssBytes ??= process.resourceUsage().maxRSS * 1024;
-        bandwidthSamples.push(probe());
-      }
+      if (opts.bandwidth && r === opts.warmup + opts.repeats - 1) bandwidthSamples.push(probeBandwidth(threads));
     }
-    peakRssBytes ??= process.resourceUsage().maxRSS * 1024;
-    const bandwidth = bandwidthSamples.length ? median(bandwidthSamples) : null;
+    const peakRssBytes = process.resourceUsage().maxRSS * 1024;
+    const bandwidth = bandwidthSamples.length ? bandwidthSamples.reduce((a, b) => a + b, 0) / bandwidthSamples.length : null;
     // The CUDA runtime holds every matrix as bf16 on the device.
     const elem = rt.storageDtype === 'F32' && rt.backend === 'cpu' ? 4 : 2;
     const kvAvg = opts.decodePrompt + opts.decodeTokens / 2;
@@ -209,10 +222,7 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
     };
     const dense = result('dense');
     const sparse = result('sparse');
-    // Round r's dense decode against round r's probe.
-    const denseFraction = bandwidthSamples.length
-      ? median(times.dense!.decode.map((sec, r) => (dense.decodeBytesPerToken * opts.decodeTokens) / sec / 1e9 / bandwidthSamples[r]!))
-      : null;
+    const denseFraction = bandwidth ? dense.decodeGBs / bandwidth : null;
     return {
       model: path,
       backend: rt.backend,
