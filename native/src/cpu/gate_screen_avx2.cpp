@@ -25,12 +25,13 @@ inline void avx2_tile(const ScreenArgs& a, const int8_t* const* q, const int8_t*
     for (int s = 0; s < S_; ++s) acc[m][s] = _mm256_setzero_ps();
   const int64_t K = a.K, ldx = a.ldx, pf = a.pf;
   const float* x = a.x;
+  const bool contiguous = detail::rows_follow<S_>(q, nx, K);  // prefetch past the row's end
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     if ((k & 63) == 0) {
       const int64_t kp = k + pf;
       for (int s = 0; s < S_; ++s)
-        _mm_prefetch(reinterpret_cast<const char*>(kp < K ? q[s] + kp : nx[s] + (kp - K)), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(contiguous || kp < K ? q[s] + kp : nx[s] + (kp - K)), _MM_HINT_T0);
     }
     __m256 wv[S_];
     for (int s = 0; s < S_; ++s)

@@ -30,6 +30,7 @@ struct Bf16Tile {
       for (int s = 0; s < S_; ++s) acc[m][s] = _mm256_setzero_ps();
     const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
     const int64_t K = a.K, K2 = a.K2, pfe = a.pf / 2;
+    const bool contiguous = detail::rows_follow<S_>(w, nx, K);
     auto step = [&](int64_t k, const __m256i* v) {
       const int64_t j = k / 2;
       __m256 we[S_], wo[S_];
@@ -49,7 +50,7 @@ struct Bf16Tile {
       for (int s = 0; s < S_; ++s) {
         v[s] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[s] + k));
         if ((k & 31) == 0)
-          _mm_prefetch(reinterpret_cast<const char*>(kp < K ? w[s] + kp : nx[s] + (kp - K)), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(contiguous || kp < K ? w[s] + kp : nx[s] + (kp - K)), _MM_HINT_T0);
       }
       step(k, v);
     }
@@ -74,6 +75,7 @@ struct F32Tile {
     for (int m = 0; m < M_; ++m)
       for (int s = 0; s < S_; ++s) acc[m][s] = _mm256_setzero_ps();
     const int64_t K = a.K, pfe = a.pf / 4, ldx = a.ldx;
+    const bool contiguous = detail::rows_follow<S_>(w, nx, K);
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
       const int64_t kp = k + pfe;
@@ -81,7 +83,7 @@ struct F32Tile {
       for (int s = 0; s < S_; ++s) {
         wv[s] = _mm256_loadu_ps(w[s] + k);
         if ((k & 15) == 0)
-          _mm_prefetch(reinterpret_cast<const char*>(kp < K ? w[s] + kp : nx[s] + (kp - K)), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(contiguous || kp < K ? w[s] + kp : nx[s] + (kp - K)), _MM_HINT_T0);
       }
       for (int m = 0; m < M_; ++m) {
         const __m256 xv = _mm256_loadu_ps(a.x + m * ldx + k);

@@ -41,4 +41,18 @@ inline void walk_row_streams(const T* W, int64_t ld, const int32_t* idx, int64_t
   }
 }
 
+namespace {  // internal linkage: each ISA file compiles its own copy
+
+// True when every run's next row directly follows its row (K elements on): the kernels then let
+// a prefetch run past the row's end, with no per-step choice between the row and its successor
+// (that choice's branch, mispredicted once per row, cost ~10% of the streaming rate).
+template <int S, typename T>
+inline bool rows_follow(const T* const* w, const T* const* nx, int64_t K) {
+  bool follow = true;
+  for (int s = 0; s < S; ++s) follow = follow && nx[s] == w[s] + K;
+  return follow;
+}
+
+}  // namespace
+
 }  // namespace sparsellm::detail
