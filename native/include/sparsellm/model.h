@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -262,9 +263,38 @@ struct LayerActivity {
   // Decode calls whose gate was screened by its int8 copy (docs/runtime.md "Screened gate"), and
   // the gate rows those calls then read exactly (bf16/f32); the rest of the gate was read as int8.
   int64_t gate_screened_calls = 0, gate_candidate_rows = 0;
+
+  // Counts one FfnLayer call (either backend).
+  void add(const FfnStats& s) {
+    if (s.rows > 0) {
+      tokens += s.rows;
+      nnz += s.nnz;
+      max_row_nnz = max_row_nnz > s.max_row_nnz ? max_row_nnz : s.max_row_nnz;
+      overflow_tiles += s.overflow_tiles;
+      overflow_rows += s.overflow_rows;
+    }
+    (s.path == FfnPath::Sparse ? sparse_calls : dense_calls) += 1;
+    if (s.gate_candidates >= 0) {
+      gate_screened_calls += 1;
+      gate_candidate_rows += s.gate_candidates;
+    }
+  }
 };
 
 // A decoder-only transformer over mapped weights, with its KV cache. Not reentrant.
+// The checks every model forward makes (CPU Model, CudaModel): at least one token, the cache
+// holds pos0 + T positions, every id inside the vocabulary. Throws std::invalid_argument.
+inline void check_forward_call(const int32_t* tokens, int64_t T, int64_t pos0, int64_t capacity, int64_t vocab) {
+  if (T < 1) throw std::invalid_argument("forward: no tokens");
+  if (pos0 + T > capacity)
+    throw std::invalid_argument("forward: " + std::to_string(pos0 + T) + " positions exceed the context of " +
+                                std::to_string(capacity));
+  for (int64_t t = 0; t < T; ++t)
+    if (tokens[t] < 0 || tokens[t] >= vocab)
+      throw std::invalid_argument("forward: token id " + std::to_string(tokens[t]) + " is outside the vocabulary of " +
+                                  std::to_string(vocab));
+}
+
 class Model {
  public:
   // `context`: KV-cache positions (<= max_positions). `keep_alive` holds the mapping.

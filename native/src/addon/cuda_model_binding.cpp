@@ -45,28 +45,7 @@ class CudaModelWrap : public Napi::ObjectWrap<CudaModelWrap> {
 
   // forward(tokens: Int32Array, allLogits: boolean, mode: 'dense'|'sparse'|'auto') → Float32Array
   Napi::Value Forward(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    cuda::CudaModel& m = model(env);
-    if (info.Length() != 3 || !info[0].IsTypedArray() || !info[1].IsBoolean() || !info[2].IsString())
-      throw_js(env, "forward(tokens: Int32Array, allLogits: boolean, mode: string): bad arguments");
-    if (info[0].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
-      throw_js(env, "forward: tokens must be an Int32Array");
-    Napi::Int32Array tokens = info[0].As<Napi::Int32Array>();
-    const bool all = info[1].As<Napi::Boolean>().Value();
-    const std::string ms = info[2].As<Napi::String>().Utf8Value();
-    RunMode mode;
-    if (ms == "dense") mode = RunMode::Dense;
-    else if (ms == "sparse") mode = RunMode::Sparse;
-    else if (ms == "auto") mode = RunMode::Auto;
-    else throw_js(env, "forward: mode must be dense, sparse or auto");
-    const int64_t T = static_cast<int64_t>(tokens.ElementLength());
-    Napi::Float32Array out = Napi::Float32Array::New(env, static_cast<size_t>((all ? T : 1) * m.config().vocab));
-    try {
-      m.forward(tokens.Data(), T, all, mode, out.Data());
-    } catch (const std::exception& e) {
-      throw_js(env, e.what());
-    }
-    return out;
+    return run_forward(info, model(info.Env()));
   }
 
   Napi::Value Reset(const Napi::CallbackInfo& info) {
@@ -86,22 +65,7 @@ class CudaModelWrap : public Napi::ObjectWrap<CudaModelWrap> {
     } catch (const std::exception& e) {
       throw_js(env, e.what());
     }
-    Napi::Array out = Napi::Array::New(env, act.size());
-    for (size_t i = 0; i < act.size(); ++i) {
-      const LayerActivity& a = act[i];
-      Napi::Object o = Napi::Object::New(env);
-      o.Set("tokens", static_cast<double>(a.tokens));
-      o.Set("nnz", static_cast<double>(a.nnz));
-      o.Set("maxRowNnz", static_cast<double>(a.max_row_nnz));
-      o.Set("overflowTiles", static_cast<double>(a.overflow_tiles));
-      o.Set("overflowRows", static_cast<double>(a.overflow_rows));
-      o.Set("sparseCalls", static_cast<double>(a.sparse_calls));
-      o.Set("denseCalls", static_cast<double>(a.dense_calls));
-      o.Set("gateScreenedCalls", static_cast<double>(a.gate_screened_calls));
-      o.Set("gateCandidateRows", static_cast<double>(a.gate_candidate_rows));
-      out.Set(static_cast<uint32_t>(i), o);
-    }
-    return out;
+    return activity_to_js(env, act);
   }
 
   Napi::Value ResetActivity(const Napi::CallbackInfo& info) {

@@ -109,6 +109,44 @@ class Tensors {
 
 }  // namespace
 
+ForwardArgs parse_forward_args(const Napi::CallbackInfo& info, int64_t vocab) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 3 || !info[0].IsTypedArray() || !info[1].IsBoolean() || !info[2].IsString())
+    throw_js(env, "forward(tokens: Int32Array, allLogits: boolean, mode: string): bad arguments");
+  if (info[0].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+    throw_js(env, "forward: tokens must be an Int32Array");
+  ForwardArgs f;
+  f.tokens = info[0].As<Napi::Int32Array>();
+  f.all_logits = info[1].As<Napi::Boolean>().Value();
+  const std::string ms = info[2].As<Napi::String>().Utf8Value();
+  if (ms == "dense") f.mode = RunMode::Dense;
+  else if (ms == "sparse") f.mode = RunMode::Sparse;
+  else if (ms == "auto") f.mode = RunMode::Auto;
+  else throw_js(env, "forward: mode must be dense, sparse or auto");
+  const int64_t rows = f.all_logits ? static_cast<int64_t>(f.tokens.ElementLength()) : 1;
+  f.logits = Napi::Float32Array::New(env, static_cast<size_t>(rows * vocab));
+  return f;
+}
+
+Napi::Array activity_to_js(Napi::Env env, const std::vector<LayerActivity>& act) {
+  Napi::Array out = Napi::Array::New(env, act.size());
+  for (size_t i = 0; i < act.size(); ++i) {
+    const LayerActivity& a = act[i];
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("tokens", static_cast<double>(a.tokens));
+    o.Set("nnz", static_cast<double>(a.nnz));
+    o.Set("maxRowNnz", static_cast<double>(a.max_row_nnz));
+    o.Set("overflowTiles", static_cast<double>(a.overflow_tiles));
+    o.Set("overflowRows", static_cast<double>(a.overflow_rows));
+    o.Set("sparseCalls", static_cast<double>(a.sparse_calls));
+    o.Set("denseCalls", static_cast<double>(a.dense_calls));
+    o.Set("gateScreenedCalls", static_cast<double>(a.gate_screened_calls));
+    o.Set("gateCandidateRows", static_cast<double>(a.gate_candidate_rows));
+    out.Set(static_cast<uint32_t>(i), o);
+  }
+  return out;
+}
+
 // new Model / CudaModel(path, spec, layers, tensors, context[, weights]): see model_args.h.
 ModelArgs parse_model_args(const Napi::CallbackInfo& info, const char* cls) {
   Napi::Env env = info.Env();
@@ -239,27 +277,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
 
   // forward(tokens: Int32Array, allLogits: boolean, mode: 'dense'|'sparse'|'auto') → Float32Array
   Napi::Value Forward(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    Model& m = model(env);
-    if (info.Length() != 3 || !info[0].IsTypedArray() || !info[1].IsBoolean() || !info[2].IsString())
-      throw_js(env, "forward(tokens: Int32Array, allLogits: boolean, mode: string): bad arguments");
-    Napi::TypedArray ta = info[0].As<Napi::TypedArray>();
-    if (ta.TypedArrayType() != napi_int32_array) throw_js(env, "forward: tokens must be an Int32Array");
-    Napi::Int32Array tokens = info[0].As<Napi::Int32Array>();
-    const bool all = info[1].As<Napi::Boolean>().Value();
-    const std::string ms = info[2].As<Napi::String>().Utf8Value();
-    RunMode mode = ms == "dense" ? RunMode::Dense : ms == "sparse" ? RunMode::Sparse : ms == "auto" ? RunMode::Auto
-                                                                                                      : RunMode(-1);
-    if (static_cast<int>(mode) < 0) throw_js(env, "forward: mode must be dense, sparse or auto");
-    const int64_t T = static_cast<int64_t>(tokens.ElementLength());
-    const int64_t vocab = m.config().vocab;
-    Napi::Float32Array out = Napi::Float32Array::New(env, static_cast<size_t>((all ? T : 1) * vocab));
-    try {
-      m.forward(tokens.Data(), T, all, mode, out.Data());
-    } catch (const std::exception& e) {
-      throw_js(env, e.what());
-    }
-    return out;
+    return run_forward(info, model(info.Env()));
   }
 
   Napi::Value Reset(const Napi::CallbackInfo& info) {
@@ -273,23 +291,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
 
   Napi::Value Activity(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    const auto& act = model(env).activity();
-    Napi::Array out = Napi::Array::New(env, act.size());
-    for (size_t i = 0; i < act.size(); ++i) {
-      const LayerActivity& a = act[i];
-      Napi::Object o = Napi::Object::New(env);
-      o.Set("tokens", static_cast<double>(a.tokens));
-      o.Set("nnz", static_cast<double>(a.nnz));
-      o.Set("maxRowNnz", static_cast<double>(a.max_row_nnz));
-      o.Set("overflowTiles", static_cast<double>(a.overflow_tiles));
-      o.Set("overflowRows", static_cast<double>(a.overflow_rows));
-      o.Set("sparseCalls", static_cast<double>(a.sparse_calls));
-      o.Set("denseCalls", static_cast<double>(a.dense_calls));
-      o.Set("gateScreenedCalls", static_cast<double>(a.gate_screened_calls));
-      o.Set("gateCandidateRows", static_cast<double>(a.gate_candidate_rows));
-      out.Set(static_cast<uint32_t>(i), o);
-    }
-    return out;
+    return activity_to_js(env, model(env).activity());
   }
 
   Napi::Value ResetActivity(const Napi::CallbackInfo& info) {

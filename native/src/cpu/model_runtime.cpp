@@ -154,15 +154,8 @@ Model::Model(const ModelConfig& cfg, ModelWeights weights, int64_t context, std:
 void Model::reset_stats() { activity_.assign(static_cast<size_t>(cfg_.n_layers), LayerActivity{}); }
 
 void Model::forward(const int32_t* tokens, int64_t T, bool all_logits, RunMode mode, float* logits) {
-  if (T < 1) throw std::invalid_argument("forward: no tokens");
   const int64_t pos0 = cache_.length;
-  if (pos0 + T > cache_.capacity)
-    throw std::invalid_argument("forward: " + std::to_string(pos0 + T) + " positions exceed the context of " +
-                                std::to_string(cache_.capacity));
-  for (int64_t t = 0; t < T; ++t)
-    if (tokens[t] < 0 || tokens[t] >= cfg_.vocab)
-      throw std::invalid_argument("forward: token id " + std::to_string(tokens[t]) + " is outside the vocabulary of " +
-                                  std::to_string(cfg_.vocab));
+  check_forward_call(tokens, T, pos0, cache_.capacity, cfg_.vocab);
   const int64_t d = cfg_.d_model;
   grow(x_, T * d);
   grow(h_, T * d);
@@ -232,18 +225,7 @@ void Model::ffn_block(int64_t l, int64_t T, RunMode mode) {
     FfnLayer& f = *ffn_[static_cast<size_t>(l)];
     const FfnStats s = T <= kDecodeMaxTokens ? f.decode(h_.data(), T, y_.data(), ffn_mode(mode))
                                              : f.forward(h_.data(), T, y_.data(), ffn_mode(mode));
-    if (s.rows > 0) {
-      a.tokens += s.rows;
-      a.nnz += s.nnz;
-      a.max_row_nnz = std::max(a.max_row_nnz, s.max_row_nnz);
-      a.overflow_tiles += s.overflow_tiles;
-      a.overflow_rows += s.overflow_rows;
-    }
-    (s.path == FfnPath::Sparse ? a.sparse_calls : a.dense_calls) += 1;
-    if (s.gate_candidates >= 0) {
-      a.gate_screened_calls += 1;
-      a.gate_candidate_rows += s.gate_candidates;
-    }
+    a.add(s);
   } else {
     ffn_dense_generic(l, T);
     a.dense_calls += 1;

@@ -307,15 +307,8 @@ std::vector<LayerActivity> CudaModel::activity() const {
 void CudaModel::forward(const int32_t* tokens, int64_t T, bool all_logits, RunMode mode, float* logits) {
   Impl& M = *impl_;
   const ModelConfig& cfg = M.cfg;
-  if (T < 1) throw std::invalid_argument("forward: no tokens");
   const int64_t pos0 = M.length;
-  if (pos0 + T > M.context)
-    throw std::invalid_argument("forward: " + std::to_string(pos0 + T) + " positions exceed the context of " +
-                                std::to_string(M.context));
-  for (int64_t t = 0; t < T; ++t)
-    if (tokens[t] < 0 || tokens[t] >= cfg.vocab)
-      throw std::invalid_argument("forward: token id " + std::to_string(tokens[t]) + " is outside the vocabulary of " +
-                                  std::to_string(cfg.vocab));
+  check_forward_call(tokens, T, pos0, M.context, cfg.vocab);
   const int64_t d = M.d, dp = M.dp;
   M.tok.reserve(static_cast<size_t>(T) * 4);
   M.x.reserve(static_cast<size_t>(T * d) * 4);
@@ -411,14 +404,7 @@ void CudaModel::Impl::ffn_block(int64_t l, int64_t T, RunMode mode) {
       a.sparse_calls += 1;
     } else {
       const FfnStats s = L.ffn->forward_device(xin, T, yv, ffn_mode(mode), true);
-      if (s.rows > 0) {
-        a.tokens += s.rows;
-        a.nnz += s.nnz;
-        a.max_row_nnz = std::max(a.max_row_nnz, s.max_row_nnz);
-        a.overflow_tiles += s.overflow_tiles;
-        a.overflow_rows += s.overflow_rows;
-      }
-      (s.path == FfnPath::Sparse ? a.sparse_calls : a.dense_calls) += 1;
+      a.add(s);
     }
     add_rows_f32(x.as<float>(), d, yv, d, T, d);
     return;
