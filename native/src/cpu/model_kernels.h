@@ -15,8 +15,8 @@ void softmax_causal_rows_avx2(float* S, int64_t ldS, int64_t T, int64_t n_cols, 
 void softmax_causal_rows_avx512(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64_t pos0, float scale);
 
 // One decode query of one head over n_keys cached keys: orow = Σ_j softmax(scale · q·K_j)_j · V_j.
-// K, V [n_keys, hd] contiguous rows; scores: n_keys floats of scratch. Compiled per ISA
-// (model_attention_*.cpp).
+// K, V [n_keys, hd] contiguous rows; scores: n_keys floats of scratch. AVX2 and AVX-512 have
+// intrinsic kernels (model_attention_*.cpp); attend_one_impl below is the portable one.
 using AttendOneFn = void (*)(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
                              float* scores, float* orow);
 void attend_one_avx2(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
