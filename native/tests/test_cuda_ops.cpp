@@ -807,6 +807,26 @@ void test_model_case(const char* name, bool llama, ActKind act, float threshold,
   std::vector<double> st(steps_gpu.begin(), steps_gpu.end());
   e = check::rel_error(all.data() + (P - 1) * V, st.data(), st.size());
   CHECK(e < 1e-2, "%s %s: cached decode vs one call rel err %.3g", name, mname, e);
+  // The same sequence in chunks of 30, 7 and 5 tokens: several queries after a cached prefix
+  // (pos0 > 0), the last row only of a call of many tokens, and 5..8 tokens (GEMV projections,
+  // the FFN layer's forward path, every logits row through the GEMV LM head for the 7). Each
+  // chunk's logits against the one call's rows (1e-2, as above).
+  gpu.reset();
+  const int64_t chunks[3] = {30, 7, 5};
+  int64_t at = 0;
+  for (int64_t n : chunks) {
+    const bool every = n == 7;
+    const int64_t rows = every ? n : 1;
+    std::vector<float> lk(static_cast<size_t>(rows * V));
+    gpu.forward(seq.data() + at, n, every, mode, lk.data());
+    at += n;
+    std::vector<double> r(all.begin() + (at - rows) * V, all.begin() + at * V);
+    e = check::rel_error(lk.data(), r.data(), r.size());
+    CHECK(e < 1e-2, "%s %s: chunk of %lld at %lld vs one call rel err %.3g", name, mname, (long long)n,
+          (long long)(at - n), e);
+  }
+  CHECK(at == N && gpu.position() == N, "%s: chunks end at %lld, position %lld", name, (long long)at,
+        (long long)gpu.position());
   // Context and vocabulary checks throw and leave the cache as it was.
   std::vector<int32_t> more(static_cast<size_t>(context - N + 1), 1);
   bool threw = false;
