@@ -263,6 +263,36 @@ void test_backoff(const char* isa) {
 
 }  // namespace
 
+// Rows holding an inf or a NaN weight are never ruled out (their bound is infinite): they are
+// candidates, and their gate is the GEMV's, bit for bit after the ReLU.
+void test_nonfinite(const char* isa) {
+  for (DType dt : {DType::BF16, DType::F32}) {
+    const int64_t F = 40, K = 70, M = 2;
+    Gate g{F, K, K + 1, dt, {}, {}};
+    const int64_t ldx = K + 1, ldg = F;
+    const std::vector<float> x = make_case(g, M, ldx);
+    g.set(5, 3, INFINITY);
+    g.set(9, 60, NAN);
+    std::vector<float> ref(static_cast<size_t>(M * ldg)), got(ref.size());
+    gemv(x.data(), ldx, M, g.view(), ref.data(), ldg);
+    GateScreen screen(g.view());
+    const int64_t nc = screen.gate(g.view(), x.data(), ldx, M, got.data(), ldg, 1.0);
+    bool has5 = false, has9 = false;
+    for (int64_t i = 0; i < nc; ++i) {
+      has5 |= screen.candidates()[i] == 5;
+      has9 |= screen.candidates()[i] == 9;
+    }
+    CHECK(nc >= 0 && has5 && has9, "%s %s: rows with inf / NaN weights were screened out (%lld candidates)", isa,
+          dt == DType::BF16 ? "bf16" : "f32", (long long)nc);
+    int64_t bad = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const float a = relu(ref[i]), b = relu(got[i]);
+      bad += std::memcmp(&a, &b, 4) != 0;
+    }
+    CHECK(bad == 0, "%s: %lld gates differ from the GEMV with non-finite weights", isa, (long long)bad);
+  }
+}
+
 int main() {
   const Isa best = active_isa();
   for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Avx512}) {
@@ -274,6 +304,7 @@ int main() {
       test_exact(isa_name(isa), t);
       test_layer(isa_name(isa));
       test_backoff(isa_name(isa));
+      test_nonfinite(isa_name(isa));
       std::fprintf(stderr, "%s, %d thread(s): %lld cases, candidates %lld of %lld rows (active %lld)\n",
                    isa_name(isa), threads, (long long)t.cases, (long long)t.cands, (long long)t.rows,
                    (long long)t.active);
