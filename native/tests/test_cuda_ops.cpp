@@ -619,7 +619,8 @@ void test_hybrid() {
 // --- the whole model (CudaModel) and its attention ------------------------------------------------
 
 // attention_device against the CPU attention_causal (f32, itself tested against float64 in
-// test_model_ops) on the same cache: bf16 output, so one rounding of 2^-9 relative: 8e-3.
+// test_model_ops) on the same cache: bf16 output, one rounding of at most 2^-8 relative
+// (RMS about 2e-3): 8e-3.
 void test_attention_case(int64_t T, int64_t pos0, int64_t n_heads, int64_t n_kv, int64_t hd) {
   const int64_t cap = pos0 + T + 3, qd = n_heads * hd, kd = n_kv * hd, ldo = pad8(qd) + 8;
   KvCache cache;
@@ -735,11 +736,16 @@ int64_t argmax(const float* v, int64_t n) { return std::max_element(v, v + n) - 
 
 // The CPU Model and the CudaModel on the same random model: prefill of 37 tokens (all logits),
 // then 5 single-token decodes fed the CPU's greedy choice. Logits: relative error < 2e-2 (the
-// GPU rounds the activations that enter each projection to bf16, 2^-9 relative per rounding,
+// GPU rounds the activations that enter each projection to bf16, <= 2^-8 relative per rounding,
 // about ten roundings in series through two layers and the head; the CPU keeps them f32), and
 // the GPU's greedy token equals the CPU's wherever the CPU's top two logits are apart by more
 // than 5% of their spread. The KV cache: the 42 tokens in one call on the GPU give the same
 // logits as prefill + decodes (1e-2: GEMM vs GEMV summation order, bf16 roundings flipping).
+// A thresholded layer's activation jumps between 0 and ±threshold: a unit whose |act| lies
+// within the GPU's bf16 noise of the cut-off flips, moving one token's logits by a few percent
+// (a CPU emulation of CudaModel, 1830 decode steps of the silu model: median 0.004, max 0.032;
+// prefill rows average it out: max 0.012). Its decode steps get 8e-2; its prefill keeps 2e-2,
+// which an ignored threshold fails (0.036 in that emulation), as does the nnz check.
 void test_model_case(const char* name, bool llama, ActKind act, float threshold, RunMode mode) {
   auto hm = random_model(llama, act, threshold);
   const ModelConfig& c = hm->cfg;
@@ -772,13 +778,14 @@ void test_model_case(const char* name, bool llama, ActKind act, float threshold,
   compare_choice(lc.data() + (P - 1) * V, lg.data() + (P - 1) * V);
   int32_t next = static_cast<int32_t>(argmax(lc.data() + (P - 1) * V, V));
   std::vector<float> c1(static_cast<size_t>(V)), g1(static_cast<size_t>(V));
+  const double step_tol = threshold >= 0.f ? 8e-2 : 2e-2;
   for (int64_t s = 0; s < S; ++s) {
     seq.push_back(next);
     cpu.forward(&next, 1, false, mode, c1.data());
     gpu.forward(&next, 1, false, mode, g1.data());
     std::vector<double> r1(c1.begin(), c1.end());
     e = check::rel_error(g1.data(), r1.data(), r1.size());
-    CHECK(e < 2e-2, "%s %s: decode step %lld logits rel err %.3g", name, mname, (long long)s, e);
+    CHECK(e < step_tol, "%s %s: decode step %lld logits rel err %.3g", name, mname, (long long)s, e);
     compare_choice(c1.data(), g1.data());
     steps_gpu.insert(steps_gpu.end(), g1.begin(), g1.end());
     next = static_cast<int32_t>(argmax(c1.data(), V));
