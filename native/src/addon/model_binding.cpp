@@ -233,6 +233,10 @@ ModelArgs parse_model_args(const Napi::CallbackInfo& info, const char* cls) {
     if (da != db) throw_js(env, path + ": layer " + std::to_string(i) + " FFN tensors differ in dtype");
     L.ffn_dtype = da;
     L.up_b = T.f32_opt(p + "ffn.up.bias", F);
+    // The gated FFN kernels have no up-projection bias (checkpoints with one are refused at
+    // packing; a hand-made file must not run the paths that would ignore it).
+    if (c.gated && L.up_b)
+      throw_js(env, path + ": layer " + std::to_string(i) + ": ffn.up.bias on a gated FFN is not supported");
     L.down_b = T.f32_opt(p + "ffn.down.bias", d);
     w.layers.push_back(L);
   }
