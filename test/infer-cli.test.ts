@@ -49,6 +49,10 @@ test('greedy generation: JSON result, deterministic, streamed text equals the JS
   assert.ok(ja.prefill.tokensPerSecond > 0);
   const b = JSON.parse(run([...args, '--json']).stdout);
   assert.equal(b.text, ja.text);
+  // --mmap (the file mapped instead of read into huge-page memory) gives the same text.
+  const mapped = run([...args, '--json', '--mmap']);
+  assert.equal(mapped.code, 0, mapped.stderr);
+  assert.equal(JSON.parse(mapped.stdout).text, ja.text);
   const streamed = run(args);
   assert.equal(streamed.code, 0, streamed.stderr);
   assert.equal(streamed.stdout, ja.text + '\n');

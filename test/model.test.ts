@@ -306,6 +306,36 @@ test('a packed model recording the byte tokenizer: ids are bytes, end of text pa
   }
 });
 
+test('a gated FFN with an up-projection bias (only a hand-made file can hold one) is refused, naming the file', async () => {
+  const ckpt = await openCheckpoint(FIXTURE_PATHS['llama-relu-gqa']!);
+  const input = await packInputFromCheckpoint(ckpt);
+  const spec = { ...input.spec, linearBias: true };
+  const layerOf = (name: string) => Number(/^layers\.(\d+)\./.exec(name)?.[1] ?? -1);
+  const biasShape = (name: string): number[] | undefined =>
+    name.endsWith('ffn.up.bias') ? [spec.dFF[layerOf(name)]!] : /\.(attn\.o|ffn\.down)\.bias$/.test(name) ? [spec.dModel] : undefined;
+  const describe = input.describe.bind(input);
+  const rowChunks = input.rowChunks.bind(input);
+  const biased: typeof input = {
+    ...input,
+    spec,
+    describe: (name) => describe(name) ?? (biasShape(name) ? { dtype: 'F32', shape: biasShape(name)! } : undefined),
+    rowChunks: (name, rows) => {
+      if (describe(name)) return rowChunks(name, rows);
+      const n = biasShape(name)![0]!;
+      return (async function* () {
+        yield { dtype: 'F32' as const, bytes: new Uint8Array(new Float32Array(n).fill(0.01).buffer) };
+      })();
+    },
+  };
+  const file = join(tmp, 'gated-up-bias.sllm');
+  await writePacked(biased, file);
+  await ckpt.close();
+  await assert.rejects(ModelRuntime.load(file, { context: 16 }), (e: Error) => {
+    assert.match(e.message, /gated-up-bias\.sllm: layer 0: ffn\.up\.bias on a gated FFN is not supported/);
+    return true;
+  });
+});
+
 test('corrupted and newer-version packed files are clear errors', async () => {
   const good = packed.get('llama-silu')!;
   const bytes = readFileSync(good);
