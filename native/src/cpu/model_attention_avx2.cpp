@@ -50,27 +50,20 @@ void softmax_causal_rows_avx2(float* S, int64_t ldS, int64_t T, int64_t n_cols, 
 void attend_one_avx2(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
                      float* scores, float* orow) {
   const int64_t pf = kAttendPrefetchRows;
-  prefetch_rows(K, hd, 0, n_keys < pf ? n_keys : pf);
-  prefetch_rows(V, hd, 0, n_keys < pf ? n_keys : pf);
   // Scores: each key's products in 8 lanes (masked last chunk), then a short reduction.
-  float mx = -INFINITY;
-  for (int64_t j = 0; j < n_keys; ++j) {
-    if (j + pf < n_keys) prefetch_rows(K, hd, j + pf, j + pf + 1);
-    const float* kr = K + j * hd;
+  const float mx = attend_scores(q, K, V, hd, n_keys, scale, scores, [](const float* x, const float* kr, int64_t n) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 16 <= hd; i += 16) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kr + i), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(kr + i + 8), a1);
+    for (; i + 16 <= n; i += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(kr + i), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(kr + i + 8), a1);
     }
-    for (; i < hd; i += 8) {
-      const __m256i m = lanes8(hd - i);
-      a0 = _mm256_fmadd_ps(_mm256_maskload_ps(q + i, m), _mm256_maskload_ps(kr + i, m), a0);
+    for (; i < n; i += 8) {
+      const __m256i m = lanes8(n - i);
+      a0 = _mm256_fmadd_ps(_mm256_maskload_ps(x + i, m), _mm256_maskload_ps(kr + i, m), a0);
     }
-    const float s = hsum8(_mm256_add_ps(a0, a1)) * scale;
-    scores[j] = s;
-    mx = s > mx ? s : mx;
-  }
+    return hsum8(_mm256_add_ps(a0, a1));
+  });
   // Softmax: exponentials 8 at a time, their sum, then the normalisation.
   const __m256 vmx = _mm256_set1_ps(mx);
   __m256 sum = _mm256_setzero_ps();

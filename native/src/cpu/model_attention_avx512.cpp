@@ -39,27 +39,20 @@ void softmax_causal_rows_avx512(float* S, int64_t ldS, int64_t T, int64_t n_cols
 void attend_one_avx512(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
                        float* scores, float* orow) {
   const int64_t pf = kAttendPrefetchRows;
-  prefetch_rows(K, hd, 0, n_keys < pf ? n_keys : pf);
-  prefetch_rows(V, hd, 0, n_keys < pf ? n_keys : pf);
   // Scores: each key's products in 16 lanes (masked last chunk), reduced by the tree reduction.
-  __m512 mx = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < n_keys; ++j) {
-    if (j + pf < n_keys) prefetch_rows(K, hd, j + pf, j + pf + 1);
-    const float* kr = K + j * hd;
+  const __m512 mx = _mm512_set1_ps(attend_scores(q, K, V, hd, n_keys, scale, scores, [](const float* x, const float* kr, int64_t n) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 32 <= hd; i += 32) {
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(kr + i), a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 16), _mm512_loadu_ps(kr + i + 16), a1);
+    for (; i + 32 <= n; i += 32) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(kr + i), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(kr + i + 16), a1);
     }
-    for (; i < hd; i += 16) {
-      const __mmask16 m = lanes(hd - i);
-      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), _mm512_maskz_loadu_ps(m, kr + i), a0);
+    for (; i < n; i += 16) {
+      const __mmask16 m = lanes(n - i);
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, kr + i), a0);
     }
-    const float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
-    scores[j] = s;
-    mx = _mm512_max_ps(mx, _mm512_set1_ps(s));
-  }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  }));
   // Softmax: exponentials 16 at a time, their sum, then the normalisation.
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n_keys; j += 16) {

@@ -97,18 +97,29 @@ constexpr int64_t kAttendPrefetchRows = 8;
 // Output columns accumulated in registers across all keys (then stored once).
 constexpr int64_t kAttendOutBlock = 64;
 
-inline void attend_one_impl(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
-                            float* scores, float* orow) {
+// The first pass of a decode query, shared by every ISA's kernel: scores[j] = scale · dot(q, K_j)
+// with `dot` the ISA's product, key rows prefetched kAttendPrefetchRows ahead and the first value
+// rows up front; returns the largest score.
+template <typename Dot>
+inline float attend_scores(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
+                           float* scores, Dot&& dot) {
   const int64_t pf = kAttendPrefetchRows;
   prefetch_rows(K, hd, 0, n_keys < pf ? n_keys : pf);
   prefetch_rows(V, hd, 0, n_keys < pf ? n_keys : pf);
   float mx = -INFINITY;
   for (int64_t j = 0; j < n_keys; ++j) {
     if (j + pf < n_keys) prefetch_rows(K, hd, j + pf, j + pf + 1);
-    const float s = dot_lanes16(q, K + j * hd, hd) * scale;
+    const float s = dot(q, K + j * hd, hd) * scale;
     scores[j] = s;
     mx = s > mx ? s : mx;
   }
+  return mx;
+}
+
+inline void attend_one_impl(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
+                            float* scores, float* orow) {
+  const int64_t pf = kAttendPrefetchRows;
+  const float mx = attend_scores(q, K, V, hd, n_keys, scale, scores, dot_lanes16);
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n_keys; ++j) {
