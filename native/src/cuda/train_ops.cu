@@ -1,0 +1,509 @@
+// The training-only operations on the GPU (train_ops.h): a strided f32 GEMM (the trainer's
+// projections, the dense FFN and the attention products), RMSNorm forward/backward, RoPE,
+// causal attention forward/backward on top of the GEMM, cross-entropy, AdamW, the gradient's
+// sum of squares, embeddings and the dense FFN's elementwise steps. Each mirrors the CPU
+// function of the same name (native/src/cpu/train_ops.cpp, train_norm.h, train_attention.h,
+// hybrid.cpp's dense path): same formulas, float64 where the CPU reduces in float64.
+// Correctness first: simple launch shapes, block reductions through shared memory only.
+//
+// UNVERIFIED: compile-checked and run through a host emulation of the kernels only (no GPU
+// on the machine it was written on).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "common.cuh"
+#include "train_ops.h"
+
+namespace sparsellm::cuda::train {
+namespace {
+
+constexpr int kThreads = 256;  // every reduction kernel: a power of two
+
+unsigned grid1(int64_t n, int per_block) {
+  const int64_t b = ceil_div(n, per_block);
+  if (b > 0x7fffffffLL) throw std::invalid_argument("CUDA training operation: too many elements");
+  return static_cast<unsigned>(b < 1 ? 1 : b);
+}
+unsigned grid_capped(int64_t n, int per_block, int64_t cap) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, per_block), cap)));
+}
+unsigned rows_grid(int64_t rows) {
+  if (rows > 0x7fffffffLL) throw std::invalid_argument("CUDA training operation: too many rows");
+  return static_cast<unsigned>(std::max<int64_t>(rows, 1));
+}
+
+// Tree sum / maximum over the block (blockDim.x = kThreads); every thread gets the result. `sh`
+// holds kThreads values; the trailing barrier lets consecutive calls reuse it.
+template <typename T>
+__device__ T block_sum(T v, T* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (static_cast<int>(threadIdx.x) < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    __syncthreads();
+  }
+  const T r = sh[0];
+  __syncthreads();
+  return r;
+}
+__device__ float block_max(float v, float* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (static_cast<int>(threadIdx.x) < s) sh[threadIdx.x] = fmaxf(sh[threadIdx.x], sh[threadIdx.x + s]);
+    __syncthreads();
+  }
+  const float r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+// ---- GEMM -------------------------------------------------------------------------------------
+
+constexpr int kBM = 64, kBN = 64, kBK = 16;  // 256 threads, 4 × 4 outputs each
+
+// One 64 × 64 tile of C per block (batch = blockIdx.z). The operand tiles are loaded with the
+// contiguous index fastest (A: k when acs == 1, else m; B: n when bcs == 1, else k), zero
+// outside the matrices; each output accumulates k in ascending order.
+__global__ void __launch_bounds__(256) gemm_f32_kernel(int64_t M, int64_t N, int64_t K, const float* __restrict__ A,
+                                                      int64_t ars, int64_t acs, int64_t aso, int64_t asi,
+                                                      const float* __restrict__ B, int64_t brs, int64_t bcs,
+                                                      int64_t bso, int64_t bsi, float* __restrict__ C, int64_t ldc,
+                                                      int64_t cso, int64_t csi, int64_t nzi, int accumulate) {
+  __shared__ float As[kBK][kBM + 4];
+  __shared__ float Bs[kBK][kBN + 4];
+  const int64_t z = blockIdx.z, zo = z / nzi, zi = z % nzi;
+  const float* a = A + zo * aso + zi * asi;
+  const float* b = B + zo * bso + zi * bsi;
+  float* c = C + zo * cso + zi * csi;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const bool a_kfast = acs == 1, b_nfast = bcs == 1;
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  for (int64_t k0 = 0; k0 < K; k0 += kBK) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int idx = tid + 256 * r;
+      const int mm = a_kfast ? idx / kBK : idx % kBM;
+      const int kk = a_kfast ? idx % kBK : idx / kBM;
+      const int64_t gm = m0 + mm, gk = k0 + kk;
+      As[kk][mm] = (gm < M && gk < K) ? a[gm * ars + gk * acs] : 0.f;
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int idx = tid + 256 * r;
+      const int nn = b_nfast ? idx % kBN : idx / kBK;
+      const int kk = b_nfast ? idx / kBN : idx % kBK;
+      const int64_t gn = n0 + nn, gk = k0 + kk;
+      Bs[kk][nn] = (gn < N && gk < K) ? b[gk * brs + gn * bcs] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      float av[4], bv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) av[i] = As[kk][ty * 4 + i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) bv[j] = Bs[kk][tx * 4 + j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t gm = m0 + ty * 4 + i;
+    if (gm >= M) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t gn = n0 + tx * 4 + j;
+      if (gn >= N) continue;
+      float* o = c + gm * ldc + gn;
+      *o = accumulate ? *o + acc[i][j] : acc[i][j];
+    }
+  }
+}
+
+// ---- RMSNorm ----------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(const float* __restrict__ x,
+                                                                   const float* __restrict__ add, float* __restrict__ sum,
+                                                                   int64_t d, const float* __restrict__ w, float eps,
+                                                                   float* __restrict__ y, float* __restrict__ rstd) {
+  __shared__ double sh[kThreads];
+  const int64_t t = blockIdx.x;
+  const float* xt = x + t * d;
+  double ss = 0;
+  for (int64_t i = threadIdx.x; i < d; i += kThreads) {
+    float v = xt[i];
+    if (add) {
+      v += add[t * d + i];
+      sum[t * d + i] = v;
+    }
+    ss += static_cast<double>(v) * v;
+  }
+  ss = block_sum(ss, sh);
+  const float r = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(d) + static_cast<double>(eps)));
+  if (threadIdx.x == 0) rstd[t] = r;
+  const float* src = add ? sum + t * d : xt;  // this thread wrote the entries it reads back
+  for (int64_t i = threadIdx.x; i < d; i += kThreads) y[t * d + i] = src[i] * r * w[i];
+}
+
+__global__ void __launch_bounds__(kThreads) rmsnorm_backward_rows_kernel(const float* __restrict__ x,
+                                                                         const float* __restrict__ rstd,
+                                                                         const float* __restrict__ w,
+                                                                         const float* __restrict__ dy, int64_t d,
+                                                                         float* __restrict__ dx, int accumulate) {
+  __shared__ double sh[kThreads];
+  const int64_t t = blockIdx.x;
+  const float* xt = x + t * d;
+  const float* gt = dy + t * d;
+  const double r = rstd[t];
+  double dot = 0;
+  for (int64_t i = threadIdx.x; i < d; i += kThreads) dot += static_cast<double>(gt[i]) * w[i] * xt[i];
+  dot = block_sum(dot, sh);
+  const double cc = dot * r * r * r / static_cast<double>(d);
+  float* dxt = dx + t * d;
+  for (int64_t i = threadIdx.x; i < d; i += kThreads) {
+    const float v = static_cast<float>(r * gt[i] * w[i] - xt[i] * cc);
+    dxt[i] = accumulate ? dxt[i] + v : v;
+  }
+}
+
+constexpr int64_t kNormChunk = 64;  // rows per partial sum of the weight gradient
+
+// part[c, i] = Σ_{t in chunk c} dy[t, i]·x[t, i]·r[t] (float64).
+__global__ void rmsnorm_dw_partial_kernel(const float* __restrict__ x, const float* __restrict__ rstd,
+                                          const float* __restrict__ dy, int64_t M, int64_t d, double* __restrict__ part) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t c = blockIdx.y;
+  if (i >= d) return;
+  const int64_t t1 = (c + 1) * kNormChunk < M ? (c + 1) * kNormChunk : M;
+  double s = 0;
+  for (int64_t t = c * kNormChunk; t < t1; ++t) s += static_cast<double>(dy[t * d + i]) * x[t * d + i] * static_cast<double>(rstd[t]);
+  part[c * d + i] = s;
+}
+
+__global__ void rmsnorm_dw_reduce_kernel(const double* __restrict__ part, int64_t chunks, int64_t d,
+                                         float* __restrict__ dw, int first) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= d) return;
+  double s = 0;
+  for (int64_t c = 0; c < chunks; ++c) s += part[c * d + i];
+  dw[i] = first ? static_cast<float>(s) : dw[i] + static_cast<float>(s);
+}
+
+// ---- RoPE -------------------------------------------------------------------------------------
+
+__global__ void rope_kernel(float* __restrict__ x, int64_t ld, int64_t rows, int64_t T, int64_t H, int64_t half,
+                            const float* __restrict__ cos_t, const float* __restrict__ sin_t, float sg) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * H * half) return;
+  const int64_t i = idx % half, h = (idx / half) % H, r = idx / (half * H);
+  const int64_t t = r % T;
+  float* xh = x + r * ld + h * 2 * half;
+  const float c = cos_t[t * half + i], s = sin_t[t * half + i];
+  const float a = xh[i], b = xh[i + half];
+  xh[i] = a * c - sg * b * s;
+  xh[i + half] = b * c + sg * a * s;
+}
+
+// ---- attention rows ---------------------------------------------------------------------------
+
+// Row (b, h, t) of P holds the scores q_t·k_s: becomes softmax over s ≤ t of scale·score, zeros after.
+__global__ void __launch_bounds__(kThreads) causal_softmax_kernel(float* __restrict__ P, int64_t T, float scale) {
+  __shared__ float sh[kThreads];
+  const int64_t row = blockIdx.x, t = row % T;
+  float* p = P + row * T;
+  float mx = -INFINITY;
+  for (int64_t s = threadIdx.x; s <= t; s += kThreads) mx = fmaxf(mx, p[s]);
+  mx = block_max(mx, sh);
+  const float mxs = mx * scale;
+  float sum = 0.f;
+  for (int64_t s = threadIdx.x; s <= t; s += kThreads) {
+    const float e = expf(p[s] * scale - mxs);
+    p[s] = e;
+    sum += e;
+  }
+  sum = block_sum(sum, sh);
+  const float inv = 1.f / sum;
+  for (int64_t s = threadIdx.x; s < T; s += kThreads) p[s] = s <= t ? p[s] * inv : 0.f;
+}
+
+// Row (b, h, t): dS holds dP = dout·vᵀ; becomes P ⊙ (dP − Σ_s dP⊙P)·scale over s ≤ t, zeros after.
+__global__ void __launch_bounds__(kThreads) softmax_backward_kernel(const float* __restrict__ P, float* __restrict__ dS,
+                                                                    int64_t T, float scale) {
+  __shared__ float sh[kThreads];
+  const int64_t row = blockIdx.x, t = row % T;
+  const float* p = P + row * T;
+  float* g = dS + row * T;
+  float rs = 0.f;
+  for (int64_t s = threadIdx.x; s <= t; s += kThreads) rs += g[s] * p[s];
+  rs = block_sum(rs, sh);
+  for (int64_t s = threadIdx.x; s < T; s += kThreads) g[s] = s <= t ? p[s] * (g[s] - rs) * scale : 0.f;
+}
+
+// ---- loss, optimizer, reductions ---------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads) cross_entropy_kernel(float* __restrict__ logits,
+                                                                 const int32_t* __restrict__ targets, int64_t V,
+                                                                 float gscale, double* __restrict__ loss_sum) {
+  __shared__ float shf[kThreads];
+  __shared__ double shd[kThreads];
+  const int64_t m = blockIdx.x;
+  float* l = logits + m * V;
+  const int32_t tg = targets[m];
+  const float lt = l[tg];  // read by every thread before any row entry is overwritten
+  float mx = -INFINITY;
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) mx = fmaxf(mx, l[i]);
+  mx = block_max(mx, shf);
+  float part = 0.f;
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) part += expf(l[i] - mx);
+  const double sum = block_sum(static_cast<double>(part), shd);
+  if (threadIdx.x == 0) atomicAdd(loss_sum, log(sum) - static_cast<double>(lt - mx));
+  const double inv = 1.0 / sum;
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+    const double pr = static_cast<double>(expf(l[i] - mx)) * inv;
+    l[i] = static_cast<float>((pr - (i == tg ? 1.0 : 0.0)) * gscale);
+  }
+}
+
+__global__ void adamw_kernel(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
+                             float* __restrict__ v, int64_t n, float lr, float b1, float b2, float eps, float wd,
+                             float ic1, float ic2, float gscale) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float gi = g[i] * gscale;
+    const float mi = b1 * m[i] + (1.f - b1) * gi;
+    const float vi = b2 * v[i] + (1.f - b2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    w[i] -= lr * ((mi * ic1) / (sqrtf(vi * ic2) + eps) + wd * w[i]);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) sum_squares_kernel(const float* __restrict__ x, int64_t n,
+                                                               double* __restrict__ out) {
+  __shared__ double sh[kThreads];
+  double s = 0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads)
+    s += static_cast<double>(x[i]) * x[i];
+  s = block_sum(s, sh);
+  if (threadIdx.x == 0) atomicAdd(out, s);
+}
+
+__global__ void embedding_forward_kernel(const float* __restrict__ table, const int32_t* __restrict__ ids, int64_t M,
+                                         int64_t d, float* __restrict__ out) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= M * d) return;
+  const int64_t m = idx / d, i = idx % d;
+  out[idx] = table[static_cast<int64_t>(ids[m]) * d + i];
+}
+
+__global__ void embedding_backward_kernel(const float* __restrict__ dx, const int32_t* __restrict__ ids, int64_t M,
+                                          int64_t d, float* __restrict__ G) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= M * d) return;
+  const int64_t m = idx / d, i = idx % d;
+  atomicAdd(G + static_cast<int64_t>(ids[m]) * d + i, dx[idx]);
+}
+
+__global__ void add_to_kernel(float* __restrict__ dst, const float* __restrict__ src, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) dst[i] += src[i];
+}
+
+// ---- dense FFN elementwise ---------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads) ffn_hidden_kernel(float* __restrict__ G, const float* __restrict__ U,
+                                                              float* __restrict__ H, int64_t F,
+                                                              double* __restrict__ l1_sum,
+                                                              unsigned long long* __restrict__ counts,
+                                                              uint8_t* __restrict__ fired) {
+  __shared__ double shd[kThreads];
+  __shared__ float shf[kThreads];
+  const int64_t m = blockIdx.x;
+  double l1 = 0;
+  float cnt = 0.f;  // exact: at most F / kThreads + 1 per thread, summed below 2^24
+  for (int64_t j = threadIdx.x; j < F; j += kThreads) {
+    const float v = G[m * F + j];
+    const float g = v > 0.f ? v : 0.f;
+    G[m * F + j] = g;
+    const float h = g * U[m * F + j];
+    H[m * F + j] = h;
+    l1 += fabs(static_cast<double>(h));
+    if (g > 0.f) {
+      cnt += 1.f;
+      if (fired) fired[j] = 1;
+    }
+  }
+  l1 = block_sum(l1, shd);
+  cnt = block_sum(cnt, shf);
+  if (threadIdx.x == 0) {
+    atomicAdd(l1_sum, l1);
+    const unsigned long long c = static_cast<unsigned long long>(cnt);
+    atomicAdd(counts, c);
+    atomicMax(counts + 1, c);
+  }
+}
+
+__global__ void ffn_hidden_backward_kernel(float* __restrict__ dH, const float* __restrict__ G,
+                                           const float* __restrict__ U, float* __restrict__ dG, float* __restrict__ H,
+                                           int64_t n, float lam) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float g = G[i], u = U[i];
+  const float h = g * u;
+  const float sg = h > 0.f ? 1.f : (h < 0.f ? -1.f : 0.f);
+  const float dh = dH[i] + lam * sg;
+  H[i] = h;
+  dH[i] = dh * g;
+  dG[i] = g > 0.f ? dh * u : 0.f;
+}
+
+}  // namespace
+
+void gemm_f32(int64_t M, int64_t N, int64_t K, const MatRef& A, const MatRef& B, float* C, int64_t ldc, int64_t cso,
+              int64_t csi, int64_t nzo, int64_t nzi, bool accumulate) {
+  if (M <= 0 || N <= 0 || nzo <= 0 || nzi <= 0) return;
+  const int64_t gy = ceil_div(M, kBM), gz = nzo * nzi;
+  if (gy > 65535 || gz > 65535) throw std::invalid_argument("gemm_f32: too many row tiles or batches");
+  const dim3 grid(grid1(N, kBN), static_cast<unsigned>(gy), static_cast<unsigned>(gz));
+  gemm_f32_kernel<<<grid, 256>>>(M, N, K, A.p, A.rs, A.cs, A.so, A.si, B.p, B.rs, B.cs, B.so, B.si, C, ldc, cso, csi,
+                                 nzi, accumulate ? 1 : 0);
+  SLLM_LAUNCHED("gemm_f32_kernel");
+}
+
+void linear_forward(const float* x, int64_t M, int64_t din, const float* W, int64_t dout, float* y) {
+  gemm_f32(M, dout, din, MatRef{x, din, 1}, MatRef{W, 1, din}, y, dout);
+}
+
+void linear_backward(const float* x, const float* dy, int64_t M, int64_t din, const float* W, int64_t dout, float* dx,
+                     float* dW, bool first) {
+  if (dx) gemm_f32(M, din, dout, MatRef{dy, dout, 1}, MatRef{W, din, 1}, dx, din);  // dy·W
+  // dW[o, i] = Σ_t dy[t, o]·x[t, i]
+  gemm_f32(dout, din, M, MatRef{dy, 1, dout}, MatRef{x, din, 1}, dW, din, 0, 0, 1, 1, !first);
+}
+
+void rmsnorm_forward(const float* x, const float* add, float* sum, int64_t M, int64_t d, const float* w, float eps,
+                     float* y, float* rstd) {
+  if (M <= 0) return;
+  rmsnorm_forward_kernel<<<rows_grid(M), kThreads>>>(x, add, sum, d, w, eps, y, rstd);
+  SLLM_LAUNCHED("rmsnorm_forward_kernel");
+}
+
+int64_t rmsnorm_backward_scratch(int64_t M, int64_t d) { return std::max<int64_t>(1, ceil_div(M, kNormChunk)) * d; }
+
+void rmsnorm_backward(const float* x, const float* rstd, const float* w, const float* dy, int64_t M, int64_t d,
+                      float* dx, bool accumulate, float* dw, bool dw_first, double* part) {
+  if (M <= 0) return;
+  rmsnorm_backward_rows_kernel<<<rows_grid(M), kThreads>>>(x, rstd, w, dy, d, dx, accumulate ? 1 : 0);
+  SLLM_LAUNCHED("rmsnorm_backward_rows_kernel");
+  const int64_t chunks = ceil_div(M, kNormChunk);
+  if (chunks > 65535) throw std::invalid_argument("rmsnorm_backward: too many rows");
+  rmsnorm_dw_partial_kernel<<<dim3(grid1(d, 128), static_cast<unsigned>(chunks)), 128>>>(x, rstd, dy, M, d, part);
+  SLLM_LAUNCHED("rmsnorm_dw_partial_kernel");
+  rmsnorm_dw_reduce_kernel<<<grid1(d, 128), 128>>>(part, chunks, d, dw, dw_first ? 1 : 0);
+  SLLM_LAUNCHED("rmsnorm_dw_reduce_kernel");
+}
+
+void rope_apply(float* x, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t hd, const float* cos_t,
+                const float* sin_t, bool inverse) {
+  const int64_t half = hd / 2, n = B * T * H * half;
+  if (n <= 0) return;
+  rope_kernel<<<grid1(n, 256), 256>>>(x, ld, B * T, T, H, half, cos_t, sin_t, inverse ? -1.f : 1.f);
+  SLLM_LAUNCHED("rope_kernel");
+}
+
+void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
+                       int64_t hd, float* P, float* out, int64_t ld_out) {
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  // S = q·kᵀ per (b, h) into P (the entries above the diagonal are computed, then zeroed).
+  gemm_f32(T, T, hd, MatRef{q, ld_in, 1, T * ld_in, hd}, MatRef{k, 1, ld_in, T * ld_in, hd}, P, T, H * T * T, T * T, B,
+           H);
+  causal_softmax_kernel<<<rows_grid(B * H * T), kThreads>>>(P, T, scale);
+  SLLM_LAUNCHED("causal_softmax_kernel");
+  // out = P·v
+  gemm_f32(T, hd, T, MatRef{P, T, 1, H * T * T, T * T}, MatRef{v, ld_in, 1, T * ld_in, hd}, out, ld_out, T * ld_out, hd,
+           B, H);
+}
+
+void attention_backward(const float* q, const float* k, const float* v, int64_t ld_in, const float* P,
+                        const float* dout, int64_t ld_out, int64_t B, int64_t T, int64_t H, int64_t hd, float* dq,
+                        float* dk, float* dv, int64_t ld_grad, float* dS) {
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  const MatRef Pt{P, 1, T, H * T * T, T * T};
+  // dP = dout·vᵀ, then dS in place.
+  gemm_f32(T, T, hd, MatRef{dout, ld_out, 1, T * ld_out, hd}, MatRef{v, 1, ld_in, T * ld_in, hd}, dS, T, H * T * T,
+           T * T, B, H);
+  softmax_backward_kernel<<<rows_grid(B * H * T), kThreads>>>(P, dS, T, scale);
+  SLLM_LAUNCHED("softmax_backward_kernel");
+  const MatRef dSm{dS, T, 1, H * T * T, T * T}, dSt{dS, 1, T, H * T * T, T * T};
+  gemm_f32(T, hd, T, dSm, MatRef{k, ld_in, 1, T * ld_in, hd}, dq, ld_grad, T * ld_grad, hd, B, H);   // dS·k
+  gemm_f32(T, hd, T, dSt, MatRef{q, ld_in, 1, T * ld_in, hd}, dk, ld_grad, T * ld_grad, hd, B, H);   // dSᵀ·q
+  gemm_f32(T, hd, T, Pt, MatRef{dout, ld_out, 1, T * ld_out, hd}, dv, ld_grad, T * ld_grad, hd, B, H);  // Pᵀ·dout
+}
+
+void cross_entropy(float* logits, const int32_t* targets, int64_t M, int64_t V, float gscale, double* loss_sum) {
+  if (M <= 0) return;
+  cross_entropy_kernel<<<rows_grid(M), kThreads>>>(logits, targets, V, gscale, loss_sum);
+  SLLM_LAUNCHED("cross_entropy_kernel");
+}
+
+void adamw(float* w, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2, float eps, float wd,
+           double c1, double c2, float gscale) {
+  if (n <= 0) return;
+  const float ic1 = static_cast<float>(1.0 / c1), ic2 = static_cast<float>(1.0 / c2);
+  adamw_kernel<<<grid_capped(n, 256, 8192), 256>>>(w, g, m, v, n, lr, b1, b2, eps, wd, ic1, ic2, gscale);
+  SLLM_LAUNCHED("adamw_kernel");
+}
+
+void sum_squares(const float* x, int64_t n, double* out) {
+  if (n <= 0) return;
+  sum_squares_kernel<<<grid_capped(n, kThreads * 8, 2048), kThreads>>>(x, n, out);
+  SLLM_LAUNCHED("sum_squares_kernel");
+}
+
+void embedding_forward(const float* table, const int32_t* ids, int64_t M, int64_t d, float* out) {
+  if (M * d <= 0) return;
+  embedding_forward_kernel<<<grid1(M * d, 256), 256>>>(table, ids, M, d, out);
+  SLLM_LAUNCHED("embedding_forward_kernel");
+}
+
+void embedding_backward(const float* dx, const int32_t* ids, int64_t M, int64_t d, float* G) {
+  if (M * d <= 0) return;
+  embedding_backward_kernel<<<grid1(M * d, 256), 256>>>(dx, ids, M, d, G);
+  SLLM_LAUNCHED("embedding_backward_kernel");
+}
+
+void add_to(float* dst, const float* src, int64_t n) {
+  if (n <= 0) return;
+  add_to_kernel<<<grid1(n, 256), 256>>>(dst, src, n);
+  SLLM_LAUNCHED("add_to_kernel");
+}
+
+void ffn_hidden(float* G, const float* U, float* H, int64_t M, int64_t F, double* l1_sum, unsigned long long* counts,
+                uint8_t* fired) {
+  if (M <= 0) return;
+  ffn_hidden_kernel<<<rows_grid(M), kThreads>>>(G, U, H, F, l1_sum, counts, fired);
+  SLLM_LAUNCHED("ffn_hidden_kernel");
+}
+
+void ffn_hidden_backward(float* dH, const float* G, const float* U, float* dG, float* H, int64_t n, float lam) {
+  if (n <= 0) return;
+  ffn_hidden_backward_kernel<<<grid1(n, 256), 256>>>(dH, G, U, dG, H, n, lam);
+  SLLM_LAUNCHED("ffn_hidden_backward_kernel");
+}
+
+}  // namespace sparsellm::cuda::train

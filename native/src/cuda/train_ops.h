@@ -1,0 +1,86 @@
+// Internal (plain C++, no CUDA types): the training-only operations of the GPU trainer
+// (train_ops.cu), the device counterparts of native/src/cpu/train_ops.h with the same formulas.
+// Everything is f32 on the device (the CPU trainer's master precision); pointers are device
+// pointers; work runs on the legacy default stream, in order. Defined only in builds with the
+// CUDA backend (SPARSELLM_HAVE_CUDA).
+//
+// UNVERIFIED: written on a machine without a GPU; compile-checked and run through a host
+// emulation of the kernels only, until scripts/gpu-check.sh passes on a GPU.
+#pragma once
+#include <cstdint>
+
+namespace sparsellm::cuda::train {
+
+// A strided (batched) f32 matrix operand: element (r, c) of batch (zo, zi) is
+// p[zo·so + zi·si + r·rs + c·cs].
+struct MatRef {
+  const float* p = nullptr;
+  int64_t rs = 0, cs = 0, so = 0, si = 0;
+};
+
+// C[r, n] (+)= Σ_{k < K} A(r, k)·B(k, n) for r < M, n < N, per batch (zo < nzo, zi < nzi); C of
+// batch (zo, zi) at C + zo·cso + zi·csi, row-major with ldc. Overwrites unless `accumulate`.
+// f32 accumulation in a fixed order per element (SIMT tiles; not tensor cores).
+void gemm_f32(int64_t M, int64_t N, int64_t K, const MatRef& A, const MatRef& B, float* C, int64_t ldc, int64_t cso = 0,
+              int64_t csi = 0, int64_t nzo = 1, int64_t nzi = 1, bool accumulate = false);
+
+// y [M, dout] = x [M, din]·Wᵀ, W [dout, din] (ldw = din unless given).
+void linear_forward(const float* x, int64_t M, int64_t din, const float* W, int64_t dout, float* y);
+// dx [M, din] = dy·W (skipped when dx is null); dW [dout, din] = dyᵀ·x, added when !first.
+void linear_backward(const float* x, const float* dy, int64_t M, int64_t din, const float* W, int64_t dout, float* dx,
+                     float* dW, bool first);
+
+// RMSNorm (the CPU rmsnorm_forward / rmsnorm_backward): y = x·r ⊙ w, r = 1/sqrt(mean(x²) + eps)
+// (sum of squares in float64); with `add`, x + add is normed and stored in `sum`.
+void rmsnorm_forward(const float* x, const float* add, float* sum, int64_t M, int64_t d, const float* w, float eps,
+                     float* y, float* rstd);
+// dx (+)= r·(dy ⊙ w) − x·r³/d·Σ dy⊙w⊙x (float64 row sums); dw (+)= Σ_rows dy ⊙ x·r (float64,
+// by fixed row chunks). `part` is device scratch of rmsnorm_backward_scratch(M, d) doubles.
+void rmsnorm_backward(const float* x, const float* rstd, const float* w, const float* dy, int64_t M, int64_t d,
+                      float* dx, bool accumulate, float* dw, bool dw_first, double* part);
+int64_t rmsnorm_backward_scratch(int64_t M, int64_t d);
+
+// Rotate-half RoPE in place on x [B·T, ld] (H heads of hd at columns 0..H·hd), tables cos, sin
+// [context, hd/2] (device f32, the CPU rope_tables); inverse rotates by −angle.
+void rope_apply(float* x, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t hd, const float* cos_t,
+                const float* sin_t, bool inverse);
+
+// Causal attention of training (the CPU attention_forward/backward, same layouts): q, k, v
+// [B·T, ld_in]; P [B, H, T, T] (row t: softmax over keys 0..t, zeros after); out [B·T, ld_out].
+void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
+                       int64_t hd, float* P, float* out, int64_t ld_out);
+// dq, dk, dv [B·T, ld_grad] overwritten; dS: device scratch [B, H, T, T].
+void attention_backward(const float* q, const float* k, const float* v, int64_t ld_in, const float* P,
+                        const float* dout, int64_t ld_out, int64_t B, int64_t T, int64_t H, int64_t hd, float* dq,
+                        float* dk, float* dv, int64_t ld_grad, float* dS);
+
+// Row-wise softmax cross-entropy: logits [M, V] become (softmax − onehot)·gscale; Σ_rows
+// −log softmax[target] is added to *loss_sum (device double). targets: device int32 [M].
+void cross_entropy(float* logits, const int32_t* targets, int64_t M, int64_t V, float gscale, double* loss_sum);
+
+// AdamW on n elements (the CPU adamw): g·gscale; m, v updated; w −= lr·(m·ic1/(sqrt(v·ic2) + eps)
+// + wd·w) with ic1 = (float)(1/c1), ic2 = (float)(1/c2).
+void adamw(float* w, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2, float eps, float wd,
+           double c1, double c2, float gscale);
+
+// *out += Σ x² (float64).
+void sum_squares(const float* x, int64_t n, double* out);
+
+// out[m, :d] = table[ids[m], :d]; and its backward G[ids[m], :d] += dx[m, :d] (atomic adds).
+void embedding_forward(const float* table, const int32_t* ids, int64_t M, int64_t d, float* out);
+void embedding_backward(const float* dx, const int32_t* ids, int64_t M, int64_t d, float* G);
+
+// dst[i] += src[i].
+void add_to(float* dst, const float* src, int64_t n);
+
+// Dense FFN elementwise steps (the CPU dense_ffn_forward_train / dense_ffn_backward):
+// forward: G = relu(G) in place, H = G ⊙ U; stats[0] (double) += Σ|H|, counts[0] += nnz
+// (G > 0), counts[1] = max(counts[1], row nnz); fired[j] = 1 where a row has G[·, j] > 0
+// (fired may be null). G, U, H [M, F].
+void ffn_hidden(float* G, const float* U, float* H, int64_t M, int64_t F, double* l1_sum,
+                unsigned long long* counts, uint8_t* fired);
+// backward: h = G·U, dh = dH + lam·sgn(h); H = h, dU = dh·G, dG = G > 0 ? dh·U : 0 (dU in place
+// of dH).
+void ffn_hidden_backward(float* dH, const float* G, const float* U, float* dG, float* H, int64_t n, float lam);
+
+}  // namespace sparsellm::cuda::train
