@@ -28,6 +28,10 @@
 #include "sparsellm/cuda_ops.h"
 #include "../src/cuda/kernel_policy.h"
 #include "../src/cuda/twell_updown.h"
+#include "../src/cpu/train_ops.h"
+#include "../src/cuda/train_model.h"
+#include "../src/cuda/train_ops.h"
+#include "sparsellm/train.h"
 #endif
 
 namespace {
@@ -878,6 +882,369 @@ void test_models() {
 
 }  // namespace
 
+// ===== Training on the GPU (train_ops.h, train_model.h) ==========================================
+// BEGIN TRAIN TESTS (compared with the CPU trainer's own functions, native/src/cpu/train_ops.h,
+// and with sparsellm::Trainer; f32 on both sides, so the tolerances are f32 accumulation-order
+// bounds, not bf16 ones: see each check).
+namespace traintest {
+
+std::vector<float> rvec(size_t n, double scale) {
+  std::normal_distribution<double> nd(0.0, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = static_cast<float>(nd(rng()));
+  return v;
+}
+
+struct Dev {
+  DeviceBuffer b;
+  size_t n = 0;
+  explicit Dev(const std::vector<float>& h) : b(std::max<size_t>(h.size(), 1) * 4), n(h.size()) {
+    upload(b.data(), h.data(), h.size() * 4);
+  }
+  explicit Dev(size_t count) : b(std::max<size_t>(count, 1) * 4), n(count) { memset_device(b.data(), 0, count * 4); }
+  float* p() const { return b.as<float>(); }
+  std::vector<float> get() const {
+    std::vector<float> h(n);
+    download(h.data(), b.data(), n * 4);
+    return h;
+  }
+};
+
+// ||a − ref|| / ||ref|| in float64.
+double rel(const std::vector<float>& a, const std::vector<float>& ref) {
+  std::vector<double> r(ref.begin(), ref.end());
+  return check::rel_error(a.data(), r.data(), std::min(a.size(), r.size()));
+}
+
+// The strided GEMM against float64 on the same f32 inputs: all four layouts, batches, the
+// accumulate flag, sizes off the 64 × 64 × 16 tiles (1 × 1 × 1 included). f32 accumulation of
+// K ≤ 129 products: relative error ~sqrt(K)·2^-24 ≈ 1e-6; bound 2e-5.
+void test_gemm_f32() {
+  struct Case { int64_t M, N, K, zo, zi; };
+  for (const Case c : {Case{1, 1, 1, 1, 1}, Case{65, 67, 17, 1, 1}, Case{130, 3, 129, 2, 3}, Case{7, 200, 64, 1, 2}})
+    for (int layout = 0; layout < 4; ++layout)
+      for (bool acc : {false, true}) {
+        const bool at = layout & 1, bt = layout & 2;
+        const int64_t nb = c.zo * c.zi, asz = c.M * c.K, bsz = c.K * c.N, csz = c.M * c.N;
+        const std::vector<float> A = rvec(static_cast<size_t>(nb * asz), 1.0), B = rvec(static_cast<size_t>(nb * bsz), 1.0);
+        const std::vector<float> C0 = rvec(static_cast<size_t>(nb * csz), 1.0);
+        // A(r, k) at r·rs + k·cs (at: stored transposed, [K, M]); B likewise ([N, K] when bt).
+        const int64_t ars = at ? 1 : c.K, acs = at ? c.M : 1, brs = bt ? 1 : c.N, bcs = bt ? c.K : 1;
+        std::vector<double> ref(static_cast<size_t>(nb * csz));
+        for (int64_t z = 0; z < nb; ++z)
+          for (int64_t r = 0; r < c.M; ++r)
+            for (int64_t n = 0; n < c.N; ++n) {
+              double s = acc ? C0[static_cast<size_t>(z * csz + r * c.N + n)] : 0.0;
+              for (int64_t k = 0; k < c.K; ++k)
+                s += static_cast<double>(A[static_cast<size_t>(z * asz + r * ars + k * acs)]) *
+                     B[static_cast<size_t>(z * bsz + k * brs + n * bcs)];
+              ref[static_cast<size_t>(z * csz + r * c.N + n)] = s;
+            }
+        Dev a(A), b(B), cc(C0);
+        // Batch (zo, zi): operands at z·size with z = zo·zi_count + zi.
+        train::gemm_f32(c.M, c.N, c.K, train::MatRef{a.p(), ars, acs, c.zi * asz, asz},
+                        train::MatRef{b.p(), brs, bcs, c.zi * bsz, bsz}, cc.p(), c.N, c.zi * csz, csz, c.zo, c.zi, acc);
+        const std::vector<float> got = cc.get();
+        const double e = check::rel_error(got.data(), ref.data(), ref.size());
+        CHECK(e < 2e-5, "gemm_f32 %lldx%lldx%lld batches %lldx%lld layout %d acc %d: rel error %.3g",
+              (long long)c.M, (long long)c.N, (long long)c.K, (long long)c.zo, (long long)c.zi, layout, acc ? 1 : 0, e);
+      }
+}
+
+// RMSNorm forward/backward against the CPU functions (both reduce in float64 and round once):
+// 1e-6. Single row, d off every block size.
+void test_train_norm(int64_t M, int64_t d) {
+  const std::vector<float> x = rvec(static_cast<size_t>(M * d), 1.5), add = rvec(static_cast<size_t>(M * d), 0.7);
+  const std::vector<float> w = rvec(static_cast<size_t>(d), 1.0), dy = rvec(static_cast<size_t>(M * d), 1.0);
+  const std::vector<float> dx0 = rvec(static_cast<size_t>(M * d), 1.0), dw0 = rvec(static_cast<size_t>(d), 1.0);
+  const float eps = 1e-5f;
+  std::vector<float> sum(x.size()), y(x.size()), rstd(static_cast<size_t>(M));
+  trainops::rmsnorm_forward(x.data(), add.data(), sum.data(), M, d, w.data(), eps, y.data(), rstd.data());
+  Dev gx(x), ga(add), gs(x.size()), gw(w), gy(x.size()), gr(static_cast<size_t>(M));
+  train::rmsnorm_forward(gx.p(), ga.p(), gs.p(), M, d, gw.p(), eps, gy.p(), gr.p());
+  CHECK(rel(gs.get(), sum) < 1e-7, "rmsnorm sum %lldx%lld", (long long)M, (long long)d);
+  CHECK(rel(gy.get(), y) < 1e-6, "rmsnorm forward %lldx%lld: %.3g", (long long)M, (long long)d, rel(gy.get(), y));
+  CHECK(rel(gr.get(), rstd) < 1e-6, "rmsnorm rstd %lldx%lld", (long long)M, (long long)d);
+  for (bool accumulate : {false, true}) {
+    std::vector<float> dx = dx0, dw = dw0;
+    trainops::rmsnorm_backward(sum.data(), rstd.data(), w.data(), dy.data(), M, d, dx.data(), accumulate, dw.data(),
+                               !accumulate);
+    Dev gdy(dy), gdx(dx0), gdw(dw0);
+    DeviceBuffer part(static_cast<size_t>(train::rmsnorm_backward_scratch(M, d)) * 8);
+    train::rmsnorm_backward(gs.p(), gr.p(), gw.p(), gdy.p(), M, d, gdx.p(), accumulate, gdw.p(), !accumulate,
+                            part.as<double>());
+    const double ex = rel(gdx.get(), dx), ew = rel(gdw.get(), dw);
+    CHECK(ex < 1e-6 && ew < 1e-6, "rmsnorm backward %lldx%lld acc %d: dx %.3g dw %.3g", (long long)M, (long long)d,
+          accumulate ? 1 : 0, ex, ew);
+  }
+}
+
+// RoPE (same f32 operations as the CPU, up to fused multiply-adds): 1e-6.
+void test_train_rope(int64_t B, int64_t T, int64_t H, int64_t hd) {
+  const int64_t ld = 3 * H * hd + 5;
+  std::vector<float> cs, sn;
+  trainops::rope_tables(T + 3, hd, 10000.0, cs, sn);
+  for (bool inverse : {false, true}) {
+    std::vector<float> x = rvec(static_cast<size_t>(B * T * ld), 1.0);
+    Dev gx(x), gc(cs), gsn(sn);
+    trainops::rope_apply(x.data(), ld, B, T, H, hd, cs.data(), sn.data(), inverse);
+    train::rope_apply(gx.p(), ld, B, T, H, hd, gc.p(), gsn.p(), inverse);
+    CHECK(rel(gx.get(), x) < 1e-6, "rope B%lld T%lld H%lld hd%lld inverse %d", (long long)B, (long long)T, (long long)H,
+          (long long)hd, inverse ? 1 : 0);
+  }
+}
+
+// Causal attention forward/backward against the CPU kernels. Both take exponentials in f32
+// (the CPU a degree-7 polynomial, < 1e-7 relative; the GPU expf) and sum in different orders:
+// 2e-5. P is compared on its causal part only (the CPU leaves the rest as scratch).
+void test_train_attention(int64_t B, int64_t T, int64_t H, int64_t hd) {
+  const int64_t d = H * hd, ld_in = 3 * d, M = B * T;
+  const std::vector<float> qkv = rvec(static_cast<size_t>(M * ld_in), 1.0), dout = rvec(static_cast<size_t>(M * d), 1.0);
+  std::vector<float> P(static_cast<size_t>(B * H * T * T)), out(static_cast<size_t>(M * d));
+  std::vector<float> dqkv(static_cast<size_t>(M * ld_in));
+  trainops::attention_forward(qkv.data(), qkv.data() + d, qkv.data() + 2 * d, ld_in, B, T, H, hd, P.data(), out.data(), d);
+  trainops::attention_backward(qkv.data(), qkv.data() + d, qkv.data() + 2 * d, ld_in, P.data(), dout.data(), d, B, T, H,
+                               hd, dqkv.data(), dqkv.data() + d, dqkv.data() + 2 * d, ld_in);
+  Dev gq(qkv), gP(P.size()), go(out.size()), gdo(dout), gdq(dqkv.size()), gdS(P.size());
+  train::attention_forward(gq.p(), gq.p() + d, gq.p() + 2 * d, ld_in, B, T, H, hd, gP.p(), go.p(), d);
+  train::attention_backward(gq.p(), gq.p() + d, gq.p() + 2 * d, ld_in, gP.p(), gdo.p(), d, B, T, H, hd, gdq.p(),
+                            gdq.p() + d, gdq.p() + 2 * d, ld_in, gdS.p());
+  std::vector<float> Pg = gP.get(), Pc, Pgc;
+  bool zeros = true;
+  for (int64_t r = 0; r < B * H * T; ++r)
+    for (int64_t s = 0; s < T; ++s) {
+      const size_t i = static_cast<size_t>(r * T + s);
+      if (s <= r % T) {
+        Pc.push_back(P[i]);
+        Pgc.push_back(Pg[i]);
+      } else if (Pg[i] != 0.f) {
+        zeros = false;
+      }
+    }
+  const double eP = rel(Pgc, Pc), eo = rel(go.get(), out), eg = rel(gdq.get(), dqkv);
+  CHECK(zeros, "attention B%lld T%lld H%lld hd%lld: P not zero above the diagonal", (long long)B, (long long)T,
+        (long long)H, (long long)hd);
+  CHECK(eP < 2e-5 && eo < 2e-5 && eg < 2e-5, "attention B%lld T%lld H%lld hd%lld: P %.3g out %.3g dqkv %.3g", (long long)B,
+        (long long)T, (long long)H, (long long)hd, eP, eo, eg);
+}
+
+// Cross-entropy: the loss sum within 1e-6 (float64 on both sides after f32 exponentials);
+// dlogits within 1e-5 (expf vs exp in float64, then one f32 rounding).
+void test_train_ce(int64_t M, int64_t V) {
+  std::vector<float> logits = rvec(static_cast<size_t>(M * V), 3.0);
+  std::vector<int32_t> tg(static_cast<size_t>(M));
+  std::uniform_int_distribution<int32_t> ud(0, static_cast<int32_t>(V - 1));
+  for (auto& t : tg) t = ud(rng());
+  Dev gl(logits);
+  DeviceBuffer gt(tg.size() * 4), gsum(8);
+  upload(gt.data(), tg.data(), tg.size() * 4);
+  memset_device(gsum.data(), 0, 8);
+  const float gscale = 0.37f;
+  const double cpu = trainops::cross_entropy(logits.data(), tg.data(), M, V, gscale);
+  train::cross_entropy(gl.p(), gt.as<int32_t>(), M, V, gscale, gsum.as<double>());
+  double gpu = 0;
+  download(&gpu, gsum.data(), 8);
+  CHECK(std::fabs(gpu - cpu) <= 1e-6 * std::fabs(cpu), "cross-entropy %lldx%lld: loss %.9g vs %.9g", (long long)M,
+        (long long)V, gpu, cpu);
+  CHECK(rel(gl.get(), logits) < 1e-5, "cross-entropy %lldx%lld: dlogits %.3g", (long long)M, (long long)V,
+        rel(gl.get(), logits));
+}
+
+// AdamW (the same f32 formula; fused multiply-adds may differ by an ulp): 1e-6 on w, m, v.
+// Sum of squares (float64 sums of exact squares, different order): 1e-12. Embeddings: the
+// gather exact, the scatter (atomic adds in any order, repeated ids) 1e-6 against float64.
+void test_train_misc(int64_t n) {
+  std::vector<float> w = rvec(static_cast<size_t>(n), 1.0), g = rvec(static_cast<size_t>(n), 0.1);
+  std::vector<float> m = rvec(static_cast<size_t>(n), 0.01), v = rvec(static_cast<size_t>(n), 0.001);
+  for (auto& x : v) x = x * x;
+  Dev gw(w), gg(g), gm(m), gv(v);
+  const double c1 = 1.0 - std::pow(0.9, 3.0), c2 = 1.0 - std::pow(0.95, 3.0);
+  trainops::adamw(w.data(), g.data(), m.data(), v.data(), n, 3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, c1, c2, 0.7f);
+  train::adamw(gw.p(), gg.p(), gm.p(), gv.p(), n, 3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, c1, c2, 0.7f);
+  CHECK(rel(gw.get(), w) < 1e-6 && rel(gm.get(), m) < 1e-6 && rel(gv.get(), v) < 1e-6, "adamw n=%lld: w %.3g m %.3g v %.3g",
+        (long long)n, rel(gw.get(), w), rel(gm.get(), m), rel(gv.get(), v));
+  DeviceBuffer ss(8);
+  memset_device(ss.data(), 0, 8);
+  train::sum_squares(gg.p(), n, ss.as<double>());
+  double s = 0;
+  download(&s, ss.data(), 8);
+  const double sc = trainops::sum_squares(g.data(), n);
+  CHECK(std::fabs(s - sc) <= 1e-12 * sc, "sum_squares n=%lld: %.17g vs %.17g", (long long)n, s, sc);
+  const int64_t V = 11, d = 13, M = 40;
+  const std::vector<float> table = rvec(static_cast<size_t>(V * d), 1.0), dx = rvec(static_cast<size_t>(M * d), 1.0);
+  const std::vector<float> G0 = rvec(static_cast<size_t>(V * d), 1.0);
+  std::vector<int32_t> ids(static_cast<size_t>(M));
+  std::uniform_int_distribution<int32_t> ud(0, static_cast<int32_t>(V - 1));
+  for (auto& t : ids) t = ud(rng());
+  DeviceBuffer gid(ids.size() * 4);
+  upload(gid.data(), ids.data(), ids.size() * 4);
+  Dev gt(table), gout(static_cast<size_t>(M * d)), gdx(dx), gG(G0);
+  train::embedding_forward(gt.p(), gid.as<int32_t>(), M, d, gout.p());
+  train::embedding_backward(gdx.p(), gid.as<int32_t>(), M, d, gG.p());
+  const std::vector<float> out = gout.get();
+  bool same = true;
+  std::vector<double> ref(G0.begin(), G0.end());
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t i = 0; i < d; ++i) {
+      same = same && out[static_cast<size_t>(r * d + i)] == table[static_cast<size_t>(ids[static_cast<size_t>(r)] * d + i)];
+      ref[static_cast<size_t>(ids[static_cast<size_t>(r)] * d + i)] += dx[static_cast<size_t>(r * d + i)];
+    }
+  const std::vector<float> Gg = gG.get();
+  CHECK(same, "embedding forward: not the table's rows");
+  CHECK(check::rel_error(Gg.data(), ref.data(), ref.size()) < 1e-6, "embedding backward");
+}
+
+std::vector<int32_t> random_tokens(int64_t n, int64_t V) {
+  std::uniform_int_distribution<int32_t> ud(0, static_cast<int32_t>(V - 1));
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = ud(rng());
+  return t;
+}
+
+// CudaTrainer against Trainer (dense FFN path on both) on a small random model: the same
+// initial weights from the same seed (bit-identical), set_tensor/get_tensor round trips, then
+// steps with micro-batches, clipping, L1, a single-token sequence and a dead-neuron window with
+// re-initialisation. Tolerances: the GPU sums in other orders (f32 GEMMs of K ≤ 64), so losses
+// agree to ~1e-6 (bound 1e-5), gradients to ~1e-5 (bound 1e-4); after AdamW the weight updates
+// (w − w0) to 1e-3: an element whose gradient is within rounding of zero can take a different
+// sign of m/sqrt(v) at step 1, so the bound is looser than the gradients' own.
+void test_cuda_trainer() {
+  TrainModelConfig cfg;
+  cfg.vocab = 37;
+  cfg.d_model = 24;
+  cfg.n_layers = 2;
+  cfg.n_heads = 3;
+  cfg.d_ff = 40;
+  cfg.context = 16;
+  TrainHyper hp;
+  hp.ffn_path = FfnTrainPath::Dense;
+  hp.l1 = 0.05f;
+  hp.clip = 0.5f;
+  hp.dead_window = 2;
+  hp.reinit_dead = true;
+  hp.seed = rng()() % 1000;
+  Trainer cpu(cfg, hp);
+  CudaTrainer gpu(cfg, hp);
+  cpu.init_weights();
+  gpu.init_weights();
+  CHECK(cpu.tensors().size() == gpu.tensors().size(), "trainer: tensor lists differ");
+  bool init_same = true;
+  for (const TrainTensor& t : cpu.tensors()) {
+    std::vector<float> a(static_cast<size_t>(t.rows * t.cols)), b(a.size());
+    cpu.get_tensor(t.name, a.data());
+    gpu.get_tensor(t.name, b.data());
+    init_same = init_same && a == b;
+  }
+  CHECK(init_same, "trainer: init_weights differs from the CPU's with the same seed");
+  // Fresh random weights through set_tensor on both (a layout error in get/set would show).
+  for (const TrainTensor& t : cpu.tensors()) {
+    const std::vector<float> x = rvec(static_cast<size_t>(t.rows * t.cols), t.cols == 1 ? 0.2 : 0.15);
+    std::vector<float> y = x;
+    if (t.cols == 1)
+      for (auto& v : y) v += 1.f;
+    cpu.set_tensor(t.name, y.data());
+    gpu.set_tensor(t.name, y.data());
+    std::vector<float> back(y.size());
+    gpu.get_tensor(t.name, back.data());
+    CHECK(back == y, "trainer: get_tensor(%s) after set_tensor", t.name.c_str());
+  }
+  CHECK(gpu.params() == cpu.params(), "trainer: flat parameters differ after set_tensor");
+  // One micro-batch's gradient.
+  {
+    const std::vector<int32_t> tok = random_tokens(2 * 8, cfg.vocab);
+    cpu.zero_grad();
+    gpu.zero_grad();
+    const StepStats a = cpu.accumulate(tok.data(), 2, 7, 0.5);
+    const StepStats b = gpu.accumulate(tok.data(), 2, 7, 0.5);
+    const double eg = rel(gpu.grads(), cpu.grads());
+    CHECK(std::fabs(a.loss - b.loss) <= 1e-5 * std::fabs(a.loss) && eg < 1e-4,
+          "trainer accumulate: loss %.9g vs %.9g, gradient rel error %.3g", b.loss, a.loss, eg);
+  }
+  const std::vector<float> w0 = cpu.params();
+  struct StepShape { int64_t n_micro, B, T; };
+  int s_i = 0;
+  for (const StepShape sh : {StepShape{2, 2, 7}, StepShape{1, 1, 1}, StepShape{1, 1, 1}, StepShape{3, 1, 16}}) {
+    const std::vector<int32_t> tok = random_tokens(sh.n_micro * sh.B * (sh.T + 1), cfg.vocab);
+    const StepStats a = cpu.step(tok.data(), sh.n_micro, sh.B, sh.T, 3e-3f);
+    const StepStats b = gpu.step(tok.data(), sh.n_micro, sh.B, sh.T, 3e-3f);
+    ++s_i;
+    CHECK(std::fabs(a.loss - b.loss) <= 1e-5 * std::fabs(a.loss) && std::fabs(a.ce - b.ce) <= 1e-5 * std::fabs(a.ce) &&
+              std::fabs(a.l1 - b.l1) <= 1e-5 * std::fabs(a.l1) + 1e-12,
+          "trainer step %d: loss %.9g vs %.9g, ce %.9g vs %.9g, l1 %.9g vs %.9g", s_i, b.loss, a.loss, b.ce, a.ce, b.l1, a.l1);
+    CHECK(std::fabs(a.grad_norm - b.grad_norm) <= 1e-4 * a.grad_norm, "trainer step %d: grad norm %.9g vs %.9g", s_i,
+          b.grad_norm, a.grad_norm);
+    CHECK(a.tokens == b.tokens && a.reinitialised == b.reinitialised, "trainer step %d: tokens %lld/%lld reinit %lld/%lld",
+          s_i, (long long)b.tokens, (long long)a.tokens, (long long)b.reinitialised, (long long)a.reinitialised);
+    for (size_t l = 0; l < a.layers.size(); ++l) {
+      const LayerStepStats &x = a.layers[l], &y = b.layers[l];
+      // nnz: a unit within rounding of zero could flip; none is expected on random data (allow 1).
+      CHECK(std::llabs(x.nnz - y.nnz) <= 1 && std::llabs(x.max_row_nnz - y.max_row_nnz) <= 1 && x.dead == y.dead &&
+                x.saved_bytes == y.saved_bytes && x.tokens == y.tokens,
+            "trainer step %d layer %zu: nnz %lld/%lld max %lld/%lld dead %lld/%lld saved %lld/%lld", s_i, l,
+            (long long)y.nnz, (long long)x.nnz, (long long)y.max_row_nnz, (long long)x.max_row_nnz, (long long)y.dead,
+            (long long)x.dead, (long long)y.saved_bytes, (long long)x.saved_bytes);
+    }
+  }
+  CHECK(gpu.saved_bytes() == cpu.saved_bytes() && gpu.peak_saved_bytes() == cpu.peak_saved_bytes(),
+        "trainer: saved bytes %lld vs %lld", (long long)gpu.saved_bytes(), (long long)cpu.saved_bytes());
+  std::vector<float> ua = cpu.params(), ub = gpu.params();
+  for (size_t i = 0; i < ua.size(); ++i) {
+    ua[i] -= w0[i];
+    ub[i] -= w0[i];
+  }
+  const double eu = rel(ub, ua), em = rel(gpu.moment1(), cpu.moment1()), ev = rel(gpu.moment2(), cpu.moment2());
+  CHECK(eu < 1e-3 && em < 1e-3 && ev < 1e-3, "trainer: after 4 steps, updates %.3g, m %.3g, v %.3g", eu, em, ev);
+  const TrainerState sa = cpu.state(), sb = gpu.state();
+  CHECK(sa.step == sb.step && sa.window_tokens == sb.window_tokens && sa.dead == sb.dead && sa.fired == sb.fired,
+        "trainer: state differs (step %lld/%lld, window %lld/%lld)", (long long)sb.step, (long long)sa.step,
+        (long long)sb.window_tokens, (long long)sa.window_tokens);
+  const std::vector<int32_t> tok = random_tokens(3 * 10, cfg.vocab);
+  const EvalStats ea = cpu.evaluate(tok.data(), 3, 9), eb = gpu.evaluate(tok.data(), 3, 9);
+  CHECK(std::fabs(ea.ce - eb.ce) <= 1e-5 * ea.ce && std::fabs(ea.l1 - eb.l1) <= 1e-5 * ea.l1 + 1e-12 && ea.tokens == eb.tokens,
+        "trainer evaluate: ce %.9g vs %.9g, l1 %.9g vs %.9g", eb.ce, ea.ce, eb.l1, ea.l1);
+  // Errors: tokens out of range, sequence longer than the context, the hybrid path.
+  bool threw = false;
+  std::vector<int32_t> bad = random_tokens(9, cfg.vocab);
+  bad[4] = static_cast<int32_t>(cfg.vocab);
+  try {
+    gpu.step(bad.data(), 1, 1, 8, 1e-3f);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw, "trainer: a token outside the vocabulary was accepted");
+  threw = false;
+  try {
+    TrainHyper h2 = hp;
+    h2.ffn_path = FfnTrainPath::Hybrid;
+    CudaTrainer t(cfg, h2);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw, "trainer: ffn_path hybrid was accepted");
+}
+
+void test_training() {
+  std::printf("  training operations and CudaTrainer\n");
+  test_gemm_f32();
+  test_train_norm(1, 7);
+  test_train_norm(37, 300);
+  test_train_norm(130, 24);
+  test_train_rope(2, 7, 3, 10);
+  test_train_rope(1, 1, 1, 2);
+  test_train_attention(1, 1, 1, 2);
+  test_train_attention(2, 37, 3, 10);
+  test_train_attention(1, 70, 2, 16);
+  test_train_ce(1, 2);
+  test_train_ce(37, 300);
+  test_train_ce(5, 1000);
+  test_train_misc(1);
+  test_train_misc(100003);
+  test_cuda_trainer();
+}
+
+}  // namespace traintest
+// END TRAIN TESTS
+
 int main(int argc, char** argv) {
   const CudaStatus s = cuda_status();
   if (!s.usable) {
@@ -919,6 +1286,7 @@ int main(int argc, char** argv) {
       test_models();
     }
     set_unverified_kernels(false);
+    traintest::test_training();
   } catch (const std::exception& e) {
     CHECK(false, "exception: %s", e.what());
   }

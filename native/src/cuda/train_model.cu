@@ -1,0 +1,581 @@
+// CudaTrainer (train_model.h): Trainer::forward_backward, step and the dead-neuron window of
+// native/src/cpu/train_model.cpp, line for line, on device buffers through train_ops.h. Host
+// code only (the kernels are in train_ops.cu).
+//
+// UNVERIFIED: compile-checked and run through a host emulation of its kernels only.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+
+#include "sparsellm/cuda_ops.h"
+#include "train_model.h"
+#include "train_ops.h"
+
+namespace sparsellm::cuda {
+
+using train::MatRef;
+
+namespace {
+
+size_t sz(int64_t n) { return static_cast<size_t>(n); }
+
+// The CPU trainer's seed mixer (train_model.cpp), so that the same seed gives the same draws.
+uint64_t mix(uint64_t a, uint64_t b) {
+  uint64_t z = a ^ (b + 0x9e3779b97f4a7c15ULL + (a << 6) + (a >> 2));
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+// Per-call statistics on the device: doubles {ce, grad ss, l1[layers]}, then u64 {nnz, max}[layers].
+struct StatsLayout {
+  int64_t layers = 0;
+  size_t bytes() const { return sz(2 + layers) * 8 + sz(2 * layers) * 8; }
+};
+
+}  // namespace
+
+struct CudaTrainer::Impl {
+  struct LayerOffsets {
+    int64_t attn_norm, q, k, v, o, ffn_norm, gate, updown;
+  };
+  struct LayerActs {
+    DeviceBuffer x_in, xn1, rstd1, qkv, P, att, x_mid, xn2, rstd2, G, U;
+  };
+  TrainModelConfig cfg;
+  TrainHyper hp;
+  std::vector<TrainTensor> tensors;
+  std::vector<LayerOffsets> lo;
+  int64_t off_embed = 0, off_final_norm = 0, n_params = 0;
+  std::vector<std::pair<int64_t, int64_t>> no_decay;
+  DeviceBuffer w, g, m, v, fired, cos_t, sin_t;
+  TrainerState st;  // `fired` lives on the device
+  std::vector<LayerActs> acts;
+  DeviceBuffer ids, xf, xnf, rstdf, logits, tmp, dx, dxn, datt, dqkv, dS, H, dH, dG, norm_part, stats;
+  bool grads_zero = true;
+  int64_t saved_bytes = 0, peak_saved_bytes = 0;
+  int64_t cap_M = 0, cap_P = 0;  // activation capacity (tokens, B·H·T·T)
+
+  float* W() const { return w.as<float>(); }
+  float* Gr() const { return g.as<float>(); }
+  void grow(int64_t B, int64_t T);
+  void check_tokens(const int32_t* tokens, int64_t n, int64_t T) const;
+  int64_t index_of(const std::string& name) const;
+  StepStats forward_backward(const int32_t* tokens, int64_t B, int64_t T, double scale, bool backward, EvalStats* eval);
+  void end_of_step(int64_t tokens, StepStats& s);
+};
+
+CudaTrainer::CudaTrainer(const TrainModelConfig& c, const TrainHyper& h) : impl_(std::make_unique<Impl>()) {
+  Impl& I = *impl_;
+  I.cfg = c;
+  I.hp = h;
+  if (c.vocab < 2 || c.d_model < 2 || c.n_layers < 1 || c.n_heads < 1 || c.d_ff < 1 || c.context < 2)
+    throw std::invalid_argument("CudaTrainer: vocab, d_model, layers, heads, d_ff and context must be positive");
+  if (c.d_model % c.n_heads != 0 || (c.d_model / c.n_heads) % 2 != 0)
+    throw std::invalid_argument("CudaTrainer: d_model must be a multiple of heads with an even head width");
+  if (c.vocab > (int64_t(1) << 31) - 1) throw std::invalid_argument("CudaTrainer: vocabulary too large");
+  if (h.ffn_path == FfnTrainPath::Hybrid)
+    throw std::invalid_argument(
+        "CudaTrainer: the hybrid FFN path is not available on the GPU trainer (it runs the dense FFN); use dense or auto");
+  require_device();
+  const int64_t d = c.d_model, F = c.d_ff, V = c.vocab;
+  int64_t off = 0;
+  auto take = [&](int64_t n) { const int64_t o = off; off += n; return o; };
+  I.off_embed = take(V * d);
+  I.tensors.push_back({"model.embed_tokens.weight", V, d});
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    Impl::LayerOffsets L{};
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    L.attn_norm = take(d);
+    I.no_decay.push_back({L.attn_norm, L.attn_norm + d});
+    L.q = take(d * d);
+    L.k = take(d * d);
+    L.v = take(d * d);
+    L.o = take(d * d);
+    L.ffn_norm = take(d);
+    I.no_decay.push_back({L.ffn_norm, L.ffn_norm + d});
+    L.gate = take(F * d);
+    L.updown = take(2 * F * d);
+    I.lo.push_back(L);
+    I.tensors.push_back({p + "input_layernorm.weight", d, 1});
+    I.tensors.push_back({p + "self_attn.q_proj.weight", d, d});
+    I.tensors.push_back({p + "self_attn.k_proj.weight", d, d});
+    I.tensors.push_back({p + "self_attn.v_proj.weight", d, d});
+    I.tensors.push_back({p + "self_attn.o_proj.weight", d, d});
+    I.tensors.push_back({p + "post_attention_layernorm.weight", d, 1});
+    I.tensors.push_back({p + "mlp.gate_proj.weight", F, d});
+    I.tensors.push_back({p + "mlp.up_proj.weight", F, d});
+    I.tensors.push_back({p + "mlp.down_proj.weight", d, F});
+  }
+  I.off_final_norm = take(d);
+  I.no_decay.push_back({I.off_final_norm, I.off_final_norm + d});
+  I.tensors.push_back({"model.norm.weight", d, 1});
+  I.n_params = off;
+  const size_t pb = sz(I.n_params) * 4;
+  for (DeviceBuffer* b : {&I.w, &I.g, &I.m, &I.v}) {
+    b->reserve(pb);
+    memset_device(b->data(), 0, pb);
+  }
+  const size_t nl = sz(c.n_layers);
+  I.st.hybrid.assign(nl, 0);
+  I.st.last_nnz.assign(nl, 0.0);
+  I.st.fired.assign(nl * sz(F), 0);
+  I.st.dead.assign(nl, 0);
+  I.fired.reserve(nl * sz(F));
+  memset_device(I.fired.data(), 0, nl * sz(F));
+  I.acts.resize(nl);
+  // RoPE tables as the CPU rope_tables computes them (float64 angles, rounded once).
+  const int64_t hd = d / c.n_heads, half = hd / 2;
+  std::vector<float> ct(sz(c.context * half)), stb(sz(c.context * half));
+  for (int64_t p = 0; p < c.context; ++p)
+    for (int64_t i = 0; i < half; ++i) {
+      const double a = static_cast<double>(p) * std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
+      ct[sz(p * half + i)] = static_cast<float>(std::cos(a));
+      stb[sz(p * half + i)] = static_cast<float>(std::sin(a));
+    }
+  I.cos_t.reserve(ct.size() * 4);
+  I.sin_t.reserve(stb.size() * 4);
+  upload(I.cos_t.data(), ct.data(), ct.size() * 4);
+  upload(I.sin_t.data(), stb.data(), stb.size() * 4);
+  I.stats.reserve(StatsLayout{c.n_layers}.bytes());
+  synchronize();
+}
+
+CudaTrainer::~CudaTrainer() = default;
+
+const TrainModelConfig& CudaTrainer::config() const { return impl_->cfg; }
+TrainHyper& CudaTrainer::hyper() { return impl_->hp; }
+const std::vector<TrainTensor>& CudaTrainer::tensors() const { return impl_->tensors; }
+int64_t CudaTrainer::param_count() const { return impl_->n_params; }
+int64_t CudaTrainer::saved_bytes() const { return impl_->saved_bytes; }
+int64_t CudaTrainer::peak_saved_bytes() const { return impl_->peak_saved_bytes; }
+
+// Same draws, in the same order, as Trainer::init_weights: the embedding, then each layer's
+// span in layout order (norms set to 1 without draws; o and down scaled), then the final norm.
+void CudaTrainer::init_weights() {
+  Impl& I = *impl_;
+  const int64_t d = I.cfg.d_model, F = I.cfg.d_ff;
+  std::mt19937_64 rng(mix(I.hp.seed, 0x1417));
+  std::normal_distribution<float> nd(0.f, I.hp.init_std);
+  const float out_scale = static_cast<float>(1.0 / std::sqrt(2.0 * static_cast<double>(I.cfg.n_layers)));
+  std::vector<float> h(sz(std::max(I.cfg.vocab * d, 2 * d + 4 * d * d + 3 * F * d)));
+  for (int64_t i = 0; i < I.cfg.vocab * d; ++i) h[sz(i)] = nd(rng);
+  upload(I.W() + I.off_embed, h.data(), sz(I.cfg.vocab * d) * 4);
+  for (const Impl::LayerOffsets& L : I.lo) {
+    const int64_t base = L.attn_norm, span = L.updown + 2 * F * d - base;
+    float* s = h.data();  // s[offset - base] for offsets in the layer's span
+    std::fill(s + (L.attn_norm - base), s + (L.attn_norm - base) + d, 1.f);
+    std::fill(s + (L.ffn_norm - base), s + (L.ffn_norm - base) + d, 1.f);
+    auto fill = [&](int64_t off, int64_t n, float sc) {
+      for (int64_t i = 0; i < n; ++i) s[off - base + i] = nd(rng) * sc;
+    };
+    fill(L.q, d * d, 1.f);
+    fill(L.k, d * d, 1.f);
+    fill(L.v, d * d, 1.f);
+    fill(L.o, d * d, out_scale);
+    fill(L.gate, F * d, 1.f);
+    for (int64_t j = 0; j < F; ++j) {
+      fill(L.updown + j * 2 * d, d, 1.f);
+      fill(L.updown + j * 2 * d + d, d, out_scale);
+    }
+    upload(I.W() + base, h.data(), sz(span) * 4);
+  }
+  std::fill(h.begin(), h.begin() + d, 1.f);
+  upload(I.W() + I.off_final_norm, h.data(), sz(d) * 4);
+  synchronize();
+}
+
+// The tensor list's order is fixed: embed, then 9 per layer, then the final norm.
+int64_t CudaTrainer::Impl::index_of(const std::string& name) const {
+  for (size_t i = 0; i < tensors.size(); ++i)
+    if (tensors[i].name == name) return static_cast<int64_t>(i);
+  throw std::invalid_argument("CudaTrainer: unknown tensor " + name);
+}
+
+void CudaTrainer::get_tensor(const std::string& name, float* out) const {
+  const Impl& I = *impl_;
+  const int64_t idx = I.index_of(name), d = I.cfg.d_model, F = I.cfg.d_ff;
+  if (idx == 0) return download(out, I.W() + I.off_embed, sz(I.cfg.vocab * d) * 4);
+  if (idx == static_cast<int64_t>(I.tensors.size()) - 1) return download(out, I.W() + I.off_final_norm, sz(d) * 4);
+  const Impl::LayerOffsets& L = I.lo[sz((idx - 1) / 9)];
+  switch ((idx - 1) % 9) {
+    case 0: return download(out, I.W() + L.attn_norm, sz(d) * 4);
+    case 1: return download(out, I.W() + L.q, sz(d * d) * 4);
+    case 2: return download(out, I.W() + L.k, sz(d * d) * 4);
+    case 3: return download(out, I.W() + L.v, sz(d * d) * 4);
+    case 4: return download(out, I.W() + L.o, sz(d * d) * 4);
+    case 5: return download(out, I.W() + L.ffn_norm, sz(d) * 4);
+    case 6: return download(out, I.W() + L.gate, sz(F * d) * 4);
+    default: break;
+  }
+  std::vector<float> ud(sz(2 * F * d));
+  download(ud.data(), I.W() + L.updown, ud.size() * 4);
+  if ((idx - 1) % 9 == 7) {
+    for (int64_t j = 0; j < F; ++j) std::memcpy(out + j * d, ud.data() + j * 2 * d, sz(d) * 4);
+  } else {
+    for (int64_t j = 0; j < F; ++j)
+      for (int64_t i = 0; i < d; ++i) out[i * F + j] = ud[sz(j * 2 * d + d + i)];
+  }
+}
+
+void CudaTrainer::set_tensor(const std::string& name, const float* in) {
+  Impl& I = *impl_;
+  const int64_t idx = I.index_of(name), d = I.cfg.d_model, F = I.cfg.d_ff;
+  if (idx == 0) return upload(I.W() + I.off_embed, in, sz(I.cfg.vocab * d) * 4);
+  if (idx == static_cast<int64_t>(I.tensors.size()) - 1) return upload(I.W() + I.off_final_norm, in, sz(d) * 4);
+  const Impl::LayerOffsets& L = I.lo[sz((idx - 1) / 9)];
+  switch ((idx - 1) % 9) {
+    case 0: return upload(I.W() + L.attn_norm, in, sz(d) * 4);
+    case 1: return upload(I.W() + L.q, in, sz(d * d) * 4);
+    case 2: return upload(I.W() + L.k, in, sz(d * d) * 4);
+    case 3: return upload(I.W() + L.v, in, sz(d * d) * 4);
+    case 4: return upload(I.W() + L.o, in, sz(d * d) * 4);
+    case 5: return upload(I.W() + L.ffn_norm, in, sz(d) * 4);
+    case 6: return upload(I.W() + L.gate, in, sz(F * d) * 4);
+    default: break;
+  }
+  std::vector<float> ud(sz(2 * F * d));
+  download(ud.data(), I.W() + L.updown, ud.size() * 4);
+  if ((idx - 1) % 9 == 7) {
+    for (int64_t j = 0; j < F; ++j) std::memcpy(ud.data() + j * 2 * d, in + j * d, sz(d) * 4);
+  } else {
+    for (int64_t j = 0; j < F; ++j)
+      for (int64_t i = 0; i < d; ++i) ud[sz(j * 2 * d + d + i)] = in[i * F + j];
+  }
+  upload(I.W() + L.updown, ud.data(), ud.size() * 4);
+}
+
+namespace {
+std::vector<float> host_copy(const DeviceBuffer& b, int64_t n) {
+  std::vector<float> h(sz(n));
+  download(h.data(), b.data(), h.size() * 4);
+  return h;
+}
+}  // namespace
+
+std::vector<float> CudaTrainer::params() const { return host_copy(impl_->w, impl_->n_params); }
+std::vector<float> CudaTrainer::grads() const { return host_copy(impl_->g, impl_->n_params); }
+std::vector<float> CudaTrainer::moment1() const { return host_copy(impl_->m, impl_->n_params); }
+std::vector<float> CudaTrainer::moment2() const { return host_copy(impl_->v, impl_->n_params); }
+
+void CudaTrainer::set_moments(const float* m, const float* v) {
+  upload(impl_->m.data(), m, sz(impl_->n_params) * 4);
+  upload(impl_->v.data(), v, sz(impl_->n_params) * 4);
+}
+
+TrainerState CudaTrainer::state() const {
+  TrainerState s = impl_->st;
+  download(s.fired.data(), impl_->fired.data(), s.fired.size());
+  return s;
+}
+
+void CudaTrainer::set_state(const TrainerState& s) {
+  Impl& I = *impl_;
+  if (s.last_nnz.size() != I.st.last_nnz.size() || s.fired.size() != I.st.fired.size() ||
+      s.dead.size() != I.st.dead.size())
+    throw std::invalid_argument("CudaTrainer: the state's shapes do not match the model");
+  I.st.step = s.step;
+  I.st.window_tokens = s.window_tokens;
+  I.st.last_nnz = s.last_nnz;
+  I.st.dead = s.dead;
+  upload(I.fired.data(), s.fired.data(), s.fired.size());
+}
+
+void CudaTrainer::zero_grad() {
+  memset_device(impl_->g.data(), 0, sz(impl_->n_params) * 4);
+  impl_->grads_zero = true;
+}
+
+void CudaTrainer::Impl::check_tokens(const int32_t* tokens, int64_t n, int64_t T) const {
+  if (T < 1 || T > cfg.context)
+    throw std::invalid_argument("CudaTrainer: sequence length " + std::to_string(T) + " outside 1.." +
+                                std::to_string(cfg.context));
+  for (int64_t i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] >= cfg.vocab)
+      throw std::invalid_argument("CudaTrainer: token " + std::to_string(tokens[i]) + " outside the vocabulary (" +
+                                  std::to_string(cfg.vocab) + ")");
+}
+
+// Buffers for micro-batches of B·T tokens (grow-only; contents are rewritten by every pass).
+void CudaTrainer::Impl::grow(int64_t B, int64_t T) {
+  const int64_t d = cfg.d_model, F = cfg.d_ff, V = cfg.vocab, NH = cfg.n_heads, M = B * T, PT = B * NH * T * T;
+  if (M <= cap_M && PT <= cap_P) return;
+  cap_M = std::max(cap_M, M);
+  cap_P = std::max(cap_P, PT);
+  const size_t Md = sz(cap_M * d) * 4, Mf = sz(cap_M * F) * 4, Mr = sz(cap_M) * 4, Pb = sz(cap_P) * 4;
+  for (LayerActs& a : acts) {
+    for (DeviceBuffer* b : {&a.x_in, &a.xn1, &a.att, &a.x_mid, &a.xn2}) b->reserve(Md);
+    a.qkv.reserve(3 * Md);
+    a.rstd1.reserve(Mr);
+    a.rstd2.reserve(Mr);
+    a.P.reserve(Pb);
+    a.G.reserve(Mf);
+    a.U.reserve(Mf);
+  }
+  for (DeviceBuffer* b : {&xf, &xnf, &tmp, &dx, &dxn, &datt}) b->reserve(Md);
+  dqkv.reserve(3 * Md);
+  rstdf.reserve(Mr);
+  ids.reserve(2 * Mr);
+  logits.reserve(sz(cap_M * V) * 4);
+  dS.reserve(Pb);
+  for (DeviceBuffer* b : {&H, &dH, &dG}) b->reserve(Mf);
+  norm_part.reserve(sz(train::rmsnorm_backward_scratch(cap_M, d)) * 8);
+}
+
+StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, int64_t T, double scale, bool backward,
+                                              EvalStats* eval) {
+  const int64_t d = cfg.d_model, F = cfg.d_ff, V = cfg.vocab, NH = cfg.n_heads, hd = d / NH;
+  const int64_t NL = cfg.n_layers, M = B * T;
+  if (B < 1) throw std::invalid_argument("CudaTrainer: need at least one sequence");
+  check_tokens(tokens, B * (T + 1), T);
+  grow(B, T);
+  std::vector<int32_t> io(sz(2 * M));  // inputs, then targets
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      io[sz(b * T + t)] = tokens[b * (T + 1) + t];
+      io[sz(M + b * T + t)] = tokens[b * (T + 1) + t + 1];
+    }
+  upload(ids.data(), io.data(), io.size() * 4);
+  const int32_t* inp = ids.as<int32_t>();
+  const int32_t* tgt = inp + M;
+  const StatsLayout sl{NL};
+  memset_device(stats.data(), 0, sl.bytes());
+  double* st_ce = stats.as<double>();
+  double* st_l1 = st_ce + 2;
+  unsigned long long* st_cnt = reinterpret_cast<unsigned long long*>(st_ce + 2 + NL);
+  StepStats s;
+  s.layers.resize(sz(NL));
+  const float* Wp = W();
+  const bool first = grads_zero;
+  float* tmpb = tmp.as<float>();
+  train::embedding_forward(Wp + off_embed, inp, M, d, acts[0].x_in.as<float>());
+  int64_t kept = 0;
+  for (int64_t l = 0; l < NL; ++l) {
+    LayerActs& a = acts[sz(l)];
+    const LayerOffsets& L = lo[sz(l)];
+    float* q = a.qkv.as<float>();
+    if (l == 0)
+      train::rmsnorm_forward(a.x_in.as<float>(), nullptr, nullptr, M, d, Wp + L.attn_norm, cfg.norm_eps,
+                             a.xn1.as<float>(), a.rstd1.as<float>());
+    else
+      train::rmsnorm_forward(acts[sz(l - 1)].x_mid.as<float>(), tmpb, a.x_in.as<float>(), M, d, Wp + L.attn_norm,
+                             cfg.norm_eps, a.xn1.as<float>(), a.rstd1.as<float>());
+    train::linear_forward(a.xn1.as<float>(), M, d, Wp + L.q, 3 * d, q);
+    train::rope_apply(q, 3 * d, B, T, NH, hd, cos_t.as<float>(), sin_t.as<float>(), false);
+    train::rope_apply(q + d, 3 * d, B, T, NH, hd, cos_t.as<float>(), sin_t.as<float>(), false);
+    train::attention_forward(q, q + d, q + 2 * d, 3 * d, B, T, NH, hd, a.P.as<float>(), a.att.as<float>(), d);
+    train::linear_forward(a.att.as<float>(), M, d, Wp + L.o, d, tmpb);
+    train::rmsnorm_forward(a.x_in.as<float>(), tmpb, a.x_mid.as<float>(), M, d, Wp + L.ffn_norm, cfg.norm_eps,
+                           a.xn2.as<float>(), a.rstd2.as<float>());
+    // Dense FFN: G = relu(x·W_gateᵀ), U = x·W_upᵀ (W_up rows inside updown), H = G ⊙ U, y = H·W_downᵀ.
+    const float* x2 = a.xn2.as<float>();
+    train::linear_forward(x2, M, d, Wp + L.gate, F, a.G.as<float>());
+    train::gemm_f32(M, F, d, MatRef{x2, d, 1}, MatRef{Wp + L.updown, 1, 2 * d}, a.U.as<float>(), F);
+    train::ffn_hidden(a.G.as<float>(), a.U.as<float>(), H.as<float>(), M, F, st_l1 + l, st_cnt + 2 * l,
+                      backward ? fired.as<uint8_t>() + l * F : nullptr);
+    train::gemm_f32(M, d, F, MatRef{H.as<float>(), F, 1}, MatRef{Wp + L.updown + d, 2 * d, 1}, tmpb, d);
+    s.layers[sz(l)].saved_bytes = 2 * M * F * 4;  // the dense tape: G and U
+    kept += static_cast<int64_t>(sizeof(float)) * (8 * M * d + 2 * M + B * NH * T * T) + s.layers[sz(l)].saved_bytes;
+  }
+  float* xfp = xf.as<float>();
+  train::rmsnorm_forward(acts[sz(NL - 1)].x_mid.as<float>(), tmpb, xfp, M, d, Wp + off_final_norm, cfg.norm_eps,
+                         xnf.as<float>(), rstdf.as<float>());
+  train::linear_forward(xnf.as<float>(), M, d, Wp + off_embed, V, logits.as<float>());
+  train::cross_entropy(logits.as<float>(), tgt, M, V, static_cast<float>(scale / static_cast<double>(M)), st_ce);
+  kept += static_cast<int64_t>(sizeof(float)) * (3 * M * d + M + M * V);
+  saved_bytes = kept;
+  peak_saved_bytes = std::max(peak_saved_bytes, kept);
+
+  if (backward) {
+    float* G = Gr();
+    float *dxnf = datt.as<float>(), *dxp = dx.as<float>(), *dxnp = dxn.as<float>(), *dattp = datt.as<float>();
+    float* dq = dqkv.as<float>();
+    double* part = norm_part.as<double>();
+    train::linear_backward(xnf.as<float>(), logits.as<float>(), M, d, Wp + off_embed, V, dxnf, G + off_embed, first);
+    train::rmsnorm_backward(xfp, rstdf.as<float>(), Wp + off_final_norm, dxnf, M, d, dxp, false, G + off_final_norm,
+                            first, part);
+    const float lam = static_cast<float>(hp.l1 * scale / static_cast<double>(NL));
+    const float lam_m = M ? lam / static_cast<float>(M) : 0.f;  // as dense_ffn_backward
+    for (int64_t l = NL - 1; l >= 0; --l) {
+      LayerActs& a = acts[sz(l)];
+      const LayerOffsets& L = lo[sz(l)];
+      const float* x2 = a.xn2.as<float>();
+      float *Gp = a.G.as<float>(), *Up = a.U.as<float>(), *dHp = dH.as<float>(), *dGp = dG.as<float>(), *Hp = H.as<float>();
+      // FFN backward: dH = dy·W_down; dU (in dH's place), dG, H; dx = dU·W_up + dG·W_gate; weight gradients.
+      train::gemm_f32(M, F, d, MatRef{dxp, d, 1}, MatRef{Wp + L.updown + d, 1, 2 * d}, dHp, F);
+      train::ffn_hidden_backward(dHp, Gp, Up, dGp, Hp, M * F, lam_m);
+      train::gemm_f32(M, d, F, MatRef{dHp, F, 1}, MatRef{Wp + L.updown, 2 * d, 1}, dxnp, d);
+      train::gemm_f32(M, d, F, MatRef{dGp, F, 1}, MatRef{Wp + L.gate, d, 1}, dxnp, d, 0, 0, 1, 1, true);
+      train::gemm_f32(F, d, M, MatRef{dGp, 1, F}, MatRef{x2, d, 1}, G + L.gate, d, 0, 0, 1, 1, !first);
+      train::gemm_f32(F, d, M, MatRef{dHp, 1, F}, MatRef{x2, d, 1}, G + L.updown, 2 * d, 0, 0, 1, 1, !first);
+      train::gemm_f32(F, d, M, MatRef{Hp, 1, F}, MatRef{dxp, d, 1}, G + L.updown + d, 2 * d, 0, 0, 1, 1, !first);
+      train::rmsnorm_backward(a.x_mid.as<float>(), a.rstd2.as<float>(), Wp + L.ffn_norm, dxnp, M, d, dxp, true,
+                              G + L.ffn_norm, first, part);
+      train::linear_backward(a.att.as<float>(), dxp, M, d, Wp + L.o, d, dattp, G + L.o, first);
+      const float* q = a.qkv.as<float>();
+      train::attention_backward(q, q + d, q + 2 * d, 3 * d, a.P.as<float>(), dattp, d, B, T, NH, hd, dq, dq + d,
+                                dq + 2 * d, 3 * d, dS.as<float>());
+      train::rope_apply(dq, 3 * d, B, T, NH, hd, cos_t.as<float>(), sin_t.as<float>(), true);
+      train::rope_apply(dq + d, 3 * d, B, T, NH, hd, cos_t.as<float>(), sin_t.as<float>(), true);
+      train::linear_backward(a.xn1.as<float>(), dq, M, d, Wp + L.q, 3 * d, dxnp, G + L.q, first);
+      train::rmsnorm_backward(a.x_in.as<float>(), a.rstd1.as<float>(), Wp + L.attn_norm, dxnp, M, d, dxp, true,
+                              G + L.attn_norm, first, part);
+    }
+    train::embedding_backward(dxp, inp, M, d, G + off_embed);
+  }
+
+  // The call's statistics: one copy back.
+  std::vector<uint8_t> hs(sl.bytes());
+  download(hs.data(), stats.data(), hs.size());
+  const double* hd_ = reinterpret_cast<const double*>(hs.data());
+  const unsigned long long* hc = reinterpret_cast<const unsigned long long*>(hd_ + 2 + NL);
+  double l1 = 0;
+  for (int64_t l = 0; l < NL; ++l) {
+    LayerStepStats& ls = s.layers[sz(l)];
+    ls.l1 = M ? hd_[2 + l] / static_cast<double>(M) : 0.0;
+    ls.nnz = static_cast<int64_t>(hc[2 * l]);
+    ls.max_row_nnz = static_cast<int64_t>(hc[2 * l + 1]);
+    ls.tokens = M;
+    ls.hybrid = false;
+    l1 += ls.l1;
+  }
+  l1 /= static_cast<double>(NL);
+  const double ce_sum = hd_[0];
+  s.ce = ce_sum / static_cast<double>(M);
+  s.l1 = l1;
+  s.loss = s.ce + hp.l1 * l1;
+  s.tokens = M;
+  if (eval) {
+    eval->ce += ce_sum;
+    eval->l1 += l1 * static_cast<double>(M);
+    eval->tokens += M;
+    for (int64_t l = 0; l < NL; ++l) eval->nnz[sz(l)] += s.layers[sz(l)].nnz;
+  }
+  return s;
+}
+
+StepStats CudaTrainer::accumulate(const int32_t* tokens, int64_t B, int64_t T, double scale) {
+  StepStats s = impl_->forward_backward(tokens, B, T, scale, true, nullptr);
+  impl_->grads_zero = false;
+  return s;
+}
+
+EvalStats CudaTrainer::evaluate(const int32_t* tokens, int64_t B, int64_t T) {
+  EvalStats e;
+  e.nnz.assign(sz(impl_->cfg.n_layers), 0);
+  impl_->forward_backward(tokens, B, T, 1.0, false, &e);
+  e.ce /= static_cast<double>(e.tokens);
+  e.l1 /= static_cast<double>(e.tokens);
+  return e;
+}
+
+StepStats CudaTrainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, int64_t T, float lr) {
+  Impl& I = *impl_;
+  if (n_micro < 1) throw std::invalid_argument("CudaTrainer.step: need at least one micro-batch");
+  if (!(lr >= 0.f) || !std::isfinite(lr)) throw std::invalid_argument("CudaTrainer.step: learning rate must be >= 0");
+  const int64_t NL = I.cfg.n_layers;
+  I.check_tokens(tokens, n_micro * B * (T + 1), T);
+  I.grads_zero = true;  // the first micro-batch overwrites every gradient
+  StepStats total;
+  total.layers.resize(sz(NL));
+  const double scale = 1.0 / static_cast<double>(n_micro);
+  for (int64_t i = 0; i < n_micro; ++i) {
+    const StepStats s = accumulate(tokens + i * B * (T + 1), B, T, scale);
+    total.loss += s.loss * scale;
+    total.ce += s.ce * scale;
+    total.l1 += s.l1 * scale;
+    total.tokens += s.tokens;
+    for (int64_t l = 0; l < NL; ++l) {
+      LayerStepStats& t = total.layers[sz(l)];
+      const LayerStepStats& u = s.layers[sz(l)];
+      t.tokens += u.tokens;
+      t.nnz += u.nnz;
+      t.max_row_nnz = std::max(t.max_row_nnz, u.max_row_nnz);
+      t.tail_rows += u.tail_rows;
+      t.l1 += u.l1 * scale;
+      t.hybrid = u.hybrid;
+      t.saved_bytes = std::max(t.saved_bytes, u.saved_bytes);
+    }
+  }
+  // Global gradient norm (float64 on the device), clipping, AdamW.
+  double* ss_dev = I.stats.as<double>() + 1;
+  memset_device(ss_dev, 0, 8);
+  train::sum_squares(I.Gr(), I.n_params, ss_dev);
+  double ss = 0;
+  download(&ss, ss_dev, 8);
+  total.grad_norm = std::sqrt(ss);
+  if (!std::isfinite(total.grad_norm))
+    throw std::runtime_error("CudaTrainer.step: the gradient is not finite (loss diverged; lower the learning rate)");
+  const float gscale =
+      (I.hp.clip > 0.f && total.grad_norm > I.hp.clip) ? static_cast<float>(I.hp.clip / total.grad_norm) : 1.f;
+  I.st.step += 1;
+  const double c1 = 1.0 - std::pow(static_cast<double>(I.hp.beta1), static_cast<double>(I.st.step));
+  const double c2 = 1.0 - std::pow(static_cast<double>(I.hp.beta2), static_cast<double>(I.st.step));
+  int64_t pos = 0;
+  auto run = [&](int64_t b, int64_t e, float wd) {
+    if (e > b)
+      train::adamw(I.W() + b, I.Gr() + b, I.m.as<float>() + b, I.v.as<float>() + b, e - b, lr, I.hp.beta1, I.hp.beta2,
+                   I.hp.eps, wd, c1, c2, gscale);
+  };
+  for (const auto& r : I.no_decay) {
+    run(pos, r.first, I.hp.weight_decay);
+    run(r.first, r.second, 0.f);
+    pos = r.second;
+  }
+  run(pos, I.n_params, I.hp.weight_decay);
+  for (int64_t l = 0; l < NL; ++l)
+    I.st.last_nnz[sz(l)] = static_cast<double>(total.layers[sz(l)].nnz) / static_cast<double>(total.layers[sz(l)].tokens);
+  I.end_of_step(total.tokens, total);
+  return total;
+}
+
+// Trainer::end_of_step: at the end of a window, count the neurons that never fired and
+// (optionally) re-draw their gate rows with the CPU's generator, zeroing their moments.
+void CudaTrainer::Impl::end_of_step(int64_t tokens, StepStats& s) {
+  const int64_t NL = cfg.n_layers, F = cfg.d_ff, d = cfg.d_model;
+  st.window_tokens += tokens;
+  if (hp.dead_window > 0 && st.window_tokens >= hp.dead_window) {
+    std::vector<uint8_t> fh(sz(NL * F));
+    download(fh.data(), fired.data(), fh.size());
+    std::vector<float> row(sz(d));
+    for (int64_t l = 0; l < NL; ++l) {
+      const uint8_t* fl = fh.data() + l * F;
+      int64_t dead = 0;
+      std::mt19937_64 rng(mix(mix(hp.seed, static_cast<uint64_t>(st.step)), static_cast<uint64_t>(l) + 77));
+      std::normal_distribution<float> nd(0.f, hp.init_std);
+      for (int64_t j = 0; j < F; ++j) {
+        if (fl[j]) continue;
+        ++dead;
+        if (!hp.reinit_dead) continue;
+        const int64_t off = lo[sz(l)].gate + j * d;
+        for (int64_t i = 0; i < d; ++i) row[sz(i)] = nd(rng);
+        upload(W() + off, row.data(), row.size() * 4);
+        memset_device(m.as<float>() + off, 0, sz(d) * 4);
+        memset_device(v.as<float>() + off, 0, sz(d) * 4);
+        ++s.reinitialised;
+      }
+      st.dead[sz(l)] = dead;
+    }
+    memset_device(fired.data(), 0, fh.size());
+    st.window_tokens = 0;
+  }
+  for (int64_t l = 0; l < NL; ++l) s.layers[sz(l)].dead = st.dead[sz(l)];
+}
+
+int64_t CudaTrainer::device_bytes() const {
+  const Impl& I = *impl_;
+  int64_t b = static_cast<int64_t>(I.w.bytes() + I.g.bytes() + I.m.bytes() + I.v.bytes() + I.fired.bytes() +
+                                   I.cos_t.bytes() + I.sin_t.bytes() + I.stats.bytes());
+  for (const Impl::LayerActs& a : I.acts)
+    for (const DeviceBuffer* x : {&a.x_in, &a.xn1, &a.rstd1, &a.qkv, &a.P, &a.att, &a.x_mid, &a.xn2, &a.rstd2, &a.G, &a.U})
+      b += static_cast<int64_t>(x->bytes());
+  for (const DeviceBuffer* x : {&I.ids, &I.xf, &I.xnf, &I.rstdf, &I.logits, &I.tmp, &I.dx, &I.dxn, &I.datt, &I.dqkv, &I.dS,
+                                &I.H, &I.dH, &I.dG, &I.norm_part})
+    b += static_cast<int64_t>(x->bytes());
+  return b;
+}
+
+}  // namespace sparsellm::cuda
