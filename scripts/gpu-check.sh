@@ -11,7 +11,8 @@
 #
 # Steps: GPU and driver; CUDA correctness (C++ test vs CPU engine and float64; addon test when
 # tsx is present); benchmarks on the shapes (scripts/gpu-bench.mjs); the CUDA model
-# runtime (test/cuda-model.test.ts, bench --model --backend cuda on a fixture). Full logs under
+# runtime (test/cuda-model.test.ts, bench --model --backend cuda on a fixture); the GPU trainer
+# (test/cuda-train.test.ts, a short train --backend cuda). Full logs under
 # $OUT (or ./gpu-check-out); the short table is printed last. Sized for one 10-minute command:
 # the step caps add up to 585 s (the first run took 55 s in all), so run it with timeout_s ~590.
 set -uo pipefail
@@ -57,7 +58,7 @@ SPARSELLM_TEST_GEMM_KERNELS=mma,wgmma,wgmma2 timeout 45 native/build/test_cuda_o
 tail -15 "$OUT/bench-gemm.log"
 
 echo "== Benchmarks (scripts/gpu-bench.mjs, SPARSELLM_CUDA_UNVERIFIED=1)"
-SPARSELLM_CUDA_UNVERIFIED=1 timeout 150 node scripts/gpu-bench.mjs --out "$OUT" 2> "$OUT/gpu-bench.log" | tee "$OUT/gpu-bench-table.md"
+SPARSELLM_CUDA_UNVERIFIED=1 timeout 115 node scripts/gpu-bench.mjs --out "$OUT" 2> "$OUT/gpu-bench.log" | tee "$OUT/gpu-bench-table.md"
 rc=${PIPESTATUS[0]}
 grep -E "relative error|measured|median" "$OUT/gpu-bench.log" | head -40
 [[ $rc -ne 0 ]] && status=1
@@ -78,6 +79,27 @@ SPARSELLM_CUDA_UNVERIFIED=1 timeout 60 node bin/sparsellm.js bench --model fixtu
 rc=$?
 tail -3 "$OUT/bench-model-cuda.log"
 echo "bench --model --backend cuda exit $rc"
+[[ $rc -ne 0 ]] && status=1
+
+# The GPU trainer (CudaTrainer, unverified: written without a GPU; its kernels and the trainer
+# against the CPU Trainer are also in test_cuda_ops above): the JS-side test (CPU vs GPU trainer
+# through the addon, train --backend cuda end to end), then a short timed run on the GPU (dense FFN
+# on every layer; the FFN-level dense vs hybrid training step is in gpu-bench above).
+if [[ -f node_modules/tsx/dist/loader.mjs && -d node_modules/esbuild ]]; then
+  echo "== GPU trainer through the addon: test/cuda-train.test.ts"
+  timeout 15 node --import tsx --test test/cuda-train.test.ts > "$OUT/cuda-train-test.log" 2>&1
+  rc=$?
+  grep -E "^# (pass|fail|skipped)|^not ok" "$OUT/cuda-train-test.log"
+  [[ $rc -ne 0 ]] && status=1
+fi
+echo "== Training on the GPU: train --backend cuda (d_model 256, 4 layers, d_ff 1024, 8 steps of 4096 tokens)"
+SPARSELLM_CUDA_UNVERIFIED=1 timeout 20 node bin/sparsellm.js train fixtures/text/moby-dick.txt -o "$OUT/train-cuda" \
+  --d-model 256 --layers 4 --heads 4 --d-ff 1024 --context 128 --batch-tokens 4096 --micro-batch-tokens 2048 --steps 8 \
+  --warmup 2 --eval-tokens 2048 --backend cuda --json -q > "$OUT/train-cuda.jsonl" 2> "$OUT/train-cuda.log"
+rc=$?
+tail -2 "$OUT/train-cuda.log"
+grep '"type":"summary"' "$OUT/train-cuda.jsonl" | head -c 600; echo
+echo "train --backend cuda exit $rc"
 [[ $rc -ne 0 ]] && status=1
 
 echo

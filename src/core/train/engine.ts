@@ -1,6 +1,6 @@
 // Typed wrapper of the native training engine (native/src/addon/train_binding.cpp).
 import { engine, type NativeAddon } from '../native.js';
-import { SparseLlmError } from '../errors.js';
+import { SparseLlmError, UsageError } from '../errors.js';
 
 /** The shape of a Llama-family model as the trainer builds it (MHA, tied embeddings, no biases). */
 export interface TrainModelShape {
@@ -90,15 +90,49 @@ interface NativeTrainer {
   readonly peakSavedBytes: number;
 }
 
-type TrainAddon = NativeAddon & { Trainer: new (opts: TrainModelShape & TrainerHyper) => NativeTrainer };
+type TrainAddon = NativeAddon & {
+  Trainer: new (opts: TrainModelShape & TrainerHyper) => NativeTrainer;
+  /** Builds with the CUDA backend only (native/src/addon/cuda_train_binding.cpp). */
+  CudaTrainer?: new (opts: TrainModelShape & TrainerHyper) => NativeTrainer;
+};
+
+/** Where training runs: the CPU Trainer or the GPU CudaTrainer (same model, same semantics). */
+export type TrainBackend = 'cpu' | 'cuda';
+
+/**
+ * The backend of `train --backend`: auto stays on the CPU (the GPU trainer has not yet run on a
+ * GPU); cuda needs a usable GPU, a build with the CUDA backend and SPARSELLM_CUDA_UNVERIFIED=1,
+ * else a UsageError saying why. The GPU trainer runs the dense FFN on every layer, so
+ * ffnPath 'hybrid' is refused with it.
+ */
+export function resolveTrainBackend(asked: 'auto' | 'cpu' | 'cuda', ffnPath: FfnTrainPath, env: NodeJS.ProcessEnv = process.env): TrainBackend {
+  if (asked !== 'cuda') return 'cpu';
+  const cuda = engine().buildInfo().cuda;
+  if (!cuda.compiled || !cuda.usable || !(engine() as TrainAddon).CudaTrainer) {
+    const why = cuda.compiled ? cuda.reason : `this build has no CUDA backend (${cuda.reason})`;
+    throw new UsageError(`--backend cuda: the GPU trainer needs a usable GPU: ${why}; use --backend cpu`);
+  }
+  if (env.SPARSELLM_CUDA_UNVERIFIED !== '1') {
+    throw new UsageError('--backend cuda: the GPU trainer has not yet been verified on a GPU; set SPARSELLM_CUDA_UNVERIFIED=1 to run it');
+  }
+  if (ffnPath === 'hybrid') {
+    throw new UsageError('--ffn-path hybrid: the GPU trainer runs the dense FFN on every layer; use --ffn-path dense or auto, or --backend cpu');
+  }
+  return 'cuda';
+}
 
 /** The native trainer: f32 master weights, AdamW moments, the per-layer FFN path. */
 export class ModelTrainer {
   private readonly t: NativeTrainer;
-  constructor(readonly shape: TrainModelShape, readonly hyper: TrainerHyper) {
+  constructor(readonly shape: TrainModelShape, readonly hyper: TrainerHyper, readonly backend: TrainBackend = 'cpu') {
     const addon = engine() as TrainAddon;
     try {
-      this.t = new addon.Trainer({ ...shape, ...hyper });
+      if (backend === 'cuda') {
+        if (!addon.CudaTrainer) throw new Error('this build has no CUDA backend');
+        this.t = new addon.CudaTrainer({ ...shape, ...hyper });
+      } else {
+        this.t = new addon.Trainer({ ...shape, ...hyper });
+      }
     } catch (e) {
       throw new SparseLlmError(`cannot build the model: ${(e as Error).message}`);
     }

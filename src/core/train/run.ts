@@ -18,7 +18,7 @@ import {
   type TrainMeta,
 } from './checkpoint.js';
 import { loadCorpus, trainBatch, validationBatches } from './data.js';
-import { ModelTrainer, type FfnTrainPath, type StepResult, type TrainModelShape, type TrainerHyper } from './engine.js';
+import { ModelTrainer, type FfnTrainPath, type StepResult, type TrainBackend, type TrainModelShape, type TrainerHyper } from './engine.js';
 import { learningRate } from './schedule.js';
 
 export interface TrainOptions {
@@ -371,14 +371,14 @@ function hyperOf(o: TrainOptions): TrainerHyper {
   };
 }
 
-export async function runTraining(setup: Setup, hooks: RunHooks, warn: (s: string) => void, threads?: number): Promise<RunSummary> {
+export async function runTraining(setup: Setup, hooks: RunHooks, warn: (s: string) => void, threads?: number, backend: TrainBackend = 'cpu'): Promise<RunSummary> {
   const { options: o, shape } = setup;
   setThreads(threads);
   const corpus = await loadCorpus(o.data, setup.tokenizer, o.context);
   for (let i = 0; i < corpus.train.length; i++) {
     if (corpus.train[i]! >= shape.vocab) throw new SparseLlmError(`token id ${corpus.train[i]} from the tokenizer is outside the model's vocabulary (${shape.vocab})`);
   }
-  const trainer = new ModelTrainer(shape, hyperOf(o));
+  const trainer = new ModelTrainer(shape, hyperOf(o), backend);
   let startStep = 0;
   let history: StepRecord[] = [];
   let tokensSeen = 0;

@@ -1,0 +1,340 @@
+// Bindings: the GPU trainer (CudaTrainer, native/src/cuda/train_model.h) with the same
+// constructor options and methods as the CPU Trainer binding (train_binding.cpp), plus
+// deviceBytes. Exported only by builds with the CUDA backend. No math here.
+//
+//   new CudaTrainer(options)   (the Trainer's options; ffnPath 'hybrid' is refused)
+//   initWeights, tensors, getTensor, setTensor, step, evaluate, getState, setState, setL1,
+//   paramCount, savedBytes, peakSavedBytes, deviceBytes
+#ifdef SPARSELLM_HAVE_CUDA
+#include <memory>
+#include <string>
+
+#include "../cuda/train_model.h"
+#include "registry.h"
+#include "sparsellm/train.h"
+
+namespace sparsellm::addon {
+namespace {
+
+double num_opt(Napi::Env env, const Napi::Object& o, const char* key, double def) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() || v.IsNull()) return def;
+  if (!v.IsNumber()) throw_js(env, std::string("CudaTrainer: ") + key + " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+int64_t int_req(Napi::Env env, const Napi::Object& o, const char* key, int64_t lo) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsNumber()) throw_js(env, std::string("CudaTrainer: ") + key + " is required (an integer)");
+  const double d = v.As<Napi::Number>().DoubleValue();
+  if (d != static_cast<double>(static_cast<int64_t>(d)) || d < static_cast<double>(lo))
+    throw_js(env, std::string("CudaTrainer: ") + key + " must be an integer >= " + std::to_string(lo));
+  return static_cast<int64_t>(d);
+}
+
+int64_t int_arg(const Napi::CallbackInfo& info, size_t i, const char* what, int64_t lo) {
+  if (info.Length() <= i || !info[i].IsNumber())
+    throw_js(info.Env(), std::string("CudaTrainer: ") + what + " must be a number");
+  const double d = info[i].As<Napi::Number>().DoubleValue();
+  if (d != static_cast<double>(static_cast<int64_t>(d)) || d < static_cast<double>(lo))
+    throw_js(info.Env(), std::string("CudaTrainer: ") + what + " must be an integer >= " + std::to_string(lo));
+  return static_cast<int64_t>(d);
+}
+
+Napi::Int32Array tokens_arg(const Napi::CallbackInfo& info, size_t i, size_t n) {
+  if (info.Length() <= i || !info[i].IsTypedArray() ||
+      info[i].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+    throw_js(info.Env(), "CudaTrainer: tokens must be an Int32Array");
+  Napi::Int32Array a = info[i].As<Napi::Int32Array>();
+  if (a.ElementLength() != n)
+    throw_js(info.Env(), "CudaTrainer: tokens has " + std::to_string(a.ElementLength()) + " elements, expected " +
+                             std::to_string(n));
+  return a;
+}
+
+template <typename T>
+Napi::Array num_array(Napi::Env env, const std::vector<T>& v) {
+  Napi::Array a = Napi::Array::New(env, v.size());
+  for (size_t i = 0; i < v.size(); ++i) a.Set(static_cast<uint32_t>(i), static_cast<double>(v[i]));
+  return a;
+}
+
+class CudaTrainerWrap : public Napi::ObjectWrap<CudaTrainerWrap> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "CudaTrainer",
+                       {InstanceMethod("initWeights", &CudaTrainerWrap::InitWeights),
+                        InstanceMethod("getTensor", &CudaTrainerWrap::GetTensor),
+                        InstanceMethod("setTensor", &CudaTrainerWrap::SetTensor),
+                        InstanceMethod("step", &CudaTrainerWrap::Step),
+                        InstanceMethod("evaluate", &CudaTrainerWrap::Evaluate),
+                        InstanceMethod("getState", &CudaTrainerWrap::GetState),
+                        InstanceMethod("setState", &CudaTrainerWrap::SetState),
+                        InstanceMethod("setL1", &CudaTrainerWrap::SetL1),
+                        InstanceAccessor("tensors", &CudaTrainerWrap::Tensors, nullptr),
+                        InstanceAccessor("paramCount", &CudaTrainerWrap::ParamCount, nullptr),
+                        InstanceAccessor("savedBytes", &CudaTrainerWrap::SavedBytes, nullptr),
+                        InstanceAccessor("peakSavedBytes", &CudaTrainerWrap::PeakSavedBytes, nullptr),
+                        InstanceAccessor("deviceBytes", &CudaTrainerWrap::DeviceBytes, nullptr)});
+  }
+
+  explicit CudaTrainerWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CudaTrainerWrap>(info) {
+    Napi::Env env = info.Env();
+    if (info.Length() != 1 || !info[0].IsObject()) throw_js(env, "new CudaTrainer(options): options object required");
+    Napi::Object o = info[0].As<Napi::Object>();
+    TrainModelConfig c;
+    c.vocab = int_req(env, o, "vocab", 2);
+    c.d_model = int_req(env, o, "dModel", 2);
+    c.n_layers = int_req(env, o, "layers", 1);
+    c.n_heads = int_req(env, o, "heads", 1);
+    c.d_ff = int_req(env, o, "dFF", 1);
+    c.context = int_req(env, o, "context", 2);
+    c.rope_theta = num_opt(env, o, "ropeTheta", c.rope_theta);
+    c.norm_eps = static_cast<float>(num_opt(env, o, "normEps", c.norm_eps));
+    TrainHyper h;
+    h.beta1 = static_cast<float>(num_opt(env, o, "beta1", h.beta1));
+    h.beta2 = static_cast<float>(num_opt(env, o, "beta2", h.beta2));
+    h.eps = static_cast<float>(num_opt(env, o, "eps", h.eps));
+    h.weight_decay = static_cast<float>(num_opt(env, o, "weightDecay", h.weight_decay));
+    h.clip = static_cast<float>(num_opt(env, o, "clip", h.clip));
+    h.l1 = static_cast<float>(num_opt(env, o, "l1", h.l1));
+    h.hybrid_cutoff = num_opt(env, o, "hybridCutoff", h.hybrid_cutoff);
+    h.recheck_steps = static_cast<int64_t>(num_opt(env, o, "recheckSteps", static_cast<double>(h.recheck_steps)));
+    h.ell_width = static_cast<int>(num_opt(env, o, "ellWidth", h.ell_width));
+    h.dead_window = static_cast<int64_t>(num_opt(env, o, "deadWindow", static_cast<double>(h.dead_window)));
+    h.init_std = static_cast<float>(num_opt(env, o, "initStd", h.init_std));
+    h.seed = static_cast<uint64_t>(num_opt(env, o, "seed", 0));
+    Napi::Value rd = o.Get("reinitDead");
+    h.reinit_dead = rd.IsBoolean() && rd.As<Napi::Boolean>().Value();
+    Napi::Value p = o.Get("ffnPath");
+    if (!p.IsUndefined()) {
+      const std::string s = p.IsString() ? p.As<Napi::String>().Utf8Value() : "";
+      if (s == "auto") h.ffn_path = FfnTrainPath::Auto;
+      else if (s == "dense") h.ffn_path = FfnTrainPath::Dense;
+      else if (s == "hybrid") h.ffn_path = FfnTrainPath::Hybrid;
+      else throw_js(env, "CudaTrainer: ffnPath must be 'auto', 'dense' or 'hybrid'");
+    }
+    if (h.ell_width < 1) throw_js(env, "CudaTrainer: ellWidth must be >= 1");
+    try {
+      t_ = std::make_unique<cuda::CudaTrainer>(c, h);
+    } catch (const std::exception& e) {
+      throw_js(env, e.what());
+    }
+  }
+
+ private:
+  Napi::Value InitWeights(const Napi::CallbackInfo& info) {
+    try {
+      t_->init_weights();
+    } catch (const std::exception& e) {
+      throw_js(info.Env(), e.what());
+    }
+    return info.Env().Undefined();
+  }
+
+  const TrainTensor& find(Napi::Env env, const std::string& name) {
+    for (const TrainTensor& t : t_->tensors())
+      if (t.name == name) return t;
+    throw_js(env, "CudaTrainer: unknown tensor " + name);
+  }
+
+  Napi::Value GetTensor(const Napi::CallbackInfo& info) {
+    if (info.Length() < 1 || !info[0].IsString()) throw_js(info.Env(), "CudaTrainer.getTensor(name)");
+    const TrainTensor& t = find(info.Env(), info[0].As<Napi::String>().Utf8Value());
+    Napi::Float32Array out = Napi::Float32Array::New(info.Env(), static_cast<size_t>(t.rows * t.cols));
+    try {
+      t_->get_tensor(t.name, out.Data());
+    } catch (const std::exception& e) {
+      throw_js(info.Env(), e.what());
+    }
+    return out;
+  }
+
+  Napi::Value SetTensor(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 2 || !info[0].IsString()) throw_js(env, "CudaTrainer.setTensor(name, data)");
+    const TrainTensor& t = find(env, info[0].As<Napi::String>().Utf8Value());
+    if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+      throw_js(env, "CudaTrainer.setTensor: data must be a Float32Array");
+    Napi::Float32Array a = info[1].As<Napi::Float32Array>();
+    if (a.ElementLength() != static_cast<size_t>(t.rows * t.cols))
+      throw_js(env, "CudaTrainer.setTensor: " + t.name + " has " + std::to_string(t.rows * t.cols) + " elements, got " +
+                        std::to_string(a.ElementLength()));
+    try {
+      t_->set_tensor(t.name, a.Data());
+    } catch (const std::exception& e) {
+      throw_js(env, e.what());
+    }
+    return env.Undefined();
+  }
+
+  Napi::Value Step(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int64_t nm = int_arg(info, 1, "nMicro", 1), B = int_arg(info, 2, "B", 1), T = int_arg(info, 3, "T", 1);
+    Napi::Int32Array tok = tokens_arg(info, 0, static_cast<size_t>(nm * B * (T + 1)));
+    if (info.Length() < 5 || !info[4].IsNumber()) throw_js(env, "CudaTrainer.step: lr must be a number");
+    const float lr = static_cast<float>(info[4].As<Napi::Number>().DoubleValue());
+    StepStats s;
+    try {
+      s = t_->step(tok.Data(), nm, B, T, lr);
+    } catch (const std::exception& e) {
+      throw_js(env, e.what());
+    }
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("loss", s.loss);
+    o.Set("ce", s.ce);
+    o.Set("l1", s.l1);
+    o.Set("gradNorm", s.grad_norm);
+    o.Set("tokens", static_cast<double>(s.tokens));
+    o.Set("reinitialised", static_cast<double>(s.reinitialised));
+    Napi::Array layers = Napi::Array::New(env, s.layers.size());
+    for (size_t i = 0; i < s.layers.size(); ++i) {
+      const LayerStepStats& l = s.layers[i];
+      Napi::Object lo = Napi::Object::New(env);
+      lo.Set("tokens", static_cast<double>(l.tokens));
+      lo.Set("nnz", static_cast<double>(l.nnz));
+      lo.Set("maxRowNnz", static_cast<double>(l.max_row_nnz));
+      lo.Set("tailRows", static_cast<double>(l.tail_rows));
+      lo.Set("l1", l.l1);
+      lo.Set("hybrid", l.hybrid);
+      lo.Set("savedBytes", static_cast<double>(l.saved_bytes));
+      lo.Set("dead", static_cast<double>(l.dead));
+      layers.Set(static_cast<uint32_t>(i), lo);
+    }
+    o.Set("layers", layers);
+    return o;
+  }
+
+  Napi::Value Evaluate(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int64_t B = int_arg(info, 1, "B", 1), T = int_arg(info, 2, "T", 1);
+    Napi::Int32Array tok = tokens_arg(info, 0, static_cast<size_t>(B * (T + 1)));
+    EvalStats e;
+    try {
+      e = t_->evaluate(tok.Data(), B, T);
+    } catch (const std::exception& ex) {
+      throw_js(env, ex.what());
+    }
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("ce", e.ce);
+    o.Set("l1", e.l1);
+    o.Set("tokens", static_cast<double>(e.tokens));
+    o.Set("nnz", num_array(env, e.nnz));
+    return o;
+  }
+
+  Napi::Value GetState(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    TrainerState s;
+    std::vector<float> m, v;
+    try {
+      s = t_->state();
+      m = t_->moment1();
+      v = t_->moment2();
+    } catch (const std::exception& e) {
+      throw_js(env, e.what());
+    }
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("step", static_cast<double>(s.step));
+    o.Set("windowTokens", static_cast<double>(s.window_tokens));
+    o.Set("hybrid", num_array(env, s.hybrid));
+    o.Set("lastNnz", num_array(env, s.last_nnz));
+    o.Set("dead", num_array(env, s.dead));
+    Napi::Uint8Array fired = Napi::Uint8Array::New(env, s.fired.size());
+    std::copy(s.fired.begin(), s.fired.end(), fired.Data());
+    o.Set("fired", fired);
+    for (const std::vector<float>* src : {&m, &v}) {
+      Napi::Float32Array a = Napi::Float32Array::New(env, src->size());
+      std::copy(src->begin(), src->end(), a.Data());
+      o.Set(src == &m ? "m" : "v", a);
+    }
+    return o;
+  }
+
+  Napi::Value SetState(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1 || !info[0].IsObject()) throw_js(env, "CudaTrainer.setState(state)");
+    Napi::Object o = info[0].As<Napi::Object>();
+    TrainerState s = t_->state();
+    const size_t L = s.hybrid.size();
+    const size_t n = static_cast<size_t>(t_->param_count());
+    auto arr = [&](const char* k) {
+      Napi::Value v = o.Get(k);
+      if (!v.IsArray() || v.As<Napi::Array>().Length() != L)
+        throw_js(env, std::string("CudaTrainer.setState: ") + k + " must be an array of " + std::to_string(L));
+      return v.As<Napi::Array>();
+    };
+    Napi::Array ln = arr("lastNnz"), dd = arr("dead");
+    arr("hybrid");
+    Napi::Value fv = o.Get("fired");
+    if (!fv.IsTypedArray() || fv.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array ||
+        fv.As<Napi::Uint8Array>().ElementLength() != s.fired.size())
+      throw_js(env, "CudaTrainer.setState: fired must be a Uint8Array of " + std::to_string(s.fired.size()));
+    for (const char* k : {"m", "v"}) {
+      Napi::Value v = o.Get(k);
+      if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array ||
+          v.As<Napi::Float32Array>().ElementLength() != n)
+        throw_js(env, std::string("CudaTrainer.setState: ") + k + " must be a Float32Array of " + std::to_string(n));
+    }
+    s.step = int_req(env, o, "step", 0);
+    s.window_tokens = int_req(env, o, "windowTokens", 0);
+    for (size_t i = 0; i < L; ++i) {
+      s.last_nnz[i] = ln.Get(static_cast<uint32_t>(i)).ToNumber().DoubleValue();
+      s.dead[i] = static_cast<int64_t>(dd.Get(static_cast<uint32_t>(i)).ToNumber().DoubleValue());
+    }
+    Napi::Uint8Array f = fv.As<Napi::Uint8Array>();
+    std::copy(f.Data(), f.Data() + s.fired.size(), s.fired.begin());
+    Napi::Float32Array m = o.Get("m").As<Napi::Float32Array>(), v = o.Get("v").As<Napi::Float32Array>();
+    try {
+      t_->set_state(s);
+      t_->set_moments(m.Data(), v.Data());
+    } catch (const std::exception& e) {
+      throw_js(env, e.what());
+    }
+    return env.Undefined();
+  }
+
+  Napi::Value SetL1(const Napi::CallbackInfo& info) {
+    if (info.Length() < 1 || !info[0].IsNumber()) throw_js(info.Env(), "CudaTrainer.setL1(lambda)");
+    t_->hyper().l1 = static_cast<float>(info[0].As<Napi::Number>().DoubleValue());
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Tensors(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Array a = Napi::Array::New(env, t_->tensors().size());
+    for (size_t i = 0; i < t_->tensors().size(); ++i) {
+      const TrainTensor& t = t_->tensors()[i];
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("name", t.name);
+      Napi::Array shape = Napi::Array::New(env, t.cols == 1 ? 1 : 2);
+      shape.Set(0u, static_cast<double>(t.rows));
+      if (t.cols != 1) shape.Set(1u, static_cast<double>(t.cols));
+      o.Set("shape", shape);
+      a.Set(static_cast<uint32_t>(i), o);
+    }
+    return a;
+  }
+  Napi::Value ParamCount(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(t_->param_count()));
+  }
+  Napi::Value SavedBytes(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(t_->saved_bytes()));
+  }
+  Napi::Value PeakSavedBytes(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(t_->peak_saved_bytes()));
+  }
+  Napi::Value DeviceBytes(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(t_->device_bytes()));
+  }
+
+  std::unique_ptr<cuda::CudaTrainer> t_;
+};
+
+const AddonRegistrar reg([](Napi::Env env, Napi::Object exports) {
+  exports.Set("CudaTrainer", CudaTrainerWrap::Define(env));
+});
+
+}  // namespace
+}  // namespace sparsellm::addon
+#endif

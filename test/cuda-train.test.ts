@@ -1,0 +1,143 @@
+// The GPU trainer (CudaTrainer) from the JS side: `train --backend cuda` is refused with a
+// one-line reason (exit 2) where no GPU is usable or SPARSELLM_CUDA_UNVERIFIED=1 is not set, and
+// with --ffn-path hybrid (the GPU trainer runs the dense FFN). Where a GPU is usable: the same
+// seed gives the CPU trainer's initial weights exactly, a few steps give its losses (f32 on both
+// sides, other summation orders: 1e-4 relative) and updates (1e-3, as test_cuda_ops), the resume
+// state round-trips, and `train --backend cuda` runs end to end and writes a checkpoint.
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { REPO_ROOT } from './helpers/fixtures.js';
+import { makeTempDir } from './helpers/tmp.js';
+import { engine } from '../src/core/native.js';
+import { UsageError } from '../src/core/errors.js';
+import { ModelTrainer, resolveTrainBackend, type TrainModelShape, type TrainerHyper } from '../src/core/train/engine.js';
+
+const BIN = join(REPO_ROOT, 'bin', 'sparsellm.js');
+const MOBY = join(REPO_ROOT, 'fixtures', 'text', 'moby-dick.txt');
+const cuda = engine().buildInfo().cuda;
+const gpu = cuda.compiled && cuda.usable && typeof (engine() as { CudaTrainer?: unknown }).CudaTrainer === 'function';
+const noGpu = gpu ? false : `no usable GPU: ${cuda.reason}`;
+const TINY = ['--d-model', '32', '--layers', '2', '--heads', '2', '--d-ff', '64', '--context', '32', '--batch-tokens', '128',
+  '--micro-batch-tokens', '64', '--lr', '3e-3', '--l1', '1e-3', '--eval-tokens', '256', '--threads', '1'];
+
+let tmp: string;
+let cleanup = () => undefined as void;
+let text: string;
+before(() => {
+  ({ dir: tmp, cleanup } = makeTempDir('sllm-cuda-train-'));
+  text = join(tmp, 'text.txt');
+  writeFileSync(text, readFileSync(MOBY, 'utf8').slice(0, 20000));
+});
+after(() => cleanup());
+
+function run(args: string[], extraEnv: Record<string, string | undefined> = {}) {
+  const env = { ...process.env, OMP_NUM_THREADS: '1', ...extraEnv };
+  for (const [k, v] of Object.entries(env)) if (v === undefined) delete env[k];
+  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+test('resolveTrainBackend: auto and cpu stay on the CPU; cuda says why not', () => {
+  assert.equal(resolveTrainBackend('auto', 'auto', {}), 'cpu');
+  assert.equal(resolveTrainBackend('cpu', 'hybrid', {}), 'cpu');
+  assert.throws(() => resolveTrainBackend('cuda', 'auto', {}), (e: unknown) => {
+    assert.ok(e instanceof UsageError);
+    const msg = (e as Error).message;
+    if (gpu) assert.match(msg, /GPU trainer has not yet been verified on a GPU; set SPARSELLM_CUDA_UNVERIFIED=1/);
+    else assert.match(msg, /GPU trainer needs a usable GPU: .+; use --backend cpu/);
+    return true;
+  });
+  const allowed = { SPARSELLM_CUDA_UNVERIFIED: '1' };
+  if (gpu) {
+    assert.equal(resolveTrainBackend('cuda', 'dense', allowed), 'cuda');
+    assert.equal(resolveTrainBackend('cuda', 'auto', allowed), 'cuda');
+    assert.throws(() => resolveTrainBackend('cuda', 'hybrid', allowed), /--ffn-path hybrid: the GPU trainer runs the dense FFN/);
+  } else {
+    assert.throws(() => resolveTrainBackend('cuda', 'dense', allowed), /needs a usable GPU/);
+  }
+});
+
+test('train --backend cuda: one clear line and exit 2 unless allowed', () => {
+  const args = ['train', text, '-o', join(tmp, 'refused'), ...TINY, '--steps', '1', '--backend', 'cuda'];
+  const r = run(args, { SPARSELLM_CUDA_UNVERIFIED: undefined });
+  assert.equal(r.code, 2, r.stderr);
+  assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+  assert.match(r.stderr, gpu ? /SPARSELLM_CUDA_UNVERIFIED=1/ : /GPU trainer needs a usable GPU/);
+  assert.equal(existsSync(join(tmp, 'refused')), false);
+  const r2 = run([...args, '--ffn-path', 'hybrid'], { SPARSELLM_CUDA_UNVERIFIED: '1' });
+  assert.equal(r2.code, 2, r2.stderr);
+  assert.equal(r2.stderr.trim().split('\n').length, 1, r2.stderr);
+  assert.match(r2.stderr, gpu ? /--ffn-path hybrid: the GPU trainer runs the dense FFN/ : /needs a usable GPU/);
+  const r3 = run([...args.slice(0, -1), 'tpu']);
+  assert.equal(r3.code, 2, r3.stderr);
+});
+
+const SHAPE: TrainModelShape = { vocab: 61, dModel: 24, layers: 2, heads: 3, dFF: 40, context: 16, ropeTheta: 10000, normEps: 1e-5 };
+const HYPER: TrainerHyper = {
+  beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, clip: 0.5, l1: 0.02, ffnPath: 'dense', hybridCutoff: 50,
+  recheckSteps: 20, ellWidth: 128, deadWindow: 1000, reinitDead: false, initStd: 0.02, seed: 7,
+};
+
+function rel(a: Float32Array, b: Float32Array): number {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < a.length; i++) {
+    num += (a[i]! - b[i]!) ** 2;
+    den += b[i]! ** 2;
+  }
+  return Math.sqrt(num / den);
+}
+
+test('CudaTrainer follows the CPU Trainer: init, steps, state', { skip: noGpu }, () => {
+  const cpu = new ModelTrainer(SHAPE, HYPER, 'cpu');
+  const dev = new ModelTrainer(SHAPE, HYPER, 'cuda');
+  cpu.initWeights();
+  dev.initWeights();
+  assert.deepEqual(dev.tensors, cpu.tensors);
+  const w0 = new Map<string, Float32Array>();
+  for (const { name } of cpu.tensors) {
+    const a = cpu.getTensor(name);
+    assert.deepEqual(dev.getTensor(name), a, `${name}: the same seed gives other weights`);
+    w0.set(name, a);
+  }
+  const nMicro = 2;
+  const B = 2;
+  const T = 9;
+  for (let s = 0; s < 3; s++) {
+    const tok = Int32Array.from({ length: nMicro * B * (T + 1) }, (_, i) => (i * 31 + s * 7 + 3) % SHAPE.vocab);
+    const a = cpu.step(tok, nMicro, B, T, 3e-3);
+    const b = dev.step(tok, nMicro, B, T, 3e-3);
+    assert.ok(Math.abs(a.loss - b.loss) <= 1e-4 * Math.abs(a.loss), `step ${s}: loss ${b.loss} vs ${a.loss}`);
+    assert.ok(Math.abs(a.gradNorm - b.gradNorm) <= 1e-3 * a.gradNorm, `step ${s}: grad norm ${b.gradNorm} vs ${a.gradNorm}`);
+    assert.deepEqual(b.layers.map((l) => l.hybrid), [false, false]);
+  }
+  for (const { name } of cpu.tensors) {
+    const start = w0.get(name)!;
+    const ua = cpu.getTensor(name).map((v, i) => v - start[i]!);
+    const ub = dev.getTensor(name).map((v, i) => v - start[i]!);
+    assert.ok(rel(ub, ua) < 1e-3, `${name}: update rel error ${rel(ub, ua)}`);
+  }
+  const st = dev.getState();
+  assert.equal(st.step, 3);
+  assert.equal(st.m.length, dev.paramCount);
+  const m2 = Float32Array.from(st.m, (x) => x * 0.5);
+  dev.setState({ ...st, m: m2 });
+  assert.deepEqual(dev.getState().m, m2);
+  const e1 = cpu.evaluate(Int32Array.from({ length: 2 * (T + 1) }, (_, i) => (i * 5 + 1) % SHAPE.vocab), 2, T);
+  const e2 = dev.evaluate(Int32Array.from({ length: 2 * (T + 1) }, (_, i) => (i * 5 + 1) % SHAPE.vocab), 2, T);
+  assert.ok(Math.abs(e1.ce - e2.ce) <= 1e-3 * e1.ce, `evaluate ce ${e2.ce} vs ${e1.ce}`);
+});
+
+test('train --backend cuda end to end', { skip: noGpu }, () => {
+  const out = join(tmp, 'gpu-run');
+  const r = run(['train', text, '-o', out, ...TINY, '--steps', '3', '--backend', 'cuda', '--json'], { SPARSELLM_CUDA_UNVERIFIED: '1' });
+  assert.equal(r.code, 0, r.stderr);
+  const lines = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as { type: string; finalLoss?: number });
+  assert.equal(lines.filter((l) => l.type === 'step').length, 3);
+  const summary = lines.find((l) => l.type === 'summary');
+  assert.ok(summary && Number.isFinite(summary.finalLoss), r.stdout);
+  assert.ok(existsSync(join(out, 'config.json')) && existsSync(join(out, 'model.safetensors')));
+});
