@@ -232,13 +232,20 @@ bool updown_driver(const float* x, int64_t ldx, int64_t M, const float* coef, in
         kr.updown_bf16(a, cg, ldc, static_cast<const uint16_t*>(ud.data), 2 * ud.ld, n * c / chunks,
                        n * (c + 1) / chunks, ye, yo);
       }
+      // y = bias, plus the chunks' partials in chunk order, back from the even/odd split; each
+      // thread takes a range of split positions i (outputs 2i and 2i + 1).
 #pragma omp for schedule(static)
-      for (int64_t e = 0; e < a.M * d; ++e) {
-        const int64_t m = e / d, k = e % d;
-        const size_t at = static_cast<size_t>((k & 1 ? a.M : 0) * a.K2 + m * a.K2 + k / 2);
-        float s = bias ? bias[k] : 0.f;
-        for (int64_t u = 0; u < chunks; ++u) s += parts[part * static_cast<size_t>(u) + at];
-        yg[m * ldy + k] = s;
+      for (int64_t i = 0; i < a.K2; ++i) {
+        for (int m = 0; m < a.M; ++m) {
+          const size_t ae = static_cast<size_t>(m * a.K2 + i), ao = ae + static_cast<size_t>(a.M * a.K2);
+          float se = bias && 2 * i < d ? bias[2 * i] : 0.f, so = bias && 2 * i + 1 < d ? bias[2 * i + 1] : 0.f;
+          for (int64_t u = 0; u < chunks; ++u) {
+            se += parts[part * static_cast<size_t>(u) + ae];
+            so += parts[part * static_cast<size_t>(u) + ao];
+          }
+          if (2 * i < d) yg[m * ldy + 2 * i] = se;
+          if (2 * i + 1 < d) yg[m * ldy + 2 * i + 1] = so;
+        }
       }
     }
   }
