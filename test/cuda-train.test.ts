@@ -1,9 +1,9 @@
 // The GPU trainer (CudaTrainer) from the JS side: `train --backend cuda` is refused with a
-// one-line reason (exit 2) where no GPU is usable or SPARSELLM_CUDA_UNVERIFIED=1 is not set, and
-// with --ffn-path hybrid (the GPU trainer runs the dense FFN). Where a GPU is usable: the same
-// seed gives the CPU trainer's initial weights exactly, a few steps give its losses (f32 on both
-// sides, other summation orders: 1e-4 relative) and updates (1e-3, as test_cuda_ops), the resume
-// state round-trips, and `train --backend cuda` runs end to end and writes a checkpoint.
+// one-line reason (exit 2) where no GPU is usable or SPARSELLM_CUDA_UNVERIFIED=1 is not set.
+// Where a GPU is usable: the same seed gives the CPU trainer's initial weights exactly, a few
+// steps (dense and hybrid FFN) give its losses (f32 on both sides, other summation orders: 1e-4
+// relative) and updates (1e-3, as test_cuda_ops), the resume state round-trips, and
+// `train --backend cuda` runs end to end (dense and hybrid) and writes a checkpoint.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
@@ -41,9 +41,9 @@ function run(args: string[], extraEnv: Record<string, string | undefined> = {}) 
 }
 
 test('resolveTrainBackend: auto and cpu stay on the CPU; cuda says why not', () => {
-  assert.equal(resolveTrainBackend('auto', 'auto', {}), 'cpu');
-  assert.equal(resolveTrainBackend('cpu', 'hybrid', {}), 'cpu');
-  assert.throws(() => resolveTrainBackend('cuda', 'auto', {}), (e: unknown) => {
+  assert.equal(resolveTrainBackend('auto', {}), 'cpu');
+  assert.equal(resolveTrainBackend('cpu', {}), 'cpu');
+  assert.throws(() => resolveTrainBackend('cuda', {}), (e: unknown) => {
     assert.ok(e instanceof UsageError);
     const msg = (e as Error).message;
     if (gpu) assert.match(msg, /GPU trainer has not yet been verified on a GPU; set SPARSELLM_CUDA_UNVERIFIED=1/);
@@ -51,13 +51,8 @@ test('resolveTrainBackend: auto and cpu stay on the CPU; cuda says why not', () 
     return true;
   });
   const allowed = { SPARSELLM_CUDA_UNVERIFIED: '1' };
-  if (gpu) {
-    assert.equal(resolveTrainBackend('cuda', 'dense', allowed), 'cuda');
-    assert.equal(resolveTrainBackend('cuda', 'auto', allowed), 'cuda');
-    assert.throws(() => resolveTrainBackend('cuda', 'hybrid', allowed), /--ffn-path hybrid: the GPU trainer runs the dense FFN/);
-  } else {
-    assert.throws(() => resolveTrainBackend('cuda', 'dense', allowed), /needs a usable GPU/);
-  }
+  if (gpu) assert.equal(resolveTrainBackend('cuda', allowed), 'cuda');
+  else assert.throws(() => resolveTrainBackend('cuda', allowed), /needs a usable GPU/);
 });
 
 test('train --backend cuda: one clear line and exit 2 unless allowed', () => {
@@ -67,10 +62,12 @@ test('train --backend cuda: one clear line and exit 2 unless allowed', () => {
   assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
   assert.match(r.stderr, gpu ? /SPARSELLM_CUDA_UNVERIFIED=1/ : /GPU trainer needs a usable GPU/);
   assert.equal(existsSync(join(tmp, 'refused')), false);
-  const r2 = run([...args, '--ffn-path', 'hybrid'], { SPARSELLM_CUDA_UNVERIFIED: '1' });
-  assert.equal(r2.code, 2, r2.stderr);
-  assert.equal(r2.stderr.trim().split('\n').length, 1, r2.stderr);
-  assert.match(r2.stderr, gpu ? /--ffn-path hybrid: the GPU trainer runs the dense FFN/ : /needs a usable GPU/);
+  if (!gpu) {
+    const r2 = run(args, { SPARSELLM_CUDA_UNVERIFIED: '1' });
+    assert.equal(r2.code, 2, r2.stderr);
+    assert.equal(r2.stderr.trim().split('\n').length, 1, r2.stderr);
+    assert.match(r2.stderr, /needs a usable GPU/);
+  }
   const r3 = run([...args.slice(0, -1), 'tpu']);
   assert.equal(r3.code, 2, r3.stderr);
 });
@@ -91,9 +88,10 @@ function rel(a: Float32Array, b: Float32Array): number {
   return Math.sqrt(num / den);
 }
 
-test('CudaTrainer follows the CPU Trainer: init, steps, state', { skip: noGpu }, () => {
-  const cpu = new ModelTrainer(SHAPE, HYPER, 'cpu');
-  const dev = new ModelTrainer(SHAPE, HYPER, 'cuda');
+for (const ffnPath of ['dense', 'hybrid'] as const) test(`CudaTrainer follows the CPU Trainer (${ffnPath} FFN): init, steps, state`, { skip: noGpu }, () => {
+  const hyper = { ...HYPER, ffnPath, ellWidth: 20 };
+  const cpu = new ModelTrainer(SHAPE, hyper, 'cpu');
+  const dev = new ModelTrainer(SHAPE, hyper, 'cuda');
   cpu.initWeights();
   dev.initWeights();
   assert.deepEqual(dev.tensors, cpu.tensors);
@@ -112,7 +110,8 @@ test('CudaTrainer follows the CPU Trainer: init, steps, state', { skip: noGpu },
     const b = dev.step(tok, nMicro, B, T, 3e-3);
     assert.ok(Math.abs(a.loss - b.loss) <= 1e-4 * Math.abs(a.loss), `step ${s}: loss ${b.loss} vs ${a.loss}`);
     assert.ok(Math.abs(a.gradNorm - b.gradNorm) <= 1e-3 * a.gradNorm, `step ${s}: grad norm ${b.gradNorm} vs ${a.gradNorm}`);
-    assert.deepEqual(b.layers.map((l) => l.hybrid), [false, false]);
+    assert.deepEqual(b.layers.map((l) => l.hybrid), a.layers.map((l) => l.hybrid));
+    assert.deepEqual(b.layers.map((l) => l.hybrid), [ffnPath === 'hybrid', ffnPath === 'hybrid']);
   }
   for (const { name } of cpu.tensors) {
     const start = w0.get(name)!;
@@ -131,9 +130,9 @@ test('CudaTrainer follows the CPU Trainer: init, steps, state', { skip: noGpu },
   assert.ok(Math.abs(e1.ce - e2.ce) <= 1e-3 * e1.ce, `evaluate ce ${e2.ce} vs ${e1.ce}`);
 });
 
-test('train --backend cuda end to end', { skip: noGpu }, () => {
-  const out = join(tmp, 'gpu-run');
-  const r = run(['train', text, '-o', out, ...TINY, '--steps', '3', '--backend', 'cuda', '--json'], { SPARSELLM_CUDA_UNVERIFIED: '1' });
+for (const ffnPath of ['dense', 'hybrid'] as const) test(`train --backend cuda end to end (${ffnPath} FFN)`, { skip: noGpu }, () => {
+  const out = join(tmp, `gpu-run-${ffnPath}`);
+  const r = run(['train', text, '-o', out, ...TINY, '--steps', '3', '--ffn-path', ffnPath, '--backend', 'cuda', '--json'], { SPARSELLM_CUDA_UNVERIFIED: '1' });
   assert.equal(r.code, 0, r.stderr);
   const lines = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as { type: string; finalLoss?: number });
   assert.equal(lines.filter((l) => l.type === 'step').length, 3);

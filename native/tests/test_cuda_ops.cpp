@@ -1101,14 +1101,16 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t V) {
   return t;
 }
 
-// CudaTrainer against Trainer (dense FFN path on both) on a small random model: the same
-// initial weights from the same seed (bit-identical), set_tensor/get_tensor round trips, then
-// steps with micro-batches, clipping, L1, a single-token sequence and a dead-neuron window with
-// re-initialisation. Tolerances: the GPU sums in other orders (f32 GEMMs of K ≤ 64), so losses
+// CudaTrainer against Trainer (the same FFN path on both: dense, hybrid with an ELL width that
+// sends about half the rows to the tail, or auto switching every layer to hybrid after two
+// steps) on a small random model: the same initial weights from the same seed (bit-identical),
+// set_tensor/get_tensor round trips, then steps with micro-batches, clipping, L1, a single-token
+// sequence and a dead-neuron window with re-initialisation. Tolerances: the GPU sums in other orders (f32 GEMMs of K ≤ 64), so losses
 // agree to ~1e-6 (bound 1e-5), gradients to ~1e-5 (bound 1e-4); after AdamW the weight updates
 // (w − w0) to 1e-3: an element whose gradient is within rounding of zero can take a different
 // sign of m/sqrt(v) at step 1, so the bound is looser than the gradients' own.
-void test_cuda_trainer() {
+void test_cuda_trainer(FfnTrainPath path) {
+  std::printf("    CudaTrainer vs Trainer, FFN path %d (0 auto, 1 dense, 2 hybrid)\n", static_cast<int>(path));
   TrainModelConfig cfg;
   cfg.vocab = 37;
   cfg.d_model = 24;
@@ -1117,7 +1119,10 @@ void test_cuda_trainer() {
   cfg.d_ff = 40;
   cfg.context = 16;
   TrainHyper hp;
-  hp.ffn_path = FfnTrainPath::Dense;
+  hp.ffn_path = path;
+  hp.ell_width = 20;  // about half of the 40 units fire per token at initialisation
+  hp.recheck_steps = 2;
+  hp.hybrid_cutoff = 1000;  // auto: every layer hybrid from step 3
   hp.l1 = 0.05f;
   hp.clip = 0.5f;
   hp.dead_window = 2;
@@ -1158,7 +1163,8 @@ void test_cuda_trainer() {
     const StepStats b = gpu.accumulate(tok.data(), 2, 7, 0.5);
     const double eg = rel(gpu.grads(), cpu.grads());
     CHECK(std::fabs(a.loss - b.loss) <= 1e-5 * std::fabs(a.loss) && eg < 1e-4,
-          "trainer accumulate: loss %.9g vs %.9g, gradient rel error %.3g", b.loss, a.loss, eg);
+          "trainer accumulate (path %d): loss %.9g vs %.9g, gradient rel error %.3g", static_cast<int>(path), b.loss, a.loss,
+          eg);
   }
   const std::vector<float> w0 = cpu.params();
   struct StepShape { int64_t n_micro, B, T; };
@@ -1175,6 +1181,12 @@ void test_cuda_trainer() {
           b.grad_norm, a.grad_norm);
     CHECK(a.tokens == b.tokens && a.reinitialised == b.reinitialised, "trainer step %d: tokens %lld/%lld reinit %lld/%lld",
           s_i, (long long)b.tokens, (long long)a.tokens, (long long)b.reinitialised, (long long)a.reinitialised);
+    for (int64_t l = 0; l < cfg.n_layers; ++l)
+      CHECK(a.layers[static_cast<size_t>(l)].hybrid == b.layers[static_cast<size_t>(l)].hybrid &&
+                a.layers[static_cast<size_t>(l)].tail_rows == b.layers[static_cast<size_t>(l)].tail_rows,
+            "trainer step %d layer %lld: hybrid %d/%d tail rows %lld/%lld", s_i, (long long)l,
+            b.layers[static_cast<size_t>(l)].hybrid ? 1 : 0, a.layers[static_cast<size_t>(l)].hybrid ? 1 : 0,
+            (long long)b.layers[static_cast<size_t>(l)].tail_rows, (long long)a.layers[static_cast<size_t>(l)].tail_rows);
     for (size_t l = 0; l < a.layers.size(); ++l) {
       const LayerStepStats &x = a.layers[l], &y = b.layers[l];
       // nnz: a unit within rounding of zero could flip; none is expected on random data (allow 1).
@@ -1195,14 +1207,15 @@ void test_cuda_trainer() {
   const double eu = rel(ub, ua), em = rel(gpu.moment1(), cpu.moment1()), ev = rel(gpu.moment2(), cpu.moment2());
   CHECK(eu < 1e-3 && em < 1e-3 && ev < 1e-3, "trainer: after 4 steps, updates %.3g, m %.3g, v %.3g", eu, em, ev);
   const TrainerState sa = cpu.state(), sb = gpu.state();
-  CHECK(sa.step == sb.step && sa.window_tokens == sb.window_tokens && sa.dead == sb.dead && sa.fired == sb.fired,
+  CHECK(sa.step == sb.step && sa.window_tokens == sb.window_tokens && sa.dead == sb.dead && sa.fired == sb.fired &&
+            sa.hybrid == sb.hybrid,
         "trainer: state differs (step %lld/%lld, window %lld/%lld)", (long long)sb.step, (long long)sa.step,
         (long long)sb.window_tokens, (long long)sa.window_tokens);
   const std::vector<int32_t> tok = random_tokens(3 * 10, cfg.vocab);
   const EvalStats ea = cpu.evaluate(tok.data(), 3, 9), eb = gpu.evaluate(tok.data(), 3, 9);
   CHECK(std::fabs(ea.ce - eb.ce) <= 1e-5 * ea.ce && std::fabs(ea.l1 - eb.l1) <= 1e-5 * ea.l1 + 1e-12 && ea.tokens == eb.tokens,
         "trainer evaluate: ce %.9g vs %.9g, l1 %.9g vs %.9g", eb.ce, ea.ce, eb.l1, ea.l1);
-  // Errors: tokens out of range, sequence longer than the context, the hybrid path.
+  // Errors: a token outside the vocabulary, an ELL width below 1.
   bool threw = false;
   std::vector<int32_t> bad = random_tokens(9, cfg.vocab);
   bad[4] = static_cast<int32_t>(cfg.vocab);
@@ -1215,12 +1228,12 @@ void test_cuda_trainer() {
   threw = false;
   try {
     TrainHyper h2 = hp;
-    h2.ffn_path = FfnTrainPath::Hybrid;
+    h2.ell_width = 0;
     CudaTrainer t(cfg, h2);
   } catch (const std::invalid_argument&) {
     threw = true;
   }
-  CHECK(threw, "trainer: ffn_path hybrid was accepted");
+  CHECK(threw, "trainer: ELL width 0 was accepted");
 }
 
 void test_training() {
@@ -1239,7 +1252,7 @@ void test_training() {
   test_train_ce(5, 1000);
   test_train_misc(1);
   test_train_misc(100003);
-  test_cuda_trainer();
+  for (FfnTrainPath path : {FfnTrainPath::Dense, FfnTrainPath::Hybrid, FfnTrainPath::Auto}) test_cuda_trainer(path);
 }
 
 }  // namespace traintest

@@ -127,7 +127,7 @@ export function registerTrain(program: Command): void {
     .option('--recheck-steps <n>', `auto: re-decide each layer's path every n steps (default ${DEFAULTS.recheckSteps})`)
     .option('--ell-width <n>', `Hybrid ELL width; heavier tokens go to the dense tail (default ${DEFAULTS.ellWidth})`)
     .option('--threads <n>', 'CPU threads (default: all cores)')
-    .addOption(new Option('--backend <backend>', 'compute backend: cpu, cuda (the GPU trainer, dense FFN; unverified: needs SPARSELLM_CUDA_UNVERIFIED=1) or auto (= cpu)').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .addOption(new Option('--backend <backend>', 'compute backend: cpu, cuda (the GPU trainer; unverified: needs SPARSELLM_CUDA_UNVERIFIED=1) or auto (= cpu)').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--json', 'one JSON object per step on stdout, then a summary object')
     .option('--plot <file.svg>', 'write an SVG of loss and sparsity over steps')
     .option('-q, --quiet', 'no live lines or human text')
@@ -159,10 +159,8 @@ async function runTrain(data: string[], opts: CliOptions): Promise<void> {
   }
   const resumeDir = opts.resume ?? null;
   if (resumeDir && opts.init) throw new UsageError('--init and --resume cannot be combined (a resumed run keeps its own starting point)');
-  const asked = opts.backend ?? 'auto';
-  resolveTrainBackend(asked, 'auto'); // a GPU that cannot run fails here, before the data are read
+  const backend = resolveTrainBackend(opts.backend ?? 'auto'); // before the data are read
   const setup = await resolveRun(given, resumeDir, (s) => out.warn(s));
-  const backend = resolveTrainBackend(asked, setup.options.ffnPath);
 
   let stopRequested = false;
   const onSigint = (): void => {
@@ -193,7 +191,7 @@ async function runTrain(data: string[], opts: CliOptions): Promise<void> {
             `${info.resumedFrom ? `resuming ${info.resumedFrom} at step ${info.startStep}` : o.init ? `fine-tuning ${o.init}` : 'training a new model'}: ` +
               `${info.shape.layers} layers, d_model ${info.shape.dModel}, ${info.shape.heads} heads, d_ff ${info.shape.dFF}, context ${info.shape.context}, ` +
               `vocab ${info.shape.vocab} (${info.tokenizer}), ${(info.params / 1e6).toFixed(2)}M parameters` +
-              (backend === 'cuda' ? '; on the GPU (dense FFN)' : ''),
+              (backend === 'cuda' ? '; on the GPU' : ''),
           );
           out.say(
             `data: ${info.files} file(s), ${info.trainTokens} train / ${info.valTokens} validation tokens; ` +

@@ -2,7 +2,7 @@
 // constructor options and methods as the CPU Trainer binding (train_binding.cpp), plus
 // deviceBytes. Exported only by builds with the CUDA backend. No math here.
 //
-//   new CudaTrainer(options)   (the Trainer's options; ffnPath 'hybrid' is refused)
+//   new CudaTrainer(options)   (the Trainer's options)
 //   initWeights, tensors, getTensor, setTensor, step, evaluate, getState, setState, setL1,
 //   paramCount, savedBytes, peakSavedBytes, deviceBytes
 #ifdef SPARSELLM_HAVE_CUDA

@@ -30,10 +30,11 @@ uint64_t mix(uint64_t a, uint64_t b) {
   return z ^ (z >> 31);
 }
 
-// Per-call statistics on the device: doubles {ce, grad ss, l1[layers]}, then u64 {nnz, max}[layers].
+// Per-call statistics on the device: doubles {ce, grad ss, l1[layers]}, then u64 {nnz, max,
+// tail rows}[layers], then u64 scratch [2].
 struct StatsLayout {
   int64_t layers = 0;
-  size_t bytes() const { return sz(2 + layers) * 8 + sz(2 * layers) * 8; }
+  size_t bytes() const { return sz(2 + layers) * 8 + sz(3 * layers + 2) * 8; }
 };
 
 }  // namespace
@@ -43,7 +44,10 @@ struct CudaTrainer::Impl {
     int64_t attn_norm, q, k, v, o, ffn_norm, gate, updown;
   };
   struct LayerActs {
+    // G, U: the dense tape, or the hybrid tail rows' (first rows); the rest of the hybrid tape:
     DeviceBuffer x_in, xn1, rstd1, qkv, P, att, x_mid, xn2, rstd2, G, U;
+    DeviceBuffer row_nnz, col, hg, hu, tail;  // tail: [M] rows then the count
+    bool hybrid = false;
   };
   TrainModelConfig cfg;
   TrainHyper hp;
@@ -55,6 +59,7 @@ struct CudaTrainer::Impl {
   TrainerState st;  // `fired` lives on the device
   std::vector<LayerActs> acts;
   DeviceBuffer ids, xf, xnf, rstdf, logits, tmp, dx, dxn, datt, dqkv, dS, H, dH, dG, norm_part, stats;
+  DeviceBuffer hx, hy, hz, hdu, hdg, hrank, hlist, hhist, hoffs;  // hybrid scratch
   bool grads_zero = true;
   int64_t saved_bytes = 0, peak_saved_bytes = 0;
   int64_t cap_M = 0, cap_P = 0;  // activation capacity (tokens, B·H·T·T)
@@ -66,6 +71,7 @@ struct CudaTrainer::Impl {
   int64_t index_of(const std::string& name) const;
   StepStats forward_backward(const int32_t* tokens, int64_t B, int64_t T, double scale, bool backward, EvalStats* eval);
   void end_of_step(int64_t tokens, StepStats& s);
+  train::HybridBuffers hybrid_buffers(LayerActs& a, int64_t M);
 };
 
 CudaTrainer::CudaTrainer(const TrainModelConfig& c, const TrainHyper& h) : impl_(std::make_unique<Impl>()) {
@@ -77,9 +83,7 @@ CudaTrainer::CudaTrainer(const TrainModelConfig& c, const TrainHyper& h) : impl_
   if (c.d_model % c.n_heads != 0 || (c.d_model / c.n_heads) % 2 != 0)
     throw std::invalid_argument("CudaTrainer: d_model must be a multiple of heads with an even head width");
   if (c.vocab > (int64_t(1) << 31) - 1) throw std::invalid_argument("CudaTrainer: vocabulary too large");
-  if (h.ffn_path == FfnTrainPath::Hybrid)
-    throw std::invalid_argument(
-        "CudaTrainer: the hybrid FFN path is not available on the GPU trainer (it runs the dense FFN); use dense or auto");
+  if (h.ell_width < 1) throw std::invalid_argument("CudaTrainer: ELL width must be >= 1");
   require_device();
   const int64_t d = c.d_model, F = c.d_ff, V = c.vocab;
   int64_t off = 0;
@@ -120,7 +124,7 @@ CudaTrainer::CudaTrainer(const TrainModelConfig& c, const TrainHyper& h) : impl_
     memset_device(b->data(), 0, pb);
   }
   const size_t nl = sz(c.n_layers);
-  I.st.hybrid.assign(nl, 0);
+  I.st.hybrid.assign(nl, h.ffn_path == FfnTrainPath::Hybrid ? 1 : 0);
   I.st.last_nnz.assign(nl, 0.0);
   I.st.fired.assign(nl * sz(F), 0);
   I.st.dead.assign(nl, 0);
@@ -279,6 +283,7 @@ void CudaTrainer::set_state(const TrainerState& s) {
     throw std::invalid_argument("CudaTrainer: the state's shapes do not match the model");
   I.st.step = s.step;
   I.st.window_tokens = s.window_tokens;
+  if (s.hybrid.size() == I.st.hybrid.size()) I.st.hybrid = s.hybrid;
   I.st.last_nnz = s.last_nnz;
   I.st.dead = s.dead;
   upload(I.fired.data(), s.fired.data(), s.fired.size());
@@ -346,13 +351,13 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
   double* st_ce = stats.as<double>();
   double* st_l1 = st_ce + 2;
   unsigned long long* st_cnt = reinterpret_cast<unsigned long long*>(st_ce + 2 + NL);
+  unsigned long long* st_scratch = st_cnt + 3 * NL;
   StepStats s;
   s.layers.resize(sz(NL));
   const float* Wp = W();
   const bool first = grads_zero;
   float* tmpb = tmp.as<float>();
   train::embedding_forward(Wp + off_embed, inp, M, d, acts[0].x_in.as<float>());
-  int64_t kept = 0;
   for (int64_t l = 0; l < NL; ++l) {
     LayerActs& a = acts[sz(l)];
     const LayerOffsets& L = lo[sz(l)];
@@ -370,24 +375,25 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
     train::linear_forward(a.att.as<float>(), M, d, Wp + L.o, d, tmpb);
     train::rmsnorm_forward(a.x_in.as<float>(), tmpb, a.x_mid.as<float>(), M, d, Wp + L.ffn_norm, cfg.norm_eps,
                            a.xn2.as<float>(), a.rstd2.as<float>());
-    // Dense FFN: G = relu(x·W_gateᵀ), U = x·W_upᵀ (W_up rows inside updown), H = G ⊙ U, y = H·W_downᵀ.
     const float* x2 = a.xn2.as<float>();
-    train::linear_forward(x2, M, d, Wp + L.gate, F, a.G.as<float>());
-    train::gemm_f32(M, F, d, MatRef{x2, d, 1}, MatRef{Wp + L.updown, 1, 2 * d}, a.U.as<float>(), F);
-    train::ffn_hidden(a.G.as<float>(), a.U.as<float>(), H.as<float>(), M, F, st_l1 + l, st_cnt + 2 * l,
-                      backward ? fired.as<uint8_t>() + l * F : nullptr);
-    train::gemm_f32(M, d, F, MatRef{H.as<float>(), F, 1}, MatRef{Wp + L.updown + d, 2 * d, 1}, tmpb, d);
-    s.layers[sz(l)].saved_bytes = 2 * M * F * 4;  // the dense tape: G and U
-    kept += static_cast<int64_t>(sizeof(float)) * (8 * M * d + 2 * M + B * NH * T * T) + s.layers[sz(l)].saved_bytes;
+    uint8_t* fl = backward ? fired.as<uint8_t>() + l * F : nullptr;
+    a.hybrid = st.hybrid[sz(l)] != 0;
+    if (a.hybrid) {
+      train::hybrid_ffn_forward(x2, Wp + L.gate, Wp + L.updown, hybrid_buffers(a, M), tmpb, st_l1 + l, st_cnt + 3 * l, fl,
+                                st_scratch);
+    } else {
+      // Dense FFN: G = relu(x·W_gateᵀ), U = x·W_upᵀ (W_up rows inside updown), H = G ⊙ U, y = H·W_downᵀ.
+      train::linear_forward(x2, M, d, Wp + L.gate, F, a.G.as<float>());
+      train::gemm_f32(M, F, d, MatRef{x2, d, 1}, MatRef{Wp + L.updown, 1, 2 * d}, a.U.as<float>(), F);
+      train::ffn_hidden(a.G.as<float>(), a.U.as<float>(), H.as<float>(), M, F, st_l1 + l, st_cnt + 3 * l, fl);
+      train::gemm_f32(M, d, F, MatRef{H.as<float>(), F, 1}, MatRef{Wp + L.updown + d, 2 * d, 1}, tmpb, d);
+    }
   }
   float* xfp = xf.as<float>();
   train::rmsnorm_forward(acts[sz(NL - 1)].x_mid.as<float>(), tmpb, xfp, M, d, Wp + off_final_norm, cfg.norm_eps,
                          xnf.as<float>(), rstdf.as<float>());
   train::linear_forward(xnf.as<float>(), M, d, Wp + off_embed, V, logits.as<float>());
   train::cross_entropy(logits.as<float>(), tgt, M, V, static_cast<float>(scale / static_cast<double>(M)), st_ce);
-  kept += static_cast<int64_t>(sizeof(float)) * (3 * M * d + M + M * V);
-  saved_bytes = kept;
-  peak_saved_bytes = std::max(peak_saved_bytes, kept);
 
   if (backward) {
     float* G = Gr();
@@ -404,14 +410,19 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
       const LayerOffsets& L = lo[sz(l)];
       const float* x2 = a.xn2.as<float>();
       float *Gp = a.G.as<float>(), *Up = a.U.as<float>(), *dHp = dH.as<float>(), *dGp = dG.as<float>(), *Hp = H.as<float>();
-      // FFN backward: dH = dy·W_down; dU (in dH's place), dG, H; dx = dU·W_up + dG·W_gate; weight gradients.
-      train::gemm_f32(M, F, d, MatRef{dxp, d, 1}, MatRef{Wp + L.updown + d, 1, 2 * d}, dHp, F);
-      train::ffn_hidden_backward(dHp, Gp, Up, dGp, Hp, M * F, lam_m);
-      train::gemm_f32(M, d, F, MatRef{dHp, F, 1}, MatRef{Wp + L.updown, 2 * d, 1}, dxnp, d);
-      train::gemm_f32(M, d, F, MatRef{dGp, F, 1}, MatRef{Wp + L.gate, d, 1}, dxnp, d, 0, 0, 1, 1, true);
-      train::gemm_f32(F, d, M, MatRef{dGp, 1, F}, MatRef{x2, d, 1}, G + L.gate, d, 0, 0, 1, 1, !first);
-      train::gemm_f32(F, d, M, MatRef{dHp, 1, F}, MatRef{x2, d, 1}, G + L.updown, 2 * d, 0, 0, 1, 1, !first);
-      train::gemm_f32(F, d, M, MatRef{Hp, 1, F}, MatRef{dxp, d, 1}, G + L.updown + d, 2 * d, 0, 0, 1, 1, !first);
+      if (a.hybrid) {
+        train::hybrid_ffn_backward(x2, dxp, Wp + L.gate, Wp + L.updown, hybrid_buffers(a, M), lam_m, dxnp, G + L.gate,
+                                   G + L.updown, first);
+      } else {
+        // FFN backward: dH = dy·W_down; dU (in dH's place), dG, H; dx = dU·W_up + dG·W_gate; weight gradients.
+        train::gemm_f32(M, F, d, MatRef{dxp, d, 1}, MatRef{Wp + L.updown + d, 1, 2 * d}, dHp, F);
+        train::ffn_hidden_backward(dHp, Gp, Up, dGp, Hp, M * F, lam_m);
+        train::gemm_f32(M, d, F, MatRef{dHp, F, 1}, MatRef{Wp + L.updown, 2 * d, 1}, dxnp, d);
+        train::gemm_f32(M, d, F, MatRef{dGp, F, 1}, MatRef{Wp + L.gate, d, 1}, dxnp, d, 0, 0, 1, 1, true);
+        train::gemm_f32(F, d, M, MatRef{dGp, 1, F}, MatRef{x2, d, 1}, G + L.gate, d, 0, 0, 1, 1, !first);
+        train::gemm_f32(F, d, M, MatRef{dHp, 1, F}, MatRef{x2, d, 1}, G + L.updown, 2 * d, 0, 0, 1, 1, !first);
+        train::gemm_f32(F, d, M, MatRef{Hp, 1, F}, MatRef{dxp, d, 1}, G + L.updown + d, 2 * d, 0, 0, 1, 1, !first);
+      }
       train::rmsnorm_backward(a.x_mid.as<float>(), a.rstd2.as<float>(), Wp + L.ffn_norm, dxnp, M, d, dxp, true,
                               G + L.ffn_norm, first, part);
       train::linear_backward(a.att.as<float>(), dxp, M, d, Wp + L.o, d, dattp, G + L.o, first);
@@ -433,15 +444,24 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
   const double* hd_ = reinterpret_cast<const double*>(hs.data());
   const unsigned long long* hc = reinterpret_cast<const unsigned long long*>(hd_ + 2 + NL);
   double l1 = 0;
+  int64_t kept = 0;
   for (int64_t l = 0; l < NL; ++l) {
     LayerStepStats& ls = s.layers[sz(l)];
     ls.l1 = M ? hd_[2 + l] / static_cast<double>(M) : 0.0;
-    ls.nnz = static_cast<int64_t>(hc[2 * l]);
-    ls.max_row_nnz = static_cast<int64_t>(hc[2 * l + 1]);
+    ls.nnz = static_cast<int64_t>(hc[3 * l]);
+    ls.max_row_nnz = static_cast<int64_t>(hc[3 * l + 1]);
     ls.tokens = M;
-    ls.hybrid = false;
+    ls.hybrid = acts[sz(l)].hybrid;
+    const int64_t nt = static_cast<int64_t>(hc[3 * l + 2]);
+    ls.tail_rows = ls.hybrid ? nt : 0;
+    // The CPU tapes' bytes: dense G and U; hybrid row counts, ELL (neuron, g, u), tail rows and their G, U.
+    ls.saved_bytes = ls.hybrid ? 4 * (M + 3 * M * hp.ell_width + nt + 2 * nt * F) : 2 * M * F * 4;
+    kept += static_cast<int64_t>(sizeof(float)) * (8 * M * d + 2 * M + B * NH * T * T) + ls.saved_bytes;
     l1 += ls.l1;
   }
+  kept += static_cast<int64_t>(sizeof(float)) * (3 * M * d + M + M * V);
+  saved_bytes = kept;
+  peak_saved_bytes = std::max(peak_saved_bytes, kept);
   l1 /= static_cast<double>(NL);
   const double ce_sum = hd_[0];
   s.ce = ce_sum / static_cast<double>(M);
@@ -456,6 +476,50 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
   }
   return s;
 }
+
+// The hybrid kernels' buffers for M rows: layer a's tape (grown on first use) and the shared scratch.
+train::HybridBuffers CudaTrainer::Impl::hybrid_buffers(LayerActs& a, int64_t M) {
+  const int64_t d = cfg.d_model, F = cfg.d_ff, W = hp.ell_width;
+  const size_t MW = sz(cap_M * W) * 4;
+  a.row_nnz.reserve(sz(cap_M) * 4);
+  a.col.reserve(MW);
+  a.hg.reserve(MW);
+  a.hu.reserve(MW);
+  a.tail.reserve(sz(cap_M + 1) * 4);
+  for (DeviceBuffer* b : {&hdu, &hdg, &hrank, &hlist}) b->reserve(MW);
+  for (DeviceBuffer* b : {&hx, &hy, &hz}) b->reserve(sz(cap_M * d) * 4);
+  hhist.reserve(sz(F) * 4);
+  hoffs.reserve(sz(F + 1) * 4);
+  train::HybridBuffers h;
+  h.M = M;
+  h.d = d;
+  h.F = F;
+  h.W = static_cast<int>(W);
+  h.row_nnz = a.row_nnz.as<int32_t>();
+  h.col = a.col.as<int32_t>();
+  h.g = a.hg.as<float>();
+  h.u = a.hu.as<float>();
+  h.tail = a.tail.as<int32_t>();
+  h.tail_count = a.tail.as<int32_t>() + cap_M;
+  h.Gt = a.G.as<float>();
+  h.Ut = a.U.as<float>();
+  h.Gpre = dG.as<float>();  // forward only; dG is backward scratch
+  h.Ht = H.as<float>();
+  h.dHt = dH.as<float>();
+  h.dGt = dG.as<float>();
+  h.xt = hx.as<float>();
+  h.yt = hy.as<float>();
+  h.zt = hz.as<float>();
+  h.du = hdu.as<float>();
+  h.dg = hdg.as<float>();
+  h.rank = hrank.as<int32_t>();
+  h.list = hlist.as<int32_t>();
+  h.hist = hhist.as<int32_t>();
+  h.offs = hoffs.as<int32_t>();
+  return h;
+}
+
+bool CudaTrainer::layer_hybrid(int64_t layer) const { return impl_->st.hybrid[sz(layer)] != 0; }
 
 StepStats CudaTrainer::accumulate(const int32_t* tokens, int64_t B, int64_t T, double scale) {
   StepStats s = impl_->forward_backward(tokens, B, T, scale, true, nullptr);
@@ -478,6 +542,13 @@ StepStats CudaTrainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, i
   if (!(lr >= 0.f) || !std::isfinite(lr)) throw std::invalid_argument("CudaTrainer.step: learning rate must be >= 0");
   const int64_t NL = I.cfg.n_layers;
   I.check_tokens(tokens, n_micro * B * (T + 1), T);
+  // Per-layer path, as Trainer::step: forced, or (Auto) re-decided every recheck_steps.
+  for (int64_t l = 0; l < NL; ++l) {
+    if (I.hp.ffn_path == FfnTrainPath::Dense) I.st.hybrid[sz(l)] = 0;
+    else if (I.hp.ffn_path == FfnTrainPath::Hybrid) I.st.hybrid[sz(l)] = 1;
+    else if (I.st.step > 0 && I.hp.recheck_steps > 0 && I.st.step % I.hp.recheck_steps == 0)
+      I.st.hybrid[sz(l)] = I.st.last_nnz[sz(l)] < I.hp.hybrid_cutoff ? 1 : 0;
+  }
   I.grads_zero = true;  // the first micro-batch overwrites every gradient
   StepStats total;
   total.layers.resize(sz(NL));

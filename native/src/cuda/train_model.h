@@ -7,11 +7,13 @@
 // uploads the token ids and downloads the loss and the per-layer statistics (one small copy per
 // micro-batch, one for the gradient norm).
 //
-// FFN: the dense f32 path (hybrid.h's dense reference math: g = relu(x·W_gateᵀ), u = x·W_upᵀ,
-// h = g ⊙ u, y = h·W_downᵀ, its backward with λ·sign(h)/M) on every layer. The sparse Hybrid
-// kernels of hybrid.cu are not wired in: they run forward and backward in one call on bf16
-// weights they own and return the weight gradients to the host. ffn_path Hybrid is refused;
-// Auto runs the dense path on every layer (layer_hybrid() is false).
+// FFN, per layer as Trainer chooses it (forced, or auto from the measured non-zeros per token):
+// the dense f32 path (hybrid.h's dense reference: g = relu(x·W_gateᵀ), u = x·W_upᵀ, h = g ⊙ u,
+// y = h·W_downᵀ, backward with λ·sign(h)/M) or the Hybrid path in f32 (train_ops.h
+// hybrid_ffn_*: ELL rows of at most ell_width non-zeros through sparse kernels, the other rows
+// through the dense path on gathered rows; the tail's size never leaves the device). Not
+// hybrid.cu's CudaFfnTrainer: that runs forward and backward in one call on bf16 weights it
+// owns and returns the weight gradients to the host.
 //
 // UNVERIFIED: written on a machine without a GPU; compile-checked and run through a host
 // emulation of its kernels only, until scripts/gpu-check.sh passes on a GPU.
@@ -28,7 +30,7 @@ namespace sparsellm::cuda {
 class CudaTrainer {
  public:
   // Throws std::runtime_error when no usable GPU is present, std::invalid_argument on a bad
-  // configuration (as Trainer) or ffn_path Hybrid.
+  // configuration (as Trainer, and an ELL width below 1).
   CudaTrainer(const TrainModelConfig& cfg, const TrainHyper& hyper);
   ~CudaTrainer();
   CudaTrainer(const CudaTrainer&) = delete;
@@ -61,7 +63,8 @@ class CudaTrainer {
   EvalStats evaluate(const int32_t* tokens, int64_t B, int64_t T);
   void zero_grad();
   StepStats accumulate(const int32_t* tokens, int64_t B, int64_t T, double scale);
-  bool layer_hybrid(int64_t) const { return false; }
+  // The FFN path each layer will run (Auto re-decides in step()).
+  bool layer_hybrid(int64_t layer) const;
 
   // As Trainer: activation bytes kept between forward and backward (same accounting).
   int64_t saved_bytes() const;

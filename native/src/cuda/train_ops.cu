@@ -73,7 +73,9 @@ __global__ void __launch_bounds__(256) gemm_f32_kernel(int64_t M, int64_t N, int
                                                       int64_t ars, int64_t acs, int64_t aso, int64_t asi,
                                                       const float* __restrict__ B, int64_t brs, int64_t bcs,
                                                       int64_t bso, int64_t bsi, float* __restrict__ C, int64_t ldc,
-                                                      int64_t cso, int64_t csi, int64_t nzi, int accumulate) {
+                                                      int64_t cso, int64_t csi, int64_t nzi,
+                                                      const int32_t* __restrict__ dynM, const int32_t* __restrict__ dynK,
+                                                      int accumulate) {
   __shared__ float As[kBK][kBM + 4];
   __shared__ float Bs[kBK][kBN + 4];
   const int64_t z = blockIdx.z, zo = z / nzi, zi = z % nzi;
@@ -81,6 +83,10 @@ __global__ void __launch_bounds__(256) gemm_f32_kernel(int64_t M, int64_t N, int
   const float* b = B + zo * bso + zi * bsi;
   float* c = C + zo * cso + zi * csi;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  // Row or depth counts known only on the device (the hybrid tail): the grid covers the capacity.
+  if (dynM && static_cast<int64_t>(*dynM) < M) M = *dynM;
+  if (dynK && static_cast<int64_t>(*dynK) < K) K = *dynK;
+  if (m0 >= M) return;  // the whole block: no barrier is skipped by part of it
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const bool a_kfast = acs == 1, b_nfast = bcs == 1;
   float acc[4][4];
@@ -330,10 +336,12 @@ __global__ void __launch_bounds__(kThreads) ffn_hidden_kernel(float* __restrict_
                                                               float* __restrict__ H, int64_t F,
                                                               double* __restrict__ l1_sum,
                                                               unsigned long long* __restrict__ counts,
-                                                              uint8_t* __restrict__ fired) {
+                                                              uint8_t* __restrict__ fired,
+                                                              const int32_t* __restrict__ dyn_rows) {
   __shared__ double shd[kThreads];
   __shared__ float shf[kThreads];
   const int64_t m = blockIdx.x;
+  if (dyn_rows && m >= *dyn_rows) return;  // the whole block
   double l1 = 0;
   float cnt = 0.f;  // exact: at most F / kThreads + 1 per thread, summed below 2^24
   for (int64_t j = threadIdx.x; j < F; j += kThreads) {
@@ -360,9 +368,9 @@ __global__ void __launch_bounds__(kThreads) ffn_hidden_kernel(float* __restrict_
 
 __global__ void ffn_hidden_backward_kernel(float* __restrict__ dH, const float* __restrict__ G,
                                            const float* __restrict__ U, float* __restrict__ dG, float* __restrict__ H,
-                                           int64_t n, float lam) {
+                                           int64_t n, float lam, const int32_t* __restrict__ dyn_rows, int64_t F) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
+  if (i >= n || (dyn_rows && i >= static_cast<int64_t>(*dyn_rows) * F)) return;
   const float g = G[i], u = U[i];
   const float h = g * u;
   const float sg = h > 0.f ? 1.f : (h < 0.f ? -1.f : 0.f);
@@ -370,6 +378,242 @@ __global__ void ffn_hidden_backward_kernel(float* __restrict__ dH, const float* 
   H[i] = h;
   dH[i] = dh * g;
   dG[i] = g > 0.f ? dh * u : 0.f;
+}
+
+
+// ---- Hybrid FFN ---------------------------------------------------------------------------------
+
+// Inclusive prefix sum over the block; *total gets the block's sum.
+__device__ int block_scan(int v, int* sh, int* total) {
+  const int tid = threadIdx.x;
+  sh[tid] = v;
+  __syncthreads();
+  for (int off = 1; off < kThreads; off <<= 1) {
+    const int t = tid >= off ? sh[tid - off] : 0;
+    __syncthreads();
+    sh[tid] += t;
+    __syncthreads();
+  }
+  const int r = sh[tid];
+  *total = sh[kThreads - 1];
+  __syncthreads();
+  return r;
+}
+
+// Row m of Gpre = x·W_gateᵀ: its positives in ascending neuron order; the first W go to the ELL
+// row (neuron, g); row_nnz[m] = their number; counts {nnz, max}; fired flags.
+__global__ void __launch_bounds__(kThreads) hybrid_compact_kernel(const float* __restrict__ Gpre, int64_t F, int W,
+                                                                  int32_t* __restrict__ row_nnz,
+                                                                  int32_t* __restrict__ col, float* __restrict__ g,
+                                                                  unsigned long long* __restrict__ counts,
+                                                                  uint8_t* __restrict__ fired) {
+  __shared__ int sh[kThreads];
+  const int64_t m = blockIdx.x;
+  const float* row = Gpre + m * F;
+  int base = 0;
+  for (int64_t j0 = 0; j0 < F; j0 += kThreads) {
+    const int64_t j = j0 + threadIdx.x;
+    const float v = j < F ? row[j] : 0.f;
+    const int flag = v > 0.f ? 1 : 0;
+    if (flag && fired) fired[j] = 1;
+    int total = 0;
+    const int pos = base + block_scan(flag, sh, &total) - flag;
+    if (flag && pos < W) {
+      col[m * W + pos] = static_cast<int32_t>(j);
+      g[m * W + pos] = v;
+    }
+    base += total;
+  }
+  if (threadIdx.x == 0) {
+    row_nnz[m] = base;
+    atomicAdd(counts, static_cast<unsigned long long>(base));
+    atomicMax(counts + 1, static_cast<unsigned long long>(base));
+  }
+}
+
+// One block: the rows with row_nnz > W in ascending order; their number into *count and counts[2].
+__global__ void __launch_bounds__(kThreads) hybrid_tail_list_kernel(const int32_t* __restrict__ row_nnz, int64_t M,
+                                                                    int W, int32_t* __restrict__ tail,
+                                                                    int32_t* __restrict__ count,
+                                                                    unsigned long long* __restrict__ counts) {
+  __shared__ int sh[kThreads];
+  int base = 0;
+  for (int64_t m0 = 0; m0 < M; m0 += kThreads) {
+    const int64_t m = m0 + threadIdx.x;
+    const int flag = m < M && row_nnz[m] > W ? 1 : 0;
+    int total = 0;
+    const int pos = base + block_scan(flag, sh, &total) - flag;
+    if (flag) tail[pos] = static_cast<int32_t>(m);
+    base += total;
+  }
+  if (threadIdx.x == 0) {
+    *count = base;
+    atomicAdd(counts + 2, static_cast<unsigned long long>(base));
+  }
+}
+
+// Light row m: u at the pattern (kept), y[m] = Σ_e g_e·u_e·W_down[:, j_e], Σ|h| into l1_sum.
+__global__ void __launch_bounds__(kThreads) hybrid_fwd_rows_kernel(const float* __restrict__ x, int64_t d,
+                                                                   const float* __restrict__ updown, int W,
+                                                                   const int32_t* __restrict__ row_nnz,
+                                                                   const int32_t* __restrict__ col,
+                                                                   const float* __restrict__ g, float* __restrict__ u,
+                                                                   float* __restrict__ y, double* __restrict__ l1_sum) {
+  __shared__ float sh[kThreads];
+  const int64_t m = blockIdx.x;
+  const int n = row_nnz[m];
+  if (n > W) return;  // a tail row (the whole block)
+  const float* xm = x + m * d;
+  double l1 = 0;
+  for (int e = 0; e < n; ++e) {
+    const float* upj = updown + static_cast<int64_t>(col[m * W + e]) * 2 * d;
+    float s = 0.f;
+    for (int64_t i = threadIdx.x; i < d; i += kThreads) s += xm[i] * upj[i];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) {
+      u[m * W + e] = s;
+      l1 += fabs(static_cast<double>(g[m * W + e]) * s);
+    }
+  }
+  __syncthreads();  // u of the row visible to the whole block
+  for (int64_t i = threadIdx.x; i < d; i += kThreads) {
+    float acc = 0.f;
+    for (int e = 0; e < n; ++e) {
+      const int64_t j = col[m * W + e];
+      acc += (g[m * W + e] * u[m * W + e]) * updown[j * 2 * d + d + i];
+    }
+    y[m * d + i] = acc;
+  }
+  if (threadIdx.x == 0 && n > 0) atomicAdd(l1_sum, l1);
+}
+
+// Light row m, backward: dh_e = dy_m·W_down[:, j] + lam·sign(u_e); du_e = dh·g, dg_e = dh·u (kept);
+// dx[m] = Σ_e du_e·W_up[j] + dg_e·W_gate[j].
+__global__ void __launch_bounds__(kThreads) hybrid_bwd_rows_kernel(const float* __restrict__ dy, int64_t d,
+                                                                   const float* __restrict__ gate,
+                                                                   const float* __restrict__ updown, int W,
+                                                                   const int32_t* __restrict__ row_nnz,
+                                                                   const int32_t* __restrict__ col,
+                                                                   const float* __restrict__ g,
+                                                                   const float* __restrict__ u, float lam,
+                                                                   float* __restrict__ du, float* __restrict__ dg,
+                                                                   float* __restrict__ dx) {
+  __shared__ float sh[kThreads];
+  const int64_t m = blockIdx.x;
+  const int n = row_nnz[m];
+  if (n > W) return;
+  const float* dym = dy + m * d;
+  for (int e = 0; e < n; ++e) {
+    const float* dnj = updown + static_cast<int64_t>(col[m * W + e]) * 2 * d + d;
+    float s = 0.f;
+    for (int64_t i = threadIdx.x; i < d; i += kThreads) s += dym[i] * dnj[i];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) {
+      const float ue = u[m * W + e], ge = g[m * W + e];
+      const float dh = s + lam * (ue > 0.f ? 1.f : (ue < 0.f ? -1.f : 0.f));
+      du[m * W + e] = dh * ge;
+      dg[m * W + e] = dh * ue;
+    }
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < d; i += kThreads) {
+    float acc = 0.f;
+    for (int e = 0; e < n; ++e) {
+      const int64_t j = col[m * W + e];
+      acc += du[m * W + e] * updown[j * 2 * d + i] + dg[m * W + e] * gate[j * d + i];
+    }
+    dx[m * d + i] = acc;
+  }
+}
+
+// Entries of the light rows counted per neuron; rank = the entry's place among its neuron's.
+__global__ void hybrid_rank_kernel(int64_t M, int W, const int32_t* __restrict__ row_nnz, const int32_t* __restrict__ col,
+                                   int32_t* __restrict__ hist, int32_t* __restrict__ rank) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= M * W) return;
+  const int64_t m = idx / W;
+  const int e = static_cast<int>(idx % W);
+  const int n = row_nnz[m];
+  if (n > W || e >= n) return;
+  rank[idx] = atomicAdd(hist + col[idx], 1);
+}
+
+// One block: offs[0] = 0, offs[j + 1] = offs[j] + hist[j].
+__global__ void __launch_bounds__(kThreads) hybrid_offsets_kernel(const int32_t* __restrict__ hist, int64_t F,
+                                                                  int32_t* __restrict__ offs) {
+  __shared__ int sh[kThreads];
+  int base = 0;
+  if (threadIdx.x == 0) offs[0] = 0;
+  for (int64_t j0 = 0; j0 < F; j0 += kThreads) {
+    const int64_t j = j0 + threadIdx.x;
+    const int v = j < F ? hist[j] : 0;
+    int total = 0;
+    const int incl = base + block_scan(v, sh, &total);
+    if (j < F) offs[j + 1] = incl;
+    base += total;
+  }
+}
+
+__global__ void hybrid_scatter_kernel(int64_t M, int W, const int32_t* __restrict__ row_nnz,
+                                      const int32_t* __restrict__ col, const int32_t* __restrict__ offs,
+                                      const int32_t* __restrict__ rank, int32_t* __restrict__ list) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= M * W) return;
+  const int64_t m = idx / W;
+  const int e = static_cast<int>(idx % W);
+  const int n = row_nnz[m];
+  if (n > W || e >= n) return;
+  list[offs[col[idx]] + rank[idx]] = static_cast<int32_t>(idx);
+}
+
+// Neuron j (a block): dW_gate[j] (+)= Σ dg·x_m, dW_up[j] (+)= Σ du·x_m, dW_down[:, j] (+)= Σ h·dy_m
+// over the light rows' entries of j (zero when it has none).
+__global__ void __launch_bounds__(kThreads) hybrid_wgrad_kernel(int64_t d, int W, const int32_t* __restrict__ offs,
+                                                                const int32_t* __restrict__ list,
+                                                                const float* __restrict__ g, const float* __restrict__ u,
+                                                                const float* __restrict__ du,
+                                                                const float* __restrict__ dg,
+                                                                const float* __restrict__ x,
+                                                                const float* __restrict__ dy, float* __restrict__ dgate,
+                                                                float* __restrict__ dupdown, int first) {
+  const int64_t j = blockIdx.x;
+  const int q0 = offs[j], q1 = offs[j + 1];
+  if (q0 == q1 && !first) return;
+  for (int64_t i = threadIdx.x; i < d; i += kThreads) {
+    float ag = 0.f, au = 0.f, ad = 0.f;
+    for (int q = q0; q < q1; ++q) {
+      const int idx = list[q];
+      const int64_t m = idx / W;
+      const float xi = x[m * d + i];
+      ag += dg[idx] * xi;
+      au += du[idx] * xi;
+      ad += (g[idx] * u[idx]) * dy[m * d + i];
+    }
+    float* pg = dgate + j * d + i;
+    float* pu = dupdown + j * 2 * d + i;
+    float* pd = pu + d;
+    if (first) {
+      *pg = ag;
+      *pu = au;
+      *pd = ad;
+    } else {
+      *pg += ag;
+      *pu += au;
+      *pd += ad;
+    }
+  }
+}
+
+// dst[t] = src[rows[t]] (gather) or dst[rows[t]] = src[t] (scatter) for t < *count; a block per t.
+__global__ void gather_rows_kernel(const float* __restrict__ src, const int32_t* __restrict__ rows,
+                                   const int32_t* __restrict__ count, int64_t d, float* __restrict__ dst, int scatter) {
+  const int64_t t = blockIdx.x;
+  if (t >= *count) return;
+  const int64_t r = rows[t];
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    if (scatter) dst[r * d + i] = src[t * d + i];
+    else dst[t * d + i] = src[r * d + i];
+  }
 }
 
 }  // namespace
@@ -381,7 +625,7 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const MatRef& A, const MatRef& B,
   if (gy > 65535 || gz > 65535) throw std::invalid_argument("gemm_f32: too many row tiles or batches");
   const dim3 grid(grid1(N, kBN), static_cast<unsigned>(gy), static_cast<unsigned>(gz));
   gemm_f32_kernel<<<grid, 256>>>(M, N, K, A.p, A.rs, A.cs, A.so, A.si, B.p, B.rs, B.cs, B.so, B.si, C, ldc, cso, csi,
-                                 nzi, accumulate ? 1 : 0);
+                                 nzi, nullptr, nullptr, accumulate ? 1 : 0);
   SLLM_LAUNCHED("gemm_f32_kernel");
 }
 
@@ -496,14 +740,94 @@ void add_to(float* dst, const float* src, int64_t n) {
 void ffn_hidden(float* G, const float* U, float* H, int64_t M, int64_t F, double* l1_sum, unsigned long long* counts,
                 uint8_t* fired) {
   if (M <= 0) return;
-  ffn_hidden_kernel<<<rows_grid(M), kThreads>>>(G, U, H, F, l1_sum, counts, fired);
+  ffn_hidden_kernel<<<rows_grid(M), kThreads>>>(G, U, H, F, l1_sum, counts, fired, nullptr);
   SLLM_LAUNCHED("ffn_hidden_kernel");
 }
 
 void ffn_hidden_backward(float* dH, const float* G, const float* U, float* dG, float* H, int64_t n, float lam) {
   if (n <= 0) return;
-  ffn_hidden_backward_kernel<<<grid1(n, 256), 256>>>(dH, G, U, dG, H, n, lam);
+  ffn_hidden_backward_kernel<<<grid1(n, 256), 256>>>(dH, G, U, dG, H, n, lam, nullptr, 0);
   SLLM_LAUNCHED("ffn_hidden_backward_kernel");
+}
+
+
+namespace {
+
+// The dense FFN GEMMs on the tail rows: M (rows) or K (depth) read from the device.
+void gemm_dyn(int64_t M, int64_t N, int64_t K, const MatRef& A, const MatRef& B, float* C, int64_t ldc, bool accumulate,
+              const int32_t* dynM, const int32_t* dynK) {
+  if (M <= 0 || N <= 0) return;
+  const int64_t gy = ceil_div(M, kBM);
+  if (gy > 65535) throw std::invalid_argument("gemm_f32: too many row tiles");
+  const dim3 grid(grid1(N, kBN), static_cast<unsigned>(gy), 1);
+  gemm_f32_kernel<<<grid, 256>>>(M, N, K, A.p, A.rs, A.cs, 0, 0, B.p, B.rs, B.cs, 0, 0, C, ldc, 0, 0, 1, dynM, dynK,
+                                 accumulate ? 1 : 0);
+  SLLM_LAUNCHED("gemm_f32_kernel");
+}
+
+void rows_copy(const float* src, const int32_t* rows, const int32_t* count, int64_t cap, int64_t d, float* dst,
+               bool scatter) {
+  gather_rows_kernel<<<rows_grid(cap), 128>>>(src, rows, count, d, dst, scatter ? 1 : 0);
+  SLLM_LAUNCHED("gather_rows_kernel");
+}
+
+}  // namespace
+
+void hybrid_ffn_forward(const float* x, const float* gate, const float* updown, const HybridBuffers& h, float* y,
+                        double* l1_sum, unsigned long long* counts, uint8_t* fired, unsigned long long* scratch_counts) {
+  const int64_t M = h.M, d = h.d, F = h.F;
+  const int W = h.W;
+  if (M <= 0) return;
+  gemm_f32(M, F, d, MatRef{x, d, 1}, MatRef{gate, 1, d}, h.Gpre, F);  // x·W_gateᵀ
+  hybrid_compact_kernel<<<rows_grid(M), kThreads>>>(h.Gpre, F, W, h.row_nnz, h.col, h.g, counts, fired);
+  SLLM_LAUNCHED("hybrid_compact_kernel");
+  hybrid_tail_list_kernel<<<1, kThreads>>>(h.row_nnz, M, W, h.tail, h.tail_count, counts);
+  SLLM_LAUNCHED("hybrid_tail_list_kernel");
+  hybrid_fwd_rows_kernel<<<rows_grid(M), kThreads>>>(x, d, updown, W, h.row_nnz, h.col, h.g, h.u, y, l1_sum);
+  SLLM_LAUNCHED("hybrid_fwd_rows_kernel");
+  // Tail rows: the dense path on the gathered rows (capacity M; the count is on the device).
+  const int32_t* nt = h.tail_count;
+  rows_copy(x, h.tail, nt, M, d, h.xt, false);
+  gemm_dyn(M, F, d, MatRef{h.xt, d, 1}, MatRef{gate, 1, d}, h.Gt, F, false, nt, nullptr);
+  gemm_dyn(M, F, d, MatRef{h.xt, d, 1}, MatRef{updown, 1, 2 * d}, h.Ut, F, false, nt, nullptr);
+  ffn_hidden_kernel<<<rows_grid(M), kThreads>>>(h.Gt, h.Ut, h.Ht, F, l1_sum, scratch_counts, nullptr, nt);
+  SLLM_LAUNCHED("ffn_hidden_kernel");
+  gemm_dyn(M, d, F, MatRef{h.Ht, F, 1}, MatRef{updown + d, 2 * d, 1}, h.yt, d, false, nt, nullptr);
+  rows_copy(h.yt, h.tail, nt, M, d, y, true);
+}
+
+void hybrid_ffn_backward(const float* x, const float* dy, const float* gate, const float* updown,
+                         const HybridBuffers& h, float lam_m, float* dx, float* dgate, float* dupdown, bool first) {
+  const int64_t M = h.M, d = h.d, F = h.F;
+  const int W = h.W;
+  if (M <= 0) return;
+  hybrid_bwd_rows_kernel<<<rows_grid(M), kThreads>>>(dy, d, gate, updown, W, h.row_nnz, h.col, h.g, h.u, lam_m, h.du,
+                                                     h.dg, dx);
+  SLLM_LAUNCHED("hybrid_bwd_rows_kernel");
+  // Light rows' weight gradients: entries grouped by neuron (counting sort), a block per neuron.
+  SLLM_CUDA(cudaMemsetAsync(h.hist, 0, static_cast<size_t>(F) * 4));
+  hybrid_rank_kernel<<<grid1(M * W, 256), 256>>>(M, W, h.row_nnz, h.col, h.hist, h.rank);
+  SLLM_LAUNCHED("hybrid_rank_kernel");
+  hybrid_offsets_kernel<<<1, kThreads>>>(h.hist, F, h.offs);
+  SLLM_LAUNCHED("hybrid_offsets_kernel");
+  hybrid_scatter_kernel<<<grid1(M * W, 256), 256>>>(M, W, h.row_nnz, h.col, h.offs, h.rank, h.list);
+  SLLM_LAUNCHED("hybrid_scatter_kernel");
+  hybrid_wgrad_kernel<<<rows_grid(F), kThreads>>>(d, W, h.offs, h.list, h.g, h.u, h.du, h.dg, x, dy, dgate, dupdown,
+                                                  first ? 1 : 0);
+  SLLM_LAUNCHED("hybrid_wgrad_kernel");
+  // Tail rows: dense backward on the gathered rows; dx scattered, weight gradients added.
+  const int32_t* nt = h.tail_count;
+  rows_copy(x, h.tail, nt, M, d, h.xt, false);
+  rows_copy(dy, h.tail, nt, M, d, h.yt, false);
+  gemm_dyn(M, F, d, MatRef{h.yt, d, 1}, MatRef{updown + d, 1, 2 * d}, h.dHt, F, false, nt, nullptr);  // dH = dy·W_down
+  ffn_hidden_backward_kernel<<<grid1(M * F, 256), 256>>>(h.dHt, h.Gt, h.Ut, h.dGt, h.Ht, M * F, lam_m, nt, F);
+  SLLM_LAUNCHED("ffn_hidden_backward_kernel");
+  gemm_dyn(M, d, F, MatRef{h.dHt, F, 1}, MatRef{updown, 2 * d, 1}, h.zt, d, false, nt, nullptr);   // dU·W_up
+  gemm_dyn(M, d, F, MatRef{h.dGt, F, 1}, MatRef{gate, d, 1}, h.zt, d, true, nt, nullptr);          // + dG·W_gate
+  rows_copy(h.zt, h.tail, nt, M, d, dx, true);
+  gemm_dyn(F, d, M, MatRef{h.dGt, 1, F}, MatRef{h.xt, d, 1}, dgate, d, true, nullptr, nt);
+  gemm_dyn(F, d, M, MatRef{h.dHt, 1, F}, MatRef{h.xt, d, 1}, dupdown, 2 * d, true, nullptr, nt);
+  gemm_dyn(F, d, M, MatRef{h.Ht, 1, F}, MatRef{h.yt, d, 1}, dupdown + d, 2 * d, true, nullptr, nt);
 }
 
 }  // namespace sparsellm::cuda::train

@@ -83,4 +83,36 @@ void ffn_hidden(float* G, const float* U, float* H, int64_t M, int64_t F, double
 // of dH).
 void ffn_hidden_backward(float* dH, const float* G, const float* U, float* dG, float* H, int64_t n, float lam);
 
+// ---- Hybrid FFN (hybrid.h's math in f32: the CPU hybrid_forward / hybrid_backward) ----------
+// Rows with at most W non-zeros of g = relu(x·W_gateᵀ) keep an ELL row (neuron, g, u at the
+// pattern) and run sparse kernels; the others ("tail", ascending) run the dense path on gathered
+// rows. The tail's size stays on the device (GEMMs and kernels read it): no host round trip.
+// Buffers are device memory sized for M rows (capacity); the kept ones are the tape.
+struct HybridBuffers {
+  int64_t M = 0, d = 0, F = 0;
+  int W = 0;
+  // tape (kept between forward and backward)
+  int32_t* row_nnz = nullptr;            // [M]
+  int32_t* col = nullptr;                // [M, W]
+  float *g = nullptr, *u = nullptr;      // [M, W]
+  int32_t* tail = nullptr;               // [M] ascending tail rows
+  int32_t* tail_count = nullptr;         // [1]
+  float *Gt = nullptr, *Ut = nullptr;    // [M, F] the tail rows' relu'd gate and up values
+  // scratch
+  float* Gpre = nullptr;                 // [M, F] x·W_gateᵀ (forward)
+  float *Ht = nullptr, *dHt = nullptr, *dGt = nullptr;  // [M, F]
+  float *xt = nullptr, *yt = nullptr, *zt = nullptr;    // [M, d] gathered rows
+  float *du = nullptr, *dg = nullptr;    // [M, W]
+  int32_t *rank = nullptr, *list = nullptr;  // [M, W]
+  int32_t *hist = nullptr, *offs = nullptr;  // [F], [F + 1]
+};
+// y [M, d] overwritten. l1_sum (double) += Σ|h|; counts (u64 [3]) += {nnz, max row nnz, tail
+// rows}; fired[j] = 1 where g[·, j] > 0 (may be null); scratch_counts: u64 [2] device scratch.
+void hybrid_ffn_forward(const float* x, const float* gate, const float* updown, const HybridBuffers& h, float* y,
+                        double* l1_sum, unsigned long long* counts, uint8_t* fired, unsigned long long* scratch_counts);
+// dx [M, d] overwritten; weight gradients dgate [F, d], dupdown [F, 2, d] (the weights' layout)
+// overwritten when `first`, else added to. lam_m = λ/M.
+void hybrid_ffn_backward(const float* x, const float* dy, const float* gate, const float* updown,
+                         const HybridBuffers& h, float lam_m, float* dx, float* dgate, float* dupdown, bool first);
+
 }  // namespace sparsellm::cuda::train

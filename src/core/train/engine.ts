@@ -102,10 +102,9 @@ export type TrainBackend = 'cpu' | 'cuda';
 /**
  * The backend of `train --backend`: auto stays on the CPU (the GPU trainer has not yet run on a
  * GPU); cuda needs a usable GPU, a build with the CUDA backend and SPARSELLM_CUDA_UNVERIFIED=1,
- * else a UsageError saying why. The GPU trainer runs the dense FFN on every layer, so
- * ffnPath 'hybrid' is refused with it.
+ * else a UsageError saying why.
  */
-export function resolveTrainBackend(asked: 'auto' | 'cpu' | 'cuda', ffnPath: FfnTrainPath, env: NodeJS.ProcessEnv = process.env): TrainBackend {
+export function resolveTrainBackend(asked: 'auto' | 'cpu' | 'cuda', env: NodeJS.ProcessEnv = process.env): TrainBackend {
   if (asked !== 'cuda') return 'cpu';
   const cuda = engine().buildInfo().cuda;
   if (!cuda.compiled || !cuda.usable || !(engine() as TrainAddon).CudaTrainer) {
@@ -114,9 +113,6 @@ export function resolveTrainBackend(asked: 'auto' | 'cpu' | 'cuda', ffnPath: Ffn
   }
   if (env.SPARSELLM_CUDA_UNVERIFIED !== '1') {
     throw new UsageError('--backend cuda: the GPU trainer has not yet been verified on a GPU; set SPARSELLM_CUDA_UNVERIFIED=1 to run it');
-  }
-  if (ffnPath === 'hybrid') {
-    throw new UsageError('--ffn-path hybrid: the GPU trainer runs the dense FFN on every layer; use --ffn-path dense or auto, or --backend cpu');
   }
   return 'cuda';
 }
