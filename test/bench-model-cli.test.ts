@@ -56,3 +56,41 @@ test('decode bytes per token: dense counts every matrix once, sparse only the ac
   // A screened gate: int8 copy (F·d bytes + 8 per row) plus the candidate rows read exactly.
   assert.equal(decodeBytes(spec, 2, 0, [3], [5]), (192 + 3 * 16 + 40) * 2 + 10 * 8 + 8 * 10 + 5 * 8 * 2);
 });
+
+test('bench --model --profile --json: every step of a decoded token, within the decode wall time, GB/s from the step weights', () => {
+  const r = run(['bench', '--model', FIXTURE_PATHS.opt!, '--prefill', '16', '--decode', '8', '--repeats', '3', '--warmup', '0', '--no-bandwidth', '--profile', '--json', '-q']);
+  assert.equal(r.status, 0, r.stderr);
+  const j = JSON.parse(r.stdout);
+  assert.equal(j.options.profile, true);
+  for (const p of [j.dense, j.sparse]) {
+    const steps: { step: string; microsecondsPerToken: number; gbPerSecond: number | null }[] = p.decodeSteps;
+    assert.deepEqual(steps.map((s) => s.step), ['embed', 'norms', 'qkv', 'rope', 'kvStore', 'attention', 'oProj', 'residual', 'ffn', 'head']);
+    for (const s of steps) assert.ok(Number.isFinite(s.microsecondsPerToken) && s.microsecondsPerToken >= 0, `${p.mode} ${s.step}`);
+    for (const name of ['norms', 'qkv', 'attention', 'oProj', 'ffn', 'head']) {
+      assert.ok(steps.find((s) => s.step === name)!.microsecondsPerToken > 0, `${p.mode} ${name} took no time`);
+    }
+    // OPT: learned positions, no RoPE.
+    assert.equal(steps.find((s) => s.step === 'rope')!.microsecondsPerToken, 0);
+    // The steps run inside the timed decode: their sum (each step a median over the rounds) stays
+    // under the slowest round's wall time per token.
+    const total = steps.reduce((a, s) => a + s.microsecondsPerToken, 0);
+    const slowest = (Math.max(...p.decodeSeconds) / 8) * 1e6;
+    assert.ok(total <= slowest * 1.001, `${p.mode}: steps ${total} us > ${slowest} us per token`);
+    const qkv = steps.find((s) => s.step === 'qkv')!;
+    assert.ok(qkv.gbPerSecond! > 0);
+    assert.equal(steps.find((s) => s.step === 'ffn')!.gbPerSecond === null, p.mode === 'sparse');
+    assert.equal(steps.find((s) => s.step === 'attention')!.gbPerSecond, null);
+  }
+  // Without --profile: no step times.
+  const plain = run(['bench', '--model', FIXTURE_PATHS.opt!, '--prefill', '8', '--decode', '2', '--repeats', '1', '--warmup', '0', '--no-bandwidth', '--json', '-q']);
+  assert.equal(plain.status, 0, plain.stderr);
+  assert.equal(JSON.parse(plain.stdout).dense.decodeSteps, undefined);
+});
+
+test('bench --model --profile: a table of the decode steps', () => {
+  const r = run(['bench', '--model', FIXTURE_PATHS.opt!, '--prefill', '8', '--decode', '4', '--repeats', '1', '--warmup', '0', '--no-bandwidth', '--profile', '--markdown']);
+  assert.equal(r.status, 0, r.stderr);
+  assert.match(r.stdout, /\| decode step \| dense µs\/token \| dense GB\/s \| sparse µs\/token \| sparse GB\/s \|/);
+  assert.match(r.stdout, /\| qkv \| [0-9.]+ \| [0-9.]+ \|/);
+  assert.match(r.stdout, /\| all steps \|/);
+});

@@ -74,3 +74,37 @@ for (const name of ARCHS) {
     }
   });
 }
+
+test('step timing: off by default, counts the tokens and calls it covers, same logits, cleared by resetActivity', async () => {
+  const rt = await ModelRuntime.load(packed.get('llama-relu-gqa')!, { context: 40 });
+  try {
+    assert.ok(rt.canProfile);
+    const tokens = Array.from({ length: 9 }, (_, i) => (i * 7 + 3) % rt.spec.vocabSize);
+    const run = () => {
+      rt.reset();
+      rt.forward(tokens.slice(0, 6), { mode: 'sparse' });
+      rt.forward(tokens.slice(6, 7), { mode: 'sparse' });
+      return rt.forward(tokens.slice(7), { mode: 'sparse' });
+    };
+    const plain = run();
+    const off = rt.stepTimes();
+    assert.equal(off.calls, 0);
+    assert.ok(Object.values(off.seconds).every((x) => x === 0));
+    rt.setProfiling(true);
+    const last = run();
+    assert.deepEqual(Array.from(last), Array.from(plain), 'timing changed the logits');
+    const t = rt.stepTimes();
+    assert.equal(t.calls, 3);
+    assert.equal(t.tokens, 9);
+    for (const step of ['embed', 'norms', 'qkv', 'rope', 'kvStore', 'attention', 'oProj', 'residual', 'ffn', 'head'] as const) {
+      assert.ok(t.seconds[step] > 0, `${step} not timed`);
+    }
+    rt.resetActivity();
+    assert.equal(rt.stepTimes().calls, 0);
+    rt.setProfiling(false);
+    rt.forward(tokens.slice(0, 1), { mode: 'dense' });
+    assert.equal(rt.stepTimes().calls, 0);
+  } finally {
+    rt.close();
+  }
+});

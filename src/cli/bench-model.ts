@@ -24,6 +24,7 @@ export interface ModelBenchFlags {
   backend: 'auto' | 'cpu' | 'cuda';
   bandwidth?: boolean;
   mmap?: boolean;
+  profile?: boolean;
   json?: boolean;
   csv?: boolean;
   markdown?: boolean;
@@ -38,7 +39,8 @@ export function addModelBenchOptions(cmd: Command): Command {
     .option('--decode <n>', 'with --model: tokens of the timed decode (default: 128, or what the model context leaves)', parsePositiveInt('--decode'))
     .option('--decode-prompt <n>', 'with --model: tokens in the cache before the timed decode', parsePositiveInt('--decode-prompt'), 16)
     .option('--no-bandwidth', 'with --model: skip measuring the machine memory bandwidth')
-    .option('--mmap', 'with --model: ' + 'map the weights file instead of reading it into huge-page memory (opens faster and shares the page cache; decode is slower)');
+    .option('--mmap', 'with --model: ' + 'map the weights file instead of reading it into huge-page memory (opens faster and shares the page cache; decode is slower)')
+    .option('--profile', 'with --model: time each step of a decoded token (projections, attention, FFN, head) and the GB/s of the weight-streaming ones (CPU)');
 }
 
 export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
@@ -75,6 +77,7 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
       bandwidth: flags.bandwidth !== false && backend === 'cpu',
       backend,
       weights: flags.mmap ? 'mmap' : 'resident',
+      profile: !!flags.profile,
       onProgress: () => bar.tick(1),
       onNotice: (s) => out.note(s),
     });
@@ -107,18 +110,33 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
     `${r.spec.modelType}, ${r.spec.nLayers} layers, d_model ${r.spec.dModel}, ${r.storageDtype} weights ${formatBytes(r.weightsBytes)} (${r.weights === 'mmap' ? 'memory-mapped' : 'resident, huge pages advised'}); ` +
     `peak RSS ${formatBytes(r.peakRssBytes)}` +
     (r.memoryBandwidthGBs ? `; ${bandwidthSummary(r)}` : '');
+  const tables: [(string | number)[], (string | number)[][]][] = [[head, rows], [layerHead, layerRows]];
+  if (r.dense.decodeSteps && r.sparse.decodeSteps) tables.push(stepTable(r));
   if (flags.markdown) {
     const md = (h: (string | number)[], rs: (string | number)[][]) =>
       [`| ${h.join(' | ')} |`, `|${h.map(() => ' --- ').join('|')}|`, ...rs.map((x) => `| ${x.join(' | ')} |`)].join('\n') + '\n';
-    process.stdout.write(`${summary}\n\n${md(head, rows)}\n${md(layerHead, layerRows)}`);
+    process.stdout.write(`${summary}\n\n${tables.map(([h, rs]) => md(h, rs)).join('\n')}`);
   } else {
     out.say(summary);
-    out.table(head, rows);
-    out.table(layerHead, layerRows);
+    for (const [h, rs] of tables) out.table(h.map(String), rs);
   }
   if (loadStart > 0.5 * logicalCpus()) {
     out.note(`note: the machine was busy (1-minute load ${loadStart} at start, ${loadEnd} at end, ${logicalCpus()} CPUs): absolute times are noisy; the same-run ratios are more reliable`);
   }
+}
+
+// --profile: microseconds per decoded token by step, both paths, with the GB/s (and the share of
+// the probe) of the steps that stream whole weight matrices.
+function stepTable(r: ModelBenchResult): [(string | number)[], (string | number)[][]] {
+  const dense = r.dense.decodeSteps!;
+  const sparse = r.sparse.decodeSteps!;
+  const bw = r.memoryBandwidthGBs;
+  const rate = (g: number | null) => (g === null ? '' : bw ? `${fmt(g)} (${((100 * g) / bw).toFixed(0)}%)` : fmt(g));
+  const head = ['decode step', 'dense µs/token', `dense GB/s${bw ? ' (of probe)' : ''}`, 'sparse µs/token', 'sparse GB/s'];
+  const rows = dense.map((d, i) => [d.step, fmt(d.microsecondsPerToken), rate(d.gbPerSecond), fmt(sparse[i]!.microsecondsPerToken), rate(sparse[i]!.gbPerSecond)]);
+  const sum = (xs: typeof dense) => xs.reduce((a, x) => a + x.microsecondsPerToken, 0);
+  rows.push(['all steps', fmt(sum(dense)), '', fmt(sum(sparse)), '']);
+  return [head, rows];
 }
 
 const fmt = (x: number) => (x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2));

@@ -295,6 +295,18 @@ inline void check_forward_call(const int32_t* tokens, int64_t T, int64_t pos0, i
                                   std::to_string(vocab));
 }
 
+// Steps of a forward pass, for the wall-time profile (Model::set_profiling).
+enum class ModelStep : int { Embed, Norms, Qkv, Rope, KvStore, Attention, OProj, Residual, Ffn, Head, Count };
+constexpr int kModelSteps = static_cast<int>(ModelStep::Count);
+const char* model_step_name(ModelStep s);
+
+// Wall seconds spent in each step while profiling, and the tokens and calls they cover.
+struct StepTimes {
+  double seconds[kModelSteps] = {};
+  int64_t tokens = 0;
+  int64_t calls = 0;
+};
+
 class Model {
  public:
   // `context`: KV-cache positions (<= max_positions). `keep_alive` holds the mapping.
@@ -314,6 +326,11 @@ class Model {
   const std::vector<LayerActivity>& activity() const { return activity_; }
   void reset_stats();
 
+  // Wall-time profile by step (off by default: one clock read per step and layer when on).
+  // reset_stats() clears it too.
+  void set_profiling(bool on) { profiling_ = on; }
+  const StepTimes& step_times() const { return step_times_; }
+
   // Calibration hook (sparsellm prune): when set, every FFN runs the dense path and, after each
   // layer, the observer gets that layer's activations for the call: act [T, F] = act(pre), before
   // any threshold, and hidden [T, F] = the hidden units h that W_down consumes (act ⊙ up when
@@ -324,8 +341,9 @@ class Model {
   static constexpr int64_t kDecodeMaxTokens = 4;
 
  private:
-  void attention_block(int64_t layer, int64_t T, int64_t pos0);
-  void ffn_block(int64_t layer, int64_t T, RunMode mode);
+  class StepClock;
+  void attention_block(int64_t layer, int64_t T, int64_t pos0, StepClock& clock);
+  void ffn_block(int64_t layer, int64_t T, RunMode mode, StepClock& clock);
   void ffn_dense_generic(int64_t layer, int64_t T);
 
   ModelConfig cfg_;
@@ -335,6 +353,8 @@ class Model {
   KvCache cache_;
   std::vector<LayerActivity> activity_;
   FfnObserver observer_;
+  bool profiling_ = false;
+  StepTimes step_times_;
   // Work buffers [T, ·], grown on demand.
   std::vector<float> x_, h_, q_, k_, v_, att_, y_, g_, u_, obs_act_, rope_cs_;
 };

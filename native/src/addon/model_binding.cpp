@@ -259,6 +259,8 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                         InstanceMethod("position", &ModelWrap::Position),
                         InstanceMethod("activity", &ModelWrap::Activity),
                         InstanceMethod("resetActivity", &ModelWrap::ResetActivity),
+                        InstanceMethod("setProfiling", &ModelWrap::SetProfiling),
+                        InstanceMethod("stepTimes", &ModelWrap::StepTimesJs),
                         InstanceMethod("setFfnObserver", &ModelWrap::SetFfnObserver),
                         InstanceMethod("close", &ModelWrap::Close)});
   }
@@ -301,6 +303,27 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value ResetActivity(const Napi::CallbackInfo& info) {
     model(info.Env()).reset_stats();
     return info.Env().Undefined();
+  }
+
+  // setProfiling(on: boolean): time each step of every forward (Model::set_profiling).
+  Napi::Value SetProfiling(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() != 1 || !info[0].IsBoolean()) throw_js(env, "setProfiling(on: boolean): bad arguments");
+    model(env).set_profiling(info[0].As<Napi::Boolean>().Value());
+    return env.Undefined();
+  }
+
+  // stepTimes() → { seconds: { embed, norms, ... }, tokens, calls } since the last resetActivity().
+  Napi::Value StepTimesJs(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const StepTimes& t = model(env).step_times();
+    Napi::Object seconds = Napi::Object::New(env);
+    for (int i = 0; i < kModelSteps; ++i) seconds.Set(model_step_name(static_cast<ModelStep>(i)), t.seconds[i]);
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("seconds", seconds);
+    out.Set("tokens", static_cast<double>(t.tokens));
+    out.Set("calls", static_cast<double>(t.calls));
+    return out;
   }
 
   // setFfnObserver(fn | null): fn(layer, T, F, act: Float32Array, hidden: Float32Array) after every

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -128,6 +129,33 @@ bool twell_capable(const LayerWeights& L) {
 
 }  // namespace
 
+const char* model_step_name(ModelStep s) {
+  static const char* const names[kModelSteps] = {"embed", "norms", "qkv", "rope", "kvStore",
+                                                  "attention", "oProj", "residual", "ffn", "head"};
+  const int i = static_cast<int>(s);
+  return i >= 0 && i < kModelSteps ? names[i] : "?";
+}
+
+// Adds the wall time since the previous lap to a step, when profiling.
+class Model::StepClock {
+ public:
+  StepClock(bool on, StepTimes& times) : on_(on), times_(times), last_(on ? now() : 0.0) {}
+  void lap(ModelStep step) {
+    if (!on_) return;
+    const double t = now();
+    times_.seconds[static_cast<int>(step)] += t - last_;
+    last_ = t;
+  }
+
+ private:
+  static double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+  bool on_;
+  StepTimes& times_;
+  double last_;
+};
+
 Model::Model(const ModelConfig& cfg, ModelWeights weights, int64_t context, std::shared_ptr<void> keep_alive)
     : cfg_(cfg), w_(std::move(weights)), keep_alive_(std::move(keep_alive)) {
   if (cfg_.n_layers != static_cast<int64_t>(w_.layers.size())) throw std::invalid_argument("model: layer count mismatch");
@@ -151,7 +179,10 @@ Model::Model(const ModelConfig& cfg, ModelWeights weights, int64_t context, std:
   activity_.assign(static_cast<size_t>(cfg_.n_layers), LayerActivity{});
 }
 
-void Model::reset_stats() { activity_.assign(static_cast<size_t>(cfg_.n_layers), LayerActivity{}); }
+void Model::reset_stats() {
+  activity_.assign(static_cast<size_t>(cfg_.n_layers), LayerActivity{});
+  step_times_ = StepTimes{};
+}
 
 void Model::forward(const int32_t* tokens, int64_t T, bool all_logits, RunMode mode, float* logits) {
   const int64_t pos0 = cache_.length;
@@ -160,26 +191,35 @@ void Model::forward(const int32_t* tokens, int64_t T, bool all_logits, RunMode m
   grow(x_, T * d);
   grow(h_, T * d);
   grow(y_, T * d);
+  StepClock clock(profiling_, step_times_);
   if (cfg_.rope) {
     grow(rope_cs_, T * cfg_.head_dim);
     rope_table(T, cfg_.head_dim, pos0, cfg_.rope_theta, rope_cs_.data());
+    clock.lap(ModelStep::Rope);
   }
   embed_tokens(w_.embed, tokens, T, x_.data(), d);
   if (!cfg_.rope) add_learned_positions(w_.pos_embed, pos0, cfg_.position_offset, T, x_.data(), d);
+  clock.lap(ModelStep::Embed);
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
-    attention_block(l, T, pos0);
-    ffn_block(l, T, mode);
+    attention_block(l, T, pos0, clock);
+    ffn_block(l, T, mode, clock);
   }
   cache_.length = pos0 + T;
   const int64_t rows = all_logits ? T : 1;
   const float* src = x_.data() + (all_logits ? 0 : (T - 1) * d);
   if (cfg_.rmsnorm) rms_norm(src, d, rows, d, w_.final_norm_w, cfg_.norm_eps, h_.data(), d);
   else layer_norm(src, d, rows, d, w_.final_norm_w, w_.final_norm_b, cfg_.norm_eps, h_.data(), d);
+  clock.lap(ModelStep::Norms);
   if (rows <= kDecodeMaxTokens) gemv(h_.data(), d, rows, w_.lm_head, logits, cfg_.vocab);
   else gemm(h_.data(), d, rows, w_.lm_head, logits, cfg_.vocab);
+  clock.lap(ModelStep::Head);
+  if (profiling_) {
+    step_times_.tokens += T;
+    step_times_.calls += 1;
+  }
 }
 
-void Model::attention_block(int64_t l, int64_t T, int64_t pos0) {
+void Model::attention_block(int64_t l, int64_t T, int64_t pos0, StepClock& clock) {
   const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
   const int64_t d = cfg_.d_model, qd = cfg_.n_heads * cfg_.head_dim, kd = cfg_.n_kv_heads * cfg_.head_dim;
   grow(q_, T * qd);
@@ -188,6 +228,7 @@ void Model::attention_block(int64_t l, int64_t T, int64_t pos0) {
   grow(att_, T * qd);
   if (cfg_.rmsnorm) rms_norm(x_.data(), d, T, d, L.attn_norm_w, cfg_.norm_eps, h_.data(), d);
   else layer_norm(x_.data(), d, T, d, L.attn_norm_w, L.attn_norm_b, cfg_.norm_eps, h_.data(), d);
+  clock.lap(ModelStep::Norms);
   if (T <= kDecodeMaxTokens) {
     // Decode: the three projections read the same x, one GEMV pass over their rows.
     const GemvOutput qkv[3] = {{L.q, q_.data(), qd}, {L.k, k_.data(), kd}, {L.v, v_.data(), kd}};
@@ -200,23 +241,30 @@ void Model::attention_block(int64_t l, int64_t T, int64_t pos0) {
   if (L.q_b) add_bias(q_.data(), qd, T, qd, L.q_b);
   if (L.k_b) add_bias(k_.data(), kd, T, kd, L.k_b);
   if (L.v_b) add_bias(v_.data(), kd, T, kd, L.v_b);
+  clock.lap(ModelStep::Qkv);
   if (cfg_.rope) {
     rope_apply(q_.data(), qd, T, cfg_.n_heads, cfg_.head_dim, rope_cs_.data());
     rope_apply(k_.data(), kd, T, cfg_.n_kv_heads, cfg_.head_dim, rope_cs_.data());
+    clock.lap(ModelStep::Rope);
   }
   kv_cache_store(cache_, l, k_.data(), kd, v_.data(), kd, T, pos0);
+  clock.lap(ModelStep::KvStore);
   attention_causal(q_.data(), qd, T, cfg_.n_heads, cache_, l, pos0, att_.data(), qd);
+  clock.lap(ModelStep::Attention);
   if (T <= kDecodeMaxTokens) gemv(att_.data(), qd, T, L.o, y_.data(), d);
   else gemm(att_.data(), qd, T, L.o, y_.data(), d);
   if (L.o_b) add_bias(y_.data(), d, T, d, L.o_b);
+  clock.lap(ModelStep::OProj);
   add_inplace(x_.data(), d, y_.data(), d, T, d);
+  clock.lap(ModelStep::Residual);
 }
 
-void Model::ffn_block(int64_t l, int64_t T, RunMode mode) {
+void Model::ffn_block(int64_t l, int64_t T, RunMode mode, StepClock& clock) {
   const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
   const int64_t d = cfg_.d_model;
   if (cfg_.rmsnorm) rms_norm(x_.data(), d, T, d, L.ffn_norm_w, cfg_.norm_eps, h_.data(), d);
   else layer_norm(x_.data(), d, T, d, L.ffn_norm_w, L.ffn_norm_b, cfg_.norm_eps, h_.data(), d);
+  clock.lap(ModelStep::Norms);
   LayerActivity& a = activity_[static_cast<size_t>(l)];
   // Plain ReLU layers take the FfnLayer in every mode (as before); thresholded layers take it in
   // auto/sparse modes, and keep the generic dense path under --dense.
@@ -230,7 +278,9 @@ void Model::ffn_block(int64_t l, int64_t T, RunMode mode) {
     ffn_dense_generic(l, T);
     a.dense_calls += 1;
   }
+  clock.lap(ModelStep::Ffn);
   add_inplace(x_.data(), d, y_.data(), d, T, d);
+  clock.lap(ModelStep::Residual);
 }
 
 // Dense FFN for any activation: g = act(x·W_gateᵀ) (⊙ x·W_upᵀ when gated), with hidden units

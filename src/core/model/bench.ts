@@ -5,7 +5,7 @@
 import { spawnSync } from 'node:child_process';
 import { addonPath, engine } from '../native.js';
 import { SparseLlmError, UsageError } from '../errors.js';
-import { ModelRuntime, type FfnRunMode, type LayerActivity, type ModelBackend, type WeightResidency } from './runtime.js';
+import { MODEL_STEPS, ModelRuntime, type FfnRunMode, type LayerActivity, type ModelBackend, type ModelStepName, type StepTimes, type WeightResidency } from './runtime.js';
 import type { ModelSpec } from './spec.js';
 
 export interface ModelBenchOptions {
@@ -25,6 +25,8 @@ export interface ModelBenchOptions {
   backend?: ModelBackend;
   /** Host residency of the weights (LoadOptions.weights; default resident). */
   weights?: WeightResidency;
+  /** Time each step of the decode (CPU backend): ModelBenchResult.decodeSteps. */
+  profile?: boolean;
   onProgress?: (done: number, total: number) => void;
   onNotice?: (text: string) => void;
 }
@@ -45,6 +47,16 @@ export interface PathResult {
   decodeBytesPerToken: number;
   /** decodeBytesPerToken × decode tokens/s. */
   decodeGBs: number;
+  /** With `profile`: where a decoded token's wall time goes (median round), by step. */
+  decodeSteps?: DecodeStep[];
+}
+
+/** One step of a decoded token: wall microseconds per token, and GB/s for the weight-streaming steps. */
+export interface DecodeStep {
+  step: ModelStepName;
+  microsecondsPerToken: number;
+  /** Weight bytes the step reads per token over its time (qkv, oProj, head; ffn on the dense path). */
+  gbPerSecond: number | null;
 }
 
 export interface ModelBenchResult {
@@ -91,6 +103,21 @@ function tokens(n: number, vocab: number, seed: number): number[] {
     s >>>= 0;
     out.push(s % vocab);
   }
+  return out;
+}
+
+/** Weight bytes per decoded token of the steps that stream whole matrices (the dense FFN: all of it). */
+export function stepWeightBytes(spec: ModelSpec, elem: number): Partial<Record<ModelStepName, number>> {
+  const d = spec.dModel;
+  const qd = spec.nHeads * spec.headDim;
+  const kd = spec.nKvHeads * spec.headDim;
+  const ffn = spec.dFF.reduce((a, F) => a + (spec.gated ? 3 : 2) * F * d * elem, 0);
+  return { qkv: spec.nLayers * (qd + 2 * kd) * d * elem, oProj: spec.nLayers * d * qd * elem, ffn, head: spec.vocabSize * d * elem };
+}
+
+function stepDifference(after: StepTimes, before: StepTimes): Record<ModelStepName, number> {
+  const out = {} as Record<ModelStepName, number>;
+  for (const k of MODEL_STEPS) out[k] = after.seconds[k] - before.seconds[k];
   return out;
 }
 
@@ -149,10 +176,14 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
     const prompt = tokens(opts.decodePrompt, spec.vocabSize, opts.seed + 1);
     const next = tokens(opts.decodeTokens, spec.vocabSize, opts.seed + 2);
     const modes: FfnRunMode[] = ['dense', 'sparse'];
-    const times: Record<string, { prefill: number[]; decode: number[]; prefillCpu: number[]; decodeCpu: number[] }> = {
-      dense: { prefill: [], decode: [], prefillCpu: [], decodeCpu: [] },
-      sparse: { prefill: [], decode: [], prefillCpu: [], decodeCpu: [] },
+    const times: Record<string, { prefill: number[]; decode: number[]; prefillCpu: number[]; decodeCpu: number[]; steps: Record<ModelStepName, number>[] }> = {
+      dense: { prefill: [], decode: [], prefillCpu: [], decodeCpu: [], steps: [] },
+      sparse: { prefill: [], decode: [], prefillCpu: [], decodeCpu: [], steps: [] },
     };
+    if (opts.profile) {
+      if (!rt.canProfile) throw new UsageError(`--profile: step timing is not available on the ${rt.backend} backend`);
+      rt.setProfiling(true);
+    }
     const cpu = (u: NodeJS.CpuUsage) => (u.user + u.system) / 1e6;
     const total = (opts.warmup + opts.repeats) * modes.length;
     let done = 0;
@@ -176,6 +207,7 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
         const c1 = process.cpuUsage(c0);
         rt.reset();
         if (prompt.length) rt.forward(prompt, { mode });
+        const s2 = opts.profile ? rt.stepTimes() : null;
         const c2 = process.cpuUsage();
         const t2 = performance.now();
         for (const id of next) rt.forward([id], { mode });
@@ -186,6 +218,7 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
           times[mode]!.decode.push((t3 - t2) / 1000);
           times[mode]!.prefillCpu.push(cpu(c1));
           times[mode]!.decodeCpu.push(cpu(c3));
+          if (s2) times[mode]!.steps.push(stepDifference(rt.stepTimes(), s2));
         }
         if (mode === 'sparse') sparseActivity = rt.activity();
         opts.onProgress?.(++done, total);
@@ -197,6 +230,14 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
     // The CUDA runtime holds every matrix as bf16 on the device.
     const elem = rt.storageDtype === 'F32' && rt.backend === 'cpu' ? 4 : 2;
     const kvAvg = opts.decodePrompt + opts.decodeTokens / 2;
+    const weightBytes = stepWeightBytes(spec, elem);
+    // Per step, the median over the rounds, per decoded token.
+    const decodeSteps = (mode: FfnRunMode): DecodeStep[] =>
+      MODEL_STEPS.map((step) => {
+        const us = (median(times[mode]!.steps.map((x) => x[step])) / opts.decodeTokens) * 1e6;
+        const bytes = step === 'ffn' && mode !== 'dense' ? undefined : weightBytes[step];
+        return { step, microsecondsPerToken: us, gbPerSecond: bytes !== undefined && us > 0 ? bytes / (us * 1e3) : null };
+      });
     const result = (mode: FfnRunMode): PathResult => {
       const t = times[mode]!;
       const dec = opts.decodeTokens / median(t.decode);
@@ -218,6 +259,7 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
         decodeCpuSeconds: median(t.decodeCpu),
         decodeBytesPerToken: bytes,
         decodeGBs: (bytes * dec) / 1e9,
+        ...(opts.profile ? { decodeSteps: decodeSteps(mode) } : {}),
       };
     };
     const dense = result('dense');
@@ -231,7 +273,7 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
       storageDtype: rt.storageDtype,
       weightsBytes: rt.weightsBytes,
       peakRssBytes,
-      options: { prefillTokens: opts.prefillTokens, decodeTokens: opts.decodeTokens, decodePrompt: opts.decodePrompt, repeats: opts.repeats, warmup: opts.warmup, seed: opts.seed, bandwidth: opts.bandwidth },
+      options: { prefillTokens: opts.prefillTokens, decodeTokens: opts.decodeTokens, decodePrompt: opts.decodePrompt, repeats: opts.repeats, warmup: opts.warmup, seed: opts.seed, bandwidth: opts.bandwidth, ...(opts.profile ? { profile: true } : {}) },
       memoryBandwidthGBs: bandwidth,
       memoryBandwidthSamplesGBs: bandwidthSamples,
       dense,

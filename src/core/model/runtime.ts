@@ -58,8 +58,22 @@ export interface LayerActivity {
   gateCandidatesMean: number | null;
 }
 
+/** Steps of a forward pass in the wall-time profile (ModelRuntime.setProfiling), in order. */
+export const MODEL_STEPS = ['embed', 'norms', 'qkv', 'rope', 'kvStore', 'attention', 'oProj', 'residual', 'ffn', 'head'] as const;
+export type ModelStepName = (typeof MODEL_STEPS)[number];
+
+/** Wall seconds per step while profiling, over `tokens` tokens in `calls` forward calls. */
+export interface StepTimes {
+  seconds: Record<ModelStepName, number>;
+  tokens: number;
+  calls: number;
+}
+
 interface NativeModel {
   forward(tokens: Int32Array, allLogits: boolean, mode: FfnRunMode): Float32Array;
+  /** CPU backend only. */
+  setProfiling?(on: boolean): void;
+  stepTimes?(): StepTimes;
   reset(): void;
   position(): number;
   activity(): { tokens: number; nnz: number; maxRowNnz: number; overflowTiles: number; overflowRows: number; sparseCalls: number; denseCalls: number; gateScreenedCalls: number; gateCandidateRows: number }[];
@@ -233,6 +247,28 @@ export class ModelRuntime {
 
   resetActivity(): void {
     this.live().resetActivity();
+  }
+
+  /** Whether this backend can time the steps of a forward (setProfiling). */
+  get canProfile(): boolean {
+    return typeof this.live().setProfiling === 'function';
+  }
+
+  /**
+   * Times each step of every forward from now on (or stops): a clock read per step and layer.
+   * The times accumulate until resetActivity(). CPU backend only.
+   */
+  setProfiling(on: boolean): void {
+    const n = this.live();
+    if (!n.setProfiling) throw new UsageError(`step timing is not available on the ${this.backend} backend`);
+    n.setProfiling(on);
+  }
+
+  /** Wall seconds per step since the last resetActivity() while profiling (zeros when not). */
+  stepTimes(): StepTimes {
+    const n = this.live();
+    if (!n.stepTimes) throw new UsageError(`step timing is not available on the ${this.backend} backend`);
+    return n.stepTimes();
   }
 
   /**
