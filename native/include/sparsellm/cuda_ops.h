@@ -214,7 +214,11 @@ class CudaFfnLayer {
   CudaFfnLayer& operator=(const CudaFfnLayer&) = delete;
 
   const FfnLayerConfig& config() const;
-  int64_t weight_bytes() const;  // bytes of the bf16 kernel-layout weights on the device
+  // Bytes of the layer's matrices in bf16 (gate, up, down; as the CPU FfnLayer counts them).
+  int64_t weight_bytes() const;
+  // Device bytes the layer holds: its kernel layouts (the up/down rows and W_down stored twice:
+  // neuron-major for the sparse kernels and [d, F] for the dense GEMM), padding and biases.
+  int64_t device_bytes() const;
   int64_t d_padded() const;      // leading dimension of device activations x (multiple of 8)
 
   // Host f32 in and out (x rounded to bf16 on the device).

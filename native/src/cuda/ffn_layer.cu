@@ -165,6 +165,11 @@ const FfnLayerConfig& CudaFfnLayer::config() const { return impl_->cfg; }
 int64_t CudaFfnLayer::weight_bytes() const {
   return (impl_->gated ? 3 : 2) * impl_->d * impl_->F * 2;
 }
+int64_t CudaFfnLayer::device_bytes() const {
+  const Impl& L = *impl_;
+  return static_cast<int64_t>(L.act.bytes() + L.rows.bytes() + L.down_std.bytes() + L.up_bias.bytes() +
+                              L.down_bias.bytes());
+}
 int64_t CudaFfnLayer::d_padded() const { return impl_->dp; }
 void CudaFfnLayer::set_generic_kernels(bool on) { impl_->generic = on; }
 CudaFfnLayer::Weights CudaFfnLayer::device_weights() const {

@@ -258,7 +258,7 @@ CudaModel::CudaModel(const ModelConfig& cfg, const ModelWeights& w, int64_t cont
                                            cfg.gated ? nullptr : L.up_b, L.down_b);
     D.up_b = device_f32(L.up_b, F);
     D.down_b = device_f32(L.down_b, d);
-    M.weight_bytes += D.ffn->weight_bytes();
+    M.weight_bytes += D.ffn->device_bytes();
     M.Fmax = std::max(M.Fmax, F);
     M.Fpmax = std::max(M.Fpmax, D.Fp);
     M.layers.push_back(std::move(D));
