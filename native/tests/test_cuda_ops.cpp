@@ -1094,6 +1094,106 @@ void test_train_misc(int64_t n) {
   CHECK(check::rel_error(Gg.data(), ref.data(), ref.size()) < 1e-6, "embedding backward");
 }
 
+// The hybrid FFN operations against the CPU hybrid_forward / hybrid_backward (the same f32 math
+// in other summation orders; the gradients of the light rows are summed per neuron on both
+// sides): 1e-5 relative. Shapes cross the 256-wide scans (F, M > 256), a single token, every row
+// in the tail (W = 1 with a dense gate), none in the tail (W ≥ F), and accumulation into
+// existing gradients. `density` sets the gate's mean so that about that share of units fires.
+void test_train_hybrid(int64_t M, int64_t d, int64_t F, int W, double density) {
+  // x ~ N(0.5, 1), gate ~ N(−a, 1)/sqrt(d): g has mean −0.5·a·sqrt(d), std ≈ 1.1 → P(g > 0) ≈ density.
+  double lo = -10, hi = 10;  // solve Φ(t) = density by bisection on erfc
+  for (int i = 0; i < 60; ++i) {
+    const double mid = 0.5 * (lo + hi);
+    if (0.5 * std::erfc(-mid / std::sqrt(2.0)) < density) lo = mid;
+    else hi = mid;
+  }
+  const double a = -lo * 1.1 / (0.5 * std::sqrt(static_cast<double>(d)));
+  std::vector<float> x = rvec(static_cast<size_t>(M * d), 1.0);
+  for (auto& v : x) v += 0.5f;
+  std::vector<float> gate = rvec(static_cast<size_t>(F * d), 1.0 / std::sqrt(static_cast<double>(d)));
+  for (auto& v : gate) v -= static_cast<float>(a / std::sqrt(static_cast<double>(d)));
+  const std::vector<float> ud = rvec(static_cast<size_t>(F * 2 * d), 1.0 / std::sqrt(static_cast<double>(d)));
+  const std::vector<float> dy = rvec(static_cast<size_t>(M * d), 1.0);
+  const float lam = 0.3f;
+  // CPU
+  HybridParams p;
+  p.ell_width = W;
+  HybridTape tape;
+  std::vector<float> y(static_cast<size_t>(M * d)), dx(y.size()), dgate(gate.size()), dud(ud.size());
+  const WeightView gv{gate.data(), DType::F32, F, d, d};
+  const UpDownView uv{ud.data(), DType::F32, F, d, d};
+  const HybridForwardResult r = hybrid_forward(x.data(), M, gv, uv, p, tape, y.data());
+  hybrid_backward(x.data(), dy.data(), gv, uv, tape, lam, dx.data(), dgate.data(), dud.data());
+  // GPU
+  const size_t MW = static_cast<size_t>(M * W), MF = static_cast<size_t>(M * F), Md = static_cast<size_t>(M * d);
+  DeviceBuffer b_rn(M * 4), b_col(MW * 4), b_g(MW * 4), b_u(MW * 4), b_tail((M + 1) * 4), b_Gt(MF * 4), b_Ut(MF * 4),
+      b_pre(MF * 4), b_Ht(MF * 4), b_dHt(MF * 4), b_dGt(MF * 4), b_xt(Md * 4), b_yt(Md * 4), b_zt(Md * 4), b_du(MW * 4),
+      b_dg(MW * 4), b_rank(MW * 4), b_list(MW * 4), b_hist(F * 4), b_offs((F + 1) * 4), b_stats(8 + 5 * 8);
+  train::HybridBuffers h;
+  h.M = M;
+  h.d = d;
+  h.F = F;
+  h.W = W;
+  h.row_nnz = b_rn.as<int32_t>();
+  h.col = b_col.as<int32_t>();
+  h.g = b_g.as<float>();
+  h.u = b_u.as<float>();
+  h.tail = b_tail.as<int32_t>();
+  h.tail_count = b_tail.as<int32_t>() + M;
+  h.Gt = b_Gt.as<float>();
+  h.Ut = b_Ut.as<float>();
+  h.Gpre = b_pre.as<float>();
+  h.Ht = b_Ht.as<float>();
+  h.dHt = b_dHt.as<float>();
+  h.dGt = b_dGt.as<float>();
+  h.xt = b_xt.as<float>();
+  h.yt = b_yt.as<float>();
+  h.zt = b_zt.as<float>();
+  h.du = b_du.as<float>();
+  h.dg = b_dg.as<float>();
+  h.rank = b_rank.as<int32_t>();
+  h.list = b_list.as<int32_t>();
+  h.hist = b_hist.as<int32_t>();
+  h.offs = b_offs.as<int32_t>();
+  memset_device(b_stats.data(), 0, 8 + 5 * 8);
+  Dev gx(x), gg(gate), gu(ud), gdy(dy), gy(Md), gdx(Md);
+  DeviceBuffer fired(static_cast<size_t>(F));
+  memset_device(fired.data(), 0, static_cast<size_t>(F));
+  double* l1 = b_stats.as<double>();
+  unsigned long long* cnt = reinterpret_cast<unsigned long long*>(l1 + 1);
+  train::hybrid_ffn_forward(gx.p(), gg.p(), gu.p(), h, gy.p(), l1, cnt, fired.as<uint8_t>(), cnt + 3);
+  const float lam_m = lam / static_cast<float>(M);
+  for (bool first : {true, false}) {
+    const std::vector<float> g0 = rvec(gate.size(), 0.1), u0 = rvec(ud.size(), 0.1);
+    Dev gdg(first ? std::vector<float>(gate.size(), 7.f) : g0), gdu(first ? std::vector<float>(ud.size(), 7.f) : u0);
+    train::hybrid_ffn_backward(gx.p(), gdy.p(), gg.p(), gu.p(), h, lam_m, gdx.p(), gdg.p(), gdu.p(), first);
+    std::vector<float> eg = dgate, eu = dud;
+    if (!first) {
+      for (size_t i = 0; i < eg.size(); ++i) eg[i] += g0[i];
+      for (size_t i = 0; i < eu.size(); ++i) eu[i] += u0[i];
+    }
+    const double e1 = rel(gdx.get(), dx), e2 = rel(gdg.get(), eg), e3 = rel(gdu.get(), eu);
+    CHECK(e1 < 1e-5 && e2 < 1e-5 && e3 < 1e-5, "hybrid %lldx%lldx%lld W%d first %d: dx %.3g dgate %.3g dupdown %.3g",
+          (long long)M, (long long)d, (long long)F, W, first ? 1 : 0, e1, e2, e3);
+  }
+  double sl1 = 0;
+  unsigned long long hc[5];
+  download(&sl1, l1, 8);
+  download(hc, cnt, sizeof hc);
+  const double ey = rel(gy.get(), y);
+  const int64_t nt = static_cast<int64_t>(tape.tail_rows.size());
+  CHECK(ey < 1e-5 && std::fabs(sl1 / static_cast<double>(M) - r.l1) <= 1e-5 * r.l1 + 1e-12,
+        "hybrid %lldx%lldx%lld W%d: y %.3g, l1 %.9g vs %.9g", (long long)M, (long long)d, (long long)F, W, ey,
+        sl1 / static_cast<double>(M), r.l1);
+  CHECK(static_cast<int64_t>(hc[0]) == r.stats.nnz && static_cast<int64_t>(hc[1]) == r.stats.max_row_nnz &&
+            static_cast<int64_t>(hc[2]) == nt,
+        "hybrid %lldx%lldx%lld W%d: nnz %llu/%lld max %llu/%lld tail %llu/%lld", (long long)M, (long long)d, (long long)F,
+        W, hc[0], (long long)r.stats.nnz, hc[1], (long long)r.stats.max_row_nnz, hc[2], (long long)nt);
+  std::printf("    hybrid %lldx%lldx%lld W%d: %.1f non-zeros per row, %lld of %lld rows in the tail\n", (long long)M,
+              (long long)d, (long long)F, W, static_cast<double>(r.stats.nnz) / static_cast<double>(M), (long long)nt,
+              (long long)M);
+}
+
 std::vector<int32_t> random_tokens(int64_t n, int64_t V) {
   std::uniform_int_distribution<int32_t> ud(0, static_cast<int32_t>(V - 1));
   std::vector<int32_t> t(static_cast<size_t>(n));
@@ -1252,6 +1352,10 @@ void test_training() {
   test_train_ce(5, 1000);
   test_train_misc(1);
   test_train_misc(100003);
+  test_train_hybrid(300, 40, 700, 40, 0.03);  // scans over several 256-wide chunks, some tail rows
+  test_train_hybrid(1, 13, 50, 50, 0.1);      // one token (light: W = F)
+  test_train_hybrid(70, 24, 300, 1, 0.5);     // every row in the tail
+  test_train_hybrid(33, 260, 90, 90, 0.3);    // no tail; d over one block's width
   for (FfnTrainPath path : {FfnTrainPath::Dense, FfnTrainPath::Hybrid, FfnTrainPath::Auto}) test_cuda_trainer(path);
 }
 
