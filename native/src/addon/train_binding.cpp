@@ -18,51 +18,129 @@
 
 #include "registry.h"
 #include "sparsellm/train.h"
+#include "train_args.h"
 
 namespace sparsellm::addon {
+
 namespace {
 
-double num_opt(Napi::Env env, const Napi::Object& o, const char* key, double def) {
+double num_opt(Napi::Env env, const Napi::Object& o, const char* key, double def, const char* cls) {
   Napi::Value v = o.Get(key);
   if (v.IsUndefined() || v.IsNull()) return def;
-  if (!v.IsNumber()) throw_js(env, std::string("Trainer: ") + key + " must be a number");
+  if (!v.IsNumber()) throw_js(env, std::string(cls) + ": " + key + " must be a number");
   return v.As<Napi::Number>().DoubleValue();
 }
 
-int64_t int_req(Napi::Env env, const Napi::Object& o, const char* key, int64_t lo) {
+
+}  // namespace
+
+int64_t train_int_option(Napi::Env env, const Napi::Object& o, const char* key, int64_t lo, const char* cls) {
   Napi::Value v = o.Get(key);
-  if (!v.IsNumber()) throw_js(env, std::string("Trainer: ") + key + " is required (an integer)");
+  if (!v.IsNumber()) throw_js(env, std::string(cls) + ": " + key + " is required (an integer)");
   const double d = v.As<Napi::Number>().DoubleValue();
   if (d != static_cast<double>(static_cast<int64_t>(d)) || d < static_cast<double>(lo))
-    throw_js(env, std::string("Trainer: ") + key + " must be an integer >= " + std::to_string(lo));
+    throw_js(env, std::string(cls) + ": " + key + " must be an integer >= " + std::to_string(lo));
   return static_cast<int64_t>(d);
 }
 
-int64_t int_arg(const Napi::CallbackInfo& info, size_t i, const char* what, int64_t lo) {
-  if (info.Length() <= i || !info[i].IsNumber()) throw_js(info.Env(), std::string("Trainer: ") + what + " must be a number");
+TrainOptions parse_train_options(const Napi::CallbackInfo& info, const char* cls) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 1 || !info[0].IsObject())
+    throw_js(env, std::string("new ") + cls + "(options): options object required");
+  Napi::Object o = info[0].As<Napi::Object>();
+  TrainOptions r;
+  TrainModelConfig& c = r.cfg;
+  c.vocab = train_int_option(env, o, "vocab", 2, cls);
+  c.d_model = train_int_option(env, o, "dModel", 2, cls);
+  c.n_layers = train_int_option(env, o, "layers", 1, cls);
+  c.n_heads = train_int_option(env, o, "heads", 1, cls);
+  c.d_ff = train_int_option(env, o, "dFF", 1, cls);
+  c.context = train_int_option(env, o, "context", 2, cls);
+  c.rope_theta = num_opt(env, o, "ropeTheta", c.rope_theta, cls);
+  c.norm_eps = static_cast<float>(num_opt(env, o, "normEps", c.norm_eps, cls));
+  TrainHyper& h = r.hyper;
+  h.beta1 = static_cast<float>(num_opt(env, o, "beta1", h.beta1, cls));
+  h.beta2 = static_cast<float>(num_opt(env, o, "beta2", h.beta2, cls));
+  h.eps = static_cast<float>(num_opt(env, o, "eps", h.eps, cls));
+  h.weight_decay = static_cast<float>(num_opt(env, o, "weightDecay", h.weight_decay, cls));
+  h.clip = static_cast<float>(num_opt(env, o, "clip", h.clip, cls));
+  h.l1 = static_cast<float>(num_opt(env, o, "l1", h.l1, cls));
+  h.hybrid_cutoff = num_opt(env, o, "hybridCutoff", h.hybrid_cutoff, cls);
+  h.recheck_steps = static_cast<int64_t>(num_opt(env, o, "recheckSteps", static_cast<double>(h.recheck_steps), cls));
+  h.ell_width = static_cast<int>(num_opt(env, o, "ellWidth", h.ell_width, cls));
+  h.dead_window = static_cast<int64_t>(num_opt(env, o, "deadWindow", static_cast<double>(h.dead_window), cls));
+  h.init_std = static_cast<float>(num_opt(env, o, "initStd", h.init_std, cls));
+  h.seed = static_cast<uint64_t>(num_opt(env, o, "seed", 0, cls));
+  Napi::Value rd = o.Get("reinitDead");
+  h.reinit_dead = rd.IsBoolean() && rd.As<Napi::Boolean>().Value();
+  Napi::Value p = o.Get("ffnPath");
+  if (!p.IsUndefined()) {
+    const std::string s = p.IsString() ? p.As<Napi::String>().Utf8Value() : "";
+    if (s == "auto") h.ffn_path = FfnTrainPath::Auto;
+    else if (s == "dense") h.ffn_path = FfnTrainPath::Dense;
+    else if (s == "hybrid") h.ffn_path = FfnTrainPath::Hybrid;
+    else throw_js(env, std::string(cls) + ": ffnPath must be 'auto', 'dense' or 'hybrid'");
+  }
+  if (h.ell_width < 1) throw_js(env, std::string(cls) + ": ellWidth must be >= 1");
+  return r;
+}
+
+int64_t train_int_arg(const Napi::CallbackInfo& info, size_t i, const char* what, int64_t lo, const char* cls) {
+  if (info.Length() <= i || !info[i].IsNumber())
+    throw_js(info.Env(), std::string(cls) + ": " + what + " must be a number");
   const double d = info[i].As<Napi::Number>().DoubleValue();
   if (d != static_cast<double>(static_cast<int64_t>(d)) || d < static_cast<double>(lo))
-    throw_js(info.Env(), std::string("Trainer: ") + what + " must be an integer >= " + std::to_string(lo));
+    throw_js(info.Env(), std::string(cls) + ": " + what + " must be an integer >= " + std::to_string(lo));
   return static_cast<int64_t>(d);
 }
 
-Napi::Int32Array tokens_arg(const Napi::CallbackInfo& info, size_t i, size_t n) {
+Napi::Int32Array train_tokens_arg(const Napi::CallbackInfo& info, size_t i, size_t n, const char* cls) {
   if (info.Length() <= i || !info[i].IsTypedArray() ||
       info[i].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
-    throw_js(info.Env(), "Trainer: tokens must be an Int32Array");
+    throw_js(info.Env(), std::string(cls) + ": tokens must be an Int32Array");
   Napi::Int32Array a = info[i].As<Napi::Int32Array>();
   if (a.ElementLength() != n)
-    throw_js(info.Env(), "Trainer: tokens has " + std::to_string(a.ElementLength()) + " elements, expected " +
-                             std::to_string(n));
+    throw_js(info.Env(), std::string(cls) + ": tokens has " + std::to_string(a.ElementLength()) +
+                             " elements, expected " + std::to_string(n));
   return a;
 }
 
-template <typename T>
-Napi::Array num_array(Napi::Env env, const std::vector<T>& v) {
-  Napi::Array a = Napi::Array::New(env, v.size());
-  for (size_t i = 0; i < v.size(); ++i) a.Set(static_cast<uint32_t>(i), static_cast<double>(v[i]));
-  return a;
+Napi::Object step_stats_to_js(Napi::Env env, const StepStats& s) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("loss", s.loss);
+  o.Set("ce", s.ce);
+  o.Set("l1", s.l1);
+  o.Set("gradNorm", s.grad_norm);
+  o.Set("tokens", static_cast<double>(s.tokens));
+  o.Set("reinitialised", static_cast<double>(s.reinitialised));
+  Napi::Array layers = Napi::Array::New(env, s.layers.size());
+  for (size_t i = 0; i < s.layers.size(); ++i) {
+    const LayerStepStats& l = s.layers[i];
+    Napi::Object lo = Napi::Object::New(env);
+    lo.Set("tokens", static_cast<double>(l.tokens));
+    lo.Set("nnz", static_cast<double>(l.nnz));
+    lo.Set("maxRowNnz", static_cast<double>(l.max_row_nnz));
+    lo.Set("tailRows", static_cast<double>(l.tail_rows));
+    lo.Set("l1", l.l1);
+    lo.Set("hybrid", l.hybrid);
+    lo.Set("savedBytes", static_cast<double>(l.saved_bytes));
+    lo.Set("dead", static_cast<double>(l.dead));
+    layers.Set(static_cast<uint32_t>(i), lo);
+  }
+  o.Set("layers", layers);
+  return o;
 }
+
+Napi::Object eval_stats_to_js(Napi::Env env, const EvalStats& e) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("ce", e.ce);
+  o.Set("l1", e.l1);
+  o.Set("tokens", static_cast<double>(e.tokens));
+  o.Set("nnz", num_array(env, e.nnz));
+  return o;
+}
+
+namespace {
 
 class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
  public:
@@ -84,43 +162,9 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
 
   explicit TrainerWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<TrainerWrap>(info) {
     Napi::Env env = info.Env();
-    if (info.Length() != 1 || !info[0].IsObject()) throw_js(env, "new Trainer(options): options object required");
-    Napi::Object o = info[0].As<Napi::Object>();
-    TrainModelConfig c;
-    c.vocab = int_req(env, o, "vocab", 2);
-    c.d_model = int_req(env, o, "dModel", 2);
-    c.n_layers = int_req(env, o, "layers", 1);
-    c.n_heads = int_req(env, o, "heads", 1);
-    c.d_ff = int_req(env, o, "dFF", 1);
-    c.context = int_req(env, o, "context", 2);
-    c.rope_theta = num_opt(env, o, "ropeTheta", c.rope_theta);
-    c.norm_eps = static_cast<float>(num_opt(env, o, "normEps", c.norm_eps));
-    TrainHyper h;
-    h.beta1 = static_cast<float>(num_opt(env, o, "beta1", h.beta1));
-    h.beta2 = static_cast<float>(num_opt(env, o, "beta2", h.beta2));
-    h.eps = static_cast<float>(num_opt(env, o, "eps", h.eps));
-    h.weight_decay = static_cast<float>(num_opt(env, o, "weightDecay", h.weight_decay));
-    h.clip = static_cast<float>(num_opt(env, o, "clip", h.clip));
-    h.l1 = static_cast<float>(num_opt(env, o, "l1", h.l1));
-    h.hybrid_cutoff = num_opt(env, o, "hybridCutoff", h.hybrid_cutoff);
-    h.recheck_steps = static_cast<int64_t>(num_opt(env, o, "recheckSteps", static_cast<double>(h.recheck_steps)));
-    h.ell_width = static_cast<int>(num_opt(env, o, "ellWidth", h.ell_width));
-    h.dead_window = static_cast<int64_t>(num_opt(env, o, "deadWindow", static_cast<double>(h.dead_window)));
-    h.init_std = static_cast<float>(num_opt(env, o, "initStd", h.init_std));
-    h.seed = static_cast<uint64_t>(num_opt(env, o, "seed", 0));
-    Napi::Value rd = o.Get("reinitDead");
-    h.reinit_dead = rd.IsBoolean() && rd.As<Napi::Boolean>().Value();
-    Napi::Value p = o.Get("ffnPath");
-    if (!p.IsUndefined()) {
-      const std::string s = p.IsString() ? p.As<Napi::String>().Utf8Value() : "";
-      if (s == "auto") h.ffn_path = FfnTrainPath::Auto;
-      else if (s == "dense") h.ffn_path = FfnTrainPath::Dense;
-      else if (s == "hybrid") h.ffn_path = FfnTrainPath::Hybrid;
-      else throw_js(env, "Trainer: ffnPath must be 'auto', 'dense' or 'hybrid'");
-    }
-    if (h.ell_width < 1) throw_js(env, "Trainer: ellWidth must be >= 1");
+    const TrainOptions opt = parse_train_options(info, "Trainer");
     try {
-      t_ = std::make_unique<Trainer>(c, h);
+      t_ = std::make_unique<Trainer>(opt.cfg, opt.hyper);
     } catch (const std::exception& e) {
       throw_js(env, e.what());
     }
@@ -162,8 +206,8 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
 
   Napi::Value Step(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    const int64_t nm = int_arg(info, 1, "nMicro", 1), B = int_arg(info, 2, "B", 1), T = int_arg(info, 3, "T", 1);
-    Napi::Int32Array tok = tokens_arg(info, 0, static_cast<size_t>(nm * B * (T + 1)));
+    const int64_t nm = train_int_arg(info, 1, "nMicro", 1, "Trainer"), B = train_int_arg(info, 2, "B", 1, "Trainer"), T = train_int_arg(info, 3, "T", 1, "Trainer");
+    Napi::Int32Array tok = train_tokens_arg(info, 0, static_cast<size_t>(nm * B * (T + 1)), "Trainer");
     if (info.Length() < 5 || !info[4].IsNumber()) throw_js(env, "Trainer.step: lr must be a number");
     const float lr = static_cast<float>(info[4].As<Napi::Number>().DoubleValue());
     StepStats s;
@@ -172,47 +216,20 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
     } catch (const std::exception& e) {
       throw_js(env, e.what());
     }
-    Napi::Object o = Napi::Object::New(env);
-    o.Set("loss", s.loss);
-    o.Set("ce", s.ce);
-    o.Set("l1", s.l1);
-    o.Set("gradNorm", s.grad_norm);
-    o.Set("tokens", static_cast<double>(s.tokens));
-    o.Set("reinitialised", static_cast<double>(s.reinitialised));
-    Napi::Array layers = Napi::Array::New(env, s.layers.size());
-    for (size_t i = 0; i < s.layers.size(); ++i) {
-      const LayerStepStats& l = s.layers[i];
-      Napi::Object lo = Napi::Object::New(env);
-      lo.Set("tokens", static_cast<double>(l.tokens));
-      lo.Set("nnz", static_cast<double>(l.nnz));
-      lo.Set("maxRowNnz", static_cast<double>(l.max_row_nnz));
-      lo.Set("tailRows", static_cast<double>(l.tail_rows));
-      lo.Set("l1", l.l1);
-      lo.Set("hybrid", l.hybrid);
-      lo.Set("savedBytes", static_cast<double>(l.saved_bytes));
-      lo.Set("dead", static_cast<double>(l.dead));
-      layers.Set(static_cast<uint32_t>(i), lo);
-    }
-    o.Set("layers", layers);
-    return o;
+    return step_stats_to_js(env, s);
   }
 
   Napi::Value Evaluate(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    const int64_t B = int_arg(info, 1, "B", 1), T = int_arg(info, 2, "T", 1);
-    Napi::Int32Array tok = tokens_arg(info, 0, static_cast<size_t>(B * (T + 1)));
+    const int64_t B = train_int_arg(info, 1, "B", 1, "Trainer"), T = train_int_arg(info, 2, "T", 1, "Trainer");
+    Napi::Int32Array tok = train_tokens_arg(info, 0, static_cast<size_t>(B * (T + 1)), "Trainer");
     EvalStats e;
     try {
       e = t_->evaluate(tok.Data(), B, T);
     } catch (const std::exception& ex) {
       throw_js(env, ex.what());
     }
-    Napi::Object o = Napi::Object::New(env);
-    o.Set("ce", e.ce);
-    o.Set("l1", e.l1);
-    o.Set("tokens", static_cast<double>(e.tokens));
-    o.Set("nnz", num_array(env, e.nnz));
-    return o;
+    return eval_stats_to_js(env, e);
   }
 
   Napi::Value GetState(const Napi::CallbackInfo& info) {
@@ -260,8 +277,8 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
         throw_js(env, std::string("Trainer.setState: ") + k + " must be a Float32Array of " +
                           std::to_string(t_->moment1().size()));
     }
-    s.step = int_req(env, o, "step", 0);
-    s.window_tokens = int_req(env, o, "windowTokens", 0);
+    s.step = train_int_option(env, o, "step", 0, "Trainer");
+    s.window_tokens = train_int_option(env, o, "windowTokens", 0, "Trainer");
     for (size_t i = 0; i < L; ++i) {
       s.hybrid[i] = hy.Get(static_cast<uint32_t>(i)).ToNumber().DoubleValue() != 0;
       s.last_nnz[i] = ln.Get(static_cast<uint32_t>(i)).ToNumber().DoubleValue();
