@@ -13,10 +13,13 @@ bool from_env() {
 }
 
 bool g_unverified = from_env();
+AttentionKernel g_attention = AttentionKernel::Auto;
 
 }  // namespace
 
 bool unverified_kernels() { return g_unverified; }
 void set_unverified_kernels(bool on) { g_unverified = on; }
+AttentionKernel attention_kernel_choice() { return g_attention; }
+void set_attention_kernel(AttentionKernel k) { g_attention = k; }
 
 }  // namespace sparsellm::cuda

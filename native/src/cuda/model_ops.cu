@@ -11,6 +11,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "kernel_policy.h"
 #include "sparsellm/cuda_ops.h"
 
 namespace sparsellm::cuda {
@@ -227,6 +228,145 @@ __global__ void __launch_bounds__(NW * 32) attention_kernel(const float* __restr
     for (int64_t c = static_cast<int64_t>(n_heads) * hd + threadIdx.x; c < ldo; c += NW * 32) orow[c] = 0;
 }
 
+// Tiled causal attention for prefill (many queries; unverified: kernel_policy.h). One block of
+// kTileWarps warps per (tile of kTileQ queries, head h); grid n_tiles · n_heads, the last tiles
+// (most keys) first. The tile's queries sit in shared memory; the keys 0 .. the tile's last
+// position are walked in tiles of kTileK rows of K and V, each loaded into shared memory once
+// for the whole query tile (coalesced rows; pitch hd | 1, odd, so the 32 lanes reading 32 key
+// rows hit 32 banks). Warp w owns the queries w·QW .. w·QW + QW − 1 of the tile; per query and
+// key tile, lane j scores key j (q·k over hd, f32, then scaled), the tile's maximum and the
+// probabilities' sum go through warp shuffles into the query's running maximum m and sum l (the
+// same online softmax as attention_kernel, f32), and the accumulator (lane L: dimensions
+// L, L + 32, .., LD of them) is rescaled and gets Σ_j p_j · v_j with p_j from the warp's shared
+// row. Keys past a query's position get p = 0; a key tile with none visible is skipped. Output
+// as attention_kernel: bf16, head h at columns h·hd, padding columns zeroed by the head-0 blocks.
+constexpr int kTileWarps = 4;
+constexpr int kTileQ = 32;                  // queries per block
+constexpr int kTileQW = kTileQ / kTileWarps;  // queries per warp
+constexpr int kTileK = 32;                  // keys per shared tile (one per lane)
+// Auto picks the tiled kernel from this many queries (one tile); fewer stay on attention_kernel.
+constexpr int64_t kAttentionTiledMinTokens = kTileQ;
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+size_t attention_tiled_smem(int hd) {
+  const int pitch = hd | 1;
+  return (static_cast<size_t>(kTileQ) * hd + 2 * static_cast<size_t>(kTileK) * pitch + kTileWarps * kTileK) * 4;
+}
+
+template <int LD>
+__global__ void __launch_bounds__(kTileWarps * 32)
+    attention_tiled_kernel(const float* __restrict__ q, int64_t ldq, int64_t T, int n_heads, int group, int hd,
+                           const float* __restrict__ ck, const float* __restrict__ cv, int64_t cap, int64_t pos0,
+                           float scale, uint16_t* __restrict__ out, int64_t ldo) {
+  extern __shared__ float attn_smem[];
+  const int pitch = hd | 1;
+  float* sq = attn_smem;                   // [kTileQ][hd]
+  float* sk = sq + kTileQ * hd;            // [kTileK][pitch]
+  float* sv = sk + kTileK * pitch;         // [kTileK][pitch]
+  float* sp = sv + kTileK * pitch;         // [kTileWarps][kTileK]
+  const int64_t n_tiles = (T + kTileQ - 1) / kTileQ;
+  const int64_t tile = n_tiles - 1 - static_cast<int64_t>(blockIdx.x) / n_heads;
+  const int h = static_cast<int>(blockIdx.x % n_heads);
+  const int kvh = h / group;
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+  const int64_t t0 = tile * kTileQ;
+  const int nq = static_cast<int>(T - t0 < kTileQ ? T - t0 : kTileQ);
+  for (int i = tid; i < kTileQ * hd; i += kTileWarps * 32) {
+    const int qi = i / hd, e = i % hd;
+    sq[i] = qi < nq ? q[(t0 + qi) * ldq + static_cast<int64_t>(h) * hd + e] : 0.f;
+  }
+  const float* kb = ck + static_cast<int64_t>(kvh) * cap * hd;
+  const float* vb = cv + static_cast<int64_t>(kvh) * cap * hd;
+  float m[kTileQW], l[kTileQW], acc[kTileQW][LD];
+#pragma unroll
+  for (int qq = 0; qq < kTileQW; ++qq) {
+    m[qq] = -INFINITY;
+    l[qq] = 0.f;
+#pragma unroll
+    for (int i = 0; i < LD; ++i) acc[qq][i] = 0.f;
+  }
+  const int64_t last = pos0 + t0 + nq - 1;  // the tile's last position: keys 0 .. last
+  for (int64_t k0 = 0; k0 <= last; k0 += kTileK) {
+    const int nk = static_cast<int>(last - k0 + 1 < kTileK ? last - k0 + 1 : kTileK);
+    __syncthreads();  // the previous tile's readers are done
+    for (int i = tid; i < kTileK * hd; i += kTileWarps * 32) {
+      const int j = i / hd, e = i % hd;
+      const int64_t src = (k0 + j) * hd + e;
+      sk[j * pitch + e] = j < nk ? kb[src] : 0.f;
+      sv[j * pitch + e] = j < nk ? vb[src] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int qq = 0; qq < kTileQW; ++qq) {
+      const int qi = w * kTileQW + qq;
+      if (qi >= nq) break;  // warp-uniform
+      const int64_t qpos = pos0 + t0 + qi;
+      if (k0 > qpos) continue;  // none of this tile is visible yet (the warp's later queries see more)
+      const bool vis = k0 + lane <= qpos && lane < nk;
+      float s = -INFINITY;
+      if (vis) {
+        const float* qr = sq + qi * hd;
+        const float* kr = sk + lane * pitch;
+        float d = 0.f;
+        for (int e = 0; e < hd; ++e) d = fmaf(qr[e], kr[e], d);
+        s = d * scale;
+      }
+      const float mt = warp_max(s);  // finite: key k0 ≤ qpos is visible
+      const float mn = fmaxf(m[qq], mt);
+      const float corr = expf(m[qq] - mn);  // 0 on the first tile (m = −inf)
+      const float p = vis ? expf(s - mn) : 0.f;
+      l[qq] = l[qq] * corr + warp_sum(p);
+      m[qq] = mn;
+      sp[w * kTileK + lane] = p;
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < LD; ++i) acc[qq][i] *= corr;
+      const int jn = static_cast<int>(qpos - k0 + 1 < nk ? qpos - k0 + 1 : nk);
+      for (int j = 0; j < jn; ++j) {
+        const float pj = sp[w * kTileK + j];
+        const float* vr = sv + j * pitch;
+#pragma unroll
+        for (int i = 0; i < LD; ++i) {
+          const int e = lane + 32 * i;
+          if (e < hd) acc[qq][i] = fmaf(pj, vr[e], acc[qq][i]);
+        }
+      }
+      __syncwarp();  // sp is rewritten by the next query
+    }
+  }
+#pragma unroll
+  for (int qq = 0; qq < kTileQW; ++qq) {
+    const int qi = w * kTileQW + qq;
+    if (qi >= nq) break;
+    uint16_t* orow = out + (t0 + qi) * ldo;
+    const float inv = 1.f / l[qq];
+#pragma unroll
+    for (int i = 0; i < LD; ++i) {
+      const int e = lane + 32 * i;
+      if (e < hd) orow[static_cast<int64_t>(h) * hd + e] = static_cast<uint16_t>(f32_to_bf16_bits(acc[qq][i] * inv));
+    }
+    if (h == 0)
+      for (int64_t c = static_cast<int64_t>(n_heads) * hd + lane; c < ldo; c += 32) orow[c] = 0;
+  }
+}
+
+template <int LD>
+void launch_attention_tiled(const float* q, int64_t ldq, int64_t T, int n_heads, int group, int hd, const float* ck,
+                            const float* cv, int64_t cap, int64_t pos0, float scale, uint16_t* out, int64_t ldo) {
+  const size_t smem = attention_tiled_smem(hd);
+  if (smem > 48 * 1024)
+    SLLM_CUDA(cudaFuncSetAttribute(attention_tiled_kernel<LD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(smem)));
+  const unsigned grid = grid1(ceil_div(T, kTileQ) * n_heads, 1);
+  attention_tiled_kernel<LD><<<grid, kTileWarps * 32, smem>>>(q, ldq, T, n_heads, group, hd, ck, cv, cap, pos0,
+                                                               scale, out, ldo);
+}
+
 // ---- element-wise -----------------------------------------------------------------------------
 
 __global__ void add_rows_f32_kernel(float* __restrict__ x, int64_t ldx, const float* __restrict__ y, int64_t ldy,
@@ -351,6 +491,23 @@ void attention_device(const float* q, int64_t ldq, int64_t T, int64_t n_heads, i
   const unsigned grid = grid1(T * n_heads, 1);
   const int group = static_cast<int>(n_heads / n_kv_heads);
   const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+  // Prefill: the tiled kernel where chosen (kernel_policy.h: forced, or Auto once unverified
+  // kernels are allowed and T reaches kAttentionTiledMinTokens).
+  const AttentionKernel choice = attention_kernel_choice();
+  if (choice == AttentionKernel::Tiled ||
+      (choice == AttentionKernel::Auto && unverified_kernels() && T >= kAttentionTiledMinTokens)) {
+    const int hd = static_cast<int>(head_dim), nh = static_cast<int>(n_heads);
+    if (hd <= 32)
+      launch_attention_tiled<1>(q, ldq, T, nh, group, hd, cache_k, cache_v, capacity, pos0, scale, out, ldo);
+    else if (hd <= 64)
+      launch_attention_tiled<2>(q, ldq, T, nh, group, hd, cache_k, cache_v, capacity, pos0, scale, out, ldo);
+    else if (hd <= 128)
+      launch_attention_tiled<4>(q, ldq, T, nh, group, hd, cache_k, cache_v, capacity, pos0, scale, out, ldo);
+    else
+      launch_attention_tiled<8>(q, ldq, T, nh, group, hd, cache_k, cache_v, capacity, pos0, scale, out, ldo);
+    SLLM_LAUNCHED("attention (tiled)");
+    return;
+  }
   // Few queries (decode): more warps per (query, head) to spread a long context.
   if (T <= 4) {
     attention_kernel<8><<<grid, 8 * 32>>>(q, ldq, static_cast<int>(n_heads), group, static_cast<int>(head_dim),
