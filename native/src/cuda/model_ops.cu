@@ -259,7 +259,7 @@ size_t attention_tiled_smem(int hd) {
 }
 
 template <int LD>
-__global__ void __launch_bounds__(kTileWarps * 32)
+__global__ void __launch_bounds__(kTileWarps * 32, 4)  // 4 blocks per SM: no spills on sm_80
     attention_tiled_kernel(const float* __restrict__ q, int64_t ldq, int64_t T, int n_heads, int group, int hd,
                            const float* __restrict__ ck, const float* __restrict__ cv, int64_t cap, int64_t pos0,
                            float scale, uint16_t* __restrict__ out, int64_t ldo) {
