@@ -622,11 +622,14 @@ void test_hybrid() {
 
 // --- the whole model (CudaModel) and its attention ------------------------------------------------
 
-// attention_device against the CPU attention_causal (f32, itself tested against float64 in
-// test_model_ops) on the same cache: bf16 output, one rounding of at most 2^-8 relative
-// (RMS about 2e-3): 8e-3.
+// The tiled kernel and the per-(query, head) kernel, each forced, against the CPU
+// attention_causal (f32, itself tested against float64 in test_model_ops; bf16 output: one
+// rounding of at most 2^-8 relative, RMS about 2e-3: 8e-3) on the same cache, filled by
+// kv_store_device in two calls (0 .. pos0 − 1, then the T new); padding columns must be zeroed. Then the Auto choice must
+// give the per-query kernel's bits with unverified kernels off and, from one query tile (32)
+// up, the tiled kernel's bits with them on (both kernels are deterministic).
 void test_attention_case(int64_t T, int64_t pos0, int64_t n_heads, int64_t n_kv, int64_t hd) {
-  const int64_t cap = pos0 + T + 3, qd = n_heads * hd, kd = n_kv * hd, ldo = pad8(qd) + 8;
+  const int64_t cap = pos0 + T + 5, qd = n_heads * hd, kd = n_kv * hd, ldo = pad8(qd) + 8;
   KvCache cache;
   cache.allocate(1, n_kv, hd, cap);
   std::vector<float> q = random_vec(static_cast<size_t>(T * qd), 1.0);
@@ -635,29 +638,55 @@ void test_attention_case(int64_t T, int64_t pos0, int64_t n_heads, int64_t n_kv,
   kv_cache_store(cache, 0, k.data(), kd, v.data(), kd, pos0 + T, 0);
   std::vector<float> ref(static_cast<size_t>(T * qd));
   attention_causal(q.data(), qd, T, n_heads, cache, 0, pos0, ref.data(), qd);
-  // Device: the cache filled by kv_store_device in two calls (0 .. pos0 − 1, then the T new).
+  std::vector<double> r(ref.begin(), ref.end());
   const size_t cbytes = static_cast<size_t>(n_kv * cap * hd) * 4;
   DeviceBuffer ck(cbytes), cv(cbytes), dk = to_device(k.data(), k.size() * 4), dv = to_device(v.data(), v.size() * 4);
+  memset_device(ck.data(), 0xff, cbytes);  // NaN past the stored keys: reading them would show
+  memset_device(cv.data(), 0xff, cbytes);
   DeviceBuffer dq = to_device(q.data(), q.size() * 4), out(static_cast<size_t>(T * ldo) * 2);
-  memset_device(out.data(), 0xff, out.bytes());  // NaN pattern: padding must be overwritten
   if (pos0 > 0) kv_store_device(ck.as<float>(), cv.as<float>(), n_kv, cap, hd, dk.as<float>(), kd, dv.as<float>(), kd, pos0, 0);
   kv_store_device(ck.as<float>(), cv.as<float>(), n_kv, cap, hd, dk.as<float>() + pos0 * kd, kd,
                   dv.as<float>() + pos0 * kd, kd, T, pos0);
-  attention_device(dq.as<float>(), qd, T, n_heads, n_kv, hd, ck.as<float>(), cv.as<float>(), cap, pos0,
-                   out.as<uint16_t>(), ldo);
-  std::vector<uint16_t> o(static_cast<size_t>(T * ldo));
-  download(o.data(), out.data(), o.size() * 2);
-  std::vector<float> got(static_cast<size_t>(T * qd));
-  std::vector<double> r(ref.begin(), ref.end());
-  bool pad_ok = true;
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t c = 0; c < qd; ++c) got[t * qd + c] = bf16_to_f32(o[t * ldo + c]);
-    for (int64_t c = qd; c < ldo; ++c) pad_ok &= o[t * ldo + c] == 0;
+  const AttentionKernel saved_choice = attention_kernel_choice();
+  const bool saved_unverified = unverified_kernels();
+  auto run = [&](AttentionKernel kern, bool unverified) {
+    set_attention_kernel(kern);
+    set_unverified_kernels(unverified);
+    memset_device(out.data(), 0xff, out.bytes());  // NaN pattern: every column must be written
+    attention_device(dq.as<float>(), qd, T, n_heads, n_kv, hd, ck.as<float>(), cv.as<float>(), cap, pos0,
+                     out.as<uint16_t>(), ldo);
+    std::vector<uint16_t> o(static_cast<size_t>(T * ldo));
+    download(o.data(), out.data(), o.size() * 2);
+    return o;
+  };
+  const std::vector<uint16_t> tiled = run(AttentionKernel::Tiled, false);
+  const std::vector<uint16_t> perq = run(AttentionKernel::PerQuery, false);
+  const std::vector<uint16_t> auto_off = run(AttentionKernel::Auto, false);
+  const std::vector<uint16_t> auto_on = run(AttentionKernel::Auto, true);
+  set_attention_kernel(saved_choice);
+  set_unverified_kernels(saved_unverified);
+  double errs[2];
+  int idx = 0;
+  for (const std::vector<uint16_t>* o : {&tiled, &perq}) {
+    std::vector<float> got(static_cast<size_t>(T * qd));
+    bool pad_ok = true;
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t c = 0; c < qd; ++c) got[t * qd + c] = bf16_to_f32((*o)[t * ldo + c]);
+      for (int64_t c = qd; c < ldo; ++c) pad_ok &= (*o)[t * ldo + c] == 0;
+    }
+    const double e = check::rel_error(got.data(), r.data(), r.size());
+    errs[idx] = e;
+    CHECK(e < 8e-3, "attention %s T %lld pos0 %lld heads %lld/%lld hd %lld: rel err %.3g", idx ? "per-query" : "tiled",
+          (long long)T, (long long)pos0, (long long)n_heads, (long long)n_kv, (long long)hd, e);
+    CHECK(pad_ok, "attention %s: padding columns not zeroed", idx ? "per-query" : "tiled");
+    ++idx;
   }
-  const double e = check::rel_error(got.data(), r.data(), r.size());
-  CHECK(e < 8e-3, "attention T %lld pos0 %lld heads %lld/%lld hd %lld: rel err %.3g", (long long)T, (long long)pos0,
-        (long long)n_heads, (long long)n_kv, (long long)hd, e);
-  CHECK(pad_ok, "attention: padding columns not zeroed");
+  CHECK(auto_off == perq, "attention T %lld: Auto with unverified kernels off must run the per-query kernel",
+        (long long)T);
+  CHECK(auto_on == (T >= 32 ? tiled : perq), "attention T %lld: Auto with unverified kernels on ran the wrong kernel",
+        (long long)T);
+  std::printf("  attention T %3lld pos0 %3lld heads %lld/%lld hd %3lld: rel err tiled %.2e, per-query %.2e\n",
+              (long long)T, (long long)pos0, (long long)n_heads, (long long)n_kv, (long long)hd, errs[0], errs[1]);
 }
 
 // A random model in host memory, laid out as the packed file (FFN in kernel layout, bf16).
@@ -868,10 +897,6 @@ void test_model_case(const char* name, bool llama, ActKind act, float threshold,
 }
 
 void test_models() {
-  test_attention_case(1, 0, 2, 1, 8);
-  test_attention_case(3, 290, 4, 1, 256);    // decode, MQA, the widest head, a long context
-  test_attention_case(70, 0, 6, 3, 130);     // prefill, GQA, head_dim across lanes with a tail
-  test_attention_case(9, 40, 4, 4, 64);      // a chunk after a cached prefix
   for (RunMode mode : {RunMode::Dense, RunMode::Sparse, RunMode::Auto}) {
     test_model_case("llama relu", true, ActKind::Relu, -1.f, mode);
     test_model_case("gpt2 relu", false, ActKind::Relu, -1.f, mode);
@@ -1364,80 +1389,18 @@ void test_training() {
 
 namespace {
 
-// --- tiled prefill attention (kernel_policy.h AttentionKernel; unverified) -----------------------
+// --- attention (kernel_policy.h AttentionKernel: the tiled prefill kernel is unverified) ----------
 
-// The tiled kernel and the per-(query, head) kernel, each forced, against the CPU
-// attention_causal (f32; bf16 output: one rounding, 8e-3 as test_attention_case) on the same
-// cache, filled by kv_store_device; padding columns must be zeroed. Then the Auto choice must
-// give the per-query kernel's bits with unverified kernels off and, from one query tile (32)
-// up, the tiled kernel's bits with them on (both kernels are deterministic).
-void test_attention_tiled_case(int64_t T, int64_t pos0, int64_t n_heads, int64_t n_kv, int64_t hd) {
-  const int64_t cap = pos0 + T + 5, qd = n_heads * hd, kd = n_kv * hd, ldo = pad8(qd) + 8;
-  KvCache cache;
-  cache.allocate(1, n_kv, hd, cap);
-  std::vector<float> q = random_vec(static_cast<size_t>(T * qd), 1.0);
-  std::vector<float> k = random_vec(static_cast<size_t>((pos0 + T) * kd), 1.0);
-  std::vector<float> v = random_vec(static_cast<size_t>((pos0 + T) * kd), 1.0);
-  kv_cache_store(cache, 0, k.data(), kd, v.data(), kd, pos0 + T, 0);
-  std::vector<float> ref(static_cast<size_t>(T * qd));
-  attention_causal(q.data(), qd, T, n_heads, cache, 0, pos0, ref.data(), qd);
-  std::vector<double> r(ref.begin(), ref.end());
-  const size_t cbytes = static_cast<size_t>(n_kv * cap * hd) * 4;
-  DeviceBuffer ck(cbytes), cv(cbytes), dk = to_device(k.data(), k.size() * 4), dv = to_device(v.data(), v.size() * 4);
-  memset_device(ck.data(), 0xff, cbytes);  // NaN past the stored keys: reading them would show
-  memset_device(cv.data(), 0xff, cbytes);
-  DeviceBuffer dq = to_device(q.data(), q.size() * 4), out(static_cast<size_t>(T * ldo) * 2);
-  kv_store_device(ck.as<float>(), cv.as<float>(), n_kv, cap, hd, dk.as<float>(), kd, dv.as<float>(), kd, pos0 + T, 0);
-  const AttentionKernel saved_choice = attention_kernel_choice();
-  const bool saved_unverified = unverified_kernels();
-  auto run = [&](AttentionKernel kern, bool unverified) {
-    set_attention_kernel(kern);
-    set_unverified_kernels(unverified);
-    memset_device(out.data(), 0xff, out.bytes());  // NaN pattern: every column must be written
-    attention_device(dq.as<float>(), qd, T, n_heads, n_kv, hd, ck.as<float>(), cv.as<float>(), cap, pos0,
-                     out.as<uint16_t>(), ldo);
-    std::vector<uint16_t> o(static_cast<size_t>(T * ldo));
-    download(o.data(), out.data(), o.size() * 2);
-    return o;
-  };
-  const std::vector<uint16_t> tiled = run(AttentionKernel::Tiled, false);
-  const std::vector<uint16_t> perq = run(AttentionKernel::PerQuery, false);
-  const std::vector<uint16_t> auto_off = run(AttentionKernel::Auto, false);
-  const std::vector<uint16_t> auto_on = run(AttentionKernel::Auto, true);
-  set_attention_kernel(saved_choice);
-  set_unverified_kernels(saved_unverified);
-  double errs[2];
-  int idx = 0;
-  for (const std::vector<uint16_t>* o : {&tiled, &perq}) {
-    std::vector<float> got(static_cast<size_t>(T * qd));
-    bool pad_ok = true;
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t c = 0; c < qd; ++c) got[t * qd + c] = bf16_to_f32((*o)[t * ldo + c]);
-      for (int64_t c = qd; c < ldo; ++c) pad_ok &= (*o)[t * ldo + c] == 0;
-    }
-    const double e = check::rel_error(got.data(), r.data(), r.size());
-    errs[idx] = e;
-    CHECK(e < 8e-3, "attention %s T %lld pos0 %lld heads %lld/%lld hd %lld: rel err %.3g", idx ? "per-query" : "tiled",
-          (long long)T, (long long)pos0, (long long)n_heads, (long long)n_kv, (long long)hd, e);
-    CHECK(pad_ok, "attention %s: padding columns not zeroed", idx ? "per-query" : "tiled");
-    ++idx;
-  }
-  CHECK(auto_off == perq, "attention T %lld: Auto with unverified kernels off must run the per-query kernel",
-        (long long)T);
-  CHECK(auto_on == (T >= 32 ? tiled : perq), "attention T %lld: Auto with unverified kernels on ran the wrong kernel",
-        (long long)T);
-  std::printf("  attention T %3lld pos0 %3lld heads %lld/%lld hd %3lld: rel err tiled %.2e, per-query %.2e\n",
-              (long long)T, (long long)pos0, (long long)n_heads, (long long)n_kv, (long long)hd, errs[0], errs[1]);
-}
-
-void test_attention_tiled() {
+void test_attention() {
   const int64_t shapes[][5] = {
       // T, pos0, n_heads, n_kv_heads, head_dim
       {1, 0, 2, 1, 64},     {1, 45, 4, 2, 37},    {7, 0, 4, 2, 64},     {7, 40, 3, 1, 37},
       {33, 0, 4, 2, 64},    {33, 29, 6, 3, 37},   {300, 0, 4, 2, 64},   {300, 70, 2, 1, 37},
       {40, 5, 2, 2, 256},   {65, 0, 2, 1, 130},   {33, 3, 2, 2, 1},
+      {1, 0, 2, 1, 8},      {3, 290, 4, 1, 256},  // decode, MQA, the widest head, a long context
+      {70, 0, 6, 3, 130},   {9, 40, 4, 4, 64},    // prefill, GQA, head_dim with a tail; a chunk after a prefix
   };
-  for (const auto& s : shapes) test_attention_tiled_case(s[0], s[1], s[2], s[3], s[4]);
+  for (const auto& s : shapes) test_attention_case(s[0], s[1], s[2], s[3], s[4]);
 }
 
 }  // namespace
@@ -1483,7 +1446,7 @@ int main(int argc, char** argv) {
       test_models();
     }
     set_unverified_kernels(false);
-    test_attention_tiled();
+    test_attention();
     traintest::test_training();
   } catch (const std::exception& e) {
     CHECK(false, "exception: %s", e.what());
