@@ -4,24 +4,17 @@
 // relative error < 2e-2, as test_cuda_ops) and bench --model runs end to end with the variable set.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
-import { join } from 'node:path';
-import { REPO_ROOT, FIXTURE_PATHS } from './helpers/fixtures.js';
+import { FIXTURE_PATHS } from './helpers/fixtures.js';
+import { runCli } from './helpers/cli.js';
 import { engine } from '../src/core/native.js';
 import { ModelRuntime, resolveModelBackend } from '../src/core/model/runtime.js';
 import { UsageError } from '../src/core/errors.js';
 
-const BIN = join(REPO_ROOT, 'bin', 'sparsellm.js');
 const cuda = engine().buildInfo().cuda;
 const gpu = cuda.compiled && cuda.usable && typeof engine().CudaModel === 'function';
 const noGpu = gpu ? false : `no usable GPU: ${cuda.reason}`;
 
-function run(args: string[], extraEnv: Record<string, string | undefined> = {}) {
-  const env = { ...process.env, OMP_NUM_THREADS: '2', ...extraEnv };
-  for (const [k, v] of Object.entries(env)) if (v === undefined) delete env[k];
-  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-}
+const run = (args: string[], extraEnv: Record<string, string | undefined> = {}) => runCli(args, extraEnv);
 
 test('resolveModelBackend: auto and cpu stay on the CPU; cuda says why not', () => {
   assert.equal(resolveModelBackend('auto', {}), 'cpu');

@@ -6,16 +6,15 @@
 // `train --backend cuda` runs end to end (dense and hybrid) and writes a checkpoint.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { REPO_ROOT } from './helpers/fixtures.js';
 import { makeTempDir } from './helpers/tmp.js';
+import { runCli } from './helpers/cli.js';
 import { engine } from '../src/core/native.js';
 import { UsageError } from '../src/core/errors.js';
 import { ModelTrainer, resolveTrainBackend, type TrainModelShape, type TrainerHyper } from '../src/core/train/engine.js';
 
-const BIN = join(REPO_ROOT, 'bin', 'sparsellm.js');
 const MOBY = join(REPO_ROOT, 'fixtures', 'text', 'moby-dick.txt');
 const cuda = engine().buildInfo().cuda;
 const gpu = cuda.compiled && cuda.usable && typeof (engine() as { CudaTrainer?: unknown }).CudaTrainer === 'function';
@@ -33,12 +32,7 @@ before(() => {
 });
 after(() => cleanup());
 
-function run(args: string[], extraEnv: Record<string, string | undefined> = {}) {
-  const env = { ...process.env, OMP_NUM_THREADS: '1', ...extraEnv };
-  for (const [k, v] of Object.entries(env)) if (v === undefined) delete env[k];
-  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-}
+const run = (args: string[], extraEnv: Record<string, string | undefined> = {}) => runCli(args, extraEnv, 1);
 
 test('resolveTrainBackend: auto and cpu stay on the CPU; cuda says why not', () => {
   assert.equal(resolveTrainBackend('auto', {}), 'cpu');
