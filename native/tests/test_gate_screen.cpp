@@ -190,6 +190,14 @@ void test_exact(const char* isa, Tally& t) {
           run_case(F, K, M, dt, 1.0, t, what, true);
           if (M == 2 && F == 130) run_case(F, K, M, dt, 0.25, t, what, true);  // may fall back
         }
+  // Many screen chunks (a quarter of the rows left each, down to 64; the last one partial),
+  // every chunk computing its own candidates' exact gates.
+  for (DType dt : {DType::BF16, DType::F32})
+    for (int64_t M = 1; M <= 4; ++M) {
+      char what[96];
+      std::snprintf(what, sizeof what, "%s %s chunks", isa, dt == DType::BF16 ? "bf16" : "f32");
+      run_case(1111, 300, M, dt, 1.0, t, what, true);
+    }
 }
 
 // FfnLayer::decode, sparse mode (screened), against a float64 recomputation of the FFN.

@@ -3,9 +3,6 @@
 #include "sparsellm/ffn.h"
 
 #include <omp.h>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include <algorithm>
 #include <atomic>
@@ -17,6 +14,7 @@
 #include <string>
 
 #include "ffn_kernels.h"
+#include "huge_buffer.h"
 #include "sparsellm/cpu_info.h"
 #include "sparsellm/gemm.h"
 
@@ -570,24 +568,6 @@ WeightView FfnLayer::down_standard() {
   return {down_std_.data(), cfg_.dtype, d, F, F};
 }
 
-namespace {
-
-// `bytes` of memory aligned to 2 MiB and advised for transparent huge pages where the system
-// allows it (Linux, THP "madvise" or "always"); ordinary memory otherwise. Not initialised.
-std::shared_ptr<uint8_t> huge_buffer(size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t huge = size_t(2) << 20, len = (bytes + huge - 1) / huge * huge + huge;
-  void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (base != MAP_FAILED) {
-    uint8_t* p = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(base) + huge - 1) & ~(uintptr_t)(huge - 1));
-    madvise(p, len - static_cast<size_t>(p - static_cast<uint8_t*>(base)), MADV_HUGEPAGE);  // advice only
-    return std::shared_ptr<uint8_t>(p, [base, len](uint8_t*) { munmap(base, len); });
-  }
-#endif
-  return std::shared_ptr<uint8_t>(new uint8_t[bytes], std::default_delete<uint8_t[]>());
-}
-
-}  // namespace
 
 const char* FfnLayer::panels() {
   const int64_t d = cfg_.d_model, F = cfg_.d_ff, P = detail::kSpmmCols;
@@ -595,7 +575,7 @@ const char* FfnLayer::panels() {
   if (!panels_) {
     // Gated: the up panels, then the down panels; non-gated: the down panels.
     const int mats = cfg_.gated ? 2 : 1;
-    panels_ = huge_buffer(static_cast<size_t>(mats * chunks * F * P * es));
+    panels_ = detail::huge_buffer(static_cast<size_t>(mats * chunks * F * P * es));
     char* o = reinterpret_cast<char*>(panels_.get());
     for (int q = 0; q < mats; ++q) {
       const WeightView src = mats == 2 && q == 0 ? up_view() : down_t_view();

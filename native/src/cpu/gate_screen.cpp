@@ -1,8 +1,8 @@
 // Screened gate for the sparse decode (gate_screen.h; docs/runtime.md, "Screened gate
 // (decode)"): the int8 copy of the gate is built once per layer; each decode call streams it
 // (about half the bf16 gate's bytes), keeps the rows whose bound does not rule them out, and
-// computes those rows exactly with the decode GEMV (gemv_rows on the listed rows: the same
-// row kernels as the plain call, so the same bits).
+// computes those rows exactly with the decode GEMV's row kernels (GemvRowsTask, chunk by chunk
+// inside the screen's parallel region: the same kernels as the plain call, so the same bits).
 #include "gate_screen.h"
 
 #include <omp.h>
@@ -17,6 +17,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "gemv_tasks.h"
+#include "huge_buffer.h"
 #include "sparsellm/cpu_info.h"
 #include "sparsellm/model.h"
 
@@ -46,6 +48,22 @@ RowsI8 pick() {
     case Isa::Avx2: return screen_kernel_avx2();
     default: return p_rows;
   }
+}
+
+// The screen's row chunks, handed out in order to the threads as they come: a quarter of the
+// rows left each (so the first ones are long contiguous streams), down to 64 rows, multiples of
+// 16. The short chunks at the end even out the threads' finish: with 8 equal chunks a thread
+// the host slowed held the other up by most of a chunk (the screen took ~4% longer). They
+// depend on F only, never on the thread count.
+std::vector<int64_t> screen_chunks(int64_t F) {
+  std::vector<int64_t> b{0};
+  for (int64_t r = 0; r < F;) {
+    const int64_t size = (std::max<int64_t>(64, (F - r) / 4) + 15) / 16 * 16;
+    r = std::min(F, r + size);
+    b.push_back(r);
+  }
+  if (b.size() == 1) b.push_back(0);  // F = 0: one empty chunk
+  return b;
 }
 
 std::atomic<double> g_bound_scale{1.0};
@@ -84,9 +102,11 @@ GateScreen::GateScreen(const WeightView& w) : F_(w.rows), K_(w.cols) {
   if (F_ < 0 || K_ < 1 || w.ld < K_ || (F_ > 0 && !w.data)) throw std::invalid_argument("GateScreen: bad shape");
   ldq_ = (K_ + 63) / 64 * 64;
   const size_t qbytes = static_cast<size_t>(std::max<int64_t>(1, F_ + 1) * ldq_);  // + one row: prefetch target
-  q_ = static_cast<int8_t*>(std::aligned_alloc(64, qbytes));
-  if (!q_) throw std::bad_alloc();
+  q_mem_ = detail::huge_buffer(qbytes);
+  q_ = reinterpret_cast<int8_t*>(q_mem_.get());
   std::memset(q_ + F_ * ldq_, 0, static_cast<size_t>(ldq_));
+  bounds_ = screen_chunks(F_);
+  chunk_cands_.assign(bounds_.size() - 1, 0);
   scale_.reset(new float[static_cast<size_t>(std::max<int64_t>(1, F_))]);
   resid_.reset(new float[static_cast<size_t>(std::max<int64_t>(1, F_))]);
   dot_.reset(new float[static_cast<size_t>(std::max<int64_t>(1, 4 * F_))]);
@@ -156,7 +176,7 @@ GateScreen::GateScreen(const WeightView& w) : F_(w.rows), K_(w.cols) {
   max_abs_ = mx;
 }
 
-GateScreen::~GateScreen() { std::free(q_); }
+GateScreen::~GateScreen() = default;
 
 size_t GateScreen::bytes() const { return static_cast<size_t>((F_ + 1) * ldq_ + 8 * F_); }
 
@@ -193,7 +213,10 @@ int64_t GateScreen::gate(const WeightView& w, const float* x, int64_t ldx, int64
     cs[m] = 2 * 127 * gam * n1 * (1 + 1e-6) * bs + 128 * tiny * bs;
     c0[m] = tiny * bs;
   }
-  // Screen: int8 dots for all rows, then the per-row test, threads splitting the rows.
+  // One parallel region: each chunk of rows gets its int8 dots, the per-row test, and its
+  // candidates' exact gates (the GEMV's own row kernels on the chunk's candidate list, so the
+  // latency-bound scattered rows of one thread overlap the other thread's streaming, with no
+  // second region to wait for). A chunk's candidates go to cand[bounds_[c] ..], ascending.
   const RowsI8 kern = pick();
   ScreenArgs a;
   a.x = x;
@@ -201,34 +224,50 @@ int64_t GateScreen::gate(const WeightView& w, const float* x, int64_t ldx, int64
   a.M = static_cast<int>(M);
   a.K = K_;
   a.pf = 1024;
+  const gemv_detail::GemvRowsTask exact(x, ldx, M, w);
   const int threads = std::max(1, num_threads());
-  const int64_t chunks = threads <= 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(4 * threads, F_ / 16));
+  const int64_t chunks = static_cast<int64_t>(bounds_.size()) - 1;
   float* dot = dot_.get();
   uint8_t* flag = flag_.get();
+  int32_t* cand = cand_.get();
   const float* sc = scale_.get();
   const float* rs = resid_.get();
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t r0 = F_ * c / chunks, r1 = F_ * (c + 1) / chunks;
+    const int64_t r0 = bounds_[static_cast<size_t>(c)], r1 = bounds_[static_cast<size_t>(c) + 1];
     kern(a, q_, ldq_, r0, r1, dot, F_);
-    for (int64_t j = r0; j < r1; ++j) {
-      const double s = sc[j], r = rs[j];
-      bool keep = false;
-      for (int64_t m = 0; m < M; ++m) {
-        const double gt = s * static_cast<double>(dot[m * F_ + j]);
-        const double bound = (r * c2[m] + s * cs[m] + c0[m]) * (1 + 1e-12);
-        keep = keep || !(gt + bound <= 0);  // NaN or inf: kept
+    // Kept unless g̃ + bound <= 0 for every token (NaN or inf: kept). Token-major loops the
+    // compiler vectorises.
+    for (int64_t m = 0; m < M; ++m) {
+      const double c2m = c2[m], csm = cs[m], c0m = c0[m];
+      const float* dm = dot + m * F_;
+#pragma omp simd
+      for (int64_t j = r0; j < r1; ++j) {
+        const double s = sc[j];
+        const double bound = (static_cast<double>(rs[j]) * c2m + s * csm + c0m) * (1 + 1e-12);
+        const uint8_t keep = !(s * static_cast<double>(dm[j]) + bound <= 0);
+        flag[j] = m == 0 ? keep : static_cast<uint8_t>(flag[j] | keep);
       }
-      flag[j] = keep;
     }
+    int64_t n = 0;
+    for (int64_t j = r0; j < r1; ++j)
+      if (flag[j]) cand[r0 + n++] = static_cast<int32_t>(j);
+    chunk_cands_[static_cast<size_t>(c)] = n;
+    // Rows ruled out: 0 (ReLU of the exact value is 0 as well); candidates: exact.
+    for (int64_t m = 0; m < M; ++m) std::memset(G + m * ldg + r0, 0, sizeof(float) * static_cast<size_t>(r1 - r0));
+    exact.run(cand + r0, n, G, ldg);
   }
-  int32_t* cand = cand_.get();
   int64_t nc = 0;
-  for (int64_t j = 0; j < F_; ++j)
-    if (flag[j]) cand[nc++] = static_cast<int32_t>(j);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t n = chunk_cands_[static_cast<size_t>(c)];
+    std::memmove(cand + nc, cand + bounds_[static_cast<size_t>(c)], sizeof(int32_t) * static_cast<size_t>(n));
+    nc += n;
+  }
   g_rows.fetch_add(F_, std::memory_order_relaxed);
   g_cands.fetch_add(nc, std::memory_order_relaxed);
   if (static_cast<double>(nc) > max_fraction * static_cast<double>(F_)) {
+    // Too many candidates for the screen to pay (their exact gates are already in G; the plain
+    // GEMV replaces them, as the contract says): back off after repeated misses.
     if (++misses_ >= kMaxMisses) {
       misses_ = 0;
       skip_ = kSkip;
@@ -236,11 +275,6 @@ int64_t GateScreen::gate(const WeightView& w, const float* x, int64_t ldx, int64
     return full();
   }
   misses_ = 0;
-  // Rows ruled out: 0 (ReLU of the exact value is 0 as well). Candidates: the decode GEMV's
-  // own row kernels on the listed rows (gemv_rows), several in flight per thread.
-  for (int64_t m = 0; m < M; ++m) std::memset(G + m * ldg, 0, sizeof(float) * static_cast<size_t>(F_));
-  if (nc == 0) return 0;
-  gemv_rows(x, ldx, M, w, cand, nc, G, ldg);
   return nc;
 }
 

@@ -16,6 +16,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "row_streams.h"
 #include "sparsellm/tensor.h"
@@ -95,7 +96,10 @@ class GateScreen {
   static constexpr int kMaxMisses = 4, kSkip = 64;
  private:
   int64_t F_ = 0, K_ = 0, ldq_ = 0;
-  int8_t* q_ = nullptr;              // [F][ldq], 64-byte aligned
+  std::shared_ptr<uint8_t> q_mem_;   // huge pages where the system allows (huge_buffer.h)
+  int8_t* q_ = nullptr;              // [F][ldq] in q_mem_, 2 MiB aligned
+  std::vector<int64_t> bounds_;      // the screen's row chunks: [bounds_[c], bounds_[c + 1])
+  std::vector<int64_t> chunk_cands_; // candidates found in each chunk (last call)
   std::unique_ptr<float[]> scale_;   // s_j
   std::unique_ptr<float[]> resid_;   // r_j (rounded up)
   double max_abs_ = 0;               // max_j 127 s_j (overflow guard)

@@ -13,6 +13,7 @@
 
 #include "aligned_buffer.h"
 #include "gemv_kernels.h"
+#include "gemv_tasks.h"
 #include "sparsellm/cpu_info.h"
 #include "sparsellm/model.h"
 
@@ -153,29 +154,40 @@ void gemv_multi(const float* x, int64_t ldx, int64_t M, const GemvOutput* outs, 
   }
 }
 
+GemvRowsTask::GemvRowsTask(const float* x, int64_t ldx, int64_t M, const WeightView& W) : k_(&pick()), w_(W) {
+  if (M < 1 || M > kMaxTokens) throw std::invalid_argument("GemvRowsTask: 1 to 4 tokens");
+  if (W.dtype != DType::F32 && W.dtype != DType::BF16) throw std::invalid_argument("GemvRowsTask: W must be f32 or bf16");
+  if (!W.data || !x || W.ld < W.cols || ldx < W.cols) throw std::invalid_argument("GemvRowsTask: null pointer or bad leading dimension");
+  a_ = token_group(*k_, x, ldx, W.cols, M, 0);
+}
+
+void GemvRowsTask::run(const int32_t* rows, int64_t n, float* y, int64_t ldy) const {
+  if (n <= 0) return;
+  GemvArgs a = a_;
+  a.rows = rows;
+  if (w_.dtype == DType::BF16) k_->bf16(a, static_cast<const uint16_t*>(w_.data), w_.ld, 0, n, y, ldy);
+  else k_->f32(a, static_cast<const float*>(w_.data), w_.ld, 0, n, y, ldy);
+}
+
 void gemv_rows(const float* x, int64_t ldx, int64_t M, const WeightView& W, const int32_t* rows, int64_t n, float* y,
                int64_t ldy) {
   if (M < 0 || n < 0) throw std::invalid_argument("gemv_rows: negative shape");
   if (M == 0 || n == 0) return;
-  const int64_t K = W.cols;
   if (W.dtype != DType::F32 && W.dtype != DType::BF16) throw std::invalid_argument("gemv_rows: W must be f32 or bf16");
-  if (!W.data || !x || !y || !rows || W.ld < K || ldx < K || (M > 1 && ldy < W.rows))
+  if (!W.data || !x || !y || !rows || W.ld < W.cols || ldx < W.cols || (M > 1 && ldy < W.rows))
     throw std::invalid_argument("gemv_rows: null pointer or bad leading dimension");
   for (int64_t i = 0; i < n; ++i)
     if (rows[i] < 0 || rows[i] >= W.rows) throw std::invalid_argument("gemv_rows: row index out of range");
-  const GemvKernels& kr = pick();
   // Scattered rows are latency-bound, not bandwidth-bound: both threads from a few rows on.
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), n / 8)));
   const int64_t chunks = chunk_count(n * 16, threads);
   for (int64_t g0 = 0; g0 < M; g0 += kMaxTokens) {
-    GemvArgs a = token_group(kr, x, ldx, K, M, g0);
-    a.rows = rows;
+    const GemvRowsTask task(x + g0 * ldx, ldx, std::min<int64_t>(kMaxTokens, M - g0), W);
     float* yg = y + g0 * ldy;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t i0 = n * c / chunks, i1 = n * (c + 1) / chunks;
-      if (W.dtype == DType::BF16) kr.bf16(a, static_cast<const uint16_t*>(W.data), W.ld, i0, i1, yg, ldy);
-      else kr.f32(a, static_cast<const float*>(W.data), W.ld, i0, i1, yg, ldy);
+      task.run(rows + i0, i1 - i0, yg, ldy);
     }
   }
 }
