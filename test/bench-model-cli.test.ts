@@ -39,9 +39,24 @@ test('bench --model --json: bandwidth probed before and after the rounds, the de
   assert.ok(j.peakRssBytes < 900 * 2 ** 20, `peak RSS ${j.peakRssBytes}`);
 });
 
+test('bench --model --kv-cache bf16: reported, and the cache counted at 2 bytes per element', () => {
+  const args = ['bench', '--model', FIXTURE_PATHS.opt!, '--prefill', '8', '--decode', '4', '--decode-prompt', '40', '--repeats', '1', '--warmup', '0', '--no-bandwidth', '--json', '-q'];
+  const f = run(args);
+  const b = run([...args, '--kv-cache', 'bf16']);
+  assert.equal(f.status, 0, f.stderr);
+  assert.equal(b.status, 0, b.stderr);
+  const jf = JSON.parse(f.stdout), jb = JSON.parse(b.stdout);
+  assert.equal(jf.kvCache, 'f32');
+  assert.equal(jb.kvCache, 'bf16');
+  assert.ok(jb.dense.decodeBytesPerToken < jf.dense.decodeBytesPerToken, `${jb.dense.decodeBytesPerToken} vs ${jf.dense.decodeBytesPerToken}`);
+});
+
 test('bench --model: usage errors', () => {
   let r = run(['bench', '--model', FIXTURE_PATHS.opt!, '--csv']);
   assert.equal(r.status, 2, r.stderr);
+  r = run(['bench', '--model', FIXTURE_PATHS.opt!, '--kv-cache', 'f16']);
+  assert.equal(r.status, 2, r.stderr);
+  assert.match(r.stderr, /--kv-cache/);
   r = run(['bench', '--model', FIXTURE_PATHS.opt!, '--prefill', '500', '-q']);
   assert.equal(r.status, 2, r.stderr);
   assert.match(r.stderr, /--context must be in \[1, 128\]|holds 128/);
@@ -53,6 +68,8 @@ test('decode bytes per token: dense counts every matrix once, sparse only the ac
   assert.equal(decodeBytes(spec, 2, 0), 472 * 2);
   assert.equal(decodeBytes(spec, 2, 0, [3]), (192 + 80 + 3 * 16 + 40) * 2);
   assert.equal(decodeBytes(spec, 2, 10), 472 * 2 + 2 * 10 * 4 * 4);
+  // A bf16 KV cache: 2 bytes per cached element.
+  assert.equal(decodeBytes(spec, 2, 10, undefined, undefined, 2), 472 * 2 + 2 * 10 * 4 * 2);
   // A screened gate: int8 copy (F·d bytes + 8 per row) plus the candidate rows read exactly.
   assert.equal(decodeBytes(spec, 2, 0, [3], [5]), (192 + 3 * 16 + 40) * 2 + 10 * 8 + 8 * 10 + 5 * 8 * 2);
 });

@@ -57,6 +57,14 @@ test('greedy generation: JSON result, deterministic, streamed text equals the JS
   assert.equal(streamed.code, 0, streamed.stderr);
   assert.equal(streamed.stdout, ja.text + '\n');
   assert.match(streamed.stderr, /FFN non-zeros per token/);
+  // A bf16 KV cache runs and is reported (its logits against the f32 cache: model-decode.test.ts;
+  // the greedy text may part from the f32 one at a near tie, so it is not compared here).
+  const kv = run([...args, '--json', '--kv-cache', 'bf16']);
+  assert.equal(kv.code, 0, kv.stderr);
+  const jkv = JSON.parse(kv.stdout);
+  assert.equal(jkv.kvCache, 'bf16');
+  assert.equal(ja.kvCache, 'f32');
+  assert.ok(jkv.tokens.generated > 0);
   // --dense gives the same greedy text.
   const d = JSON.parse(run([...args, '--json', '--dense']).stdout);
   assert.equal(d.text, ja.text);

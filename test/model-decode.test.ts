@@ -75,6 +75,44 @@ for (const name of ARCHS) {
   });
 }
 
+test('bf16 KV cache: decode chunks equal full recomputation on it; logits within bf16 rounding of the f32 cache', async () => {
+  const path = packed.get('llama-relu-gqa')!;
+  const rt = await ModelRuntime.load(path, { context: 40, kvCache: 'bf16' });
+  const rf = await ModelRuntime.load(path, { context: 40 });
+  try {
+    assert.equal(rt.kvCache, 'bf16');
+    assert.equal(rf.kvCache, 'f32');
+    let s = (SEED ^ 0x9e3779b9) >>> 0 || 1;
+    const next = () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 2 ** 32);
+    const tokens = Array.from({ length: 5 + 1 + 3 + 4 }, () => Math.floor(next() * rt.spec.vocabSize));
+    const V = rt.spec.vocabSize;
+    const full = rt.forward(tokens, { allLogits: true, mode: 'dense' });
+    for (const mode of ['sparse', 'dense'] as const) {
+      rt.reset();
+      let pos = 5;
+      rt.forward(tokens.slice(0, pos), { mode });
+      for (const n of [1, 3, 4]) {
+        const got = rt.forward(tokens.slice(pos, pos + n), { allLogits: true, mode });
+        compareRows(got, full.subarray(pos * V, (pos + n) * V), `bf16 cache ${mode} tokens ${pos}..${pos + n - 1}`);
+        pos += n;
+      }
+    }
+    // Against the f32 cache: rounded keys and values move the logits a little (~2^-9 relative
+    // per element), never by O(1), and never not at all (the option is not a no-op).
+    const ref = rf.forward(tokens, { allLogits: true, mode: 'dense' });
+    let num = 0, den = 0;
+    for (let i = 0; i < ref.length; i++) {
+      num += (full[i]! - ref[i]!) ** 2;
+      den += ref[i]! ** 2;
+    }
+    const rel = Math.sqrt(num / den);
+    assert.ok(rel > 1e-7 && rel < 2e-2, `bf16 against f32 cache: relative difference ${rel}`);
+  } finally {
+    rt.close();
+    rf.close();
+  }
+});
+
 test('step timing: off by default, counts the tokens and calls it covers, same logits, cleared by resetActivity', async () => {
   const rt = await ModelRuntime.load(packed.get('llama-relu-gqa')!, { context: 40 });
   try {

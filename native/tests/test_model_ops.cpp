@@ -238,7 +238,11 @@ void ref_attention(const std::vector<float>& q, const std::vector<float>& k, con
   (void)n_tokens_total;
 }
 
-void test_attention() {
+// With a bf16 cache the keys and values are rounded to bf16 as they are stored: the reference
+// takes the rounded values, so the tolerance stays the f32 one (a cache read as f32, or rounded
+// any other way, would miss it by ~1e-3).
+void test_attention(DType kv_dtype) {
+  const char* kvname = kv_dtype == DType::BF16 ? "bf16" : "f32";
   struct Case { int64_t heads, kv_heads, hd; };
   // head_dim 130: two full 64-column output blocks of the decode kernel and a 2-column tail;
   // 25: a last 8-lane register holding one column (AVX2).
@@ -247,7 +251,7 @@ void test_attention() {
     // 150 prompt tokens: several query blocks of kAttentionQueryBlock (the last one partial).
     const int64_t prefill = 150, decode = 4, total = prefill + decode, layers = 2, layer = 1;
     KvCache cache;
-    cache.allocate(layers, c.kv_heads, c.hd, total + 3);
+    cache.allocate(layers, c.kv_heads, c.hd, total + 3, kv_dtype);
     const int64_t qd = c.heads * c.hd, kd = c.kv_heads * c.hd;
     auto q = randn(total * qd, 1.5f), k = randn(total * kd, 1.5f), v = randn(total * kd);
     // Prefill: all `prefill` tokens at once (with padded leading dimensions).
@@ -266,16 +270,22 @@ void test_attention() {
       attention_causal(&q[t * qd], qd, 1, c.heads, cache, layer, t, &out[t * ldo], ldo);
     }
     std::vector<double> ref;
-    ref_attention(q, k, v, total, c.heads, c.kv_heads, c.hd, 0, total, ref);
+    auto kr = k, vr = v;
+    if (kv_dtype == DType::BF16)
+      for (size_t i = 0; i < kr.size(); ++i) {
+        kr[i] = bf16_to_f32(f32_to_bf16(kr[i]));
+        vr[i] = bf16_to_f32(f32_to_bf16(vr[i]));
+      }
+    ref_attention(q, kr, vr, total, c.heads, c.kv_heads, c.hd, 0, total, ref);
     std::vector<float> got(total * qd);
     for (int64_t t = 0; t < total; ++t) std::memcpy(&got[t * qd], &out[t * ldo], sizeof(float) * qd);
     double e = check::rel_error(got.data(), ref.data(), ref.size());
-    CHECK(e < 2e-5, "attention heads=%lld kv=%lld hd=%lld: rel error %g", (long long)c.heads, (long long)c.kv_heads,
-          (long long)c.hd, e);
+    CHECK(e < 2e-5, "attention (%s cache) heads=%lld kv=%lld hd=%lld: rel error %g", kvname, (long long)c.heads,
+          (long long)c.kv_heads, (long long)c.hd, e);
     // Prefill in chunks (later prompt parts after the first; 5 < kAttentionGemmMinTokens <= 8)
     // gives the same rows.
     KvCache c2;
-    c2.allocate(layers, c.kv_heads, c.hd, total);
+    c2.allocate(layers, c.kv_heads, c.hd, total, kv_dtype);
     std::vector<float> out2(total * qd);
     int64_t a = 0;
     // (a chunk of 70 at position 24: two query blocks that also see earlier keys)
@@ -287,7 +297,7 @@ void test_attention() {
       a = b;
     }
     double e2 = check::rel_error(out2.data(), ref.data(), ref.size());
-    CHECK(e2 < 2e-5, "attention chunked prefill: rel error %g", e2);
+    CHECK(e2 < 2e-5, "attention (%s cache) chunked prefill: rel error %g", kvname, e2);
   }
 }
 
@@ -305,7 +315,8 @@ int main() {
       test_norms();
       test_rope();
       test_activations();
-      test_attention();
+      test_attention(DType::F32);
+      test_attention(DType::BF16);
     }
   }
   return check::finish("test_model_ops");

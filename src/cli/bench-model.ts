@@ -5,9 +5,9 @@ import type { Command } from 'commander';
 import { setThreads, engine } from '../core/native.js';
 import { UsageError } from '../core/errors.js';
 import { benchModel, type ModelBenchResult } from '../core/model/bench.js';
-import { resolveModelBackend } from '../core/model/runtime.js';
+import { resolveModelBackend, type KvCacheDtype } from '../core/model/runtime.js';
 import { loadAverage1m, logicalCpus, sourceCommit } from '../core/bench/runinfo.js';
-import { parsePositiveInt } from './options.js';
+import { kvCacheOption, parsePositiveInt } from './options.js';
 import { Output, formatBytes } from './ui.js';
 import { VERSION } from './version.js';
 import { DEFAULT_MODEL, DEFAULT_MODEL_NOTE } from './default-model.js';
@@ -24,6 +24,7 @@ export interface ModelBenchFlags {
   backend: 'auto' | 'cpu' | 'cuda';
   bandwidth?: boolean;
   mmap?: boolean;
+  kvCache: KvCacheDtype;
   profile?: boolean;
   json?: boolean;
   csv?: boolean;
@@ -40,6 +41,7 @@ export function addModelBenchOptions(cmd: Command): Command {
     .option('--decode-prompt <n>', 'with --model: tokens in the cache before the timed decode', parsePositiveInt('--decode-prompt'), 16)
     .option('--no-bandwidth', 'with --model: skip measuring the machine memory bandwidth')
     .option('--mmap', 'with --model: ' + 'map the weights file instead of reading it into huge-page memory (opens faster and shares the page cache; decode is slower)')
+    .addOption(kvCacheOption('with --model: '))
     .option('--profile', 'with --model: time each step of a decoded token (projections, attention, FFN, head) and the GB/s of the weight-streaming ones (CPU)');
 }
 
@@ -77,6 +79,7 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
       bandwidth: flags.bandwidth !== false && backend === 'cpu',
       backend,
       weights: flags.mmap ? 'mmap' : 'resident',
+      kvCache: flags.kvCache,
       profile: !!flags.profile,
       onProgress: () => bar.tick(1),
       onNotice: (s) => out.note(s),
@@ -107,7 +110,7 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
     l.gateCandidatesMean === null ? 'all (not screened)' : l.gateCandidatesMean.toFixed(1),
   ]);
   const summary =
-    `${r.spec.modelType}, ${r.spec.nLayers} layers, d_model ${r.spec.dModel}, ${r.storageDtype} weights ${formatBytes(r.weightsBytes)} (${r.weights === 'mmap' ? 'memory-mapped' : 'resident, huge pages advised'}); ` +
+    `${r.spec.modelType}, ${r.spec.nLayers} layers, d_model ${r.spec.dModel}, ${r.storageDtype} weights ${formatBytes(r.weightsBytes)} (${r.weights === 'mmap' ? 'memory-mapped' : 'resident, huge pages advised'}${r.kvCache === 'f32' ? '' : `, ${r.kvCache} KV cache`}); ` +
     `peak RSS ${formatBytes(r.peakRssBytes)}` +
     (r.memoryBandwidthGBs ? `; ${bandwidthSummary(r)}` : '');
   const tables: [(string | number)[], (string | number)[][]][] = [[head, rows], [layerHead, layerRows]];

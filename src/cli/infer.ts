@@ -6,9 +6,9 @@ import { Option, type Command } from 'commander';
 import { SparseLlmError, UsageError } from '../core/errors.js';
 import { setThreads } from '../core/native.js';
 import { generate, perplexity } from '../core/model/generate.js';
-import { ModelRuntime, resolveModelBackend, type FfnRunMode, type LayerActivity } from '../core/model/runtime.js';
+import { ModelRuntime, resolveModelBackend, type FfnRunMode, type KvCacheDtype, type LayerActivity } from '../core/model/runtime.js';
 import { StreamDecoder } from '../core/tokenizer/index.js';
-import { parseNumberInRange, parsePositiveInt } from './options.js';
+import { kvCacheOption, parseNumberInRange, parsePositiveInt } from './options.js';
 import { Output, formatBytes } from './ui.js';
 import { DEFAULT_MODEL, DEFAULT_MODEL_NOTE } from './default-model.js';
 
@@ -23,6 +23,7 @@ interface InferOptions {
   context?: number;
   dense?: boolean;
   mmap?: boolean;
+  kvCache: KvCacheDtype;
   backend: 'auto' | 'cpu' | 'cuda';
   threads?: number;
   json?: boolean;
@@ -52,6 +53,7 @@ export function registerInfer(program: Command): void {
     .option('--context <n>', 'context length: KV-cache size, and the window of --perplexity (default: the model maximum; 1024 for --perplexity)', parsePositiveInt('--context'))
     .option('--dense', 'run every FFN on the dense path (default: TwELL sparse kernels for ReLU FFNs where they pay)')
     .option('--mmap', 'map the weights file instead of reading it into huge-page memory (opens faster and shares the page cache; decode is slower)')
+    .addOption(kvCacheOption())
     .addOption(new Option('--backend <backend>', 'compute backend').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--threads <n>', 'CPU threads (default: all cores)', parsePositiveInt('--threads'))
     .option('--json', 'print a JSON result on stdout (the generated text is not streamed)')
@@ -113,6 +115,7 @@ async function runInfer(modelPath: string, opts: InferOptions): Promise<void> {
     onNotice: (s) => out.note(s),
     backend,
     weights: opts.mmap ? 'mmap' : 'resident',
+    kvCache: opts.kvCache,
   });
   try {
     const tok = rt.tokenizer;
@@ -121,7 +124,7 @@ async function runInfer(modelPath: string, opts: InferOptions): Promise<void> {
     }
     const loadSeconds = (performance.now() - loadStart) / 1000;
     out.note(
-      `${rt.spec.modelType}: ${rt.spec.nLayers} layers, d_model ${rt.spec.dModel}, ${rt.spec.activation} FFN, ${rt.storageDtype} weights ${formatBytes(rt.weightsBytes)}, context ${rt.context}; ${backend}, ${mode === 'dense' ? 'dense FFN' : 'sparse FFN where ReLU'} (loaded in ${loadSeconds.toFixed(2)}s)`,
+      `${rt.spec.modelType}: ${rt.spec.nLayers} layers, d_model ${rt.spec.dModel}, ${rt.spec.activation} FFN, ${rt.storageDtype} weights ${formatBytes(rt.weightsBytes)}, context ${rt.context}${rt.kvCache === 'f32' ? '' : ` (${rt.kvCache} KV cache)`}; ${backend}, ${mode === 'dense' ? 'dense FFN' : 'sparse FFN where ReLU'} (loaded in ${loadSeconds.toFixed(2)}s)`,
     );
 
     if (corpus) {
@@ -139,6 +142,7 @@ async function runInfer(modelPath: string, opts: InferOptions): Promise<void> {
           model: modelPath,
           backend,
           mode,
+          kvCache: rt.kvCache,
           files: corpus.files,
           context: rt.context,
           tokens: r.tokens,
@@ -186,6 +190,7 @@ async function runInfer(modelPath: string, opts: InferOptions): Promise<void> {
         model: modelPath,
         backend,
         mode,
+        kvCache: rt.kvCache,
         seed,
         text,
         stoppedAt: result.stoppedAt,

@@ -1,5 +1,5 @@
-// Parsers for flag values shared by several commands. Each throws a UsageError (exit 2).
-import { InvalidArgumentError } from 'commander';
+// Parsers for flag values, and options, shared by several commands. Parsers throw a UsageError (exit 2).
+import { InvalidArgumentError, Option } from 'commander';
 
 export function parsePositiveInt(name: string) {
   return (value: string): number => {
@@ -28,4 +28,14 @@ export function parseIntList(name: string) {
     }
     return out;
   };
+}
+
+/** --kv-cache, shared by infer and bench --model (ModelRuntime's LoadOptions.kvCache). */
+export function kvCacheOption(prefix = ''): Option {
+  return new Option(
+    '--kv-cache <dtype>',
+    `${prefix}the KV cache's element: f32, or bf16 for half its memory and of the bytes attention reads (keys and values rounded to bf16; cpu backend)`,
+  )
+    .choices(['f32', 'bf16'])
+    .default('f32');
 }

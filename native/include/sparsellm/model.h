@@ -86,25 +86,34 @@ class FloatRegion {
   size_t bytes_ = 0;
 };
 
-// Keys and values of every layer, f32, both laid out [layer][kv_head][position][head_dim] (one
-// head's keys contiguous: the rows of Q·Kᵀ; a decoded token appends one contiguous row per head
-// to each). `length` is the number of positions filled (the next position to write); the model
-// advances it after all layers have stored a call's tokens.
+// Keys and values of every layer, f32 or bf16 (`dtype`: bf16 halves the cache's memory and the
+// bytes attention reads; the rows are rounded to nearest even as they are stored), both laid
+// out [layer][kv_head][position][head_dim] (one head's keys contiguous: the rows of Q·Kᵀ; a
+// decoded token appends one contiguous row per head to each). `length` is the number of
+// positions filled (the next position to write); the model advances it after all layers have
+// stored a call's tokens.
 struct KvCache {
   int64_t n_layers = 0, n_kv_heads = 0, head_dim = 0, capacity = 0;
   int64_t length = 0;
+  DType dtype = DType::F32;
   // Positions >= length are never read. Caches of up to kKvHugePageMaxBytes (keys and values
   // together) are on huge pages; larger ones keep 4 KiB pages, so that a long context costs
   // memory only as it fills.
   FloatRegion k, v;
   static constexpr size_t kKvHugePageMaxBytes = size_t(1) << 30;
 
-  void allocate(int64_t layers, int64_t kv_heads, int64_t hd, int64_t positions);
-  // Key / value of `pos`: head_dim contiguous floats.
-  float* k_at(int64_t layer, int64_t head, int64_t pos) { return k.get() + offset(layer, head, pos); }
-  const float* k_at(int64_t layer, int64_t head, int64_t pos) const { return k.get() + offset(layer, head, pos); }
-  float* v_at(int64_t layer, int64_t head, int64_t pos) { return v.get() + offset(layer, head, pos); }
-  const float* v_at(int64_t layer, int64_t head, int64_t pos) const { return v.get() + offset(layer, head, pos); }
+  // dtype F32 or BF16 (std::invalid_argument otherwise).
+  void allocate(int64_t layers, int64_t kv_heads, int64_t hd, int64_t positions, DType dtype = DType::F32);
+  // Key / value of `pos`: head_dim contiguous elements of T (float for F32, uint16_t bf16 bits
+  // for BF16: the caller matches dtype).
+  template <typename T>
+  T* k_at(int64_t layer, int64_t head, int64_t pos) const {
+    return reinterpret_cast<T*>(k.get()) + offset(layer, head, pos);
+  }
+  template <typename T>
+  T* v_at(int64_t layer, int64_t head, int64_t pos) const {
+    return reinterpret_cast<T*>(v.get()) + offset(layer, head, pos);
+  }
 
  private:
   int64_t offset(int64_t layer, int64_t head, int64_t pos) const {
@@ -314,6 +323,9 @@ class Model {
 
   const ModelConfig& config() const { return cfg_; }
   int64_t context() const { return cache_.capacity; }
+  // The KV cache's element, F32 (the default) or BF16; setting it empties the cache (position 0).
+  DType kv_dtype() const { return cache_.dtype; }
+  void set_kv_dtype(DType t);
   // Positions already in the cache (the next token's position).
   int64_t position() const { return cache_.length; }
   void reset() { cache_.length = 0; }

@@ -260,6 +260,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
                         InstanceMethod("activity", &ModelWrap::Activity),
                         InstanceMethod("resetActivity", &ModelWrap::ResetActivity),
                         InstanceMethod("setProfiling", &ModelWrap::SetProfiling),
+                        InstanceMethod("setKvCache", &ModelWrap::SetKvCache),
                         InstanceMethod("stepTimes", &ModelWrap::StepTimesJs),
                         InstanceMethod("setFfnObserver", &ModelWrap::SetFfnObserver),
                         InstanceMethod("close", &ModelWrap::Close)});
@@ -289,6 +290,15 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
   Napi::Value Reset(const Napi::CallbackInfo& info) {
     model(info.Env()).reset();
     return info.Env().Undefined();
+  }
+
+  // setKvCache('f32' | 'bf16'): the KV cache's element; empties the cache.
+  Napi::Value SetKvCache(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const std::string t = info.Length() == 1 && info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "";
+    if (t != "f32" && t != "bf16") throw_js(env, "setKvCache('f32' | 'bf16'): bad arguments");
+    model(env).set_kv_dtype(t == "bf16" ? DType::BF16 : DType::F32);
+    return env.Undefined();
   }
 
   Napi::Value Position(const Napi::CallbackInfo& info) {

@@ -47,20 +47,37 @@ void softmax_causal_rows_avx2(float* S, int64_t ldS, int64_t T, int64_t n_cols, 
   softmax_causal_rows_impl(S, ldS, T, n_cols, pos0, scale, num_threads());
 }
 
-void attend_one_avx2(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
-                     float* scores, float* orow) {
+namespace {
+
+// 8 cached elements as f32 lanes: f32 as they are, bf16 widened (zero-extend, shift into the
+// high half). Partial forms read lanes [0, n) only: f32 through the mask m (lanes8(n)), bf16
+// through a zeroed copy (AVX2 has no 16-bit masked load).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const float* p, __m256i m, int64_t) { return _mm256_maskload_ps(p, m); }
+inline __m256 widen8(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+inline __m256 load8(const uint16_t* p) { return widen8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const uint16_t* p, __m256i, int64_t n) {
+  if (n >= 8) return load8(p);
+  alignas(16) uint16_t t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) t[i] = p[i];
+  return widen8(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
+}
+
+template <typename T>
+void attend_one(const float* q, const T* K, const T* V, int64_t hd, int64_t n_keys, float scale, float* scores,
+                float* orow) {
   const int64_t pf = kAttendPrefetchRows;
   // Scores: each key's products in 8 lanes (masked last chunk), then a short reduction.
-  const float mx = attend_scores(q, K, V, hd, n_keys, scale, scores, [](const float* x, const float* kr, int64_t n) {
+  const float mx = attend_scores(q, K, V, hd, n_keys, scale, scores, [](const float* x, const T* kr, int64_t n) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(kr + i), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(kr + i + 8), a1);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8(kr + i), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), load8(kr + i + 8), a1);
     }
     for (; i < n; i += 8) {
       const __m256i m = lanes8(n - i);
-      a0 = _mm256_fmadd_ps(_mm256_maskload_ps(x + i, m), _mm256_maskload_ps(kr + i, m), a0);
+      a0 = _mm256_fmadd_ps(_mm256_maskload_ps(x + i, m), load8(kr + i, m, n - i), a0);
     }
     return hsum8(_mm256_add_ps(a0, a1));
   });
@@ -85,17 +102,29 @@ void attend_one_avx2(const float* q, const float* K, const float* V, int64_t hd,
     for (int64_t j = 0; j < n_keys; ++j) {
       if (i0 == 0 && j + pf < n_keys) prefetch_rows(V, hd, j + pf, j + pf + 1);
       const __m256 p = _mm256_set1_ps(scores[j]);
-      const float* vr = V + j * hd + i0;
-      o0 = _mm256_fmadd_ps(p, _mm256_maskload_ps(vr, m0), o0);
-      if (hd - i0 > 8) o1 = _mm256_fmadd_ps(p, _mm256_maskload_ps(vr + 8, m1), o1);
-      if (hd - i0 > 16) o2 = _mm256_fmadd_ps(p, _mm256_maskload_ps(vr + 16, m2), o2);
-      if (hd - i0 > 24) o3 = _mm256_fmadd_ps(p, _mm256_maskload_ps(vr + 24, m3), o3);
+      const T* vr = V + j * hd + i0;
+      o0 = _mm256_fmadd_ps(p, load8(vr, m0, hd - i0), o0);
+      if (hd - i0 > 8) o1 = _mm256_fmadd_ps(p, load8(vr + 8, m1, hd - i0 - 8), o1);
+      if (hd - i0 > 16) o2 = _mm256_fmadd_ps(p, load8(vr + 16, m2, hd - i0 - 16), o2);
+      if (hd - i0 > 24) o3 = _mm256_fmadd_ps(p, load8(vr + 24, m3, hd - i0 - 24), o3);
     }
     _mm256_maskstore_ps(orow + i0, m0, o0);
     if (hd - i0 > 8) _mm256_maskstore_ps(orow + i0 + 8, m1, o1);
     if (hd - i0 > 16) _mm256_maskstore_ps(orow + i0 + 16, m2, o2);
     if (hd - i0 > 24) _mm256_maskstore_ps(orow + i0 + 24, m3, o3);
   }
+}
+
+}  // namespace
+
+void attend_one_avx2(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
+                     float* scores, float* orow) {
+  attend_one(q, K, V, hd, n_keys, scale, scores, orow);
+}
+
+void attend_one_bf16_avx2(const float* q, const uint16_t* K, const uint16_t* V, int64_t hd, int64_t n_keys, float scale,
+                          float* scores, float* orow) {
+  attend_one(q, K, V, hd, n_keys, scale, scores, orow);
 }
 
 }  // namespace sparsellm

@@ -36,20 +36,34 @@ void softmax_causal_rows_avx512(float* S, int64_t ldS, int64_t T, int64_t n_cols
   softmax_causal_rows_impl(S, ldS, T, n_cols, pos0, scale, num_threads());
 }
 
-void attend_one_avx512(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
-                       float* scores, float* orow) {
+namespace {
+
+// 16 cached elements as f32 lanes: f32 as they are, bf16 widened (zero-extend, shift into the
+// high half). Masked forms read only the lanes of m.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+template <typename T>
+void attend_one(const float* q, const T* K, const T* V, int64_t hd, int64_t n_keys, float scale, float* scores,
+                float* orow) {
   const int64_t pf = kAttendPrefetchRows;
   // Scores: each key's products in 16 lanes (masked last chunk), reduced by the tree reduction.
-  const __m512 mx = _mm512_set1_ps(attend_scores(q, K, V, hd, n_keys, scale, scores, [](const float* x, const float* kr, int64_t n) {
+  const __m512 mx = _mm512_set1_ps(attend_scores(q, K, V, hd, n_keys, scale, scores, [](const float* x, const T* kr, int64_t n) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(kr + i), a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(kr + i + 16), a1);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), load16(kr + i), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), load16(kr + i + 16), a1);
     }
     for (; i < n; i += 16) {
       const __mmask16 m = lanes(n - i);
-      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, kr + i), a0);
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i), load16(kr + i, m), a0);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
   }));
@@ -73,17 +87,29 @@ void attend_one_avx512(const float* q, const float* K, const float* V, int64_t h
     for (int64_t j = 0; j < n_keys; ++j) {
       if (i0 == 0 && j + pf < n_keys) prefetch_rows(V, hd, j + pf, j + pf + 1);
       const __m512 p = _mm512_set1_ps(scores[j]);
-      const float* vr = V + j * hd + i0;
-      o0 = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m0, vr), o0);
-      if (hd - i0 > 16) o1 = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m1, vr + 16), o1);
-      if (hd - i0 > 32) o2 = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m2, vr + 32), o2);
-      if (hd - i0 > 48) o3 = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m3, vr + 48), o3);
+      const T* vr = V + j * hd + i0;
+      o0 = _mm512_fmadd_ps(p, load16(vr, m0), o0);
+      if (hd - i0 > 16) o1 = _mm512_fmadd_ps(p, load16(vr + 16, m1), o1);
+      if (hd - i0 > 32) o2 = _mm512_fmadd_ps(p, load16(vr + 32, m2), o2);
+      if (hd - i0 > 48) o3 = _mm512_fmadd_ps(p, load16(vr + 48, m3), o3);
     }
     _mm512_mask_storeu_ps(orow + i0, m0, o0);
     if (hd - i0 > 16) _mm512_mask_storeu_ps(orow + i0 + 16, m1, o1);
     if (hd - i0 > 32) _mm512_mask_storeu_ps(orow + i0 + 32, m2, o2);
     if (hd - i0 > 48) _mm512_mask_storeu_ps(orow + i0 + 48, m3, o3);
   }
+}
+
+}  // namespace
+
+void attend_one_avx512(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
+                       float* scores, float* orow) {
+  attend_one(q, K, V, hd, n_keys, scale, scores, orow);
+}
+
+void attend_one_bf16_avx512(const float* q, const uint16_t* K, const uint16_t* V, int64_t hd, int64_t n_keys,
+                            float scale, float* scores, float* orow) {
+  attend_one(q, K, V, hd, n_keys, scale, scores, orow);
 }
 
 }  // namespace sparsellm

@@ -23,6 +23,13 @@ void attend_one_avx2(const float* q, const float* K, const float* V, int64_t hd,
                      float* scores, float* orow);
 void attend_one_avx512(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
                        float* scores, float* orow);
+// The same over a bf16 cache (K, V as bf16 bits, widened in registers; f32 arithmetic).
+using AttendOneBf16Fn = void (*)(const float* q, const uint16_t* K, const uint16_t* V, int64_t hd, int64_t n_keys,
+                                 float scale, float* scores, float* orow);
+void attend_one_bf16_avx2(const float* q, const uint16_t* K, const uint16_t* V, int64_t hd, int64_t n_keys, float scale,
+                          float* scores, float* orow);
+void attend_one_bf16_avx512(const float* q, const uint16_t* K, const uint16_t* V, int64_t hd, int64_t n_keys,
+                            float scale, float* scores, float* orow);
 
 namespace {
 
@@ -68,8 +75,13 @@ inline void softmax_causal_rows_impl(float* S, int64_t ldS, int64_t T, int64_t n
   }
 }
 
-// Prefetch the cache lines of rows [j0, j1) of a [*, hd] f32 block.
-inline void prefetch_rows(const float* X, int64_t hd, int64_t j0, int64_t j1) {
+// A cached element as f32 (bf16 bits widen exactly).
+inline float widen(float v) { return v; }
+inline float widen(uint16_t h) { return __builtin_bit_cast(float, static_cast<uint32_t>(h) << 16); }
+
+// Prefetch the cache lines of rows [j0, j1) of a [*, hd] block of T.
+template <typename T>
+inline void prefetch_rows(const T* X, int64_t hd, int64_t j0, int64_t j1) {
   const char* p = reinterpret_cast<const char*>(X + j0 * hd);
   const char* e = reinterpret_cast<const char*>(X + j1 * hd);
   for (; p < e; p += 64) __builtin_prefetch(p, 0, 3);
@@ -77,13 +89,14 @@ inline void prefetch_rows(const float* X, int64_t hd, int64_t j0, int64_t j1) {
 
 // q · k over hd elements as 16 lane sums added in a tree (depth 4), not one serial chain: the
 // plain `omp simd` reduction became 16 dependent scalar adds per key.
-inline float dot_lanes16(const float* q, const float* k, int64_t hd) {
+template <typename T>
+inline float dot_lanes16(const float* q, const T* k, int64_t hd) {
   float acc[16] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int64_t i = 0;
   for (; i + 16 <= hd; i += 16)
 #pragma omp simd
-    for (int l = 0; l < 16; ++l) acc[l] += q[i + l] * k[i + l];
-  for (int l = 0; i + l < hd; ++l) acc[l] += q[i + l] * k[i + l];
+    for (int l = 0; l < 16; ++l) acc[l] += q[i + l] * widen(k[i + l]);
+  for (int l = 0; i + l < hd; ++l) acc[l] += q[i + l] * widen(k[i + l]);
   for (int w = 8; w >= 1; w /= 2)
 #pragma omp simd
     for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
@@ -100,8 +113,8 @@ constexpr int64_t kAttendOutBlock = 64;
 // The first pass of a decode query, shared by every ISA's kernel: scores[j] = scale · dot(q, K_j)
 // with `dot` the ISA's product, key rows prefetched kAttendPrefetchRows ahead and the first value
 // rows up front; returns the largest score.
-template <typename Dot>
-inline float attend_scores(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
+template <typename T, typename Dot>
+inline float attend_scores(const float* q, const T* K, const T* V, int64_t hd, int64_t n_keys, float scale,
                            float* scores, Dot&& dot) {
   const int64_t pf = kAttendPrefetchRows;
   prefetch_rows(K, hd, 0, n_keys < pf ? n_keys : pf);
@@ -116,10 +129,11 @@ inline float attend_scores(const float* q, const float* K, const float* V, int64
   return mx;
 }
 
-inline void attend_one_impl(const float* q, const float* K, const float* V, int64_t hd, int64_t n_keys, float scale,
+template <typename T>
+inline void attend_one_impl(const float* q, const T* K, const T* V, int64_t hd, int64_t n_keys, float scale,
                             float* scores, float* orow) {
   const int64_t pf = kAttendPrefetchRows;
-  const float mx = attend_scores(q, K, V, hd, n_keys, scale, scores, dot_lanes16);
+  const float mx = attend_scores(q, K, V, hd, n_keys, scale, scores, dot_lanes16<T>);
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n_keys; ++j) {
@@ -137,16 +151,16 @@ inline void attend_one_impl(const float* q, const float* K, const float* V, int6
       for (int64_t j = 0; j < n_keys; ++j) {
         if (i0 == 0 && j + pf < n_keys) prefetch_rows(V, hd, j + pf, j + pf + 1);
         const float p = scores[j];
-        const float* vr = V + j * hd + i0;
+        const T* vr = V + j * hd + i0;
 #pragma omp simd
-        for (int64_t l = 0; l < kAttendOutBlock; ++l) acc[l] += p * vr[l];
+        for (int64_t l = 0; l < kAttendOutBlock; ++l) acc[l] += p * widen(vr[l]);
       }
     } else {
       for (int64_t j = 0; j < n_keys; ++j) {
         if (i0 == 0 && j + pf < n_keys) prefetch_rows(V, hd, j + pf, j + pf + 1);
         const float p = scores[j];
-        const float* vr = V + j * hd + i0;
-        for (int64_t l = 0; l < w; ++l) acc[l] += p * vr[l];
+        const T* vr = V + j * hd + i0;
+        for (int64_t l = 0; l < w; ++l) acc[l] += p * widen(vr[l]);
       }
     }
     for (int64_t l = 0; l < w; ++l) orow[i0 + l] = acc[l];

@@ -238,16 +238,19 @@ void FloatRegion::allocate(size_t n, bool huge) {
   }
 }
 
-void KvCache::allocate(int64_t layers, int64_t kv_heads, int64_t hd, int64_t positions) {
+void KvCache::allocate(int64_t layers, int64_t kv_heads, int64_t hd, int64_t positions, DType type) {
+  if (type != DType::F32 && type != DType::BF16) throw std::invalid_argument("KV cache: dtype must be f32 or bf16");
   n_layers = layers;
   n_kv_heads = kv_heads;
   head_dim = hd;
   capacity = positions;
   length = 0;
+  dtype = type;
   const size_t n = static_cast<size_t>(layers * kv_heads * positions * hd);
-  const bool huge = 2 * n * sizeof(float) <= kKvHugePageMaxBytes;
-  k.allocate(n, huge);
-  v.allocate(n, huge);
+  const size_t floats = type == DType::F32 ? n : (n + 1) / 2;  // bf16: two elements per float
+  const bool huge = 2 * floats * sizeof(float) <= kKvHugePageMaxBytes;
+  k.allocate(floats, huge);
+  v.allocate(floats, huge);
 }
 
 namespace {
@@ -268,16 +271,29 @@ inline void store_row(float* dst, const float* src, int64_t n) {
 #endif
 }
 
+// One bf16 row, rounded to nearest even (plain stores: a row is half as many lines).
+inline void store_row(uint16_t* dst, const float* src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+template <typename E>
+void store_rows(KvCache& cache, int64_t layer, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t T,
+                int64_t pos0) {
+  const int64_t hd = cache.head_dim;
+#pragma omp parallel for num_threads(num_threads()) if (cache.n_kv_heads > 1 && T * cache.n_kv_heads * hd >= 65536)
+  for (int64_t h = 0; h < cache.n_kv_heads; ++h) {
+    for (int64_t t = 0; t < T; ++t) store_row(cache.k_at<E>(layer, h, pos0 + t), k + t * ldk + h * hd, hd);
+    for (int64_t t = 0; t < T; ++t) store_row(cache.v_at<E>(layer, h, pos0 + t), v + t * ldv + h * hd, hd);
+  }
+}
+
 }  // namespace
 
 void kv_cache_store(KvCache& cache, int64_t layer, const float* k, int64_t ldk, const float* v, int64_t ldv,
                     int64_t T, int64_t pos0) {
-  const int64_t hd = cache.head_dim;
-#pragma omp parallel for num_threads(num_threads()) if (cache.n_kv_heads > 1 && T * cache.n_kv_heads * hd >= 65536)
-  for (int64_t h = 0; h < cache.n_kv_heads; ++h) {
-    for (int64_t t = 0; t < T; ++t) store_row(cache.k_at(layer, h, pos0 + t), k + t * ldk + h * hd, hd);
-    for (int64_t t = 0; t < T; ++t) store_row(cache.v_at(layer, h, pos0 + t), v + t * ldv + h * hd, hd);
-  }
+  if (cache.dtype == DType::BF16) store_rows<uint16_t>(cache, layer, k, ldk, v, ldv, T, pos0);
+  else store_rows<float>(cache, layer, k, ldk, v, ldv, T, pos0);
 #if defined(__x86_64__)
   _mm_sfence();  // the streamed rows are visible to every thread before they are read
 #endif
@@ -293,6 +309,16 @@ void softmax_causal_rows(float* S, int64_t ldS, int64_t T, int64_t n_cols, int64
 
 namespace {
 
+// Vᵀ [hd, keys] (f32) from one head's value rows V [keys, hd] (f32 or bf16), 16 keys at a time.
+template <typename T>
+void transpose_values(const T* V, int64_t hd, int64_t keys, float* Vt) {
+  for (int64_t j0 = 0; j0 < keys; j0 += 16) {
+    const int64_t j1 = std::min(keys, j0 + 16);
+    for (int64_t i = 0; i < hd; ++i)
+      for (int64_t j = j0; j < j1; ++j) Vt[i * keys + j] = widen(V[j * hd + i]);
+  }
+}
+
 // Few queries: one pass per (query, head) over the cache; threads split the (query, head) pairs
 // when there is enough work to pay for waking them. The exponentials use the same polynomial
 // as the prefill softmax (relative error < 2e-7).
@@ -307,7 +333,11 @@ void attention_rows(const float* q, int64_t ldq, int64_t T, int64_t n_heads, con
   std::vector<float> scratch(static_cast<size_t>(threads) * static_cast<size_t>(max_keys));
   const int64_t work = n_heads * T;
   const Isa isa = active_isa();
-  const AttendOneFn attend = isa == Isa::Avx512 ? attend_one_avx512 : isa == Isa::Avx2 ? attend_one_avx2 : attend_one_impl;
+  const bool bf = cache.dtype == DType::BF16;
+  const AttendOneFn attend = isa == Isa::Avx512 ? attend_one_avx512 : isa == Isa::Avx2 ? attend_one_avx2 : attend_one_impl<float>;
+  const AttendOneBf16Fn attend_bf16 = isa == Isa::Avx512 ? attend_one_bf16_avx512
+                                      : isa == Isa::Avx2 ? attend_one_bf16_avx2
+                                                         : attend_one_impl<uint16_t>;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (work > 1 && max_keys * hd * work >= kParallelAttentionWork)
   for (int64_t item = 0; item < work; ++item) {
     const int64_t t = T - 1 - item / n_heads;
@@ -316,9 +346,12 @@ void attention_rows(const float* q, int64_t ldq, int64_t T, int64_t n_heads, con
     float* scores = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * static_cast<size_t>(max_keys);
     const float* qr = q + t * ldq + h * hd;
     const int64_t n_keys = pos0 + t + 1;
-    const float* K = cache.k_at(layer, kvh, 0);
-    const float* V = cache.v_at(layer, kvh, 0);
-    attend(qr, K, V, hd, n_keys, scale, scores, out + t * ldo + h * hd);
+    float* orow = out + t * ldo + h * hd;
+    if (bf)
+      attend_bf16(qr, cache.k_at<uint16_t>(layer, kvh, 0), cache.v_at<uint16_t>(layer, kvh, 0), hd, n_keys, scale, scores,
+                  orow);
+    else
+      attend(qr, cache.k_at<float>(layer, kvh, 0), cache.v_at<float>(layer, kvh, 0), hd, n_keys, scale, scores, orow);
   }
 }
 
@@ -348,18 +381,16 @@ void attention_causal(const float* q, int64_t ldq, int64_t T, int64_t n_heads, c
     for (int64_t h = 0; h < n_heads; ++h) {
       try {
         const int64_t kvh = h / group;
-        const float* V = cache.v_at(layer, kvh, 0);
         if (static_cast<int64_t>(Vt.size()) < hd * keys_all) Vt.resize(static_cast<size_t>(hd * keys_all));
-        for (int64_t j0 = 0; j0 < keys_all; j0 += 16) {
-          const int64_t j1 = std::min(keys_all, j0 + 16);
-          for (int64_t i = 0; i < hd; ++i)
-            for (int64_t j = j0; j < j1; ++j) Vt[static_cast<size_t>(i * keys_all + j)] = V[j * hd + i];
-        }
+        if (cache.dtype == DType::BF16) transpose_values(cache.v_at<uint16_t>(layer, kvh, 0), hd, keys_all, Vt.data());
+        else transpose_values(cache.v_at<float>(layer, kvh, 0), hd, keys_all, Vt.data());
         for (int64_t qb = nqb - 1; qb >= 0; --qb) {
           const int64_t t0 = qb * kAttentionQueryBlock, t1 = std::min(T, t0 + kAttentionQueryBlock);
           const int64_t keys = pos0 + t1, rows = t1 - t0;
           if (static_cast<int64_t>(S.size()) < rows * keys) S.resize(static_cast<size_t>(rows * keys));
-          const WeightView K{cache.k_at(layer, kvh, 0), DType::F32, keys, hd, hd};
+          const void* kp = cache.dtype == DType::BF16 ? static_cast<const void*>(cache.k_at<uint16_t>(layer, kvh, 0))
+                                                       : static_cast<const void*>(cache.k_at<float>(layer, kvh, 0));
+          const WeightView K{kp, cache.dtype, keys, hd, hd};
           gemm(q + t0 * ldq + h * hd, ldq, rows, K, S.data(), keys);
           softmax_causal_rows(S.data(), keys, rows, keys, pos0 + t0, scale);
           const WeightView VtW{Vt.data(), DType::F32, hd, keys, keys_all};

@@ -179,6 +179,8 @@ Model::Model(const ModelConfig& cfg, ModelWeights weights, int64_t context, std:
   activity_.assign(static_cast<size_t>(cfg_.n_layers), LayerActivity{});
 }
 
+void Model::set_kv_dtype(DType t) { cache_.allocate(cfg_.n_layers, cfg_.n_kv_heads, cfg_.head_dim, cache_.capacity, t); }
+
 void Model::reset_stats() {
   activity_.assign(static_cast<size_t>(cfg_.n_layers), LayerActivity{});
   step_times_ = StepTimes{};

@@ -5,7 +5,7 @@
 import { spawnSync } from 'node:child_process';
 import { addonPath, engine } from '../native.js';
 import { SparseLlmError, UsageError } from '../errors.js';
-import { MODEL_STEPS, ModelRuntime, type FfnRunMode, type LayerActivity, type ModelBackend, type ModelStepName, type StepTimes, type WeightResidency } from './runtime.js';
+import { MODEL_STEPS, ModelRuntime, type FfnRunMode, type LayerActivity, type ModelBackend, type ModelStepName, type StepTimes, type WeightResidency, type KvCacheDtype } from './runtime.js';
 import type { ModelSpec } from './spec.js';
 
 export interface ModelBenchOptions {
@@ -25,6 +25,8 @@ export interface ModelBenchOptions {
   backend?: ModelBackend;
   /** Host residency of the weights (LoadOptions.weights; default resident). */
   weights?: WeightResidency;
+  /** The KV cache's element (LoadOptions.kvCache; default f32). */
+  kvCache?: KvCacheDtype;
   /** Time each step of the decode (CPU backend): ModelBenchResult.decodeSteps. */
   profile?: boolean;
   onProgress?: (done: number, total: number) => void;
@@ -64,6 +66,8 @@ export interface ModelBenchResult {
   backend: ModelBackend;
   /** How the weights sat in host memory (LoadOptions.weights; the CUDA backend maps them). */
   weights: WeightResidency;
+  /** The KV cache's element. */
+  kvCache: KvCacheDtype;
   spec: Pick<ModelSpec, 'modelType' | 'nLayers' | 'dModel' | 'nHeads' | 'nKvHeads' | 'vocabSize' | 'activation'> & { dFF: number[] };
   storageDtype: string;
   weightsBytes: number;
@@ -122,11 +126,12 @@ function stepDifference(after: StepTimes, before: StepTimes): Record<ModelStepNa
 }
 
 /**
- * Bytes of weights (and KV cache) one decoded token reads, dense or with `nnz[i]` active neurons.
+ * Bytes of weights (and KV cache, `kvElem` bytes per element) one decoded token reads, dense or
+ * with `nnz[i]` active neurons.
  * `gateCandidates[i]`, when a number: layer i's gate was screened by its int8 copy (one byte per
  * weight plus 8 bytes per row) and that many rows were then read exactly.
  */
-export function decodeBytes(spec: ModelSpec, elem: number, kvPositions: number, nnz?: (number | null)[], gateCandidates?: (number | null)[]): number {
+export function decodeBytes(spec: ModelSpec, elem: number, kvPositions: number, nnz?: (number | null)[], gateCandidates?: (number | null)[], kvElem = 4): number {
   const d = spec.dModel;
   const qd = spec.nHeads * spec.headDim;
   const kd = spec.nKvHeads * spec.headDim;
@@ -134,7 +139,7 @@ export function decodeBytes(spec: ModelSpec, elem: number, kvPositions: number, 
   for (let i = 0; i < spec.nLayers; i++) {
     const F = spec.dFF[i]!;
     bytes += (qd * d + 2 * kd * d + d * qd) * elem; // q, k, v, o
-    bytes += 2 * kvPositions * kd * 4; // K and V cache (f32)
+    bytes += 2 * kvPositions * kd * kvElem; // K and V cache
     const active = nnz?.[i] ?? null;
     // gated: gate + up + down; non-gated: up + down. Sparse: the gate (or up) stays dense.
     const perNeuron = spec.gated ? 2 * d : d;
@@ -162,7 +167,7 @@ function probeBandwidth(threads: number): number {
 
 export async function benchModel(path: string, asked: ModelBenchOptions): Promise<ModelBenchResult> {
   const askedNeed = Math.max(asked.prefillTokens, asked.decodePrompt + asked.decodeTokens);
-  const rt = await ModelRuntime.load(path, { context: undefined, defaultContext: askedNeed, onNotice: asked.onNotice, backend: asked.backend, weights: asked.weights });
+  const rt = await ModelRuntime.load(path, { context: undefined, defaultContext: askedNeed, onNotice: asked.onNotice, backend: asked.backend, weights: asked.weights, kvCache: asked.kvCache });
   const opts = { ...asked };
   if (opts.fitPrefill) opts.prefillTokens = Math.min(opts.prefillTokens, rt.context);
   if (opts.fitDecode) opts.decodeTokens = Math.max(1, Math.min(opts.decodeTokens, rt.context - opts.decodePrompt));
@@ -248,6 +253,7 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
         kvAvg,
         sparseMode ? sparseActivity.map((a) => (a.sparseCalls > 0 ? a.nnzMean : null)) : undefined,
         sparseMode ? sparseActivity.map((a) => a.gateCandidatesMean) : undefined,
+        rt.kvCache === 'bf16' ? 2 : 4,
       );
       return {
         mode,
@@ -269,6 +275,7 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
       model: path,
       backend: rt.backend,
       weights: rt.backend === 'cpu' ? (opts.weights ?? 'resident') : 'mmap',
+      kvCache: rt.kvCache,
       spec: { modelType: spec.modelType, nLayers: spec.nLayers, dModel: spec.dModel, nHeads: spec.nHeads, nKvHeads: spec.nKvHeads, vocabSize: spec.vocabSize, activation: spec.activation, dFF: spec.dFF },
       storageDtype: rt.storageDtype,
       weightsBytes: rt.weightsBytes,

@@ -73,6 +73,8 @@ interface NativeModel {
   forward(tokens: Int32Array, allLogits: boolean, mode: FfnRunMode): Float32Array;
   /** CPU backend only. */
   setProfiling?(on: boolean): void;
+  /** CPU backend only: the KV cache's element (empties the cache). */
+  setKvCache?(dtype: KvCacheDtype): void;
   stepTimes?(): StepTimes;
   reset(): void;
   position(): number;
@@ -112,7 +114,15 @@ export interface LoadOptions {
    * maps (the weights are uploaded to the device).
    */
   weights?: WeightResidency;
+  /**
+   * The KV cache's element (CPU backend): 'f32' (default) or 'bf16' (half the cache's memory and
+   * of the bytes attention reads; keys and values rounded to bf16 as they are stored).
+   */
+  kvCache?: KvCacheDtype;
 }
+
+/** The KV cache's element (LoadOptions.kvCache). */
+export type KvCacheDtype = 'f32' | 'bf16';
 
 /** How a model's weights sit in host memory (LoadOptions.weights). */
 export type WeightResidency = 'resident' | 'mmap';
@@ -132,6 +142,8 @@ export class ModelRuntime {
     /** True when the model came from a dense checkpoint packed on the fly. */
     readonly packedOnTheFly: boolean,
     readonly backend: ModelBackend,
+    /** The KV cache's element. */
+    readonly kvCache: KvCacheDtype,
   ) {}
 
   /** Opens a packed .sllm file, or packs a dense checkpoint (directory or .safetensors) on the fly. */
@@ -182,14 +194,17 @@ export class ModelRuntime {
       const backend = opts.backend ?? 'cpu';
       const Ctor = backend === 'cuda' ? addon.CudaModel : addon.Model;
       if (!Ctor) throw new SparseLlmError('this build has no CUDA model runtime (the addon was built without nvcc); use the cpu backend');
+      const kvCache = opts.kvCache ?? 'f32';
+      if (kvCache !== 'f32' && backend !== 'cpu') throw new UsageError(`--kv-cache ${kvCache} is available on the cpu backend only (the ${backend} runtime keeps an f32 cache)`);
       let native: NativeModel;
       try {
         const weights = backend === 'cpu' && (opts.weights ?? 'resident') === 'resident' ? 'resident' : 'map';
         native = new Ctor(file, spec, pm.layers, tensors, context, weights);
+        if (kvCache !== 'f32') native.setKvCache!(kvCache);
       } catch (e) {
         throw new SparseLlmError(onTheFly ? `${shownPath}: ${(e as Error).message}` : (e as Error).message);
       }
-      return new ModelRuntime(native, spec, pm.layers, tokenizer, context, shownPath, pm.fileSize, pm.storageDtype, onTheFly, backend);
+      return new ModelRuntime(native, spec, pm.layers, tokenizer, context, shownPath, pm.fileSize, pm.storageDtype, onTheFly, backend, kvCache);
     } finally {
       await pm.close();
     }
