@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { REPO_ROOT, FIXTURE_PATHS } from './helpers/fixtures.js';
-import { decodeBytes } from '../src/core/model/bench.js';
+import { benchModel, decodeBytes } from '../src/core/model/bench.js';
 import type { ModelSpec } from '../src/core/model/spec.js';
 
 const BIN = join(REPO_ROOT, 'bin', 'sparsellm.js');
@@ -49,6 +49,26 @@ test('bench --model --kv-cache bf16: reported, and the cache counted at 2 bytes 
   assert.equal(jf.kvCache, 'f32');
   assert.equal(jb.kvCache, 'bf16');
   assert.ok(jb.dense.decodeBytesPerToken < jf.dense.decodeBytesPerToken, `${jb.dense.decodeBytesPerToken} vs ${jf.dense.decodeBytesPerToken}`);
+});
+
+test('energy per prefill token: the counter\'s rise over back-to-back prefills of each path, or why not measured', async () => {
+  const base = { prefillTokens: 12, decodeTokens: 2, decodePrompt: 4, repeats: 1, warmup: 0, seed: 3, bandwidth: false };
+  // A stand-in counter at "3 W" (3 mJ per ms of wall time): the result is 3 mJ per ms of
+  // measured prefill divided by the tokens run.
+  const r = await benchModel(FIXTURE_PATHS['llama-relu-gqa']!, { ...base, energySeconds: 0.3, energyCounter: () => 3 * performance.now() });
+  const e = r.energy;
+  assert.ok(e && !('unavailable' in e), JSON.stringify(e));
+  for (const p of [e.dense, e.sparse]) {
+    assert.ok(p.calls >= 2 && p.seconds >= 0.3, JSON.stringify(p));
+    const expect = (3 * p.seconds * 1000) / (p.calls * 12);
+    assert.ok(Math.abs(p.millijoulesPerToken - expect) < 0.05 * expect, `${p.millijoulesPerToken} vs ${expect}`);
+  }
+  assert.ok(Math.abs(e.sparseOverDense - e.sparse.millijoulesPerToken / e.dense.millijoulesPerToken) < 1e-12);
+  assert.equal(e.source, 'injected counter');
+  // The cpu backend has no counter: said so; without energySeconds, not attempted.
+  const c = await benchModel(FIXTURE_PATHS['llama-relu-gqa']!, { ...base, energySeconds: 0.1 });
+  assert.deepEqual(c.energy, { unavailable: 'no energy counter on the cpu backend' });
+  assert.equal((await benchModel(FIXTURE_PATHS['llama-relu-gqa']!, base)).energy, null);
 });
 
 test('bench --model: usage errors', () => {

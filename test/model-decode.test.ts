@@ -34,7 +34,7 @@ before(async () => {
 });
 after(() => cleanup());
 
-function compareRows(got: Float32Array, want: Float32Array, what: string) {
+function compareRows(got: Float32Array, want: Float32Array, what: string, tol = { rel: 1e-5, abs: 1e-4 }) {
   assert.equal(got.length, want.length, what);
   let num = 0, den = 0, maxAbs = 0, maxRef = 0;
   for (let i = 0; i < want.length; i++) {
@@ -45,8 +45,8 @@ function compareRows(got: Float32Array, want: Float32Array, what: string) {
     maxRef = Math.max(maxRef, Math.abs(want[i]!));
   }
   const rel = Math.sqrt(num / den);
-  assert.ok(rel < 1e-5, `${what}: relative error ${rel} ≥ 1e-5`);
-  assert.ok(maxAbs < 1e-4 * maxRef, `${what}: max abs error ${maxAbs} ≥ 1e-4 × ${maxRef}`);
+  assert.ok(rel < tol.rel, `${what}: relative error ${rel} ≥ ${tol.rel}`);
+  assert.ok(maxAbs < tol.abs * maxRef, `${what}: max abs error ${maxAbs} ≥ ${tol.abs} × ${maxRef}`);
 }
 
 for (const name of ARCHS) {
@@ -75,6 +75,10 @@ for (const name of ARCHS) {
   });
 }
 
+// With a bf16 cache the two sides round slightly different f32 keys and values (GEMM against
+// GEMV sums), so an element near a rounding boundary can land one bf16 step (2^-8 relative)
+// apart: measured up to 1.3e-5 relative in the logits, so 2e-4 here, still far below a
+// misplaced token or cache position (O(1)).
 test('bf16 KV cache: decode chunks equal full recomputation on it; logits within bf16 rounding of the f32 cache', async () => {
   const path = packed.get('llama-relu-gqa')!;
   const rt = await ModelRuntime.load(path, { context: 40, kvCache: 'bf16' });
@@ -93,7 +97,7 @@ test('bf16 KV cache: decode chunks equal full recomputation on it; logits within
       rt.forward(tokens.slice(0, pos), { mode });
       for (const n of [1, 3, 4]) {
         const got = rt.forward(tokens.slice(pos, pos + n), { allLogits: true, mode });
-        compareRows(got, full.subarray(pos * V, (pos + n) * V), `bf16 cache ${mode} tokens ${pos}..${pos + n - 1}`);
+        compareRows(got, full.subarray(pos * V, (pos + n) * V), `bf16 cache ${mode} tokens ${pos}..${pos + n - 1}`, { rel: 2e-4, abs: 1e-3 });
         pos += n;
       }
     }

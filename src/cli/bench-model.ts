@@ -7,7 +7,7 @@ import { UsageError } from '../core/errors.js';
 import { benchModel, type ModelBenchResult } from '../core/model/bench.js';
 import { resolveModelBackend, type KvCacheDtype } from '../core/model/runtime.js';
 import { loadAverage1m, logicalCpus, sourceCommit } from '../core/bench/runinfo.js';
-import { kvCacheOption, parsePositiveInt } from './options.js';
+import { kvCacheOption, parseNumberInRange, parsePositiveInt } from './options.js';
 import { Output, formatBytes } from './ui.js';
 import { VERSION } from './version.js';
 import { DEFAULT_MODEL, DEFAULT_MODEL_NOTE } from './default-model.js';
@@ -26,6 +26,7 @@ export interface ModelBenchFlags {
   mmap?: boolean;
   kvCache: KvCacheDtype;
   profile?: boolean;
+  energySeconds?: number;
   json?: boolean;
   csv?: boolean;
   markdown?: boolean;
@@ -42,6 +43,7 @@ export function addModelBenchOptions(cmd: Command): Command {
     .option('--no-bandwidth', 'with --model: skip measuring the machine memory bandwidth')
     .option('--mmap', 'with --model: ' + 'map the weights file instead of reading it into huge-page memory (opens faster and shares the page cache; decode is slower)')
     .addOption(kvCacheOption('with --model: '))
+    .option('--energy-seconds <s>', 'with --model: energy per prefill token from the GPU\'s NVML counter, each path run back to back at least this long after the timed rounds (0 = off; default: 2 on the cuda backend, off on cpu, which has no counter)', parseNumberInRange('--energy-seconds', 0, 600))
     .option('--profile', 'with --model: time each step of a decoded token (projections, attention, FFN, head) and the GB/s of the weight-streaming ones (CPU)');
 }
 
@@ -81,6 +83,7 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
       weights: flags.mmap ? 'mmap' : 'resident',
       kvCache: flags.kvCache,
       profile: !!flags.profile,
+      energySeconds: flags.energySeconds ?? (backend === 'cuda' ? 2 : 0),
       onProgress: () => bar.tick(1),
       onNotice: (s) => out.note(s),
     });
@@ -112,7 +115,8 @@ export async function modelBenchCommand(flags: ModelBenchFlags): Promise<void> {
   const summary =
     `${r.spec.modelType}, ${r.spec.nLayers} layers, d_model ${r.spec.dModel}, ${r.storageDtype} weights ${formatBytes(r.weightsBytes)} (${r.weights === 'mmap' ? 'memory-mapped' : 'resident, huge pages advised'}${r.kvCache === 'f32' ? '' : `, ${r.kvCache} KV cache`}); ` +
     `peak RSS ${formatBytes(r.peakRssBytes)}` +
-    (r.memoryBandwidthGBs ? `; ${bandwidthSummary(r)}` : '');
+    (r.memoryBandwidthGBs ? `; ${bandwidthSummary(r)}` : '') +
+    (r.energy ? `; ${energySummary(r.energy)}` : '');
   const tables: [(string | number)[], (string | number)[][]][] = [[head, rows], [layerHead, layerRows]];
   if (r.dense.decodeSteps && r.sparse.decodeSteps) tables.push(stepTable(r));
   if (flags.markdown) {
@@ -145,6 +149,15 @@ function stepTable(r: ModelBenchResult): [(string | number)[], (string | number)
 const fmt = (x: number) => (x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2));
 
 // "machine read bandwidth 72.1 GB/s (probes before and after the rounds: 70.3, 73.9), dense decode reaches 71%"
+function energySummary(e: NonNullable<ModelBenchResult['energy']>): string {
+  if ('unavailable' in e) return `energy not measured (${e.unavailable})`;
+  const mj = (x: number) => (x >= 10 ? x.toFixed(1) : x.toPrecision(3));
+  return (
+    `energy per prefill token (${e.source}): dense ${mj(e.dense.millijoulesPerToken)} mJ, sparse ${mj(e.sparse.millijoulesPerToken)} mJ ` +
+    `(${(100 * (1 - e.sparseOverDense)).toFixed(1)}% less; ${e.dense.seconds.toFixed(1)} s and ${e.sparse.seconds.toFixed(1)} s of prefills)`
+  );
+}
+
 function bandwidthSummary(r: ModelBenchResult): string {
   const xs = r.memoryBandwidthSamplesGBs;
   const drift = xs.length === 2 && Math.abs(xs[0]! - xs[1]!) > 0.15 * Math.max(xs[0]!, xs[1]!) ? '; the host\'s bandwidth moved during the run' : '';

@@ -18,6 +18,7 @@
 //   cudaTimeGemm({ M, K, N, impl: 'ours'|'cublas', repeats, warmup }) → { medianMs, minMs, maxMs }
 //     (random bf16 operands on the device, bf16 output)
 //   cudaCublas() → { available, library?, reason? };  cudaNvml() → { available, driver?, reason? }
+//   cudaEnergyMillijoules() → the GPU's NVML energy counter (mJ since the driver loaded)
 //   cudaBench({ dModel?, dFF?, tokens?, gated?, nnzPerToken?, repeats?, warmup?, decodeTokens?,
 //               energySeconds?, train?, trainRepeats?, tileWidth?, compression? }) → { device, driver, cublas,
 //     measuredNnzPerToken, overflowRows, rows: [{ name, medianMs, minMs, maxMs, tflops,
@@ -330,6 +331,16 @@ Napi::Value NvmlInfo(const Napi::CallbackInfo& info) {
   return r;
 }
 
+Napi::Value EnergyMillijoules(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  try {
+    return Napi::Number::New(env, static_cast<double>(cuda::Nvml::energy_mj()));
+  } catch (const std::exception& e) {
+    throw_js(env, e.what());
+  }
+  return env.Undefined();
+}
+
 Napi::Value Bench(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = opts_of(info, 0, kWho);
@@ -386,6 +397,7 @@ AddonRegistrar reg([](Napi::Env env, Napi::Object exports) {
   exports.Set("cudaTimeGemm", Napi::Function::New(env, TimeGemm));
   exports.Set("cudaCublas", Napi::Function::New(env, CublasInfo));
   exports.Set("cudaNvml", Napi::Function::New(env, NvmlInfo));
+  exports.Set("cudaEnergyMillijoules", Napi::Function::New(env, EnergyMillijoules));
   exports.Set("cudaBench", Napi::Function::New(env, Bench));
 });
 

@@ -108,6 +108,7 @@ type CudaAddon = NativeAddon & {
   cudaTimeGemm?: (o: { M: number; K: number; N: number; impl: 'ours' | 'cublas'; repeats: number; warmup: number }) => Timing;
   cudaCublas?: () => { available: boolean; library?: string; reason?: string };
   cudaNvml?: () => { available: boolean; driver?: string; reason?: string };
+  cudaEnergyMillijoules?: () => number;
   cudaBench?: (o: GpuBenchOptions) => GpuBenchResult;
 };
 
@@ -130,7 +131,7 @@ export function cudaAvailability(): CudaAvailability {
   return { usable: true, device: d ? `${d.name} (cc ${d.computeCapability})` : undefined };
 }
 
-function addon(): Required<Pick<CudaAddon, 'CudaFfnLayer' | 'cudaTimeGemm' | 'cudaCublas' | 'cudaNvml' | 'cudaBench'>> {
+function addon(): Required<Pick<CudaAddon, 'CudaFfnLayer' | 'cudaTimeGemm' | 'cudaCublas' | 'cudaNvml' | 'cudaEnergyMillijoules' | 'cudaBench'>> {
   const a = cudaAvailability();
   if (!a.usable) throw new SparseLlmError(`CUDA backend unavailable: ${a.reason}`);
   return engine() as never;
@@ -197,6 +198,11 @@ export function cublasInfo(): { available: boolean; library?: string; reason?: s
 
 export function nvmlInfo(): { available: boolean; driver?: string; reason?: string } {
   return wrap(() => addon().cudaNvml());
+}
+
+/** The GPU's NVML energy counter in millijoules (throws when NVML or the counter is unavailable). */
+export function nvmlEnergyMillijoules(): number {
+  return wrap(() => addon().cudaEnergyMillijoules());
 }
 
 /** The GPU benchmark suite (scripts/gpu-bench.ts): paper-shaped FFN, GEMM vs cuBLAS, decode, energy. */

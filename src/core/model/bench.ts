@@ -7,6 +7,7 @@ import { addonPath, engine } from '../native.js';
 import { SparseLlmError, UsageError } from '../errors.js';
 import { MODEL_STEPS, ModelRuntime, type FfnRunMode, type LayerActivity, type ModelBackend, type ModelStepName, type StepTimes, type WeightResidency, type KvCacheDtype } from './runtime.js';
 import type { ModelSpec } from './spec.js';
+import { energyCounterFor, measurePrefillEnergy, type EnergyCounter, type PrefillEnergy } from './energy.js';
 
 export interface ModelBenchOptions {
   prefillTokens: number;
@@ -29,6 +30,13 @@ export interface ModelBenchOptions {
   kvCache?: KvCacheDtype;
   /** Time each step of the decode (CPU backend): ModelBenchResult.decodeSteps. */
   profile?: boolean;
+  /**
+   * Energy per prefill token: each path's prefill back to back for at least this many seconds
+   * after the timed rounds, against the backend's energy counter (NVML on cuda); 0 or absent: off.
+   */
+  energySeconds?: number;
+  /** Use this counter instead of the backend's (tests). */
+  energyCounter?: EnergyCounter;
   onProgress?: (done: number, total: number) => void;
   onNotice?: (text: string) => void;
 }
@@ -72,7 +80,7 @@ export interface ModelBenchResult {
   storageDtype: string;
   weightsBytes: number;
   peakRssBytes: number;
-  options: Omit<ModelBenchOptions, 'onProgress' | 'onNotice'>;
+  options: Omit<ModelBenchOptions, 'onProgress' | 'onNotice' | 'energyCounter'>;
   /**
    * The machine's read bandwidth: the mean of two probes, before the first round and after the
    * last (the host's bandwidth drifts over minutes; the two show how much it moved meanwhile).
@@ -87,6 +95,8 @@ export interface ModelBenchResult {
   cpuTimeRatio: { prefill: number; decode: number };
   /** Dense decode bandwidth over memoryBandwidthGBs. */
   denseDecodeBandwidthFraction: number | null;
+  /** Energy per prefill token (with energySeconds), or why it was not measured. */
+  energy: { source: string; dense: PrefillEnergy; sparse: PrefillEnergy; sparseOverDense: number } | { unavailable: string } | null;
   layers: LayerActivity[];
 }
 
@@ -230,6 +240,24 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
       }
       if (opts.bandwidth && r === opts.warmup + opts.repeats - 1) bandwidthSamples.push(probeBandwidth(threads));
     }
+    // Energy: after the timed rounds (the activity they recorded is kept), each path's prefill
+    // back to back; the order alternates as in the rounds.
+    let energy: ModelBenchResult['energy'] = null;
+    if (opts.energySeconds && opts.energySeconds > 0) {
+      const found = opts.energyCounter ? { counter: opts.energyCounter, source: 'injected counter' } : energyCounterFor(rt.backend);
+      if (!found.counter) {
+        energy = { unavailable: (found as { reason: string }).reason };
+      } else {
+        const per = {} as Record<'dense' | 'sparse', PrefillEnergy>;
+        for (const mode of ['dense', 'sparse'] as const) {
+          per[mode] = measurePrefillEnergy(found.counter, () => {
+            rt.reset();
+            rt.forward(prefill, { mode });
+          }, prefill.length, opts.energySeconds);
+        }
+        energy = { source: (found as { source: string }).source, dense: per.dense, sparse: per.sparse, sparseOverDense: per.sparse.millijoulesPerToken / per.dense.millijoulesPerToken };
+      }
+    }
     const peakRssBytes = process.resourceUsage().maxRSS * 1024;
     const bandwidth = bandwidthSamples.length ? bandwidthSamples.reduce((a, b) => a + b, 0) / bandwidthSamples.length : null;
     // The CUDA runtime holds every matrix as bf16 on the device.
@@ -280,7 +308,7 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
       storageDtype: rt.storageDtype,
       weightsBytes: rt.weightsBytes,
       peakRssBytes,
-      options: { prefillTokens: opts.prefillTokens, decodeTokens: opts.decodeTokens, decodePrompt: opts.decodePrompt, repeats: opts.repeats, warmup: opts.warmup, seed: opts.seed, bandwidth: opts.bandwidth, ...(opts.profile ? { profile: true } : {}) },
+      options: { prefillTokens: opts.prefillTokens, decodeTokens: opts.decodeTokens, decodePrompt: opts.decodePrompt, repeats: opts.repeats, warmup: opts.warmup, seed: opts.seed, bandwidth: opts.bandwidth, ...(opts.profile ? { profile: true } : {}), ...(opts.energySeconds ? { energySeconds: opts.energySeconds } : {}) },
       memoryBandwidthGBs: bandwidth,
       memoryBandwidthSamplesGBs: bandwidthSamples,
       dense,
@@ -288,6 +316,7 @@ export async function benchModel(path: string, asked: ModelBenchOptions): Promis
       speedup: { prefill: sparse.prefillTokensPerSecond / dense.prefillTokensPerSecond, decode: sparse.decodeTokensPerSecond / dense.decodeTokensPerSecond },
       cpuTimeRatio: { prefill: dense.prefillCpuSeconds / sparse.prefillCpuSeconds, decode: dense.decodeCpuSeconds / sparse.decodeCpuSeconds },
       denseDecodeBandwidthFraction: denseFraction,
+      energy,
       layers: sparseActivity,
     };
   } finally {
