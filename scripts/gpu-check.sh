@@ -15,6 +15,7 @@
 # (test/cuda-train.test.ts, a short train --backend cuda). Full logs under
 # $OUT (or ./gpu-check-out); the short table is printed last. Sized for one 10-minute command:
 # the step caps add up to 585 s (the first run took 55 s in all), so run it with timeout_s ~590.
+# Once it passes, scripts/gpu-floors.sh measures the floors at full shape (2B proxy).
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
