@@ -117,6 +117,13 @@ test('bf16 KV cache: decode chunks equal full recomputation on it; logits within
   }
 });
 
+test('bf16 KV cache: refused on the cuda backend (its runtime keeps an f32 cache)', async () => {
+  await assert.rejects(
+    ModelRuntime.load(packed.get('llama-relu-gqa')!, { context: 40, kvCache: 'bf16', backend: 'cuda' }),
+    /--kv-cache bf16 is available on the cpu backend only|no CUDA model runtime/,
+  );
+});
+
 test('step timing: off by default, counts the tokens and calls it covers, same logits, cleared by resetActivity', async () => {
   const rt = await ModelRuntime.load(packed.get('llama-relu-gqa')!, { context: 40 });
   try {
