@@ -77,6 +77,9 @@ test('bench --model: usage errors', () => {
   r = run(['bench', '--model', FIXTURE_PATHS.opt!, '--kv-cache', 'f16']);
   assert.equal(r.status, 2, r.stderr);
   assert.match(r.stderr, /--kv-cache/);
+  r = run(['bench', '--model', FIXTURE_PATHS.opt!, '--energy-seconds', '-1']);
+  assert.equal(r.status, 2, r.stderr);
+  assert.match(r.stderr, /--energy-seconds must be a number in \[0, 600\]/);
   r = run(['bench', '--model', FIXTURE_PATHS.opt!, '--prefill', '500', '-q']);
   assert.equal(r.status, 2, r.stderr);
   assert.match(r.stderr, /--context must be in \[1, 128\]|holds 128/);
