@@ -204,33 +204,9 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
     return env.Undefined();
   }
 
-  Napi::Value Step(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    const int64_t nm = train_int_arg(info, 1, "nMicro", 1, "Trainer"), B = train_int_arg(info, 2, "B", 1, "Trainer"), T = train_int_arg(info, 3, "T", 1, "Trainer");
-    Napi::Int32Array tok = train_tokens_arg(info, 0, static_cast<size_t>(nm * B * (T + 1)), "Trainer");
-    if (info.Length() < 5 || !info[4].IsNumber()) throw_js(env, "Trainer.step: lr must be a number");
-    const float lr = static_cast<float>(info[4].As<Napi::Number>().DoubleValue());
-    StepStats s;
-    try {
-      s = t_->step(tok.Data(), nm, B, T, lr);
-    } catch (const std::exception& e) {
-      throw_js(env, e.what());
-    }
-    return step_stats_to_js(env, s);
-  }
+  Napi::Value Step(const Napi::CallbackInfo& info) { return train_step_js(info, *t_, "Trainer"); }
 
-  Napi::Value Evaluate(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    const int64_t B = train_int_arg(info, 1, "B", 1, "Trainer"), T = train_int_arg(info, 2, "T", 1, "Trainer");
-    Napi::Int32Array tok = train_tokens_arg(info, 0, static_cast<size_t>(B * (T + 1)), "Trainer");
-    EvalStats e;
-    try {
-      e = t_->evaluate(tok.Data(), B, T);
-    } catch (const std::exception& ex) {
-      throw_js(env, ex.what());
-    }
-    return eval_stats_to_js(env, e);
-  }
+  Napi::Value Evaluate(const Napi::CallbackInfo& info) { return train_evaluate_js(info, *t_, "Trainer"); }
 
   Napi::Value GetState(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
