@@ -941,12 +941,19 @@ double rel(const std::vector<float>& a, const std::vector<float>& ref) {
   return check::rel_error(a.data(), r.data(), std::min(a.size(), r.size()));
 }
 
-// The strided GEMM against float64 on the same f32 inputs: all four layouts, batches, the
-// accumulate flag, sizes off the 64 × 64 × 16 tiles (1 × 1 × 1 included). f32 accumulation of
-// K ≤ 129 products: relative error ~sqrt(K)·2^-24 ≈ 1e-6; bound 2e-5.
-void test_gemm_f32() {
+// The strided GEMM against float64, in both precisions: all four layouts, batches, the
+// accumulate flag, sizes off both kernels' tiles (64 × 64 × 16 SIMT, 128 × 128 × 32 tensor
+// cores; 1 × 1 × 1 included), odd strides (scalar loads) and even ones (paired loads). The Bf16
+// reference multiplies the operands rounded to bf16 in float64, so both bounds are f32
+// accumulation-order bounds: K ≤ 129 products, relative error ~sqrt(K)·2^-24; bound 2e-5. The
+// rounding itself is checked too: Bf16 against the unrounded product must be off by ~2^-9
+// (a kernel that skipped the rounding would pass the first check only by accident, never this).
+void test_gemm_f32(train::MatmulPrecision prec) {
+  const bool bf = prec == train::MatmulPrecision::Bf16;
+  train::MatmulScope scope(prec);
   struct Case { int64_t M, N, K, zo, zi; };
-  for (const Case c : {Case{1, 1, 1, 1, 1}, Case{65, 67, 17, 1, 1}, Case{130, 3, 129, 2, 3}, Case{7, 200, 64, 1, 2}})
+  for (const Case c : {Case{1, 1, 1, 1, 1}, Case{65, 67, 17, 1, 1}, Case{130, 3, 129, 2, 3}, Case{7, 200, 64, 1, 2},
+                       Case{257, 131, 70, 1, 1}})
     for (int layout = 0; layout < 4; ++layout)
       for (bool acc : {false, true}) {
         const bool at = layout & 1, bt = layout & 2;
@@ -955,15 +962,20 @@ void test_gemm_f32() {
         const std::vector<float> C0 = rvec(static_cast<size_t>(nb * csz), 1.0);
         // A(r, k) at r·rs + k·cs (at: stored transposed, [K, M]); B likewise ([N, K] when bt).
         const int64_t ars = at ? 1 : c.K, acs = at ? c.M : 1, brs = bt ? 1 : c.N, bcs = bt ? c.K : 1;
-        std::vector<double> ref(static_cast<size_t>(nb * csz));
+        std::vector<double> ref(static_cast<size_t>(nb * csz)), exact(ref.size());
         for (int64_t z = 0; z < nb; ++z)
           for (int64_t r = 0; r < c.M; ++r)
             for (int64_t n = 0; n < c.N; ++n) {
-              double s = acc ? C0[static_cast<size_t>(z * csz + r * c.N + n)] : 0.0;
-              for (int64_t k = 0; k < c.K; ++k)
-                s += static_cast<double>(A[static_cast<size_t>(z * asz + r * ars + k * acs)]) *
-                     B[static_cast<size_t>(z * bsz + k * brs + n * bcs)];
-              ref[static_cast<size_t>(z * csz + r * c.N + n)] = s;
+              const size_t o = static_cast<size_t>(z * csz + r * c.N + n);
+              double s = acc ? C0[o] : 0.0, x = s;
+              for (int64_t k = 0; k < c.K; ++k) {
+                const float av = A[static_cast<size_t>(z * asz + r * ars + k * acs)];
+                const float bv = B[static_cast<size_t>(z * bsz + k * brs + n * bcs)];
+                s += bf ? static_cast<double>(rb(av)) * rb(bv) : static_cast<double>(av) * bv;
+                x += static_cast<double>(av) * bv;
+              }
+              ref[o] = s;
+              exact[o] = x;
             }
         Dev a(A), b(B), cc(C0);
         // Batch (zo, zi): operands at z·size with z = zo·zi_count + zi.
@@ -971,9 +983,43 @@ void test_gemm_f32() {
                         train::MatRef{b.p(), brs, bcs, c.zi * bsz, bsz}, cc.p(), c.N, c.zi * csz, csz, c.zo, c.zi, acc);
         const std::vector<float> got = cc.get();
         const double e = check::rel_error(got.data(), ref.data(), ref.size());
-        CHECK(e < 2e-5, "gemm_f32 %lldx%lldx%lld batches %lldx%lld layout %d acc %d: rel error %.3g",
-              (long long)c.M, (long long)c.N, (long long)c.K, (long long)c.zo, (long long)c.zi, layout, acc ? 1 : 0, e);
+        CHECK(e < 2e-5, "gemm_f32 (%s) %lldx%lldx%lld batches %lldx%lld layout %d acc %d: rel error %.3g",
+              bf ? "bf16" : "f32", (long long)c.M, (long long)c.N, (long long)c.K, (long long)c.zo, (long long)c.zi,
+              layout, acc ? 1 : 0, e);
+        if (bf && c.K >= 17 && !acc) {
+          const double ex = check::rel_error(got.data(), exact.data(), exact.size());
+          CHECK(ex > 3e-4 && ex < 1e-2, "gemm_f32 (bf16) %lldx%lldx%lld: rel error %.3g against the unrounded product",
+                (long long)c.M, (long long)c.N, (long long)c.K, ex);
+        }
       }
+  // gemm_f32_dyn: the row count (then the depth) capped on the device below the launch's
+  // capacity; rows past the cap keep their values.
+  for (const bool dyn_rows : {true, false}) {
+    const int64_t M = 150, N = 70, K = 90, cap = dyn_rows ? 37 : 41;
+    const std::vector<float> A = rvec(static_cast<size_t>(M * K), 1.0), B = rvec(static_cast<size_t>(K * N), 1.0);
+    const std::vector<float> C0 = rvec(static_cast<size_t>(M * N), 1.0);
+    std::vector<double> ref(C0.begin(), C0.end());
+    const int64_t rows = dyn_rows ? cap : M, depth = dyn_rows ? K : cap;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t n = 0; n < N; ++n) {
+        double s = 0;
+        for (int64_t k = 0; k < depth; ++k) {
+          const float av = A[static_cast<size_t>(r * K + k)], bv = B[static_cast<size_t>(k * N + n)];
+          s += bf ? static_cast<double>(rb(av)) * rb(bv) : static_cast<double>(av) * bv;
+        }
+        ref[static_cast<size_t>(r * N + n)] += s;
+      }
+    const int32_t cap32 = static_cast<int32_t>(cap);
+    DeviceBuffer dcap(4);
+    upload(dcap.data(), &cap32, 4);
+    Dev a(A), b(B), cc(C0);
+    train::gemm_f32_dyn(M, N, K, train::MatRef{a.p(), K, 1}, train::MatRef{b.p(), N, 1}, cc.p(), N, true,
+                        dyn_rows ? dcap.as<int32_t>() : nullptr, dyn_rows ? nullptr : dcap.as<int32_t>());
+    const std::vector<float> got = cc.get();
+    const double e = check::rel_error(got.data(), ref.data(), ref.size());
+    CHECK(e < 2e-5, "gemm_f32_dyn (%s) %s capped at %lld: rel error %.3g", bf ? "bf16" : "f32",
+          dyn_rows ? "rows" : "depth", (long long)cap, e);
+  }
 }
 
 // RMSNorm forward/backward against the CPU functions (both reduce in float64 and round once):
@@ -1363,7 +1409,8 @@ void test_cuda_trainer(FfnTrainPath path) {
 
 void test_training() {
   std::printf("  training operations and CudaTrainer\n");
-  test_gemm_f32();
+  test_gemm_f32(train::MatmulPrecision::F32);
+  test_gemm_f32(train::MatmulPrecision::Bf16);
   test_train_norm(1, 7);
   test_train_norm(37, 300);
   test_train_norm(130, 24);

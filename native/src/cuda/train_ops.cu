@@ -1,7 +1,7 @@
-// The training-only operations on the GPU (train_ops.h): a strided f32 GEMM (the trainer's
-// projections, the dense FFN and the attention products), RMSNorm forward/backward, RoPE,
-// causal attention forward/backward on top of the GEMM, cross-entropy, AdamW, the gradient's
-// sum of squares, embeddings and the dense FFN's elementwise steps. Each mirrors the CPU
+// The training-only operations on the GPU (train_ops.h) other than the GEMM (train_gemm.cu):
+// the projections, RMSNorm forward/backward, RoPE, causal attention forward/backward on top of
+// the GEMM, cross-entropy, AdamW, the gradient's sum of squares, embeddings, the dense FFN's
+// elementwise steps and the hybrid FFN. Each mirrors the CPU
 // function of the same name (native/src/cpu/train_ops.cpp, train_norm.h, train_attention.h,
 // hybrid.cpp's dense path): same formulas, float64 where the CPU reduces in float64.
 // Correctness first: simple launch shapes, block reductions through shared memory only.
@@ -60,84 +60,6 @@ __device__ float block_max(float v, float* sh) {
   const float r = sh[0];
   __syncthreads();
   return r;
-}
-
-// ---- GEMM -------------------------------------------------------------------------------------
-
-constexpr int kBM = 64, kBN = 64, kBK = 16;  // 256 threads, 4 × 4 outputs each
-
-// One 64 × 64 tile of C per block (batch = blockIdx.z). The operand tiles are loaded with the
-// contiguous index fastest (A: k when acs == 1, else m; B: n when bcs == 1, else k), zero
-// outside the matrices; each output accumulates k in ascending order.
-__global__ void __launch_bounds__(256) gemm_f32_kernel(int64_t M, int64_t N, int64_t K, const float* __restrict__ A,
-                                                      int64_t ars, int64_t acs, int64_t aso, int64_t asi,
-                                                      const float* __restrict__ B, int64_t brs, int64_t bcs,
-                                                      int64_t bso, int64_t bsi, float* __restrict__ C, int64_t ldc,
-                                                      int64_t cso, int64_t csi, int64_t nzi,
-                                                      const int32_t* __restrict__ dynM, const int32_t* __restrict__ dynK,
-                                                      int accumulate) {
-  __shared__ float As[kBK][kBM + 4];
-  __shared__ float Bs[kBK][kBN + 4];
-  const int64_t z = blockIdx.z, zo = z / nzi, zi = z % nzi;
-  const float* a = A + zo * aso + zi * asi;
-  const float* b = B + zo * bso + zi * bsi;
-  float* c = C + zo * cso + zi * csi;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
-  // Row or depth counts known only on the device (the hybrid tail): the grid covers the capacity.
-  if (dynM && static_cast<int64_t>(*dynM) < M) M = *dynM;
-  if (dynK && static_cast<int64_t>(*dynK) < K) K = *dynK;
-  if (m0 >= M) return;  // the whole block: no barrier is skipped by part of it
-  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  const bool a_kfast = acs == 1, b_nfast = bcs == 1;
-  float acc[4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-  for (int64_t k0 = 0; k0 < K; k0 += kBK) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int idx = tid + 256 * r;
-      const int mm = a_kfast ? idx / kBK : idx % kBM;
-      const int kk = a_kfast ? idx % kBK : idx / kBM;
-      const int64_t gm = m0 + mm, gk = k0 + kk;
-      As[kk][mm] = (gm < M && gk < K) ? a[gm * ars + gk * acs] : 0.f;
-    }
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int idx = tid + 256 * r;
-      const int nn = b_nfast ? idx % kBN : idx / kBK;
-      const int kk = b_nfast ? idx / kBN : idx % kBK;
-      const int64_t gn = n0 + nn, gk = k0 + kk;
-      Bs[kk][nn] = (gn < N && gk < K) ? b[gk * brs + gn * bcs] : 0.f;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kBK; ++kk) {
-      float av[4], bv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = As[kk][ty * 4 + i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) bv[j] = Bs[kk][tx * 4 + j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t gm = m0 + ty * 4 + i;
-    if (gm >= M) continue;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t gn = n0 + tx * 4 + j;
-      if (gn >= N) continue;
-      float* o = c + gm * ldc + gn;
-      *o = accumulate ? *o + acc[i][j] : acc[i][j];
-    }
-  }
 }
 
 // ---- RMSNorm ----------------------------------------------------------------------------------
@@ -618,17 +540,6 @@ __global__ void gather_rows_kernel(const float* __restrict__ src, const int32_t*
 
 }  // namespace
 
-void gemm_f32(int64_t M, int64_t N, int64_t K, const MatRef& A, const MatRef& B, float* C, int64_t ldc, int64_t cso,
-              int64_t csi, int64_t nzo, int64_t nzi, bool accumulate) {
-  if (M <= 0 || N <= 0 || nzo <= 0 || nzi <= 0) return;
-  const int64_t gy = ceil_div(M, kBM), gz = nzo * nzi;
-  if (gy > 65535 || gz > 65535) throw std::invalid_argument("gemm_f32: too many row tiles or batches");
-  const dim3 grid(grid1(N, kBN), static_cast<unsigned>(gy), static_cast<unsigned>(gz));
-  gemm_f32_kernel<<<grid, 256>>>(M, N, K, A.p, A.rs, A.cs, A.so, A.si, B.p, B.rs, B.cs, B.so, B.si, C, ldc, cso, csi,
-                                 nzi, nullptr, nullptr, accumulate ? 1 : 0);
-  SLLM_LAUNCHED("gemm_f32_kernel");
-}
-
 void linear_forward(const float* x, int64_t M, int64_t din, const float* W, int64_t dout, float* y) {
   gemm_f32(M, dout, din, MatRef{x, din, 1}, MatRef{W, 1, din}, y, dout);
 }
@@ -753,18 +664,6 @@ void ffn_hidden_backward(float* dH, const float* G, const float* U, float* dG, f
 
 namespace {
 
-// The dense FFN GEMMs on the tail rows: M (rows) or K (depth) read from the device.
-void gemm_dyn(int64_t M, int64_t N, int64_t K, const MatRef& A, const MatRef& B, float* C, int64_t ldc, bool accumulate,
-              const int32_t* dynM, const int32_t* dynK) {
-  if (M <= 0 || N <= 0) return;
-  const int64_t gy = ceil_div(M, kBM);
-  if (gy > 65535) throw std::invalid_argument("gemm_f32: too many row tiles");
-  const dim3 grid(grid1(N, kBN), static_cast<unsigned>(gy), 1);
-  gemm_f32_kernel<<<grid, 256>>>(M, N, K, A.p, A.rs, A.cs, 0, 0, B.p, B.rs, B.cs, 0, 0, C, ldc, 0, 0, 1, dynM, dynK,
-                                 accumulate ? 1 : 0);
-  SLLM_LAUNCHED("gemm_f32_kernel");
-}
-
 void rows_copy(const float* src, const int32_t* rows, const int32_t* count, int64_t cap, int64_t d, float* dst,
                bool scatter) {
   gather_rows_kernel<<<rows_grid(cap), 128>>>(src, rows, count, d, dst, scatter ? 1 : 0);
@@ -788,11 +687,11 @@ void hybrid_ffn_forward(const float* x, const float* gate, const float* updown, 
   // Tail rows: the dense path on the gathered rows (capacity M; the count is on the device).
   const int32_t* nt = h.tail_count;
   rows_copy(x, h.tail, nt, M, d, h.xt, false);
-  gemm_dyn(M, F, d, MatRef{h.xt, d, 1}, MatRef{gate, 1, d}, h.Gt, F, false, nt, nullptr);
-  gemm_dyn(M, F, d, MatRef{h.xt, d, 1}, MatRef{updown, 1, 2 * d}, h.Ut, F, false, nt, nullptr);
+  gemm_f32_dyn(M, F, d, MatRef{h.xt, d, 1}, MatRef{gate, 1, d}, h.Gt, F, false, nt, nullptr);
+  gemm_f32_dyn(M, F, d, MatRef{h.xt, d, 1}, MatRef{updown, 1, 2 * d}, h.Ut, F, false, nt, nullptr);
   ffn_hidden_kernel<<<rows_grid(M), kThreads>>>(h.Gt, h.Ut, h.Ht, F, l1_sum, scratch_counts, nullptr, nt);
   SLLM_LAUNCHED("ffn_hidden_kernel");
-  gemm_dyn(M, d, F, MatRef{h.Ht, F, 1}, MatRef{updown + d, 2 * d, 1}, h.yt, d, false, nt, nullptr);
+  gemm_f32_dyn(M, d, F, MatRef{h.Ht, F, 1}, MatRef{updown + d, 2 * d, 1}, h.yt, d, false, nt, nullptr);
   rows_copy(h.yt, h.tail, nt, M, d, y, true);
 }
 
@@ -819,15 +718,15 @@ void hybrid_ffn_backward(const float* x, const float* dy, const float* gate, con
   const int32_t* nt = h.tail_count;
   rows_copy(x, h.tail, nt, M, d, h.xt, false);
   rows_copy(dy, h.tail, nt, M, d, h.yt, false);
-  gemm_dyn(M, F, d, MatRef{h.yt, d, 1}, MatRef{updown + d, 1, 2 * d}, h.dHt, F, false, nt, nullptr);  // dH = dy·W_down
+  gemm_f32_dyn(M, F, d, MatRef{h.yt, d, 1}, MatRef{updown + d, 1, 2 * d}, h.dHt, F, false, nt, nullptr);  // dH = dy·W_down
   ffn_hidden_backward_kernel<<<grid1(M * F, 256), 256>>>(h.dHt, h.Gt, h.Ut, h.dGt, h.Ht, M * F, lam_m, nt, F);
   SLLM_LAUNCHED("ffn_hidden_backward_kernel");
-  gemm_dyn(M, d, F, MatRef{h.dHt, F, 1}, MatRef{updown, 2 * d, 1}, h.zt, d, false, nt, nullptr);   // dU·W_up
-  gemm_dyn(M, d, F, MatRef{h.dGt, F, 1}, MatRef{gate, d, 1}, h.zt, d, true, nt, nullptr);          // + dG·W_gate
+  gemm_f32_dyn(M, d, F, MatRef{h.dHt, F, 1}, MatRef{updown, 2 * d, 1}, h.zt, d, false, nt, nullptr);   // dU·W_up
+  gemm_f32_dyn(M, d, F, MatRef{h.dGt, F, 1}, MatRef{gate, d, 1}, h.zt, d, true, nt, nullptr);          // + dG·W_gate
   rows_copy(h.zt, h.tail, nt, M, d, dx, true);
-  gemm_dyn(F, d, M, MatRef{h.dGt, 1, F}, MatRef{h.xt, d, 1}, dgate, d, true, nullptr, nt);
-  gemm_dyn(F, d, M, MatRef{h.dHt, 1, F}, MatRef{h.xt, d, 1}, dupdown, 2 * d, true, nullptr, nt);
-  gemm_dyn(F, d, M, MatRef{h.Ht, 1, F}, MatRef{h.yt, d, 1}, dupdown + d, 2 * d, true, nullptr, nt);
+  gemm_f32_dyn(F, d, M, MatRef{h.dGt, 1, F}, MatRef{h.xt, d, 1}, dgate, d, true, nullptr, nt);
+  gemm_f32_dyn(F, d, M, MatRef{h.dHt, 1, F}, MatRef{h.xt, d, 1}, dupdown, 2 * d, true, nullptr, nt);
+  gemm_f32_dyn(F, d, M, MatRef{h.Ht, 1, F}, MatRef{h.yt, d, 1}, dupdown + d, 2 * d, true, nullptr, nt);
 }
 
 }  // namespace sparsellm::cuda::train

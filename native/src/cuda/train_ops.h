@@ -18,11 +18,32 @@ struct MatRef {
   int64_t rs = 0, cs = 0, so = 0, si = 0;
 };
 
+// The arithmetic of gemm_f32's products on the calling host thread: F32 (SIMT FMAs, the CPU
+// trainer's f32; the default) or Bf16 (operands rounded to bf16, tensor cores, f32 accumulation).
+// A MatmulScope sets it until the scope ends (the trainer wraps each step in one).
+enum class MatmulPrecision : int { F32 = 0, Bf16 = 1 };
+MatmulPrecision matmul_precision();
+class MatmulScope {
+ public:
+  explicit MatmulScope(MatmulPrecision p);
+  ~MatmulScope();
+  MatmulScope(const MatmulScope&) = delete;
+  MatmulScope& operator=(const MatmulScope&) = delete;
+
+ private:
+  MatmulPrecision prev_;
+};
+
 // C[r, n] (+)= Σ_{k < K} A(r, k)·B(k, n) for r < M, n < N, per batch (zo < nzo, zi < nzi); C of
 // batch (zo, zi) at C + zo·cso + zi·csi, row-major with ldc. Overwrites unless `accumulate`.
-// f32 accumulation in a fixed order per element (SIMT tiles; not tensor cores).
+// F32: accumulation in ascending k per element; Bf16: in the tensor cores' order (train_gemm.cu).
 void gemm_f32(int64_t M, int64_t N, int64_t K, const MatRef& A, const MatRef& B, float* C, int64_t ldc, int64_t cso = 0,
               int64_t csi = 0, int64_t nzo = 1, int64_t nzi = 1, bool accumulate = false);
+// One unbatched product whose row count M or depth K is capped by a device int32 (dynM / dynK,
+// either may be null): the hybrid tail, whose size never leaves the device. The launch covers
+// the host M (the capacity).
+void gemm_f32_dyn(int64_t M, int64_t N, int64_t K, const MatRef& A, const MatRef& B, float* C, int64_t ldc,
+                  bool accumulate, const int32_t* dynM, const int32_t* dynK);
 
 // y [M, dout] = x [M, din]·Wᵀ, W [dout, din] (ldw = din unless given).
 void linear_forward(const float* x, int64_t M, int64_t din, const float* W, int64_t dout, float* y);
