@@ -35,7 +35,7 @@ fi
 echo "SPARSELLM_CUBLAS=${SPARSELLM_CUBLAS:-<loader path>}" | tee "$OUT/env.txt"
 
 echo "== CUDA correctness: native/build/test_cuda_ops"
-timeout 180 native/build/test_cuda_ops > "$OUT/test_cuda_ops.log" 2>&1
+timeout 172 native/build/test_cuda_ops > "$OUT/test_cuda_ops.log" 2>&1
 rc=$?
 tail -25 "$OUT/test_cuda_ops.log"
 echo "test_cuda_ops exit $rc (0 pass, 77 skipped, else failed)"
@@ -90,7 +90,7 @@ echo "bench --model --backend cuda exit $rc"
 # paths, not the floor at ~29 non-zeros per token; the FFN-level step is in gpu-bench).
 if [[ -f node_modules/tsx/dist/loader.mjs && -d node_modules/esbuild ]]; then
   echo "== GPU trainer through the addon: test/cuda-train.test.ts"
-  timeout 12 node --import tsx --test test/cuda-train.test.ts > "$OUT/cuda-train-test.log" 2>&1
+  timeout 20 node --import tsx --test test/cuda-train.test.ts > "$OUT/cuda-train-test.log" 2>&1
   rc=$?
   grep -E "^# (pass|fail|skipped)|^not ok" "$OUT/cuda-train-test.log"
   [[ $rc -ne 0 ]] && status=1

@@ -1,9 +1,12 @@
 // The GPU trainer (CudaTrainer) from the JS side: `train --backend cuda` is refused with a
 // one-line reason (exit 2) where no GPU is usable or SPARSELLM_CUDA_UNVERIFIED=1 is not set.
-// Where a GPU is usable: the same seed gives the CPU trainer's initial weights exactly, a few
-// steps (dense and hybrid FFN) give its losses (f32 on both sides, other summation orders: 1e-4
-// relative) and updates (1e-3, as test_cuda_ops), the resume state round-trips, and
-// `train --backend cuda` runs end to end (dense and hybrid) and writes a checkpoint.
+// `--matmul bf16` without the GPU backend is refused the same way. Where a GPU is usable: the
+// same seed gives the CPU trainer's initial weights exactly, a few steps (dense and hybrid FFN,
+// f32 matmuls) give its losses (f32 on both sides, other summation orders: 1e-4 relative) and
+// updates (1e-3, as test_cuda_ops), the resume state round-trips; with bf16 matmuls the losses
+// stay within bf16 rounding of the CPU's and fall as fast on a repeated batch; and
+// `train --backend cuda` runs end to end (dense and hybrid, both precisions) and writes a
+// checkpoint.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
@@ -85,7 +88,7 @@ function rel(a: Float32Array, b: Float32Array): number {
 for (const ffnPath of ['dense', 'hybrid'] as const) test(`CudaTrainer follows the CPU Trainer (${ffnPath} FFN): init, steps, state`, { skip: noGpu }, () => {
   const hyper = { ...HYPER, ffnPath, ellWidth: 20 };
   const cpu = new ModelTrainer(SHAPE, hyper, 'cpu');
-  const dev = new ModelTrainer(SHAPE, hyper, 'cuda');
+  const dev = new ModelTrainer(SHAPE, hyper, 'cuda', 'f32');
   cpu.initWeights();
   dev.initWeights();
   assert.deepEqual(dev.tensors, cpu.tensors);
@@ -124,9 +127,47 @@ for (const ffnPath of ['dense', 'hybrid'] as const) test(`CudaTrainer follows th
   assert.ok(Math.abs(e1.ce - e2.ce) <= 1e-3 * e1.ce, `evaluate ce ${e2.ce} vs ${e1.ce}`);
 });
 
-for (const ffnPath of ['dense', 'hybrid'] as const) test(`train --backend cuda end to end (${ffnPath} FFN)`, { skip: noGpu }, () => {
+test('bf16 matmuls are for the GPU trainer only: the CPU one refuses them', () => {
+  assert.throws(() => new ModelTrainer(SHAPE, HYPER, 'cpu', 'bf16'), (e: unknown) => e instanceof UsageError && /f32 only/.test((e as Error).message));
+  const out = join(tmp, 'refused-bf16');
+  const r = run(['train', text, '-o', out, ...TINY, '--steps', '1', '--matmul', 'bf16']);
+  assert.equal(r.code, 2, r.stderr);
+  assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+  assert.match(r.stderr, /--matmul bf16 needs --backend cuda/);
+  assert.equal(existsSync(out), false);
+});
+
+// bf16 operands: each product is off by ~2^-9 relative, so the losses by ~1e-3; 2e-2 leaves room
+// for the units that flip sign near zero. Eight steps on one batch must lower the loss about as
+// much as the CPU's f32 steps do (a wrong gradient would not).
+for (const ffnPath of ['dense', 'hybrid'] as const) test(`CudaTrainer with bf16 matmuls tracks the CPU Trainer (${ffnPath} FFN)`, { skip: noGpu }, () => {
+  const hyper = { ...HYPER, ffnPath, ellWidth: 20 };
+  const cpu = new ModelTrainer(SHAPE, hyper, 'cpu');
+  const dev = new ModelTrainer(SHAPE, hyper, 'cuda');
+  assert.equal(dev.matmul, 'bf16');
+  cpu.initWeights();
+  dev.initWeights();
+  const B = 2;
+  const T = 12;
+  const tok = Int32Array.from({ length: B * (T + 1) }, (_, i) => (i * 17 + 5) % SHAPE.vocab);
+  const first = { cpu: 0, dev: 0 };
+  const last = { cpu: 0, dev: 0 };
+  for (let s = 0; s < 8; s++) {
+    const a = cpu.step(tok, 1, B, T, 1e-2);
+    const b = dev.step(tok, 1, B, T, 1e-2);
+    if (s === 0) Object.assign(first, { cpu: a.loss, dev: b.loss });
+    Object.assign(last, { cpu: a.loss, dev: b.loss });
+    if (s < 3) assert.ok(Math.abs(a.loss - b.loss) <= 2e-2 * a.loss, `step ${s}: loss ${b.loss} vs ${a.loss}`);
+  }
+  const dropCpu = first.cpu - last.cpu;
+  const dropDev = first.dev - last.dev;
+  assert.ok(dropCpu > 0.05 * first.cpu, `the CPU trainer did not learn the batch: ${first.cpu} -> ${last.cpu}`);
+  assert.ok(Math.abs(dropDev - dropCpu) <= 0.2 * dropCpu, `loss drop over 8 steps: ${dropDev} (bf16 GPU) vs ${dropCpu} (CPU)`);
+});
+
+for (const [ffnPath, matmul] of [['dense', 'f32'], ['hybrid', 'bf16']] as const) test(`train --backend cuda end to end (${ffnPath} FFN, ${matmul} matmuls)`, { skip: noGpu }, () => {
   const out = join(tmp, `gpu-run-${ffnPath}`);
-  const r = run(['train', text, '-o', out, ...TINY, '--steps', '3', '--ffn-path', ffnPath, '--backend', 'cuda', '--json'], { SPARSELLM_CUDA_UNVERIFIED: '1' });
+  const r = run(['train', text, '-o', out, ...TINY, '--steps', '3', '--ffn-path', ffnPath, '--backend', 'cuda', '--matmul', matmul, '--json'], { SPARSELLM_CUDA_UNVERIFIED: '1' });
   assert.equal(r.code, 0, r.stderr);
   const lines = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as { type: string; finalLoss?: number });
   assert.equal(lines.filter((l) => l.type === 'step').length, 3);

@@ -8,7 +8,7 @@ import { Option, type Command } from 'commander';
 import { parse as parseYaml } from 'yaml';
 import { SparseLlmError, UsageError } from '../core/errors.js';
 import { DEFAULTS, resolveRun, runTraining, type StepRecord, type TrainOptions } from '../core/train/run.js';
-import { resolveTrainBackend } from '../core/train/engine.js';
+import { resolveTrainBackend, type TrainMatmul } from '../core/train/engine.js';
 import { trainingSvg } from '../core/train/plot.js';
 import { Output, formatBytes, formatDuration } from './ui.js';
 
@@ -44,6 +44,7 @@ interface CliOptions {
   ellWidth?: string;
   threads?: string;
   backend?: 'auto' | 'cpu' | 'cuda';
+  matmul?: TrainMatmul;
   json?: boolean;
   plot?: string;
   quiet?: boolean;
@@ -128,6 +129,7 @@ export function registerTrain(program: Command): void {
     .option('--ell-width <n>', `Hybrid ELL width; heavier tokens go to the dense tail (default ${DEFAULTS.ellWidth})`)
     .option('--threads <n>', 'CPU threads (default: all cores)')
     .addOption(new Option('--backend <backend>', 'compute backend: cpu, cuda (the GPU trainer; unverified: needs SPARSELLM_CUDA_UNVERIFIED=1) or auto (= cpu)').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .addOption(new Option('--matmul <precision>', 'GPU matrix products: bf16 (tensor cores, f32 accumulation; default on cuda) or f32 (the CPU trainer\'s arithmetic, slow); the CPU trainer is f32 only').choices(['bf16', 'f32']))
     .option('--json', 'one JSON object per step on stdout, then a summary object')
     .option('--plot <file.svg>', 'write an SVG of loss and sparsity over steps')
     .option('-q, --quiet', 'no live lines or human text')
@@ -160,6 +162,8 @@ async function runTrain(data: string[], opts: CliOptions): Promise<void> {
   const resumeDir = opts.resume ?? null;
   if (resumeDir && opts.init) throw new UsageError('--init and --resume cannot be combined (a resumed run keeps its own starting point)');
   const backend = resolveTrainBackend(opts.backend ?? 'auto'); // before the data are read
+  if (opts.matmul === 'bf16' && backend !== 'cuda') throw new UsageError('--matmul bf16 needs --backend cuda (the CPU trainer multiplies in f32)');
+  const matmul: TrainMatmul = opts.matmul ?? (backend === 'cuda' ? 'bf16' : 'f32');
   const setup = await resolveRun(given, resumeDir, (s) => out.warn(s));
 
   let stopRequested = false;
@@ -191,7 +195,7 @@ async function runTrain(data: string[], opts: CliOptions): Promise<void> {
             `${info.resumedFrom ? `resuming ${info.resumedFrom} at step ${info.startStep}` : o.init ? `fine-tuning ${o.init}` : 'training a new model'}: ` +
               `${info.shape.layers} layers, d_model ${info.shape.dModel}, ${info.shape.heads} heads, d_ff ${info.shape.dFF}, context ${info.shape.context}, ` +
               `vocab ${info.shape.vocab} (${info.tokenizer}), ${(info.params / 1e6).toFixed(2)}M parameters` +
-              (backend === 'cuda' ? '; on the GPU' : ''),
+              (backend === 'cuda' ? `; on the GPU, ${matmul} matmuls` : ''),
           );
           out.say(
             `data: ${info.files} file(s), ${info.trainTokens} train / ${info.valTokens} validation tokens; ` +
@@ -221,8 +225,7 @@ async function runTrain(data: string[], opts: CliOptions): Promise<void> {
         shouldStop: () => stopRequested,
       },
       (s) => out.warn(s),
-      threads,
-      backend,
+      { threads, backend, matmul },
     );
     await plot();
     if (opts.json) process.stdout.write(JSON.stringify({ type: 'summary', ...summary }) + '\n');

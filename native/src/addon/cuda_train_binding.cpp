@@ -2,7 +2,8 @@
 // constructor options and methods as the CPU Trainer binding (train_binding.cpp), plus
 // deviceBytes. Exported only by builds with the CUDA backend. No math here.
 //
-//   new CudaTrainer(options)   (the Trainer's options)
+//   new CudaTrainer(options)   (the Trainer's options, and matmul: 'bf16' (default: tensor
+//                              cores, bf16 operands) or 'f32' (as the CPU Trainer))
 //   initWeights, tensors, getTensor, setTensor, step, evaluate, getState, setState, setL1,
 //   paramCount, savedBytes, peakSavedBytes, deviceBytes
 #ifdef SPARSELLM_HAVE_CUDA
@@ -39,14 +40,24 @@ class CudaTrainerWrap : public Napi::ObjectWrap<CudaTrainerWrap> {
   explicit CudaTrainerWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CudaTrainerWrap>(info) {
     Napi::Env env = info.Env();
     const TrainOptions opt = parse_train_options(info, "CudaTrainer");
+    const cuda::train::MatmulPrecision matmul = parse_matmul(env, info[0].As<Napi::Object>());
     try {
-      t_ = std::make_unique<cuda::CudaTrainer>(opt.cfg, opt.hyper);
+      t_ = std::make_unique<cuda::CudaTrainer>(opt.cfg, opt.hyper, matmul);
     } catch (const std::exception& e) {
       throw_js(env, e.what());
     }
   }
 
  private:
+  static cuda::train::MatmulPrecision parse_matmul(Napi::Env env, const Napi::Object& o) {
+    const Napi::Value v = o.Get("matmul");
+    if (v.IsUndefined()) return cuda::train::MatmulPrecision::Bf16;
+    const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
+    if (s == "bf16") return cuda::train::MatmulPrecision::Bf16;
+    if (s == "f32") return cuda::train::MatmulPrecision::F32;
+    throw_js(env, "CudaTrainer: matmul must be 'bf16' or 'f32'");
+  }
+
   Napi::Value InitWeights(const Napi::CallbackInfo& info) {
     try {
       t_->init_weights();

@@ -51,6 +51,7 @@ struct CudaTrainer::Impl {
   };
   TrainModelConfig cfg;
   TrainHyper hp;
+  train::MatmulPrecision matmul = train::MatmulPrecision::F32;
   std::vector<TrainTensor> tensors;
   std::vector<LayerOffsets> lo;
   int64_t off_embed = 0, off_final_norm = 0, n_params = 0;
@@ -74,10 +75,12 @@ struct CudaTrainer::Impl {
   train::HybridBuffers hybrid_buffers(LayerActs& a, int64_t M);
 };
 
-CudaTrainer::CudaTrainer(const TrainModelConfig& c, const TrainHyper& h) : impl_(std::make_unique<Impl>()) {
+CudaTrainer::CudaTrainer(const TrainModelConfig& c, const TrainHyper& h, train::MatmulPrecision matmul)
+    : impl_(std::make_unique<Impl>()) {
   Impl& I = *impl_;
   I.cfg = c;
   I.hp = h;
+  I.matmul = matmul;
   if (c.vocab < 2 || c.d_model < 2 || c.n_layers < 1 || c.n_heads < 1 || c.d_ff < 1 || c.context < 2)
     throw std::invalid_argument("CudaTrainer: vocab, d_model, layers, heads, d_ff and context must be positive");
   if (c.d_model % c.n_heads != 0 || (c.d_model / c.n_heads) % 2 != 0)
@@ -151,6 +154,7 @@ CudaTrainer::CudaTrainer(const TrainModelConfig& c, const TrainHyper& h) : impl_
 CudaTrainer::~CudaTrainer() = default;
 
 const TrainModelConfig& CudaTrainer::config() const { return impl_->cfg; }
+train::MatmulPrecision CudaTrainer::matmul() const { return impl_->matmul; }
 TrainHyper& CudaTrainer::hyper() { return impl_->hp; }
 const std::vector<TrainTensor>& CudaTrainer::tensors() const { return impl_->tensors; }
 int64_t CudaTrainer::param_count() const { return impl_->n_params; }
@@ -337,6 +341,7 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
   if (B < 1) throw std::invalid_argument("CudaTrainer: need at least one sequence");
   check_tokens(tokens, B * (T + 1), T);
   grow(B, T);
+  const train::MatmulScope precision(matmul);
   std::vector<int32_t> io(sz(2 * M));  // inputs, then targets
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t) {

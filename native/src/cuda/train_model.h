@@ -7,6 +7,7 @@
 // uploads the token ids and downloads the loss and the per-layer statistics (one small copy per
 // micro-batch, one for the gradient norm).
 //
+// Matrix products in f32 (as Trainer) or bf16 on the tensor cores (the constructor's choice).
 // FFN, per layer as Trainer chooses it (forced, or auto from the measured non-zeros per token):
 // the dense f32 path (hybrid.h's dense reference: g = relu(x·W_gateᵀ), u = x·W_upᵀ, h = g ⊙ u,
 // y = h·W_downᵀ, backward with λ·sign(h)/M) or the Hybrid path in f32 (train_ops.h
@@ -24,19 +25,25 @@
 #include <vector>
 
 #include "sparsellm/train.h"
+#include "train_ops.h"
 
 namespace sparsellm::cuda {
 
 class CudaTrainer {
  public:
   // Throws std::runtime_error when no usable GPU is present, std::invalid_argument on a bad
-  // configuration (as Trainer, and an ELL width below 1).
-  CudaTrainer(const TrainModelConfig& cfg, const TrainHyper& hyper);
+  // configuration (as Trainer, and an ELL width below 1). `matmul`: the arithmetic of every
+  // matrix product (train_ops.h MatmulPrecision): F32 follows Trainer to rounding, Bf16 runs
+  // them on the tensor cores with bf16 operands (mixed precision; weights, gradients and
+  // moments stay f32 either way).
+  CudaTrainer(const TrainModelConfig& cfg, const TrainHyper& hyper,
+              train::MatmulPrecision matmul = train::MatmulPrecision::F32);
   ~CudaTrainer();
   CudaTrainer(const CudaTrainer&) = delete;
   CudaTrainer& operator=(const CudaTrainer&) = delete;
 
   const TrainModelConfig& config() const;
+  train::MatmulPrecision matmul() const;
   TrainHyper& hyper();
 
   // The same draws as Trainer::init_weights with the same seed.

@@ -93,11 +93,19 @@ interface NativeTrainer {
 type TrainAddon = NativeAddon & {
   Trainer: new (opts: TrainModelShape & TrainerHyper) => NativeTrainer;
   /** Builds with the CUDA backend only (native/src/addon/cuda_train_binding.cpp). */
-  CudaTrainer?: new (opts: TrainModelShape & TrainerHyper) => NativeTrainer;
+  CudaTrainer?: new (opts: TrainModelShape & TrainerHyper & { matmul: TrainMatmul }) => NativeTrainer;
 };
 
 /** Where training runs: the CPU Trainer or the GPU CudaTrainer (same model, same semantics). */
 export type TrainBackend = 'cpu' | 'cuda';
+
+/**
+ * The arithmetic of the GPU trainer's matrix products: bf16 operands on the tensor cores with f32
+ * accumulation (mixed precision, the default), or f32 on the CUDA cores (the CPU trainer's
+ * arithmetic, to rounding; slow). Weights, gradients and AdamW moments are f32 either way; the
+ * CPU trainer is always f32.
+ */
+export type TrainMatmul = 'bf16' | 'f32';
 
 /**
  * The backend of `train --backend`: auto stays on the CPU (the GPU trainer has not yet run on a
@@ -120,12 +128,18 @@ export function resolveTrainBackend(asked: 'auto' | 'cpu' | 'cuda', env: NodeJS.
 /** The native trainer: f32 master weights, AdamW moments, the per-layer FFN path. */
 export class ModelTrainer {
   private readonly t: NativeTrainer;
-  constructor(readonly shape: TrainModelShape, readonly hyper: TrainerHyper, readonly backend: TrainBackend = 'cpu') {
+  constructor(
+    readonly shape: TrainModelShape,
+    readonly hyper: TrainerHyper,
+    readonly backend: TrainBackend = 'cpu',
+    readonly matmul: TrainMatmul = backend === 'cuda' ? 'bf16' : 'f32',
+  ) {
     const addon = engine() as TrainAddon;
+    if (backend === 'cpu' && matmul !== 'f32') throw new UsageError('the CPU trainer multiplies in f32 only (bf16 matmuls need --backend cuda)');
     try {
       if (backend === 'cuda') {
         if (!addon.CudaTrainer) throw new Error('this build has no CUDA backend');
-        this.t = new addon.CudaTrainer({ ...shape, ...hyper });
+        this.t = new addon.CudaTrainer({ ...shape, ...hyper, matmul });
       } else {
         this.t = new addon.Trainer({ ...shape, ...hyper });
       }

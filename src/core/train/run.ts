@@ -18,7 +18,7 @@ import {
   type TrainMeta,
 } from './checkpoint.js';
 import { loadCorpus, trainBatch, validationBatches } from './data.js';
-import { ModelTrainer, type FfnTrainPath, type StepResult, type TrainBackend, type TrainModelShape, type TrainerHyper } from './engine.js';
+import { ModelTrainer, type FfnTrainPath, type StepResult, type TrainBackend, type TrainMatmul, type TrainModelShape, type TrainerHyper } from './engine.js';
 import { learningRate } from './schedule.js';
 
 export interface TrainOptions {
@@ -371,14 +371,24 @@ function hyperOf(o: TrainOptions): TrainerHyper {
   };
 }
 
-export async function runTraining(setup: Setup, hooks: RunHooks, warn: (s: string) => void, threads?: number, backend: TrainBackend = 'cpu'): Promise<RunSummary> {
+/** Where and how the steps run; none of it changes what a checkpoint holds. */
+export interface TrainDevice {
+  /** CPU threads (default: all cores). */
+  threads?: number;
+  backend?: TrainBackend;
+  /** The GPU trainer's matrix products (default bf16 on cuda; the CPU is f32 only). */
+  matmul?: TrainMatmul;
+}
+
+export async function runTraining(setup: Setup, hooks: RunHooks, warn: (s: string) => void, device: TrainDevice = {}): Promise<RunSummary> {
   const { options: o, shape } = setup;
-  setThreads(threads);
+  const backend = device.backend ?? 'cpu';
+  setThreads(device.threads);
   const corpus = await loadCorpus(o.data, setup.tokenizer, o.context);
   for (let i = 0; i < corpus.train.length; i++) {
     if (corpus.train[i]! >= shape.vocab) throw new SparseLlmError(`token id ${corpus.train[i]} from the tokenizer is outside the model's vocabulary (${shape.vocab})`);
   }
-  const trainer = new ModelTrainer(shape, hyperOf(o), backend);
+  const trainer = new ModelTrainer(shape, hyperOf(o), backend, device.matmul);
   let startStep = 0;
   let history: StepRecord[] = [];
   let tokensSeen = 0;
