@@ -45,7 +45,7 @@ struct CudaTrainer::Impl {
   };
   struct LayerActs {
     // G, U: the dense tape, or the hybrid tail rows' (first rows); the rest of the hybrid tape:
-    DeviceBuffer x_in, xn1, rstd1, qkv, P, att, x_mid, xn2, rstd2, G, U;
+    DeviceBuffer x_in, xn1, rstd1, qkv, lse, att, x_mid, xn2, rstd2, G, U;
     DeviceBuffer row_nnz, col, hg, hu, tail;  // tail: [M] rows then the count
     bool hybrid = false;
   };
@@ -59,11 +59,12 @@ struct CudaTrainer::Impl {
   DeviceBuffer w, g, m, v, fired, cos_t, sin_t;
   TrainerState st;  // `fired` lives on the device
   std::vector<LayerActs> acts;
-  DeviceBuffer ids, xf, xnf, rstdf, logits, tmp, dx, dxn, datt, dqkv, dS, H, dH, dG, norm_part, stats;
+  DeviceBuffer ids, xf, xnf, rstdf, logits, tmp, dx, dxn, datt, dqkv, scores, H, dH, dG, norm_part, stats;
   DeviceBuffer hx, hy, hz, hdu, hdg, hrank, hlist, hhist, hoffs;  // hybrid scratch
   bool grads_zero = true;
   int64_t saved_bytes = 0, peak_saved_bytes = 0;
-  int64_t cap_M = 0, cap_P = 0;  // activation capacity (tokens, B·H·T·T)
+  int64_t cap_M = 0, cap_L = 0, cap_S = 0;  // capacity: tokens, B·H·T (lse), attention scores per buffer
+  int64_t attn_scratch = 0;                 // this micro-batch's score buffer (elements; `scores` holds two)
 
   float* W() const { return w.as<float>(); }
   float* Gr() const { return g.as<float>(); }
@@ -310,17 +311,19 @@ void CudaTrainer::Impl::check_tokens(const int32_t* tokens, int64_t n, int64_t T
 
 // Buffers for micro-batches of B·T tokens (grow-only; contents are rewritten by every pass).
 void CudaTrainer::Impl::grow(int64_t B, int64_t T) {
-  const int64_t d = cfg.d_model, F = cfg.d_ff, V = cfg.vocab, NH = cfg.n_heads, M = B * T, PT = B * NH * T * T;
-  if (M <= cap_M && PT <= cap_P) return;
+  const int64_t d = cfg.d_model, F = cfg.d_ff, V = cfg.vocab, NH = cfg.n_heads, M = B * T, L = B * NH * T;
+  attn_scratch = train::attention_scratch(B, T, NH);
+  if (M <= cap_M && L <= cap_L && attn_scratch <= cap_S) return;
   cap_M = std::max(cap_M, M);
-  cap_P = std::max(cap_P, PT);
-  const size_t Md = sz(cap_M * d) * 4, Mf = sz(cap_M * F) * 4, Mr = sz(cap_M) * 4, Pb = sz(cap_P) * 4;
+  cap_L = std::max(cap_L, L);
+  cap_S = std::max(cap_S, attn_scratch);
+  const size_t Md = sz(cap_M * d) * 4, Mf = sz(cap_M * F) * 4, Mr = sz(cap_M) * 4;
   for (LayerActs& a : acts) {
     for (DeviceBuffer* b : {&a.x_in, &a.xn1, &a.att, &a.x_mid, &a.xn2}) b->reserve(Md);
     a.qkv.reserve(3 * Md);
     a.rstd1.reserve(Mr);
     a.rstd2.reserve(Mr);
-    a.P.reserve(Pb);
+    a.lse.reserve(sz(cap_L) * 4);
     a.G.reserve(Mf);
     a.U.reserve(Mf);
   }
@@ -329,7 +332,7 @@ void CudaTrainer::Impl::grow(int64_t B, int64_t T) {
   rstdf.reserve(Mr);
   ids.reserve(2 * Mr);
   logits.reserve(sz(cap_M * V) * 4);
-  dS.reserve(Pb);
+  scores.reserve(sz(2 * cap_S) * 4);
   for (DeviceBuffer* b : {&H, &dH, &dG}) b->reserve(Mf);
   norm_part.reserve(sz(train::rmsnorm_backward_scratch(cap_M, d)) * 8);
 }
@@ -376,7 +379,8 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
     train::linear_forward(a.xn1.as<float>(), M, d, Wp + L.q, 3 * d, q);
     train::rope_apply(q, 3 * d, B, T, NH, hd, cos_t.as<float>(), sin_t.as<float>(), false);
     train::rope_apply(q + d, 3 * d, B, T, NH, hd, cos_t.as<float>(), sin_t.as<float>(), false);
-    train::attention_forward(q, q + d, q + 2 * d, 3 * d, B, T, NH, hd, a.P.as<float>(), a.att.as<float>(), d);
+    train::attention_forward(q, q + d, q + 2 * d, 3 * d, B, T, NH, hd, a.lse.as<float>(), a.att.as<float>(), d,
+                             scores.as<float>(), attn_scratch);
     train::linear_forward(a.att.as<float>(), M, d, Wp + L.o, d, tmpb);
     train::rmsnorm_forward(a.x_in.as<float>(), tmpb, a.x_mid.as<float>(), M, d, Wp + L.ffn_norm, cfg.norm_eps,
                            a.xn2.as<float>(), a.rstd2.as<float>());
@@ -432,8 +436,8 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
                               G + L.ffn_norm, first, part);
       train::linear_backward(a.att.as<float>(), dxp, M, d, Wp + L.o, d, dattp, G + L.o, first);
       const float* q = a.qkv.as<float>();
-      train::attention_backward(q, q + d, q + 2 * d, 3 * d, a.P.as<float>(), dattp, d, B, T, NH, hd, dq, dq + d,
-                                dq + 2 * d, 3 * d, dS.as<float>());
+      train::attention_backward(q, q + d, q + 2 * d, 3 * d, a.lse.as<float>(), dattp, d, B, T, NH, hd, dq, dq + d,
+                                dq + 2 * d, 3 * d, scores.as<float>(), attn_scratch);
       train::rope_apply(dq, 3 * d, B, T, NH, hd, cos_t.as<float>(), sin_t.as<float>(), true);
       train::rope_apply(dq + d, 3 * d, B, T, NH, hd, cos_t.as<float>(), sin_t.as<float>(), true);
       train::linear_backward(a.xn1.as<float>(), dq, M, d, Wp + L.q, 3 * d, dxnp, G + L.q, first);
@@ -461,7 +465,8 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
     ls.tail_rows = ls.hybrid ? nt : 0;
     // The CPU tapes' bytes: dense G and U; hybrid row counts, ELL (neuron, g, u), tail rows and their G, U.
     ls.saved_bytes = ls.hybrid ? 4 * (M + 3 * M * hp.ell_width + nt + 2 * nt * F) : 2 * M * F * 4;
-    kept += static_cast<int64_t>(sizeof(float)) * (8 * M * d + 2 * M + B * NH * T * T) + ls.saved_bytes;
+    // Attention keeps each row's log-sum-exp, not the CPU trainer's B·H·T·T probabilities.
+    kept += static_cast<int64_t>(sizeof(float)) * (8 * M * d + 2 * M + B * NH * T) + ls.saved_bytes;
     l1 += ls.l1;
   }
   kept += static_cast<int64_t>(sizeof(float)) * (3 * M * d + M + M * V);
@@ -646,10 +651,12 @@ int64_t CudaTrainer::device_bytes() const {
   int64_t b = static_cast<int64_t>(I.w.bytes() + I.g.bytes() + I.m.bytes() + I.v.bytes() + I.fired.bytes() +
                                    I.cos_t.bytes() + I.sin_t.bytes() + I.stats.bytes());
   for (const Impl::LayerActs& a : I.acts)
-    for (const DeviceBuffer* x : {&a.x_in, &a.xn1, &a.rstd1, &a.qkv, &a.P, &a.att, &a.x_mid, &a.xn2, &a.rstd2, &a.G, &a.U})
+    for (const DeviceBuffer* x : {&a.x_in, &a.xn1, &a.rstd1, &a.qkv, &a.lse, &a.att, &a.x_mid, &a.xn2, &a.rstd2, &a.G, &a.U,
+                                  &a.row_nnz, &a.col, &a.hg, &a.hu, &a.tail})
       b += static_cast<int64_t>(x->bytes());
-  for (const DeviceBuffer* x : {&I.ids, &I.xf, &I.xnf, &I.rstdf, &I.logits, &I.tmp, &I.dx, &I.dxn, &I.datt, &I.dqkv, &I.dS,
-                                &I.H, &I.dH, &I.dG, &I.norm_part})
+  for (const DeviceBuffer* x : {&I.ids, &I.xf, &I.xnf, &I.rstdf, &I.logits, &I.tmp, &I.dx, &I.dxn, &I.datt, &I.dqkv,
+                                &I.scores, &I.H, &I.dH, &I.dG, &I.norm_part, &I.hx, &I.hy, &I.hz, &I.hdu, &I.hdg,
+                                &I.hrank, &I.hlist, &I.hhist, &I.hoffs})
     b += static_cast<int64_t>(x->bytes());
   return b;
 }

@@ -73,7 +73,9 @@ class CudaTrainer {
   // The FFN path each layer will run (Auto re-decides in step()).
   bool layer_hybrid(int64_t layer) const;
 
-  // As Trainer: activation bytes kept between forward and backward (same accounting).
+  // Activation bytes kept between forward and backward: Trainer's accounting, except that the
+  // attention keeps each row's log-sum-exp (B·H·T floats per layer) where Trainer keeps the
+  // probabilities (B·H·T·T); the backward recomputes them (train_ops.h attention_backward).
   int64_t saved_bytes() const;
   int64_t peak_saved_bytes() const;
   // Device bytes held by the trainer (weights, gradients, moments, activations, scratch).

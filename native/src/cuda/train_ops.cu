@@ -149,7 +149,16 @@ __global__ void rope_kernel(float* __restrict__ x, int64_t ld, int64_t rows, int
 // ---- attention rows ---------------------------------------------------------------------------
 
 // Row (b, h, t) of P holds the scores q_t·k_s: becomes softmax over s ≤ t of scale·score, zeros after.
-__global__ void __launch_bounds__(kThreads) causal_softmax_kernel(float* __restrict__ P, int64_t T, float scale) {
+// Row lse_row(r) of a chunk of nb sequences × nh heads: the (b, h, t) index in lse [B, H, T].
+__device__ __forceinline__ int64_t lse_row(int64_t r, int64_t T, int64_t nh, int64_t H) {
+  const int64_t pair = r / T;
+  return ((pair / nh) * H + pair % nh) * T + r % T;
+}
+
+// Row r of the chunk: scores S (t = r % T) become P = causal softmax(S·scale), zeros after t;
+// lse (at lse_row) = the row's log Σ exp(S·scale), so that P = exp(S·scale − lse).
+__global__ void __launch_bounds__(kThreads) causal_softmax_kernel(float* __restrict__ P, int64_t T, float scale,
+                                                                  float* __restrict__ lse, int64_t nh, int64_t H) {
   __shared__ float sh[kThreads];
   const int64_t row = blockIdx.x, t = row % T;
   float* p = P + row * T;
@@ -166,6 +175,16 @@ __global__ void __launch_bounds__(kThreads) causal_softmax_kernel(float* __restr
   sum = block_sum(sum, sh);
   const float inv = 1.f / sum;
   for (int64_t s = threadIdx.x; s < T; s += kThreads) p[s] = s <= t ? p[s] * inv : 0.f;
+  if (threadIdx.x == 0) lse[lse_row(row, T, nh, H)] = mxs + logf(sum);
+}
+
+// The backward's recomputation: S → P = exp(S·scale − lse) over s ≤ t, zeros after.
+__global__ void __launch_bounds__(kThreads) causal_probs_kernel(float* __restrict__ P, int64_t T, float scale,
+                                                                const float* __restrict__ lse, int64_t nh, int64_t H) {
+  const int64_t row = blockIdx.x, t = row % T;
+  float* p = P + row * T;
+  const float l = lse[lse_row(row, T, nh, H)];
+  for (int64_t s = threadIdx.x; s < T; s += kThreads) p[s] = s <= t ? expf(p[s] * scale - l) : 0.f;
 }
 
 // Row (b, h, t): dS holds dP = dout·vᵀ; becomes P ⊙ (dP − Σ_s dP⊙P)·scale over s ≤ t, zeros after.
@@ -581,33 +600,80 @@ void rope_apply(float* x, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t h
   SLLM_LAUNCHED("rope_kernel");
 }
 
-void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
-                       int64_t hd, float* P, float* out, int64_t ld_out) {
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-  // S = q·kᵀ per (b, h) into P (the entries above the diagonal are computed, then zeroed).
-  gemm_f32(T, T, hd, MatRef{q, ld_in, 1, T * ld_in, hd}, MatRef{k, 1, ld_in, T * ld_in, hd}, P, T, H * T * T, T * T, B,
-           H);
-  causal_softmax_kernel<<<rows_grid(B * H * T), kThreads>>>(P, T, scale);
-  SLLM_LAUNCHED("causal_softmax_kernel");
-  // out = P·v
-  gemm_f32(T, hd, T, MatRef{P, T, 1, H * T * T, T * T}, MatRef{v, ld_in, 1, T * ld_in, hd}, out, ld_out, T * ld_out, hd,
-           B, H);
+namespace {
+
+// The attention's (sequence, head) pairs in chunks whose T × T score matrices fit `budget`
+// elements: whole sequences (every head) at a time, or, when one sequence's heads do not fit,
+// heads of one sequence.
+struct AttnChunk {
+  int64_t b0, nb, h0, nh;
+};
+template <typename Fn>
+void for_each_attn_chunk(int64_t B, int64_t T, int64_t H, int64_t budget, Fn fn) {
+  const int64_t tt = T * T;
+  if (budget < tt) throw std::invalid_argument("attention: scratch smaller than one T x T score matrix");
+  if (H * tt <= budget) {
+    const int64_t nb = std::min(B, budget / (H * tt));
+    for (int64_t b0 = 0; b0 < B; b0 += nb) fn(AttnChunk{b0, std::min(nb, B - b0), 0, H});
+  } else {
+    const int64_t nh = budget / tt;
+    for (int64_t b0 = 0; b0 < B; ++b0)
+      for (int64_t h0 = 0; h0 < H; h0 += nh) fn(AttnChunk{b0, 1, h0, std::min(nh, H - h0)});
+  }
 }
 
-void attention_backward(const float* q, const float* k, const float* v, int64_t ld_in, const float* P,
-                        const float* dout, int64_t ld_out, int64_t B, int64_t T, int64_t H, int64_t hd, float* dq,
-                        float* dk, float* dv, int64_t ld_grad, float* dS) {
+// Element offset of the chunk's first (sequence, head) in a [B·T, ld] activation.
+int64_t chunk_offset(const AttnChunk& c, int64_t T, int64_t ld, int64_t hd) { return c.b0 * T * ld + c.h0 * hd; }
+
+}  // namespace
+
+int64_t attention_scratch(int64_t B, int64_t T, int64_t H) {
+  constexpr int64_t kBudget = int64_t{32} << 20;  // elements (128 MiB) per score buffer
+  return std::min(B * H * T * T, std::max(T * T, kBudget));
+}
+
+void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
+                       int64_t hd, float* lse, float* out, int64_t ld_out, float* scratch, int64_t scratch_elems) {
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-  const MatRef Pt{P, 1, T, H * T * T, T * T};
-  // dP = dout·vᵀ, then dS in place.
-  gemm_f32(T, T, hd, MatRef{dout, ld_out, 1, T * ld_out, hd}, MatRef{v, 1, ld_in, T * ld_in, hd}, dS, T, H * T * T,
-           T * T, B, H);
-  softmax_backward_kernel<<<rows_grid(B * H * T), kThreads>>>(P, dS, T, scale);
-  SLLM_LAUNCHED("softmax_backward_kernel");
-  const MatRef dSm{dS, T, 1, H * T * T, T * T}, dSt{dS, 1, T, H * T * T, T * T};
-  gemm_f32(T, hd, T, dSm, MatRef{k, ld_in, 1, T * ld_in, hd}, dq, ld_grad, T * ld_grad, hd, B, H);   // dS·k
-  gemm_f32(T, hd, T, dSt, MatRef{q, ld_in, 1, T * ld_in, hd}, dk, ld_grad, T * ld_grad, hd, B, H);   // dSᵀ·q
-  gemm_f32(T, hd, T, Pt, MatRef{dout, ld_out, 1, T * ld_out, hd}, dv, ld_grad, T * ld_grad, hd, B, H);  // Pᵀ·dout
+  float* S = scratch;
+  for_each_attn_chunk(B, T, H, scratch_elems, [&](const AttnChunk& c) {
+    const int64_t oi = chunk_offset(c, T, ld_in, hd), pst = c.nh * T * T;
+    // S = q·kᵀ per (b, h) (the entries above the diagonal are computed, then zeroed).
+    gemm_f32(T, T, hd, MatRef{q + oi, ld_in, 1, T * ld_in, hd}, MatRef{k + oi, 1, ld_in, T * ld_in, hd}, S, T, pst,
+             T * T, c.nb, c.nh);
+    causal_softmax_kernel<<<rows_grid(c.nb * c.nh * T), kThreads>>>(S, T, scale, lse + (c.b0 * H + c.h0) * T, c.nh, H);
+    SLLM_LAUNCHED("causal_softmax_kernel");
+    // out = P·v
+    gemm_f32(T, hd, T, MatRef{S, T, 1, pst, T * T}, MatRef{v + oi, ld_in, 1, T * ld_in, hd},
+             out + chunk_offset(c, T, ld_out, hd), ld_out, T * ld_out, hd, c.nb, c.nh);
+  });
+}
+
+void attention_backward(const float* q, const float* k, const float* v, int64_t ld_in, const float* lse,
+                        const float* dout, int64_t ld_out, int64_t B, int64_t T, int64_t H, int64_t hd, float* dq,
+                        float* dk, float* dv, int64_t ld_grad, float* scratch, int64_t scratch_elems) {
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  float *P = scratch, *dS = scratch + scratch_elems;
+  for_each_attn_chunk(B, T, H, scratch_elems, [&](const AttnChunk& c) {
+    const int64_t oi = chunk_offset(c, T, ld_in, hd), oo = chunk_offset(c, T, ld_out, hd),
+                  og = chunk_offset(c, T, ld_grad, hd), pst = c.nh * T * T;
+    const int64_t rows = c.nb * c.nh * T;
+    // P again from S = q·kᵀ and the forward's lse.
+    gemm_f32(T, T, hd, MatRef{q + oi, ld_in, 1, T * ld_in, hd}, MatRef{k + oi, 1, ld_in, T * ld_in, hd}, P, T, pst,
+             T * T, c.nb, c.nh);
+    causal_probs_kernel<<<rows_grid(rows), kThreads>>>(P, T, scale, lse + (c.b0 * H + c.h0) * T, c.nh, H);
+    SLLM_LAUNCHED("causal_probs_kernel");
+    // dP = dout·vᵀ, then dS in place.
+    gemm_f32(T, T, hd, MatRef{dout + oo, ld_out, 1, T * ld_out, hd}, MatRef{v + oi, 1, ld_in, T * ld_in, hd}, dS, T,
+             pst, T * T, c.nb, c.nh);
+    softmax_backward_kernel<<<rows_grid(rows), kThreads>>>(P, dS, T, scale);
+    SLLM_LAUNCHED("softmax_backward_kernel");
+    const MatRef dSm{dS, T, 1, pst, T * T}, dSt{dS, 1, T, pst, T * T}, Pt{P, 1, T, pst, T * T};
+    gemm_f32(T, hd, T, dSm, MatRef{k + oi, ld_in, 1, T * ld_in, hd}, dq + og, ld_grad, T * ld_grad, hd, c.nb, c.nh);
+    gemm_f32(T, hd, T, dSt, MatRef{q + oi, ld_in, 1, T * ld_in, hd}, dk + og, ld_grad, T * ld_grad, hd, c.nb, c.nh);
+    gemm_f32(T, hd, T, Pt, MatRef{dout + oo, ld_out, 1, T * ld_out, hd}, dv + og, ld_grad, T * ld_grad, hd, c.nb,
+             c.nh);
+  });
 }
 
 void cross_entropy(float* logits, const int32_t* targets, int64_t M, int64_t V, float gscale, double* loss_sum) {

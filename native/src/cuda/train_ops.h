@@ -66,14 +66,18 @@ int64_t rmsnorm_backward_scratch(int64_t M, int64_t d);
 void rope_apply(float* x, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t hd, const float* cos_t,
                 const float* sin_t, bool inverse);
 
-// Causal attention of training (the CPU attention_forward/backward, same layouts): q, k, v
-// [B·T, ld_in]; P [B, H, T, T] (row t: softmax over keys 0..t, zeros after); out [B·T, ld_out].
+// Causal attention of training (the CPU attention_forward/backward's results and layouts) that
+// keeps no probabilities between the passes: forward stores each row's log-sum-exp, lse
+// [B, H, T]; backward recomputes P = exp(q·kᵀ·scale − lse) (bit-for-bit the same scores: the
+// same GEMM on the same operands). Both work through (sequence, head) chunks whose T × T scores
+// fit `scratch_elems` (≥ T·T): forward needs one such buffer, backward two (2·scratch_elems).
+// q, k, v [B·T, ld_in]; out [B·T, ld_out]; dq, dk, dv [B·T, ld_grad] overwritten.
+int64_t attention_scratch(int64_t B, int64_t T, int64_t H);  // the elements per buffer the trainer uses
 void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
-                       int64_t hd, float* P, float* out, int64_t ld_out);
-// dq, dk, dv [B·T, ld_grad] overwritten; dS: device scratch [B, H, T, T].
-void attention_backward(const float* q, const float* k, const float* v, int64_t ld_in, const float* P,
+                       int64_t hd, float* lse, float* out, int64_t ld_out, float* scratch, int64_t scratch_elems);
+void attention_backward(const float* q, const float* k, const float* v, int64_t ld_in, const float* lse,
                         const float* dout, int64_t ld_out, int64_t B, int64_t T, int64_t H, int64_t hd, float* dq,
-                        float* dk, float* dv, int64_t ld_grad, float* dS);
+                        float* dk, float* dv, int64_t ld_grad, float* scratch, int64_t scratch_elems);
 
 // Row-wise softmax cross-entropy: logits [M, V] become (softmax − onehot)·gscale; Σ_rows
 // −log softmax[target] is added to *loss_sum (device double). targets: device int32 [M].
