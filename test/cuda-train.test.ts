@@ -169,9 +169,10 @@ for (const [ffnPath, matmul] of [['dense', 'f32'], ['hybrid', 'bf16']] as const)
   const out = join(tmp, `gpu-run-${ffnPath}`);
   const r = run(['train', text, '-o', out, ...TINY, '--steps', '3', '--ffn-path', ffnPath, '--backend', 'cuda', '--matmul', matmul, '--json'], { SPARSELLM_CUDA_UNVERIFIED: '1' });
   assert.equal(r.code, 0, r.stderr);
-  const lines = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as { type: string; finalLoss?: number });
+  const lines = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as { type: string; finalLoss?: number; peakDeviceBytes?: number });
   assert.equal(lines.filter((l) => l.type === 'step').length, 3);
   const summary = lines.find((l) => l.type === 'summary');
   assert.ok(summary && Number.isFinite(summary.finalLoss), r.stdout);
+  assert.ok((summary.peakDeviceBytes ?? 0) > 0, `peakDeviceBytes ${summary.peakDeviceBytes}`);
   assert.ok(existsSync(join(out, 'config.json')) && existsSync(join(out, 'model.safetensors')));
 });

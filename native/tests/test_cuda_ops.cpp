@@ -1428,6 +1428,52 @@ void test_cuda_trainer(FfnTrainPath path) {
   CHECK(threw, "trainer: ELL width 0 was accepted");
 }
 
+// Device memory follows sparsity: on a gate that fires for 5 of 400 units (the others' rows
+// are zero), the hybrid path's tail tape shrinks to a row per layer and the trainer holds less
+// GPU memory than on the dense path, whose G and U tapes are 2·M·F floats per layer; a dense
+// layer that turns hybrid gives its tape back. Losses agree (the same model either way).
+void test_cuda_trainer_memory() {
+  std::printf("    CudaTrainer device memory, dense vs hybrid\n");
+  TrainModelConfig cfg;
+  cfg.vocab = 37;
+  cfg.d_model = 24;
+  cfg.n_layers = 2;
+  cfg.n_heads = 3;
+  cfg.d_ff = 400;
+  cfg.context = 32;
+  int64_t peak[2] = {0, 0};
+  double loss[2] = {0, 0};
+  const std::vector<int32_t> tok = random_tokens(4 * 33, cfg.vocab);
+  for (int hybrid = 0; hybrid < 2; ++hybrid) {
+    TrainHyper hp;
+    hp.ffn_path = hybrid ? FfnTrainPath::Hybrid : FfnTrainPath::Dense;
+    hp.ell_width = 16;
+    hp.seed = 5;
+    CudaTrainer t(cfg, hp);
+    t.init_weights();
+    for (const TrainTensor& tt : t.tensors())
+      if (tt.name.find("gate_proj") != std::string::npos) {
+        std::vector<float> w(static_cast<size_t>(tt.rows * tt.cols), 0.f);
+        const std::vector<float> live = rvec(static_cast<size_t>(5 * tt.cols), 0.3);
+        std::copy(live.begin(), live.end(), w.begin());  // rows 0..4 fire, the rest stay at zero
+        t.set_tensor(tt.name, w.data());
+      }
+    const StepStats s = t.step(tok.data(), 1, 4, 32, 1e-3f);
+    for (const LayerStepStats& l : s.layers)
+      CHECK(l.nnz <= 5 * l.tokens && l.tail_rows == 0, "trainer memory: nnz %lld over %lld tokens, tail %lld",
+            (long long)l.nnz, (long long)l.tokens, (long long)l.tail_rows);
+    peak[hybrid] = t.peak_device_bytes();
+    loss[hybrid] = s.loss;
+    CHECK(t.device_bytes() <= t.peak_device_bytes(), "trainer memory: device %lld above peak %lld",
+          (long long)t.device_bytes(), (long long)t.peak_device_bytes());
+  }
+  const int64_t tapes = 2 * cfg.n_layers * 4 * 32 * cfg.d_ff * 4;  // the dense G and U tapes
+  CHECK(peak[1] + tapes / 2 < peak[0], "trainer memory: hybrid peak %lld vs dense %lld (dense tapes %lld)",
+        (long long)peak[1], (long long)peak[0], (long long)tapes);
+  CHECK(std::fabs(loss[0] - loss[1]) <= 1e-5 * loss[0], "trainer memory: loss dense %.9g vs hybrid %.9g", loss[0],
+        loss[1]);
+}
+
 void test_training() {
   std::printf("  training operations and CudaTrainer\n");
   test_gemm_f32(train::MatmulPrecision::F32);
@@ -1453,6 +1499,7 @@ void test_training() {
   test_train_hybrid(70, 24, 300, 1, 0.5);     // every row in the tail
   test_train_hybrid(33, 260, 90, 90, 0.3);    // no tail; d over one block's width
   for (FfnTrainPath path : {FfnTrainPath::Dense, FfnTrainPath::Hybrid, FfnTrainPath::Auto}) test_cuda_trainer(path);
+  test_cuda_trainer_memory();
 }
 
 }  // namespace traintest

@@ -233,7 +233,9 @@ async function runTrain(data: string[], opts: CliOptions): Promise<void> {
       `${summary.stoppedEarly ? 'stopped' : 'done'} at step ${summary.steps} in ${formatDuration(summary.seconds)}: ` +
         `validation ce ${summary.valCe?.toFixed(4)}, sparsity ${summary.sparsity.toFixed(2)}% (${summary.nnzPerToken.toFixed(1)} nnz/token; ` +
         `per layer ${summary.layerNnz.map((x) => x.toFixed(1)).join(' ')}), dead ${summary.dead}, ${Math.round(summary.tokensPerSec)} tok/s, ` +
-        `peak activations ${formatBytes(summary.peakActivationBytes)} → ${summary.checkpoint}`,
+        `peak activations ${formatBytes(summary.peakActivationBytes)}` +
+        (summary.peakDeviceBytes !== undefined ? `, GPU memory ${formatBytes(summary.peakDeviceBytes)}` : '') +
+        ` → ${summary.checkpoint}`,
     );
   } catch (e) {
     if (e instanceof SparseLlmError) throw e;

@@ -1,11 +1,11 @@
 // Bindings: the GPU trainer (CudaTrainer, native/src/cuda/train_model.h) with the same
 // constructor options and methods as the CPU Trainer binding (train_binding.cpp), plus
-// deviceBytes. Exported only by builds with the CUDA backend. No math here.
+// deviceBytes and peakDeviceBytes. Exported only by builds with the CUDA backend. No math here.
 //
 //   new CudaTrainer(options)   (the Trainer's options, and matmul: 'bf16' (default: tensor
 //                              cores, bf16 operands) or 'f32' (as the CPU Trainer))
 //   initWeights, tensors, getTensor, setTensor, step, evaluate, getState, setState, setL1,
-//   paramCount, savedBytes, peakSavedBytes, deviceBytes
+//   paramCount, savedBytes, peakSavedBytes, deviceBytes, peakDeviceBytes
 #ifdef SPARSELLM_HAVE_CUDA
 #include <memory>
 #include <string>
@@ -34,7 +34,8 @@ class CudaTrainerWrap : public Napi::ObjectWrap<CudaTrainerWrap> {
                         InstanceAccessor("paramCount", &CudaTrainerWrap::ParamCount, nullptr),
                         InstanceAccessor("savedBytes", &CudaTrainerWrap::SavedBytes, nullptr),
                         InstanceAccessor("peakSavedBytes", &CudaTrainerWrap::PeakSavedBytes, nullptr),
-                        InstanceAccessor("deviceBytes", &CudaTrainerWrap::DeviceBytes, nullptr)});
+                        InstanceAccessor("deviceBytes", &CudaTrainerWrap::DeviceBytes, nullptr),
+                        InstanceAccessor("peakDeviceBytes", &CudaTrainerWrap::PeakDeviceBytes, nullptr)});
   }
 
   explicit CudaTrainerWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CudaTrainerWrap>(info) {
@@ -210,6 +211,9 @@ class CudaTrainerWrap : public Napi::ObjectWrap<CudaTrainerWrap> {
   }
   Napi::Value DeviceBytes(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), static_cast<double>(t_->device_bytes()));
+  }
+  Napi::Value PeakDeviceBytes(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(t_->peak_device_bytes()));
   }
 
   std::unique_ptr<cuda::CudaTrainer> t_;

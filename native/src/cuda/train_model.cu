@@ -62,7 +62,8 @@ struct CudaTrainer::Impl {
   DeviceBuffer ids, xf, xnf, rstdf, logits, tmp, dx, dxn, datt, dqkv, scores, H, dH, dG, norm_part, stats;
   DeviceBuffer hx, hy, hz, hdu, hdg, hrank, hlist, hhist, hoffs;  // hybrid scratch
   bool grads_zero = true;
-  int64_t saved_bytes = 0, peak_saved_bytes = 0;
+  int64_t saved_bytes = 0, peak_saved_bytes = 0, peak_device_bytes = 0;
+  int64_t device_bytes() const;
   int64_t cap_M = 0, cap_L = 0, cap_S = 0;  // capacity: tokens, B·H·T (lse), attention scores per buffer
   int64_t attn_scratch = 0;                 // this micro-batch's score buffer (elements; `scores` holds two)
 
@@ -74,6 +75,7 @@ struct CudaTrainer::Impl {
   StepStats forward_backward(const int32_t* tokens, int64_t B, int64_t T, double scale, bool backward, EvalStats* eval);
   void end_of_step(int64_t tokens, StepStats& s);
   train::HybridBuffers hybrid_buffers(LayerActs& a, int64_t M);
+  void fit_tail_tape(LayerActs& a, int64_t rows);
 };
 
 CudaTrainer::CudaTrainer(const TrainModelConfig& c, const TrainHyper& h, train::MatmulPrecision matmul)
@@ -324,8 +326,6 @@ void CudaTrainer::Impl::grow(int64_t B, int64_t T) {
     a.rstd1.reserve(Mr);
     a.rstd2.reserve(Mr);
     a.lse.reserve(sz(cap_L) * 4);
-    a.G.reserve(Mf);
-    a.U.reserve(Mf);
   }
   for (DeviceBuffer* b : {&xf, &xnf, &tmp, &dx, &dxn, &datt}) b->reserve(Md);
   dqkv.reserve(3 * Md);
@@ -388,10 +388,19 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
     uint8_t* fl = backward ? fired.as<uint8_t>() + l * F : nullptr;
     a.hybrid = st.hybrid[sz(l)] != 0;
     if (a.hybrid) {
-      train::hybrid_ffn_forward(x2, Wp + L.gate, Wp + L.updown, hybrid_buffers(a, M), tmpb, st_l1 + l, st_cnt + 3 * l, fl,
-                                st_scratch);
+      train::HybridBuffers hb = hybrid_buffers(a, M);
+      train::hybrid_ffn_forward_rows(x2, Wp + L.gate, Wp + L.updown, hb, tmpb, st_l1 + l, st_cnt + 3 * l, fl);
+      // The layer's one synchronisation: the tail's size, so that its tape holds just those rows.
+      int32_t tail_rows = 0;
+      download(&tail_rows, hb.tail_count, 4);
+      fit_tail_tape(a, tail_rows);
+      hb.Gt = a.G.as<float>();
+      hb.Ut = a.U.as<float>();
+      train::hybrid_ffn_forward_tail(x2, Wp + L.gate, Wp + L.updown, hb, tmpb, st_l1 + l, st_scratch);
     } else {
       // Dense FFN: G = relu(x·W_gateᵀ), U = x·W_upᵀ (W_up rows inside updown), H = G ⊙ U, y = H·W_downᵀ.
+      a.G.reserve(sz(cap_M * F) * 4);
+      a.U.reserve(sz(cap_M * F) * 4);
       train::linear_forward(x2, M, d, Wp + L.gate, F, a.G.as<float>());
       train::gemm_f32(M, F, d, MatRef{x2, d, 1}, MatRef{Wp + L.updown, 1, 2 * d}, a.U.as<float>(), F);
       train::ffn_hidden(a.G.as<float>(), a.U.as<float>(), H.as<float>(), M, F, st_l1 + l, st_cnt + 3 * l, fl);
@@ -472,6 +481,7 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
   kept += static_cast<int64_t>(sizeof(float)) * (3 * M * d + M + M * V);
   saved_bytes = kept;
   peak_saved_bytes = std::max(peak_saved_bytes, kept);
+  peak_device_bytes = std::max(peak_device_bytes, device_bytes());
   l1 /= static_cast<double>(NL);
   const double ce_sum = hd_[0];
   s.ce = ce_sum / static_cast<double>(M);
@@ -487,7 +497,18 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
   return s;
 }
 
-// The hybrid kernels' buffers for M rows: layer a's tape (grown on first use) and the shared scratch.
+// A hybrid layer's tail tape (G and U of its tail rows, forward to backward) sized by need: grown
+// with a quarter of headroom, shrunk when over four times too large (after the layer ran dense,
+// say), so that a sparse layer holds a few rows where a dense one holds 2·M·F floats.
+void CudaTrainer::Impl::fit_tail_tape(LayerActs& a, int64_t rows) {
+  const size_t need = sz(std::max<int64_t>(rows, 1) * cfg.d_ff) * 4;
+  if (a.G.bytes() >= need && a.G.bytes() <= 4 * need) return;
+  a.G = DeviceBuffer(need + need / 4);
+  a.U = DeviceBuffer(need + need / 4);
+}
+
+// The hybrid kernels' buffers for M rows: layer a's tape (grown on first use; G and U as
+// fit_tail_tape last sized them) and the shared scratch.
 train::HybridBuffers CudaTrainer::Impl::hybrid_buffers(LayerActs& a, int64_t M) {
   const int64_t d = cfg.d_model, F = cfg.d_ff, W = hp.ell_width;
   const size_t MW = sz(cap_M * W) * 4;
@@ -646,8 +667,11 @@ void CudaTrainer::Impl::end_of_step(int64_t tokens, StepStats& s) {
   for (int64_t l = 0; l < NL; ++l) s.layers[sz(l)].dead = st.dead[sz(l)];
 }
 
-int64_t CudaTrainer::device_bytes() const {
-  const Impl& I = *impl_;
+int64_t CudaTrainer::device_bytes() const { return impl_->device_bytes(); }
+int64_t CudaTrainer::peak_device_bytes() const { return impl_->peak_device_bytes; }
+
+int64_t CudaTrainer::Impl::device_bytes() const {
+  const Impl& I = *this;
   int64_t b = static_cast<int64_t>(I.w.bytes() + I.g.bytes() + I.m.bytes() + I.v.bytes() + I.fired.bytes() +
                                    I.cos_t.bytes() + I.sin_t.bytes() + I.stats.bytes());
   for (const Impl::LayerActs& a : I.acts)

@@ -78,8 +78,10 @@ class CudaTrainer {
   // probabilities (B·H·T·T); the backward recomputes them (train_ops.h attention_backward).
   int64_t saved_bytes() const;
   int64_t peak_saved_bytes() const;
-  // Device bytes held by the trainer (weights, gradients, moments, activations, scratch).
+  // Device bytes held by the trainer (weights, gradients, moments, activations, scratch), now and
+  // at the end of its largest forward/backward so far (allocations are made as a pass needs them).
   int64_t device_bytes() const;
+  int64_t peak_device_bytes() const;
 
  private:
   struct Impl;

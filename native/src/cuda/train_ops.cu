@@ -738,8 +738,8 @@ void rows_copy(const float* src, const int32_t* rows, const int32_t* count, int6
 
 }  // namespace
 
-void hybrid_ffn_forward(const float* x, const float* gate, const float* updown, const HybridBuffers& h, float* y,
-                        double* l1_sum, unsigned long long* counts, uint8_t* fired, unsigned long long* scratch_counts) {
+void hybrid_ffn_forward_rows(const float* x, const float* gate, const float* updown, const HybridBuffers& h, float* y,
+                             double* l1_sum, unsigned long long* counts, uint8_t* fired) {
   const int64_t M = h.M, d = h.d, F = h.F;
   const int W = h.W;
   if (M <= 0) return;
@@ -750,7 +750,13 @@ void hybrid_ffn_forward(const float* x, const float* gate, const float* updown, 
   SLLM_LAUNCHED("hybrid_tail_list_kernel");
   hybrid_fwd_rows_kernel<<<rows_grid(M), kThreads>>>(x, d, updown, W, h.row_nnz, h.col, h.g, h.u, y, l1_sum);
   SLLM_LAUNCHED("hybrid_fwd_rows_kernel");
-  // Tail rows: the dense path on the gathered rows (capacity M; the count is on the device).
+}
+
+void hybrid_ffn_forward_tail(const float* x, const float* gate, const float* updown, const HybridBuffers& h, float* y,
+                             double* l1_sum, unsigned long long* scratch_counts) {
+  const int64_t M = h.M, d = h.d, F = h.F;
+  if (M <= 0) return;
+  // The dense path on the gathered rows (launched for M rows; the count is on the device).
   const int32_t* nt = h.tail_count;
   rows_copy(x, h.tail, nt, M, d, h.xt, false);
   gemm_f32_dyn(M, F, d, MatRef{h.xt, d, 1}, MatRef{gate, 1, d}, h.Gt, F, false, nt, nullptr);
@@ -759,6 +765,12 @@ void hybrid_ffn_forward(const float* x, const float* gate, const float* updown, 
   SLLM_LAUNCHED("ffn_hidden_kernel");
   gemm_f32_dyn(M, d, F, MatRef{h.Ht, F, 1}, MatRef{updown + d, 2 * d, 1}, h.yt, d, false, nt, nullptr);
   rows_copy(h.yt, h.tail, nt, M, d, y, true);
+}
+
+void hybrid_ffn_forward(const float* x, const float* gate, const float* updown, const HybridBuffers& h, float* y,
+                        double* l1_sum, unsigned long long* counts, uint8_t* fired, unsigned long long* scratch_counts) {
+  hybrid_ffn_forward_rows(x, gate, updown, h, y, l1_sum, counts, fired);
+  hybrid_ffn_forward_tail(x, gate, updown, h, y, l1_sum, scratch_counts);
 }
 
 void hybrid_ffn_backward(const float* x, const float* dy, const float* gate, const float* updown,

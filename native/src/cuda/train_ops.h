@@ -122,7 +122,7 @@ struct HybridBuffers {
   float *g = nullptr, *u = nullptr;      // [M, W]
   int32_t* tail = nullptr;               // [M] ascending tail rows
   int32_t* tail_count = nullptr;         // [1]
-  float *Gt = nullptr, *Ut = nullptr;    // [M, F] the tail rows' relu'd gate and up values
+  float *Gt = nullptr, *Ut = nullptr;    // [≥ tail rows, F] the tail rows' relu'd gate and up values
   // scratch
   float* Gpre = nullptr;                 // [M, F] x·W_gateᵀ (forward)
   float *Ht = nullptr, *dHt = nullptr, *dGt = nullptr;  // [M, F]
@@ -133,8 +133,17 @@ struct HybridBuffers {
 };
 // y [M, d] overwritten. l1_sum (double) += Σ|h|; counts (u64 [3]) += {nnz, max row nnz, tail
 // rows}; fired[j] = 1 where g[·, j] > 0 (may be null); scratch_counts: u64 [2] device scratch.
+// Gt and Ut must hold M rows (the tail's largest size).
 void hybrid_ffn_forward(const float* x, const float* gate, const float* updown, const HybridBuffers& h, float* y,
                         double* l1_sum, unsigned long long* counts, uint8_t* fired, unsigned long long* scratch_counts);
+// The same forward in two calls, for a caller that sizes the tail's tape by need: _rows (the gate
+// GEMM, the ELL rows, the tail list, the light rows' y) leaves the tail's row count at
+// h.tail_count on the device; the caller reads it and points Gt and Ut at that many rows; _tail
+// runs the dense path on the tail rows and scatters them into y.
+void hybrid_ffn_forward_rows(const float* x, const float* gate, const float* updown, const HybridBuffers& h, float* y,
+                             double* l1_sum, unsigned long long* counts, uint8_t* fired);
+void hybrid_ffn_forward_tail(const float* x, const float* gate, const float* updown, const HybridBuffers& h, float* y,
+                             double* l1_sum, unsigned long long* scratch_counts);
 // dx [M, d] overwritten; weight gradients dgate [F, d], dupdown [F, 2, d] (the weights' layout)
 // overwritten when `first`, else added to. lam_m = λ/M.
 void hybrid_ffn_backward(const float* x, const float* dy, const float* gate, const float* updown,

@@ -88,6 +88,8 @@ interface NativeTrainer {
   readonly paramCount: number;
   readonly savedBytes: number;
   readonly peakSavedBytes: number;
+  /** The GPU trainer only: device memory held at the end of its largest pass. */
+  readonly peakDeviceBytes?: number;
 }
 
 type TrainAddon = NativeAddon & {
@@ -176,5 +178,9 @@ export class ModelTrainer {
   }
   get peakSavedBytes(): number {
     return this.t.peakSavedBytes;
+  }
+  /** GPU memory the trainer held at the end of its largest pass (cuda backend; undefined on the CPU). */
+  get peakDeviceBytes(): number | undefined {
+    return this.t.peakDeviceBytes;
   }
 }

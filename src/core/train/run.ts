@@ -194,6 +194,8 @@ export interface RunSummary {
   seconds: number;
   checkpoint: string;
   peakActivationBytes: number;
+  /** --backend cuda: the GPU memory the trainer held at its peak (weights, optimizer, activations, scratch). */
+  peakDeviceBytes?: number;
 }
 
 export interface RunHooks {
@@ -536,6 +538,7 @@ export async function runTraining(setup: Setup, hooks: RunHooks, warn: (s: strin
     seconds: (performance.now() - startedAt) / 1000,
     checkpoint: o.out,
     peakActivationBytes: trainer.peakSavedBytes,
+    ...(trainer.peakDeviceBytes !== undefined ? { peakDeviceBytes: trainer.peakDeviceBytes } : {}),
   };
 }
 
