@@ -10,7 +10,8 @@
 #   node_modules/tsx node_modules/esbuild node_modules/@esbuild   (for test/cuda.test.ts; optional)
 #
 # Steps: GPU and driver; CUDA correctness (C++ test vs CPU engine and float64; addon test when
-# tsx is present); benchmarks on the shapes (scripts/gpu-bench.mjs); the CUDA model
+# tsx is present); the GEMMs against cuBLAS (inference and trainer); benchmarks on the issue's
+# shapes (scripts/gpu-bench.mjs); the CUDA model
 # runtime (test/cuda-model.test.ts, bench --model --backend cuda on a fixture); the GPU trainer
 # (test/cuda-train.test.ts, a short train --backend cuda). Full logs under
 # $OUT (or ./gpu-check-out); the short table is printed last. Sized for one 10-minute command:
@@ -35,7 +36,7 @@ fi
 echo "SPARSELLM_CUBLAS=${SPARSELLM_CUBLAS:-<loader path>}" | tee "$OUT/env.txt"
 
 echo "== CUDA correctness: native/build/test_cuda_ops"
-timeout 172 native/build/test_cuda_ops > "$OUT/test_cuda_ops.log" 2>&1
+timeout 160 native/build/test_cuda_ops > "$OUT/test_cuda_ops.log" 2>&1
 rc=$?
 tail -25 "$OUT/test_cuda_ops.log"
 echo "test_cuda_ops exit $rc (0 pass, 77 skipped, else failed)"
@@ -59,8 +60,12 @@ echo "== GEMM kernels vs cuBLAS (test_cuda_ops --bench-gemm)"
 SPARSELLM_TEST_GEMM_KERNELS=mma,wgmma,wgmma2 timeout 45 native/build/test_cuda_ops --bench-gemm > "$OUT/bench-gemm.log" 2>&1
 tail -15 "$OUT/bench-gemm.log"
 
+echo "== The GPU trainer's GEMM vs cuBLAS (test_cuda_ops --bench-train-gemm: f32 operands, bf16 math)"
+timeout 25 native/build/test_cuda_ops --bench-train-gemm > "$OUT/bench-train-gemm.log" 2>&1
+tail -13 "$OUT/bench-train-gemm.log"
+
 echo "== Benchmarks (scripts/gpu-bench.mjs, SPARSELLM_CUDA_UNVERIFIED=1)"
-SPARSELLM_CUDA_UNVERIFIED=1 timeout 115 node scripts/gpu-bench.mjs --out "$OUT" 2> "$OUT/gpu-bench.log" | tee "$OUT/gpu-bench-table.md"
+SPARSELLM_CUDA_UNVERIFIED=1 timeout 102 node scripts/gpu-bench.mjs --out "$OUT" 2> "$OUT/gpu-bench.log" | tee "$OUT/gpu-bench-table.md"
 rc=${PIPESTATUS[0]}
 grep -E "relative error|measured|median" "$OUT/gpu-bench.log" | head -40
 [[ $rc -ne 0 ]] && status=1

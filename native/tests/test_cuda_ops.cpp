@@ -1020,6 +1020,49 @@ void test_gemm_f32(train::MatmulPrecision prec) {
     CHECK(e < 2e-5, "gemm_f32_dyn (%s) %s capped at %lld: rel error %.3g", bf ? "bf16" : "f32",
           dyn_rows ? "rows" : "depth", (long long)cap, e);
   }
+  // Causal modes on two batches of square products (T = 150: off both kernels' tiles): LowerA on a
+  // lower-triangular A (as P·v) and UpperA on the transpose of one (as Pᵀ·dout, read through
+  // strides) give the full product; LowerC (as q·kᵀ) gives C(r, n) for n ≤ r and leaves the tile
+  // wholly above the diagonal that holds (0, T − 1) as it was (NaN).
+  for (const train::Causal mode : {train::Causal::LowerA, train::Causal::UpperA, train::Causal::LowerC}) {
+    const bool lowc = mode == train::Causal::LowerC;
+    const int64_t T = 150, hd = 37, N = lowc ? T : hd, K = lowc ? hd : T, asz = T * K, bsz = K * N, csz = T * N;
+    std::vector<float> A = rvec(static_cast<size_t>(2 * asz), 1.0);
+    const std::vector<float> B = rvec(static_cast<size_t>(2 * bsz), 1.0);
+    if (!lowc)  // X lower-triangular (X(r, k) = 0 for k > r), stored row-major
+      for (int64_t z = 0; z < 2; ++z)
+        for (int64_t r = 0; r < T; ++r)
+          for (int64_t k = r + 1; k < T; ++k) A[static_cast<size_t>(z * asz + r * T + k)] = 0.f;
+    // LowerA: A = X; UpperA: A(r, k) = X(k, r) (strides swapped).
+    const int64_t ars = mode == train::Causal::UpperA ? 1 : K, acs = mode == train::Causal::UpperA ? T : 1;
+    std::vector<double> ref(static_cast<size_t>(2 * csz));
+    for (int64_t z = 0; z < 2; ++z)
+      for (int64_t r = 0; r < T; ++r)
+        for (int64_t n = 0; n < N; ++n) {
+          double acc = 0;
+          for (int64_t k = 0; k < K; ++k) {
+            const float av = A[static_cast<size_t>(z * asz + r * ars + k * acs)], bv = B[static_cast<size_t>(z * bsz + k * N + n)];
+            acc += bf ? static_cast<double>(rb(av)) * rb(bv) : static_cast<double>(av) * bv;
+          }
+          ref[static_cast<size_t>(z * csz + r * N + n)] = acc;
+        }
+    Dev a(A), b(B), cc(std::vector<float>(ref.size(), std::nanf("")));
+    train::gemm_f32(T, N, K, train::MatRef{a.p(), ars, acs, 0, asz}, train::MatRef{b.p(), N, 1, 0, bsz}, cc.p(), N, 0, csz,
+                    1, 2, false, mode);
+    const std::vector<float> got = cc.get();
+    std::vector<float> g2;
+    std::vector<double> r2;
+    for (int64_t z = 0; z < 2; ++z)
+      for (int64_t r = 0; r < T; ++r)
+        for (int64_t n = 0; n < (lowc ? r + 1 : N); ++n) {
+          g2.push_back(got[static_cast<size_t>(z * csz + r * N + n)]);
+          r2.push_back(ref[static_cast<size_t>(z * csz + r * N + n)]);
+        }
+    const double e = check::rel_error(g2.data(), r2.data(), r2.size());
+    CHECK(e < 2e-5 && (!lowc || std::isnan(got[static_cast<size_t>(T - 1)])),
+          "gemm_f32 (%s) causal mode %d: rel error %.3g, C(0, T-1) = %g", bf ? "bf16" : "f32", static_cast<int>(mode), e,
+          got[static_cast<size_t>(T - 1)]);
+  }
 }
 
 // RMSNorm forward/backward against the CPU functions (both reduce in float64 and round once):
@@ -1507,6 +1550,61 @@ void test_training() {
 
 namespace {
 
+// --- trainer GEMM benchmark (test_cuda_ops --bench-train-gemm [M]): the GPU trainer's bf16
+// tensor-core GEMM (f32 operands rounded as staged) against cuBLAS on the same f32 operands with
+// CUBLAS_COMPUTE_32F_FAST_16BF, and the f32 SIMT kernel, on the 2B model's FFN products for a
+// micro-batch of M tokens: forward, input gradient and weight gradient (operands transposed).
+// Timing, plus each result's relative difference from cuBLAS's.
+int bench_train_gemm(int64_t M) {
+  std::string why;
+  const bool cublas = Cublas::available(&why);
+  std::printf("bench-train-gemm: %s; cuBLAS %s\n", cuda_status().devices[0].name.c_str(),
+              cublas ? Cublas::library().c_str() : ("absent: " + why).c_str());
+  struct Shape {
+    const char* name;
+    int64_t M, N, K;
+    bool ta, tb;  // A stored [K, M]; B stored [N, K]
+  };
+  const Shape shapes[] = {{"gate fwd   x[M,2048] . Wg[5632,2048]^T", M, 5632, 2048, false, true},
+                          {"down fwd   h[M,5632] . Wd[2048,5632]^T", M, 2048, 5632, false, true},
+                          {"input grad dG[M,5632] . Wg[5632,2048] ", M, 2048, 5632, false, false},
+                          {"weight grad dG^T[5632,M] . x[M,2048]  ", 5632, 2048, M, true, false}};
+  for (const Shape& sh : shapes) {
+    const std::vector<float> ha = random_vec(static_cast<size_t>(sh.M * sh.K), 1.0),
+                             hb = random_vec(static_cast<size_t>(sh.K * sh.N), 1.0);
+    DeviceBuffer A = to_device(ha.data(), ha.size() * 4), B = to_device(hb.data(), hb.size() * 4);
+    DeviceBuffer C(static_cast<size_t>(sh.M * sh.N) * 4), R(static_cast<size_t>(sh.M * sh.N) * 4);
+    const int64_t lda = sh.ta ? sh.M : sh.K, ldb = sh.tb ? sh.K : sh.N;
+    const train::MatRef a = sh.ta ? train::MatRef{A.as<float>(), 1, lda} : train::MatRef{A.as<float>(), lda, 1};
+    const train::MatRef b = sh.tb ? train::MatRef{B.as<float>(), 1, ldb} : train::MatRef{B.as<float>(), ldb, 1};
+    const double tflop = 2.0 * sh.M * sh.N * sh.K / 1e12;
+    double ref = 0;
+    if (cublas) {
+      ref = median_ms(2, 5, [&] {
+        Cublas::gemm_f32_fast_bf16(A.as<float>(), lda, sh.ta, B.as<float>(), ldb, sh.tb, sh.M, sh.N, sh.K, R.as<float>(), sh.N);
+      });
+      std::printf("  %s M=%lld  cuBLAS fast-bf16 %8.3f ms  %6.1f TFLOP/s\n", sh.name, (long long)M, ref, tflop / ref * 1e3);
+    }
+    for (const train::MatmulPrecision p : {train::MatmulPrecision::Bf16, train::MatmulPrecision::F32}) {
+      const train::MatmulScope scope(p);
+      const double ms = median_ms(p == train::MatmulPrecision::F32 ? 1 : 2, p == train::MatmulPrecision::F32 ? 2 : 5,
+                                  [&] { train::gemm_f32(sh.M, sh.N, sh.K, a, b, C.as<float>(), sh.N); });
+      double diff = -1;
+      if (cublas) {
+        std::vector<float> got(static_cast<size_t>(sh.M * sh.N)), want(got.size());
+        download(got.data(), C.data(), got.size() * 4);
+        download(want.data(), R.data(), want.size() * 4);
+        const std::vector<double> w(want.begin(), want.end());
+        diff = check::rel_error(got.data(), w.data(), w.size());
+      }
+      std::printf("  %s M=%lld  ours %-11s %8.3f ms  %6.1f TFLOP/s  %.3fx cuBLAS  (rel diff %.2e)\n", sh.name,
+                  (long long)M, p == train::MatmulPrecision::Bf16 ? "bf16 mma" : "f32 simt", ms, tflop / ms * 1e3,
+                  ref > 0 ? ref / ms : 0.0, diff);
+    }
+  }
+  return 0;
+}
+
 // --- attention (kernel_policy.h AttentionKernel: the tiled prefill kernel is unverified) ----------
 
 void test_attention() {
@@ -1530,6 +1628,15 @@ int main(int argc, char** argv) {
     return kSkip;
   }
   check::test_seed();
+  if (argc > 1 && std::strcmp(argv[1], "--bench-train-gemm") == 0) {  // [M]: timing and differences only
+    try {
+      require_device();
+      return bench_train_gemm(argc > 2 ? std::atoll(argv[2]) : 8192);
+    } catch (const std::exception& e) {
+      std::printf("bench-train-gemm: %s\n", e.what());
+      return 1;
+    }
+  }
   if (argc > 1 && std::strcmp(argv[1], "--bench-gemm") == 0) {  // [M]: timing only, no checks
     try {
       require_device();

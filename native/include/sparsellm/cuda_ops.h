@@ -122,6 +122,12 @@ struct Cublas {
   // out f32 or bf16 [M, N] = A · Wᵀ (cublasGemmEx, bf16 inputs, f32 compute).
   static void gemm_bf16(const uint16_t* A, int64_t lda, const uint16_t* W, int64_t ldw, int64_t M,
                         int64_t N, int64_t K, void* out, int64_t ldo, bool out_bf16);
+  // out f32 [M, N] = op(A)·op(B) on f32 operands with CUBLAS_COMPUTE_32F_FAST_16BF (operands
+  // rounded to bf16, tensor cores: the GPU trainer's bf16 matmuls). op(A) is A [M, K], or A
+  // stored [K, M] when ta; op(B) is B [K, N], or B stored [N, K] when tb (row-major, leading
+  // dimensions in elements).
+  static void gemm_f32_fast_bf16(const float* A, int64_t lda, bool ta, const float* B, int64_t ldb, bool tb, int64_t M,
+                                 int64_t N, int64_t K, float* out, int64_t ldo);
 };
 
 // NVML, loaded at run time (libnvidia-ml.so.1): the GPU's energy counter.

@@ -21,7 +21,8 @@ using CublasCreate = int (*)(cublasHandle*);
 using CublasSetStream = int (*)(cublasHandle, cudaStream_t);
 using CublasGemmEx = int (*)(cublasHandle, int, int, int, int, int, const void*, const void*, cudaDataType, int,
                              const void*, cudaDataType, int, const void*, void*, cudaDataType, int, int, int);
-constexpr int kCublasOpN = 0, kCublasOpT = 1, kCublasCompute32F = 68, kCublasGemmDefault = -1;
+constexpr int kCublasOpN = 0, kCublasOpT = 1, kCublasCompute32F = 68, kCublasCompute32FFast16BF = 75,
+              kCublasGemmDefault = -1;
 
 struct CublasLib {
   bool ok = false;
@@ -153,6 +154,20 @@ void Cublas::gemm_bf16(const uint16_t* A, int64_t lda, const uint16_t* W, int64_
                         &alpha, W, CUDA_R_16BF, static_cast<int>(ldw), A, CUDA_R_16BF, static_cast<int>(lda), &beta, out,
                         out_bf16 ? CUDA_R_16BF : CUDA_R_32F, static_cast<int>(ldo), kCublasCompute32F, kCublasGemmDefault);
   if (st != 0) throw std::runtime_error("cublasGemmEx failed with status " + std::to_string(st));
+}
+
+void Cublas::gemm_f32_fast_bf16(const float* A, int64_t lda, bool ta, const float* B, int64_t ldb, bool tb, int64_t M,
+                                int64_t N, int64_t K, float* out, int64_t ldo) {
+  CublasLib& l = cublas();
+  if (!l.ok) throw std::runtime_error("cuBLAS unavailable: " + l.reason);
+  // Row-major out[M, N] = op(A)·op(B) is column-major outᵀ[N, M] = op(B)ᵀ·op(A)ᵀ; a row-major
+  // matrix is its column-major transpose, so an operand stored as needed takes op N, else T.
+  const float alpha = 1.f, beta = 0.f;
+  const int st = l.gemm(l.handle, tb ? kCublasOpT : kCublasOpN, ta ? kCublasOpT : kCublasOpN, static_cast<int>(N),
+                        static_cast<int>(M), static_cast<int>(K), &alpha, B, CUDA_R_32F, static_cast<int>(ldb), A,
+                        CUDA_R_32F, static_cast<int>(lda), &beta, out, CUDA_R_32F, static_cast<int>(ldo),
+                        kCublasCompute32FFast16BF, kCublasGemmDefault);
+  if (st != 0) throw std::runtime_error("cublasGemmEx (f32, fast bf16) failed with status " + std::to_string(st));
 }
 
 bool Nvml::available(std::string* reason) {

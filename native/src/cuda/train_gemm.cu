@@ -23,6 +23,19 @@ namespace {
 
 thread_local MatmulPrecision t_precision = MatmulPrecision::F32;
 
+// The depth range [kb, ke) that a block of rows m0 .. m0+bm-1 (columns from n0) needs under
+// `causal` (train_ops.h Causal); false: the block computes nothing (LowerC, wholly above the
+// diagonal). m0 is a multiple of the depth tile in both kernels, so kb stays tile-aligned.
+__device__ __forceinline__ bool causal_range(int causal, int64_t m0, int bm, int64_t n0, int64_t K, int64_t& kb,
+                                             int64_t& ke) {
+  kb = 0;
+  ke = K;
+  if (causal == static_cast<int>(Causal::LowerA)) ke = m0 + bm < K ? m0 + bm : K;
+  else if (causal == static_cast<int>(Causal::UpperA)) kb = m0 < K ? m0 : K;
+  else if (causal == static_cast<int>(Causal::LowerC)) return n0 <= m0 + bm - 1;
+  return true;
+}
+
 // ---- F32: SIMT ----------------------------------------------------------------------------------
 
 constexpr int kBM = 64, kBN = 64, kBK = 16;  // 256 threads, 4 × 4 outputs each
@@ -36,7 +49,7 @@ __global__ void __launch_bounds__(256) gemm_f32_kernel(int64_t M, int64_t N, int
                                                       int64_t bso, int64_t bsi, float* __restrict__ C, int64_t ldc,
                                                       int64_t cso, int64_t csi, int64_t nzi,
                                                       const int32_t* __restrict__ dynM, const int32_t* __restrict__ dynK,
-                                                      int accumulate) {
+                                                      int accumulate, int causal) {
   __shared__ float As[kBK][kBM + 4];
   __shared__ float Bs[kBK][kBN + 4];
   const int64_t z = blockIdx.z, zo = z / nzi, zi = z % nzi;
@@ -47,7 +60,9 @@ __global__ void __launch_bounds__(256) gemm_f32_kernel(int64_t M, int64_t N, int
   // Row or depth counts known only on the device (the hybrid tail): the grid covers the capacity.
   if (dynM && static_cast<int64_t>(*dynM) < M) M = *dynM;
   if (dynK && static_cast<int64_t>(*dynK) < K) K = *dynK;
-  if (m0 >= M) return;  // the whole block: no barrier is skipped by part of it
+  int64_t kb, ke;
+  // Whole blocks only: no barrier is skipped by part of one.
+  if (m0 >= M || !causal_range(causal, m0, kBM, n0, K, kb, ke)) return;
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const bool a_kfast = acs == 1, b_nfast = bcs == 1;
   float acc[4][4];
@@ -55,7 +70,7 @@ __global__ void __launch_bounds__(256) gemm_f32_kernel(int64_t M, int64_t N, int
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-  for (int64_t k0 = 0; k0 < K; k0 += kBK) {
+  for (int64_t k0 = kb; k0 < ke; k0 += kBK) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int idx = tid + 256 * r;
@@ -170,7 +185,8 @@ __global__ void __launch_bounds__(256, 1) gemm_tc_kernel(int64_t M, int64_t N, i
                                                          int64_t asi, TcOperand b, int64_t bso, int64_t bsi,
                                                          float* __restrict__ C, int64_t ldc, int64_t cso, int64_t csi,
                                                          int64_t nzi, const int32_t* __restrict__ dynM,
-                                                         const int32_t* __restrict__ dynK, int accumulate) {
+                                                         const int32_t* __restrict__ dynK, int accumulate,
+                                                         int causal) {
   __shared__ __align__(16) uint32_t As[2][kTcBM * kTcRow];
   __shared__ __align__(16) uint32_t Bs[2][kTcBN * kTcRow];
   const int64_t z = blockIdx.z, zo = z / nzi, zi = z % nzi;
@@ -181,7 +197,9 @@ __global__ void __launch_bounds__(256, 1) gemm_tc_kernel(int64_t M, int64_t N, i
   if (dynK && static_cast<int64_t>(*dynK) < K) K = *dynK;
   a.rows = M;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTcBM, n0 = static_cast<int64_t>(blockIdx.x) * kTcBN;
-  if (m0 >= M) return;  // the whole block: no barrier is skipped by part of it
+  int64_t kb, ke;
+  // Whole blocks only: no barrier is skipped by part of one.
+  if (m0 >= M || !causal_range(causal, m0, kTcBM, n0, K, kb, ke)) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
   float acc[4][4][4];
 #pragma unroll
@@ -192,10 +210,10 @@ __global__ void __launch_bounds__(256, 1) gemm_tc_kernel(int64_t M, int64_t N, i
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
   const TcSlots sa = tc_slots(a.kfast, tid), sb = tc_slots(b.kfast, tid);
   float va[2 * kTcPairs], vb[2 * kTcPairs];
-  const int64_t KT = (K + kTcBK - 1) / kTcBK;
+  const int64_t KT = (ke - kb + kTcBK - 1) / kTcBK;
   if (KT > 0) {
-    tc_fetch(a, m0, 0, K, sa, va);
-    tc_fetch(b, n0, 0, K, sb, vb);
+    tc_fetch(a, m0, kb, K, sa, va);
+    tc_fetch(b, n0, kb, K, sb, vb);
     tc_stash(sa, va, As[0]);
     tc_stash(sb, vb, Bs[0]);
   }
@@ -204,8 +222,8 @@ __global__ void __launch_bounds__(256, 1) gemm_tc_kernel(int64_t M, int64_t N, i
     const int buf = static_cast<int>(kt & 1);
     const bool more = kt + 1 < KT;
     if (more) {
-      tc_fetch(a, m0, (kt + 1) * kTcBK, K, sa, va);
-      tc_fetch(b, n0, (kt + 1) * kTcBK, K, sb, vb);
+      tc_fetch(a, m0, kb + (kt + 1) * kTcBK, K, sa, va);
+      tc_fetch(b, n0, kb + (kt + 1) * kTcBK, K, sb, vb);
     }
 #pragma unroll
     for (int ks = 0; ks < kTcBK / 16; ++ks) {
@@ -272,7 +290,8 @@ unsigned grid_dim(int64_t n, const char* what) {
 // Both public entry points: batches (nzo, nzi) of C[M, N] (+)= A·B, M or K capped by the device
 // values dynM / dynK when given (the grid covers the host values: the capacity).
 void launch(int64_t M, int64_t N, int64_t K, const MatRef& A, const MatRef& B, float* C, int64_t ldc, int64_t cso,
-            int64_t csi, int64_t nzo, int64_t nzi, bool accumulate, const int32_t* dynM, const int32_t* dynK) {
+            int64_t csi, int64_t nzo, int64_t nzi, bool accumulate, Causal causal, const int32_t* dynM,
+            const int32_t* dynK) {
   if (M <= 0 || N <= 0 || nzo <= 0 || nzi <= 0) return;
   const unsigned gz = grid_dim(nzo * nzi, "batches");
   if (t_precision == MatmulPrecision::Bf16) {
@@ -280,13 +299,13 @@ void launch(int64_t M, int64_t N, int64_t K, const MatRef& A, const MatRef& B, f
     // B(k, n) = b[k·rs + n·cs]: as rows n × depth k its strides swap.
     gemm_tc_kernel<<<grid, 256>>>(M, N, K, tc_operand(A.p, A.rs, A.cs, M, A.so, A.si), A.so, A.si,
                                   tc_operand(B.p, B.cs, B.rs, N, B.so, B.si), B.so, B.si, C, ldc, cso, csi, nzi, dynM,
-                                  dynK, accumulate ? 1 : 0);
+                                  dynK, accumulate ? 1 : 0, static_cast<int>(causal));
     SLLM_LAUNCHED("gemm_tc_kernel");
     return;
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(N, kBN)), grid_dim(ceil_div(M, kBM), "row tiles"), gz);
   gemm_f32_kernel<<<grid, 256>>>(M, N, K, A.p, A.rs, A.cs, A.so, A.si, B.p, B.rs, B.cs, B.so, B.si, C, ldc, cso, csi,
-                                 nzi, dynM, dynK, accumulate ? 1 : 0);
+                                 nzi, dynM, dynK, accumulate ? 1 : 0, static_cast<int>(causal));
   SLLM_LAUNCHED("gemm_f32_kernel");
 }
 
@@ -297,13 +316,14 @@ MatmulScope::MatmulScope(MatmulPrecision p) : prev_(t_precision) { t_precision =
 MatmulScope::~MatmulScope() { t_precision = prev_; }
 
 void gemm_f32(int64_t M, int64_t N, int64_t K, const MatRef& A, const MatRef& B, float* C, int64_t ldc, int64_t cso,
-              int64_t csi, int64_t nzo, int64_t nzi, bool accumulate) {
-  launch(M, N, K, A, B, C, ldc, cso, csi, nzo, nzi, accumulate, nullptr, nullptr);
+              int64_t csi, int64_t nzo, int64_t nzi, bool accumulate, Causal causal) {
+  launch(M, N, K, A, B, C, ldc, cso, csi, nzo, nzi, accumulate, causal, nullptr, nullptr);
 }
 
 void gemm_f32_dyn(int64_t M, int64_t N, int64_t K, const MatRef& A, const MatRef& B, float* C, int64_t ldc,
                   bool accumulate, const int32_t* dynM, const int32_t* dynK) {
-  launch(M, N, K, MatRef{A.p, A.rs, A.cs}, MatRef{B.p, B.rs, B.cs}, C, ldc, 0, 0, 1, 1, accumulate, dynM, dynK);
+  launch(M, N, K, MatRef{A.p, A.rs, A.cs}, MatRef{B.p, B.rs, B.cs}, C, ldc, 0, 0, 1, 1, accumulate, Causal::None, dynM,
+         dynK);
 }
 
 }  // namespace sparsellm::cuda::train

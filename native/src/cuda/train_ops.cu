@@ -638,14 +638,14 @@ void attention_forward(const float* q, const float* k, const float* v, int64_t l
   float* S = scratch;
   for_each_attn_chunk(B, T, H, scratch_elems, [&](const AttnChunk& c) {
     const int64_t oi = chunk_offset(c, T, ld_in, hd), pst = c.nh * T * T;
-    // S = q·kᵀ per (b, h) (the entries above the diagonal are computed, then zeroed).
+    // S = q·kᵀ per (b, h): tiles wholly above the diagonal are skipped, the softmax zeroes the rest.
     gemm_f32(T, T, hd, MatRef{q + oi, ld_in, 1, T * ld_in, hd}, MatRef{k + oi, 1, ld_in, T * ld_in, hd}, S, T, pst,
-             T * T, c.nb, c.nh);
+             T * T, c.nb, c.nh, false, Causal::LowerC);
     causal_softmax_kernel<<<rows_grid(c.nb * c.nh * T), kThreads>>>(S, T, scale, lse + (c.b0 * H + c.h0) * T, c.nh, H);
     SLLM_LAUNCHED("causal_softmax_kernel");
-    // out = P·v
+    // out = P·v (P lower-triangular)
     gemm_f32(T, hd, T, MatRef{S, T, 1, pst, T * T}, MatRef{v + oi, ld_in, 1, T * ld_in, hd},
-             out + chunk_offset(c, T, ld_out, hd), ld_out, T * ld_out, hd, c.nb, c.nh);
+             out + chunk_offset(c, T, ld_out, hd), ld_out, T * ld_out, hd, c.nb, c.nh, false, Causal::LowerA);
   });
 }
 
@@ -660,19 +660,22 @@ void attention_backward(const float* q, const float* k, const float* v, int64_t 
     const int64_t rows = c.nb * c.nh * T;
     // P again from S = q·kᵀ and the forward's lse.
     gemm_f32(T, T, hd, MatRef{q + oi, ld_in, 1, T * ld_in, hd}, MatRef{k + oi, 1, ld_in, T * ld_in, hd}, P, T, pst,
-             T * T, c.nb, c.nh);
+             T * T, c.nb, c.nh, false, Causal::LowerC);
     causal_probs_kernel<<<rows_grid(rows), kThreads>>>(P, T, scale, lse + (c.b0 * H + c.h0) * T, c.nh, H);
     SLLM_LAUNCHED("causal_probs_kernel");
     // dP = dout·vᵀ, then dS in place.
     gemm_f32(T, T, hd, MatRef{dout + oo, ld_out, 1, T * ld_out, hd}, MatRef{v + oi, 1, ld_in, T * ld_in, hd}, dS, T,
-             pst, T * T, c.nb, c.nh);
+             pst, T * T, c.nb, c.nh, false, Causal::LowerC);
     softmax_backward_kernel<<<rows_grid(rows), kThreads>>>(P, dS, T, scale);
     SLLM_LAUNCHED("softmax_backward_kernel");
     const MatRef dSm{dS, T, 1, pst, T * T}, dSt{dS, 1, T, pst, T * T}, Pt{P, 1, T, pst, T * T};
-    gemm_f32(T, hd, T, dSm, MatRef{k + oi, ld_in, 1, T * ld_in, hd}, dq + og, ld_grad, T * ld_grad, hd, c.nb, c.nh);
-    gemm_f32(T, hd, T, dSt, MatRef{q + oi, ld_in, 1, T * ld_in, hd}, dk + og, ld_grad, T * ld_grad, hd, c.nb, c.nh);
+    // dS and P are lower-triangular: dS·k skips k > t, dSᵀ·q and Pᵀ·dout skip k < t.
+    gemm_f32(T, hd, T, dSm, MatRef{k + oi, ld_in, 1, T * ld_in, hd}, dq + og, ld_grad, T * ld_grad, hd, c.nb, c.nh,
+             false, Causal::LowerA);
+    gemm_f32(T, hd, T, dSt, MatRef{q + oi, ld_in, 1, T * ld_in, hd}, dk + og, ld_grad, T * ld_grad, hd, c.nb, c.nh,
+             false, Causal::UpperA);
     gemm_f32(T, hd, T, Pt, MatRef{dout + oo, ld_out, 1, T * ld_out, hd}, dv + og, ld_grad, T * ld_grad, hd, c.nb,
-             c.nh);
+             c.nh, false, Causal::UpperA);
   });
 }
 

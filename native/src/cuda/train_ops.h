@@ -34,11 +34,18 @@ class MatmulScope {
   MatmulPrecision prev_;
 };
 
+// Causal structure gemm_f32 may skip work on (the attention products, square in r and k):
+// LowerA: A(r, k) = 0 for k > r (P·v, dS·k); UpperA: A(r, k) = 0 for k < r (Pᵀ·dout, dSᵀ·q):
+// the zero products are not computed (the result is the same); LowerC: only C(r, n) with n ≤ r
+// is wanted (q·kᵀ, dout·vᵀ): tiles wholly above the diagonal are not computed and keep what C
+// held.
+enum class Causal : int { None = 0, LowerA = 1, UpperA = 2, LowerC = 3 };
+
 // C[r, n] (+)= Σ_{k < K} A(r, k)·B(k, n) for r < M, n < N, per batch (zo < nzo, zi < nzi); C of
 // batch (zo, zi) at C + zo·cso + zi·csi, row-major with ldc. Overwrites unless `accumulate`.
 // F32: accumulation in ascending k per element; Bf16: in the tensor cores' order (train_gemm.cu).
 void gemm_f32(int64_t M, int64_t N, int64_t K, const MatRef& A, const MatRef& B, float* C, int64_t ldc, int64_t cso = 0,
-              int64_t csi = 0, int64_t nzo = 1, int64_t nzi = 1, bool accumulate = false);
+              int64_t csi = 0, int64_t nzo = 1, int64_t nzi = 1, bool accumulate = false, Causal causal = Causal::None);
 // One unbatched product whose row count M or depth K is capped by a device int32 (dynM / dynK,
 // either may be null): the hybrid tail, whose size never leaves the device. The launch covers
 // the host M (the capacity).
