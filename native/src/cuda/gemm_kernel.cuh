@@ -191,18 +191,13 @@ __global__ void __launch_bounds__(gemm_threads<BN>(), 1)
       uint32_t af[4][4], bfr[8][2];
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt) {
-        const int row = wm * 64 + mt * 16 + (lane & 15);
-        ldmatrix_x4(af[mt], smem_addr(as + swz(row, ks * 2 + (lane >> 4))));
+        const int row = wm * 64 + mt * 16 + ldsm_a_row(lane);
+        ldmatrix_x4(af[mt], smem_addr(as + swz(row, ks * 2 + ldsm_a_chunk(lane))));
       }
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
-        const int row = wn * 64 + np * 16 + ((lane >> 4) << 3) + (lane & 7);
-        uint32_t r[4];
-        ldmatrix_x4(r, smem_addr(bs + swz(row, ks * 2 + ((lane >> 3) & 1))));
-        bfr[2 * np][0] = r[0];
-        bfr[2 * np][1] = r[1];
-        bfr[2 * np + 1][0] = r[2];
-        bfr[2 * np + 1][1] = r[3];
+        const int row = wn * 64 + np * 16 + ldsm_b_row(lane);
+        ldmatrix_b_pair(bfr[2 * np], bfr[2 * np + 1], smem_addr(bs + swz(row, ks * 2 + ldsm_b_chunk(lane))));
       }
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt)

@@ -21,6 +21,26 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
                : "r"(addr));
 }
 
+// Where lane l points ldmatrix_x4 in a tile staged row-major with k contiguous, as (row, 8-element
+// k chunk) within a 16 × 16 slice: for an A fragment (rows m) the matrices are (m 0-7 | 8-15) ×
+// (k 0-7 | 8-15); for the B fragments of two 8-column tiles (rows n) they are (n 0-7, k 0-7),
+// (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+__device__ __forceinline__ int ldsm_a_row(int lane) { return lane & 15; }
+__device__ __forceinline__ int ldsm_a_chunk(int lane) { return lane >> 4; }
+__device__ __forceinline__ int ldsm_b_row(int lane) { return ((lane >> 4) << 3) + (lane & 7); }
+__device__ __forceinline__ int ldsm_b_chunk(int lane) { return (lane >> 3) & 1; }
+
+// The B fragments of two adjacent 8-column tiles (b0: columns 0-7, b1: 8-15) from one
+// ldmatrix_x4 at the lane's address above.
+__device__ __forceinline__ void ldmatrix_b_pair(uint32_t (&b0)[2], uint32_t (&b1)[2], uint32_t addr) {
+  uint32_t r[4];
+  ldmatrix_x4(r, addr);
+  b0[0] = r[0];
+  b0[1] = r[1];
+  b1[0] = r[2];
+  b1[1] = r[3];
+}
+
 // c[16 × 8] += a[16 × 16]·b[16 × 8], bf16 operands, f32 accumulators. With g = lane/4, q = lane%4:
 // a = {(g, 2q..), (g+8, 2q..), (g, 2q+8..), (g+8, 2q+8..)}, b = {(k 2q.., n g), (k 2q+8.., n g)},
 // c = {(g, 2q), (g, 2q+1), (g+8, 2q), (g+8, 2q+1)} (row, column; ".." = that element and the next).

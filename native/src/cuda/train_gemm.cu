@@ -230,20 +230,15 @@ __global__ void __launch_bounds__(256, 1) gemm_tc_kernel(int64_t M, int64_t N, i
       uint32_t af[4][4], bfr[4][2];
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt) {
-        // matrices (rows 0-7 | 8-15) × (k 0-7 | 8-15) of this 16-row slice: lane l addresses row l%16
-        const int row = wm * 64 + mt * 16 + (lane & 15);
-        detail::ldmatrix_x4(af[mt], detail::smem_addr(&As[buf][row * kTcRow + ks * 8 + (lane >> 4) * 4]));
+        const int row = wm * 64 + mt * 16 + detail::ldsm_a_row(lane);
+        detail::ldmatrix_x4(af[mt],
+                            detail::smem_addr(&As[buf][row * kTcRow + ks * 8 + detail::ldsm_a_chunk(lane) * 4]));
       }
 #pragma unroll
       for (int np = 0; np < 2; ++np) {
-        // matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
-        const int row = wn * 32 + np * 16 + ((lane >> 4) << 3) + (lane & 7);
-        uint32_t r[4];
-        detail::ldmatrix_x4(r, detail::smem_addr(&Bs[buf][row * kTcRow + ks * 8 + ((lane >> 3) & 1) * 4]));
-        bfr[2 * np][0] = r[0];
-        bfr[2 * np][1] = r[1];
-        bfr[2 * np + 1][0] = r[2];
-        bfr[2 * np + 1][1] = r[3];
+        const int row = wn * 32 + np * 16 + detail::ldsm_b_row(lane);
+        detail::ldmatrix_b_pair(bfr[2 * np], bfr[2 * np + 1],
+                                detail::smem_addr(&Bs[buf][row * kTcRow + ks * 8 + detail::ldsm_b_chunk(lane) * 4]));
       }
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt)
