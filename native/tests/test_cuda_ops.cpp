@@ -1487,6 +1487,10 @@ void test_cuda_trainer_memory() {
   int64_t peak[2] = {0, 0};
   double loss[2] = {0, 0};
   const std::vector<int32_t> tok = random_tokens(4 * 33, cfg.vocab);
+  // Rows 0..4 of every layer's gate fire, the rest stay at zero (the same weights on both paths).
+  const std::vector<float> live = rvec(static_cast<size_t>(5 * cfg.d_model), 0.3);
+  std::vector<float> gate(static_cast<size_t>(cfg.d_ff * cfg.d_model), 0.f);
+  std::copy(live.begin(), live.end(), gate.begin());
   for (int hybrid = 0; hybrid < 2; ++hybrid) {
     TrainHyper hp;
     hp.ffn_path = hybrid ? FfnTrainPath::Hybrid : FfnTrainPath::Dense;
@@ -1495,12 +1499,7 @@ void test_cuda_trainer_memory() {
     CudaTrainer t(cfg, hp);
     t.init_weights();
     for (const TrainTensor& tt : t.tensors())
-      if (tt.name.find("gate_proj") != std::string::npos) {
-        std::vector<float> w(static_cast<size_t>(tt.rows * tt.cols), 0.f);
-        const std::vector<float> live = rvec(static_cast<size_t>(5 * tt.cols), 0.3);
-        std::copy(live.begin(), live.end(), w.begin());  // rows 0..4 fire, the rest stay at zero
-        t.set_tensor(tt.name, w.data());
-      }
+      if (tt.name.find("gate_proj") != std::string::npos) t.set_tensor(tt.name, gate.data());
     const StepStats s = t.step(tok.data(), 1, 4, 32, 1e-3f);
     for (const LayerStepStats& l : s.layers)
       CHECK(l.nnz <= 5 * l.tokens && l.tail_rows == 0, "trainer memory: nnz %lld over %lld tokens, tail %lld",
