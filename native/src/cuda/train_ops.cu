@@ -62,6 +62,14 @@ __device__ float block_max(float v, float* sh) {
   return r;
 }
 
+// Σ_{i < d} a[i]·b[i] by one warp (lanes stride 32), the sum in every lane: the hybrid rows'
+// per-neuron dot products run a warp each, with no block barrier per neuron.
+__device__ __forceinline__ float warp_dot(const float* __restrict__ a, const float* __restrict__ b, int64_t d, int lane) {
+  float s = 0.f;
+  for (int64_t i = lane; i < d; i += 32) s += a[i] * b[i];
+  return warp_sum(s);
+}
+
 // ---- RMSNorm ----------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(const float* __restrict__ x,
@@ -400,18 +408,15 @@ __global__ void __launch_bounds__(kThreads) hybrid_fwd_rows_kernel(const float* 
                                                                    const int32_t* __restrict__ col,
                                                                    const float* __restrict__ g, float* __restrict__ u,
                                                                    float* __restrict__ y, double* __restrict__ l1_sum) {
-  __shared__ float sh[kThreads];
   const int64_t m = blockIdx.x;
   const int n = row_nnz[m];
   if (n > W) return;  // a tail row (the whole block)
   const float* xm = x + m * d;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   double l1 = 0;
-  for (int e = 0; e < n; ++e) {
-    const float* upj = updown + static_cast<int64_t>(col[m * W + e]) * 2 * d;
-    float s = 0.f;
-    for (int64_t i = threadIdx.x; i < d; i += kThreads) s += xm[i] * upj[i];
-    s = block_sum(s, sh);
-    if (threadIdx.x == 0) {
+  for (int e = warp; e < n; e += kThreads / 32) {  // a warp per active neuron
+    const float s = warp_dot(xm, updown + static_cast<int64_t>(col[m * W + e]) * 2 * d, d, lane);
+    if (lane == 0) {
       u[m * W + e] = s;
       l1 += fabs(static_cast<double>(g[m * W + e]) * s);
     }
@@ -425,7 +430,7 @@ __global__ void __launch_bounds__(kThreads) hybrid_fwd_rows_kernel(const float* 
     }
     y[m * d + i] = acc;
   }
-  if (threadIdx.x == 0 && n > 0) atomicAdd(l1_sum, l1);
+  if (lane == 0 && warp < n) atomicAdd(l1_sum, l1);
 }
 
 // Light row m, backward: dh_e = dy_m·W_down[:, j] + lam·sign(u_e); du_e = dh·g, dg_e = dh·u (kept);
@@ -439,17 +444,14 @@ __global__ void __launch_bounds__(kThreads) hybrid_bwd_rows_kernel(const float* 
                                                                    const float* __restrict__ u, float lam,
                                                                    float* __restrict__ du, float* __restrict__ dg,
                                                                    float* __restrict__ dx) {
-  __shared__ float sh[kThreads];
   const int64_t m = blockIdx.x;
   const int n = row_nnz[m];
   if (n > W) return;
   const float* dym = dy + m * d;
-  for (int e = 0; e < n; ++e) {
-    const float* dnj = updown + static_cast<int64_t>(col[m * W + e]) * 2 * d + d;
-    float s = 0.f;
-    for (int64_t i = threadIdx.x; i < d; i += kThreads) s += dym[i] * dnj[i];
-    s = block_sum(s, sh);
-    if (threadIdx.x == 0) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int e = warp; e < n; e += kThreads / 32) {  // a warp per active neuron
+    const float s = warp_dot(dym, updown + static_cast<int64_t>(col[m * W + e]) * 2 * d + d, d, lane);
+    if (lane == 0) {
       const float ue = u[m * W + e], ge = g[m * W + e];
       const float dh = s + lam * (ue > 0.f ? 1.f : (ue < 0.f ? -1.f : 0.f));
       du[m * W + e] = dh * ge;
