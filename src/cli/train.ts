@@ -8,7 +8,7 @@ import { Option, type Command } from 'commander';
 import { parse as parseYaml } from 'yaml';
 import { SparseLlmError, UsageError } from '../core/errors.js';
 import { DEFAULTS, resolveRun, runTraining, type StepRecord, type TrainOptions } from '../core/train/run.js';
-import { resolveTrainBackend, type TrainMatmul } from '../core/train/engine.js';
+import { defaultMatmul, resolveTrainBackend, type TrainMatmul } from '../core/train/engine.js';
 import { trainingSvg } from '../core/train/plot.js';
 import { Output, formatBytes, formatDuration } from './ui.js';
 
@@ -163,7 +163,7 @@ async function runTrain(data: string[], opts: CliOptions): Promise<void> {
   if (resumeDir && opts.init) throw new UsageError('--init and --resume cannot be combined (a resumed run keeps its own starting point)');
   const backend = resolveTrainBackend(opts.backend ?? 'auto'); // before the data are read
   if (opts.matmul === 'bf16' && backend !== 'cuda') throw new UsageError('--matmul bf16 needs --backend cuda (the CPU trainer multiplies in f32)');
-  const matmul: TrainMatmul = opts.matmul ?? (backend === 'cuda' ? 'bf16' : 'f32');
+  const matmul: TrainMatmul = opts.matmul ?? defaultMatmul(backend);
   const setup = await resolveRun(given, resumeDir, (s) => out.warn(s));
 
   let stopRequested = false;

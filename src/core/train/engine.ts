@@ -109,6 +109,11 @@ export type TrainBackend = 'cpu' | 'cuda';
  */
 export type TrainMatmul = 'bf16' | 'f32';
 
+/** The matmul precision a backend runs unless told otherwise: bf16 on the GPU, f32 (its only one) on the CPU. */
+export function defaultMatmul(backend: TrainBackend): TrainMatmul {
+  return backend === 'cuda' ? 'bf16' : 'f32';
+}
+
 /**
  * The backend of `train --backend`: auto stays on the CPU (the GPU trainer has not yet run on a
  * GPU); cuda needs a usable GPU, a build with the CUDA backend and SPARSELLM_CUDA_UNVERIFIED=1,
@@ -134,7 +139,7 @@ export class ModelTrainer {
     readonly shape: TrainModelShape,
     readonly hyper: TrainerHyper,
     readonly backend: TrainBackend = 'cpu',
-    readonly matmul: TrainMatmul = backend === 'cuda' ? 'bf16' : 'f32',
+    readonly matmul: TrainMatmul = defaultMatmul(backend),
   ) {
     const addon = engine() as TrainAddon;
     if (backend === 'cpu' && matmul !== 'f32') throw new UsageError('the CPU trainer multiplies in f32 only (bf16 matmuls need --backend cuda)');
