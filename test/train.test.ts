@@ -4,7 +4,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, truncateSync, writeFileSync, statSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, truncateSync, writeFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { REPO_ROOT, copyFixture } from './helpers/fixtures.js';
 import { makeTempDir } from './helpers/tmp.js';
@@ -175,12 +175,27 @@ test('--config: YAML and JSON files set options; flags override them; unknown ke
   assert.match(bad.stderr, /unknown option 'bogus'/);
 });
 
+test('--no-save: trains without -o and writes nothing; the summary names no checkpoint', () => {
+  const cwd = join(tmp, 'nosave-cwd');
+  mkdirSync(cwd, { recursive: true });
+  const r = spawnSync(process.execPath, [BIN, 'train', text, ...TINY, '--steps', '3', '--save-interval', '1', '--no-save', '--json'], { encoding: 'utf8', env: ENV, cwd });
+  assert.equal(r.status, 0, r.stderr);
+  const lines = r.stdout.trim().split('\n').map((l) => JSON.parse(l));
+  assert.equal(lines.filter((l) => l.type === 'step').length, 3);
+  const summary = lines.find((l) => l.type === 'summary');
+  assert.equal(summary.checkpoint, null);
+  assert.ok(Number.isFinite(summary.valCe) && summary.valCe > 0);
+  assert.deepEqual(readdirSync(cwd), []);
+  assert.doesNotMatch(r.stderr, /^\s+saved /m);
+});
+
 test('bad inputs: one-line errors', () => {
   const cases: [string[], number, RegExp][] = [
     [['train', text, '-o', join(tmp, 'x'), '--lr', '-1'], 2, /--lr must be a number in \[0, 1\]/],
     [['train', text, '-o', join(tmp, 'x'), '--l1', '5'], 2, /--l1 must be a number in \[0, 1\]/],
     [['train', text, '-o', join(tmp, 'x'), '--micro-batch-tokens', '100'], 2, /multiple of --context/],
     [['train', text, '-o', join(tmp, 'x'), '--d-model', '30', '--heads', '4'], 2, /multiple of --heads/],
+    [['train', text, '-o', join(tmp, 'x'), '--no-save'], 2, /--no-save writes no checkpoint, so -o .*x has nothing to hold/],
     [['train', text], 2, /output directory is required/],
     [['train', join(tmp, 'nope.txt'), '-o', join(tmp, 'x')], 2, /no such file or directory/],
     [['train', '--resume', join(tmp, 'run1'), '--d-model', '64'], 2, /--d-model 64 contradicts the checkpoint/],

@@ -36,6 +36,7 @@ interface CliOptions {
   evalInterval?: string;
   evalTokens?: string;
   saveInterval?: string;
+  save?: boolean;
   deadWindow?: string;
   reinitDead?: boolean;
   ffnPath?: string;
@@ -121,6 +122,7 @@ export function registerTrain(program: Command): void {
     .option('--eval-interval <n>', `validation every n steps, 0 = only at the end (default ${DEFAULTS.evalInterval})`)
     .option('--eval-tokens <n>', `validation tokens per evaluation (default ${DEFAULTS.evalTokens})`)
     .option('--save-interval <n>', `checkpoint every n steps, 0 = only at the end (default ${DEFAULTS.saveInterval})`)
+    .option('--no-save', 'write no checkpoint at all (timing and smoke runs; no -o); an interrupt then loses the run')
     .option('--dead-window <n>', `tokens over which a never-firing neuron counts as dead (default ${DEFAULTS.deadWindow})`)
     .option('--reinit-dead', 're-initialise the gate rows of dead neurons at the end of each window')
     .addOption(new Option('--ffn-path <path>', 'FFN kernels: auto (hybrid once sparse), dense or hybrid').choices(['auto', 'dense', 'hybrid']))
@@ -153,6 +155,7 @@ async function runTrain(data: string[], opts: CliOptions): Promise<void> {
   if (opts.ffnPath) given.ffnPath = opts.ffnPath as TrainOptions['ffnPath'];
   if (opts.init) given.init = opts.init;
   if (opts.output) given.out = opts.output;
+  if (opts.save === false) given.save = false;
   if (data.length) given.data = data;
   let threads: number | undefined;
   if (opts.threads !== undefined) {
@@ -173,7 +176,7 @@ async function runTrain(data: string[], opts: CliOptions): Promise<void> {
       process.exit(130);
     }
     stopRequested = true;
-    out.note('\ninterrupt: finishing this step, saving, then exiting (Ctrl-C again to exit at once)');
+    out.note(`\ninterrupt: finishing this step, ${setup.options.save ? 'saving, ' : ''}then exiting (Ctrl-C again to exit at once)`);
   };
   process.on('SIGINT', onSigint);
   process.on('SIGTERM', onSigint);
@@ -200,7 +203,7 @@ async function runTrain(data: string[], opts: CliOptions): Promise<void> {
           out.say(
             `data: ${info.files} file(s), ${info.trainTokens} train / ${info.valTokens} validation tokens; ` +
               `${o.steps} steps × ${o.batchTokens} tokens (${o.batchTokens / o.microBatchTokens} micro-batch(es) of ${o.microBatchTokens}), ` +
-              `lr ${o.lr} (warm-up ${o.warmup}, cosine), λ ${o.l1}, seed ${o.seed} → ${o.out}`,
+              `lr ${o.lr} (warm-up ${o.warmup}, cosine), λ ${o.l1}, seed ${o.seed} → ${o.save ? o.out : 'no checkpoint (--no-save)'}`,
           );
           if (info.recovered) out.warn(`${o.out}: restored the previous checkpoint left by an interrupted save`);
         },
@@ -235,7 +238,7 @@ async function runTrain(data: string[], opts: CliOptions): Promise<void> {
         `per layer ${summary.layerNnz.map((x) => x.toFixed(1)).join(' ')}), dead ${summary.dead}, ${Math.round(summary.tokensPerSec)} tok/s, ` +
         `peak activations ${formatBytes(summary.peakActivationBytes)}` +
         (summary.peakDeviceBytes !== undefined ? `, GPU memory ${formatBytes(summary.peakDeviceBytes)}` : '') +
-        ` → ${summary.checkpoint}`,
+        ` → ${summary.checkpoint ?? 'not saved (--no-save)'}`,
     );
   } catch (e) {
     if (e instanceof SparseLlmError) throw e;

@@ -48,6 +48,8 @@ export interface TrainOptions {
   evalInterval: number;
   evalTokens: number;
   saveInterval: number;
+  /** false: write no checkpoint at all (timing and smoke runs; no output directory). */
+  save: boolean;
   reinitDead: boolean;
   deadWindow: number;
   ffnPath: FfnTrainPath;
@@ -82,6 +84,7 @@ export const DEFAULTS: TrainOptions = {
   evalInterval: 100,
   evalTokens: 32768,
   saveInterval: 500,
+  save: true,
   reinitDead: false,
   deadWindow: 100000,
   ffnPath: 'auto',
@@ -142,7 +145,7 @@ export function validateOptions(o: TrainOptions): void {
   range('--recheck-steps', o.recheckSteps, 1, 1e9, true);
   range('--ell-width', o.ellWidth, 1, 1 << 20, true);
   if (!['auto', 'dense', 'hybrid'].includes(o.ffnPath)) throw new UsageError(`--ffn-path must be auto, dense or hybrid, got ${o.ffnPath}`);
-  if (!o.out) throw new UsageError('an output directory is required (-o <dir>)');
+  if (o.save && !o.out) throw new UsageError('an output directory is required (-o <dir>), or --no-save to write no checkpoint');
 }
 
 export interface StepRecord {
@@ -192,7 +195,8 @@ export interface RunSummary {
   dead: number;
   tokensPerSec: number;
   seconds: number;
-  checkpoint: string;
+  /** The checkpoint directory, or null for a run with --no-save. */
+  checkpoint: string | null;
   peakActivationBytes: number;
   /** --backend cuda: the GPU memory the trainer held at its peak (weights, optimizer, activations, scratch). */
   peakDeviceBytes?: number;
@@ -254,6 +258,7 @@ interface Setup {
 export async function resolveRun(given: Partial<TrainOptions>, resumeDir: string | null, warn: (s: string) => void): Promise<Setup> {
   let options: TrainOptions;
   let resume: Setup['resume'] = null;
+  if (given.save === false && given.out) throw new UsageError(`--no-save writes no checkpoint, so -o ${given.out} has nothing to hold: drop one of them`);
   if (resumeDir) {
     await recoverCheckpoint(resumeDir);
     let meta: TrainMeta;
@@ -409,7 +414,7 @@ export async function runTraining(setup: Setup, hooks: RunHooks, warn: (s: strin
   } else {
     trainer.initWeights();
   }
-  recovered = await recoverCheckpoint(o.out);
+  if (o.save) recovered = await recoverCheckpoint(o.out);
   const T = o.context;
   const B = o.microBatchTokens / T;
   const nMicro = o.batchTokens / o.microBatchTokens;
@@ -447,6 +452,7 @@ export async function runTraining(setup: Setup, hooks: RunHooks, warn: (s: strin
   let runTokens = 0;
   let runSeconds = 0;
   const save = async (step: number): Promise<void> => {
+    if (!o.save) return;
     const st = trainer.getState();
     const meta: TrainMeta = {
       version: 1,
@@ -536,7 +542,7 @@ export async function runTraining(setup: Setup, hooks: RunHooks, warn: (s: strin
     dead: lastRec?.dead ?? 0,
     tokensPerSec: runSeconds > 0 ? runTokens / runSeconds : 0,
     seconds: (performance.now() - startedAt) / 1000,
-    checkpoint: o.out,
+    checkpoint: o.save ? o.out : null,
     peakActivationBytes: trainer.peakSavedBytes,
     ...(trainer.peakDeviceBytes !== undefined ? { peakDeviceBytes: trainer.peakDeviceBytes } : {}),
   };
