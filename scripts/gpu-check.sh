@@ -16,8 +16,10 @@
 # (test/cuda-train.test.ts, a short train --backend cuda). Full logs under
 # $OUT (or ./gpu-check-out); the short table is printed last. Sized for one 10-minute command:
 # the step caps add up to 585 s (the first run took 55 s in all), so run it with timeout_s ~590.
-# Once it passes, scripts/gpu-floors.sh measures the issue's floors at full shape (2B proxy).
+# Once it passes, scripts/gpu-floors.sh measures the issue's floors at full shape (2B proxy);
+# scripts/gpu-session.sh runs both in one command (GPU_DEADLINE cuts the caps, gpu-deadline.sh).
 set -uo pipefail
+source "$(dirname "$0")/gpu-deadline.sh"
 OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
 status=0
@@ -36,7 +38,7 @@ fi
 echo "SPARSELLM_CUBLAS=${SPARSELLM_CUBLAS:-<loader path>}" | tee "$OUT/env.txt"
 
 echo "== CUDA correctness: native/build/test_cuda_ops"
-timeout 160 native/build/test_cuda_ops > "$OUT/test_cuda_ops.log" 2>&1
+run_capped 160 test_cuda_ops native/build/test_cuda_ops > "$OUT/test_cuda_ops.log" 2>&1
 rc=$?
 tail -25 "$OUT/test_cuda_ops.log"
 echo "test_cuda_ops exit $rc (0 pass, 77 skipped, else failed)"
@@ -44,7 +46,7 @@ echo "test_cuda_ops exit $rc (0 pass, 77 skipped, else failed)"
 
 if [[ -f node_modules/tsx/dist/loader.mjs && -d node_modules/esbuild ]]; then
   echo "== CUDA correctness through the addon: test/cuda.test.ts"
-  timeout 90 node --import tsx --test test/cuda.test.ts > "$OUT/cuda-test.log" 2>&1
+  run_capped 90 cuda.test.ts node --import tsx --test test/cuda.test.ts > "$OUT/cuda-test.log" 2>&1
   rc=$?
   grep -E "^# (pass|fail|skipped)|^not ok" "$OUT/cuda-test.log"
   [[ $rc -ne 0 ]] && status=1
@@ -57,15 +59,15 @@ fi
 # 32+ tokens, e.g. bench --model's --prefill 96 below), which test_cuda_ops above has just
 # checked with and without them; the first GPU run's table (docs/benchmarks.md) has the others.
 echo "== GEMM kernels vs cuBLAS (test_cuda_ops --bench-gemm)"
-SPARSELLM_TEST_GEMM_KERNELS=mma,wgmma,wgmma2 timeout 45 native/build/test_cuda_ops --bench-gemm > "$OUT/bench-gemm.log" 2>&1
+SPARSELLM_TEST_GEMM_KERNELS=mma,wgmma,wgmma2 run_capped 45 bench-gemm native/build/test_cuda_ops --bench-gemm > "$OUT/bench-gemm.log" 2>&1
 tail -15 "$OUT/bench-gemm.log"
 
 echo "== The GPU trainer's GEMM vs cuBLAS (test_cuda_ops --bench-train-gemm: f32 operands, bf16 math)"
-timeout 25 native/build/test_cuda_ops --bench-train-gemm > "$OUT/bench-train-gemm.log" 2>&1
+run_capped 25 bench-train-gemm native/build/test_cuda_ops --bench-train-gemm > "$OUT/bench-train-gemm.log" 2>&1
 tail -13 "$OUT/bench-train-gemm.log"
 
 echo "== Benchmarks (scripts/gpu-bench.mjs, SPARSELLM_CUDA_UNVERIFIED=1)"
-SPARSELLM_CUDA_UNVERIFIED=1 timeout 102 node scripts/gpu-bench.mjs --out "$OUT" 2> "$OUT/gpu-bench.log" | tee "$OUT/gpu-bench-table.md"
+SPARSELLM_CUDA_UNVERIFIED=1 run_capped 102 gpu-bench node scripts/gpu-bench.mjs --out "$OUT" 2> "$OUT/gpu-bench.log" | tee "$OUT/gpu-bench-table.md"
 rc=${PIPESTATUS[0]}
 grep -E "relative error|measured|median" "$OUT/gpu-bench.log" | head -40
 [[ $rc -ne 0 ]] && status=1
@@ -75,13 +77,13 @@ grep -E "relative error|measured|median" "$OUT/gpu-bench.log" | head -40
 # small fixture checkpoint (packed on the fly), dense vs sparse on the GPU.
 if [[ -f node_modules/tsx/dist/loader.mjs && -d node_modules/esbuild ]]; then
   echo "== CUDA model runtime through the addon: test/cuda-model.test.ts"
-  timeout 60 node --import tsx --test test/cuda-model.test.ts > "$OUT/cuda-model-test.log" 2>&1
+  run_capped 60 cuda-model.test.ts node --import tsx --test test/cuda-model.test.ts > "$OUT/cuda-model-test.log" 2>&1
   rc=$?
   grep -E "^# (pass|fail|skipped)|^not ok" "$OUT/cuda-model-test.log"
   [[ $rc -ne 0 ]] && status=1
 fi
 echo "== Whole model on the GPU: bench --model fixtures/models/llama-relu-gqa --backend cuda"
-SPARSELLM_CUDA_UNVERIFIED=1 timeout 60 node bin/sparsellm.js bench --model fixtures/models/llama-relu-gqa --backend cuda \
+SPARSELLM_CUDA_UNVERIFIED=1 run_capped 60 "bench --model (fixture)" node bin/sparsellm.js bench --model fixtures/models/llama-relu-gqa --backend cuda \
   --prefill 96 --decode 24 --repeats 3 --warmup 1 --json > "$OUT/bench-model-cuda.json" 2> "$OUT/bench-model-cuda.log"
 rc=$?
 tail -3 "$OUT/bench-model-cuda.log"
@@ -95,14 +97,14 @@ echo "bench --model --backend cuda exit $rc"
 # paths, not the issue's floor at ~29 non-zeros per token; the FFN-level step is in gpu-bench).
 if [[ -f node_modules/tsx/dist/loader.mjs && -d node_modules/esbuild ]]; then
   echo "== GPU trainer through the addon: test/cuda-train.test.ts"
-  timeout 20 node --import tsx --test test/cuda-train.test.ts > "$OUT/cuda-train-test.log" 2>&1
+  run_capped 20 cuda-train.test.ts node --import tsx --test test/cuda-train.test.ts > "$OUT/cuda-train-test.log" 2>&1
   rc=$?
   grep -E "^# (pass|fail|skipped)|^not ok" "$OUT/cuda-train-test.log"
   [[ $rc -ne 0 ]] && status=1
 fi
 for path in dense hybrid; do
   echo "== Training on the GPU: train --backend cuda --ffn-path $path (d_model 256, 4 layers, d_ff 1024, 8 steps of 4096 tokens)"
-  SPARSELLM_CUDA_UNVERIFIED=1 timeout $([[ $path == dense ]] && echo 11 || echo 12) node bin/sparsellm.js train \
+  SPARSELLM_CUDA_UNVERIFIED=1 run_capped $([[ $path == dense ]] && echo 11 || echo 12) "train $path" node bin/sparsellm.js train \
     fixtures/text/moby-dick.txt -o "$OUT/train-cuda-$path" --d-model 256 --layers 4 --heads 4 --d-ff 1024 --context 128 \
     --batch-tokens 4096 --micro-batch-tokens 2048 --steps 8 --warmup 2 --eval-tokens 2048 --ffn-path $path --ell-width 128 \
     --backend cuda --json -q > "$OUT/train-cuda-$path.jsonl" 2> "$OUT/train-cuda-$path.log"
