@@ -55,7 +55,7 @@ else
 fi
 
 # The benchmarks time the kernels not yet verified on a GPU (native/src/cuda/kernel_policy.h:
-# wgmma GEMM, auto-tuned grouped up+down, two-kernel decode, tiled prefill attention for calls of
+# wgmma GEMM, auto-tuned grouped up+down, two-kernel decode, tensor-core prefill attention for calls of
 # 32+ tokens, e.g. bench --model's --prefill 96 below), which test_cuda_ops above has just
 # checked with and without them; the first GPU run's table (docs/benchmarks.md) has the others.
 echo "== GEMM kernels vs cuBLAS (test_cuda_ops --bench-gemm)"

@@ -26,6 +26,7 @@
 
 #ifdef SPARSELLM_HAVE_CUDA
 #include "sparsellm/cuda_ops.h"
+#include "../src/cuda/attention_mma.h"
 #include "../src/cuda/kernel_policy.h"
 #include "../src/cuda/twell_updown.h"
 #include "../src/cpu/train_ops.h"
@@ -622,12 +623,14 @@ void test_hybrid() {
 
 // --- the whole model (CudaModel) and its attention ------------------------------------------------
 
-// The tiled kernel and the per-(query, head) kernel, each forced, against the CPU
-// attention_causal (f32, itself tested against float64 in test_model_ops; bf16 output: one
-// rounding of at most 2^-8 relative, RMS about 2e-3: 8e-3) on the same cache, filled by
-// kv_store_device in two calls (0 .. pos0 − 1, then the T new); padding columns must be zeroed. Then the Auto choice must
-// give the per-query kernel's bits with unverified kernels off and, from one query tile (32)
-// up, the tiled kernel's bits with them on (both kernels are deterministic).
+// The tiled kernel, the per-(query, head) kernel and, for head_dim 64 and 128, the tensor-core
+// kernel, each forced, against the CPU attention_causal (f32, itself tested against float64 in
+// test_model_ops; bf16 output: one rounding of at most 2^-8 relative, RMS about 2e-3: 8e-3; the
+// tensor-core kernel also rounds q, k, v and the probabilities to bf16: 2e-2) on the same cache,
+// filled by kv_store_device in two calls (0 .. pos0 − 1, then the T new); padding columns must be
+// zeroed. Then the Auto choice must give the per-query kernel's bits with unverified kernels off
+// and, from one query tile (32) up, the tensor-core kernel's bits (the tiled kernel's without its
+// head_dim) with them on (every kernel is deterministic).
 void test_attention_case(int64_t T, int64_t pos0, int64_t n_heads, int64_t n_kv, int64_t hd) {
   const int64_t cap = pos0 + T + 5, qd = n_heads * hd, kd = n_kv * hd, ldo = pad8(qd) + 8;
   KvCache cache;
@@ -659,15 +662,22 @@ void test_attention_case(int64_t T, int64_t pos0, int64_t n_heads, int64_t n_kv,
     download(o.data(), out.data(), o.size() * 2);
     return o;
   };
+  const bool has_mma = attention_mma_supported(hd);
   const std::vector<uint16_t> tiled = run(AttentionKernel::Tiled, false);
   const std::vector<uint16_t> perq = run(AttentionKernel::PerQuery, false);
+  const std::vector<uint16_t> mma = has_mma ? run(AttentionKernel::Mma, false) : std::vector<uint16_t>();
   const std::vector<uint16_t> auto_off = run(AttentionKernel::Auto, false);
   const std::vector<uint16_t> auto_on = run(AttentionKernel::Auto, true);
   set_attention_kernel(saved_choice);
   set_unverified_kernels(saved_unverified);
-  double errs[2];
+  const char* names[3] = {"tiled", "per-query", "tensor-core"};
+  double errs[3] = {0, 0, 0};
   int idx = 0;
-  for (const std::vector<uint16_t>* o : {&tiled, &perq}) {
+  for (const std::vector<uint16_t>* o : {&tiled, &perq, &mma}) {
+    if (o->empty()) {
+      ++idx;
+      continue;
+    }
     std::vector<float> got(static_cast<size_t>(T * qd));
     bool pad_ok = true;
     for (int64_t t = 0; t < T; ++t) {
@@ -676,17 +686,19 @@ void test_attention_case(int64_t T, int64_t pos0, int64_t n_heads, int64_t n_kv,
     }
     const double e = check::rel_error(got.data(), r.data(), r.size());
     errs[idx] = e;
-    CHECK(e < 8e-3, "attention %s T %lld pos0 %lld heads %lld/%lld hd %lld: rel err %.3g", idx ? "per-query" : "tiled",
-          (long long)T, (long long)pos0, (long long)n_heads, (long long)n_kv, (long long)hd, e);
-    CHECK(pad_ok, "attention %s: padding columns not zeroed", idx ? "per-query" : "tiled");
+    CHECK(e < (idx == 2 ? 2e-2 : 8e-3), "attention %s T %lld pos0 %lld heads %lld/%lld hd %lld: rel err %.3g",
+          names[idx], (long long)T, (long long)pos0, (long long)n_heads, (long long)n_kv, (long long)hd, e);
+    CHECK(pad_ok, "attention %s: padding columns not zeroed", names[idx]);
     ++idx;
   }
   CHECK(auto_off == perq, "attention T %lld: Auto with unverified kernels off must run the per-query kernel",
         (long long)T);
-  CHECK(auto_on == (T >= 32 ? tiled : perq), "attention T %lld: Auto with unverified kernels on ran the wrong kernel",
-        (long long)T);
-  std::printf("  attention T %3lld pos0 %3lld heads %lld/%lld hd %3lld: rel err tiled %.2e, per-query %.2e\n",
-              (long long)T, (long long)pos0, (long long)n_heads, (long long)n_kv, (long long)hd, errs[0], errs[1]);
+  CHECK(auto_on == (T >= 32 ? (has_mma ? mma : tiled) : perq),
+        "attention T %lld: Auto with unverified kernels on ran the wrong kernel", (long long)T);
+  std::printf("  attention T %3lld pos0 %3lld heads %lld/%lld hd %3lld: rel err tiled %.2e, per-query %.2e%s",
+              (long long)T, (long long)pos0, (long long)n_heads, (long long)n_kv, (long long)hd, errs[0], errs[1],
+              has_mma ? "" : "\n");
+  if (has_mma) std::printf(", tensor-core %.2e\n", errs[2]);
 }
 
 // A random model in host memory, laid out as the packed file (FFN in kernel layout, bf16).
@@ -1614,6 +1626,8 @@ void test_attention() {
       {40, 5, 2, 2, 256},   {65, 0, 2, 1, 130},   {33, 3, 2, 2, 1},
       {1, 0, 2, 1, 8},      {3, 290, 4, 1, 256},  // decode, MQA, the widest head, a long context
       {70, 0, 6, 3, 130},   {9, 40, 4, 4, 64},    // prefill, GQA, head_dim with a tail; a chunk after a prefix
+      // the tensor-core kernel: several query and key tiles, ragged ends, a prefix, GQA, hd 128
+      {200, 0, 4, 2, 64},   {130, 77, 2, 1, 128}, {64, 0, 2, 2, 128},   {1, 0, 2, 2, 128},
   };
   for (const auto& s : shapes) test_attention_case(s[0], s[1], s[2], s[3], s[4]);
 }

@@ -21,6 +21,15 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
                : "r"(addr));
 }
 
+// The same four matrices, each transposed: register j of lane l receives matrix j's elements
+// (row 2·(l%4), column l/4) and (row 2·(l%4)+1, column l/4). Loads a B fragment from a tile staged
+// with n contiguous (k rows), e.g. V in P·V.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
 // Where lane l points ldmatrix_x4 in a tile staged row-major with k contiguous, as (row, 8-element
 // k chunk) within a 16 × 16 slice: for an A fragment (rows m) the matrices are (m 0-7 | 8-15) ×
 // (k 0-7 | 8-15); for the B fragments of two 8-column tiles (rows n) they are (n 0-7, k 0-7),

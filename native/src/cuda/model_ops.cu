@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "attention_mma.h"
 #include "common.cuh"
 #include "kernel_policy.h"
 #include "sparsellm/cuda_ops.h"
@@ -491,11 +492,16 @@ void attention_device(const float* q, int64_t ldq, int64_t T, int64_t n_heads, i
   const unsigned grid = grid1(T * n_heads, 1);
   const int group = static_cast<int>(n_heads / n_kv_heads);
   const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
-  // Prefill: the tiled kernel where chosen (kernel_policy.h: forced, or Auto once unverified
-  // kernels are allowed and T reaches kAttentionTiledMinTokens).
+  // Prefill: the tensor-core or the tiled kernel where chosen (kernel_policy.h: forced, or Auto
+  // once unverified kernels are allowed and T reaches kAttentionTiledMinTokens).
   const AttentionKernel choice = attention_kernel_choice();
-  if (choice == AttentionKernel::Tiled ||
-      (choice == AttentionKernel::Auto && unverified_kernels() && T >= kAttentionTiledMinTokens)) {
+  const bool prefill = choice == AttentionKernel::Auto && unverified_kernels() && T >= kAttentionTiledMinTokens;
+  if (choice == AttentionKernel::Mma || (prefill && attention_mma_supported(head_dim))) {
+    attention_mma(q, ldq, T, static_cast<int>(n_heads), group, static_cast<int>(head_dim), cache_k, cache_v, capacity,
+                  pos0, scale, out, ldo);
+    return;
+  }
+  if (choice == AttentionKernel::Tiled || prefill) {
     const int hd = static_cast<int>(head_dim), nh = static_cast<int>(n_heads);
     if (hd <= 32)
       launch_attention_tiled<1>(q, ldq, T, nh, group, hd, cache_k, cache_v, capacity, pos0, scale, out, ldo);
