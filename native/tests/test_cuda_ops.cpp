@@ -1240,7 +1240,9 @@ void test_train_misc(int64_t n) {
 // sides): 1e-5 relative. Shapes cross the 256-wide scans (F, M > 256), a single token, every row
 // in the tail (W = 1 with a dense gate), none in the tail (W ≥ F), and accumulation into
 // existing gradients. `density` sets the gate's mean so that about that share of units fires.
-void test_train_hybrid(int64_t M, int64_t d, int64_t F, int W, double density) {
+// bf16_light: the weights are bf16 values and the light rows' kernels read their bf16 copies
+// (LightRowWeights); the CPU reference runs on the same values, so the tolerances do not change.
+void test_train_hybrid(int64_t M, int64_t d, int64_t F, int W, double density, bool bf16_light = false) {
   // x ~ N(0.5, 1), gate ~ N(−a, 1)/sqrt(d): g has mean −0.5·a·sqrt(d), std ≈ 1.1 → P(g > 0) ≈ density.
   double lo = -10, hi = 10;  // solve Φ(t) = density by bisection on erfc
   for (int i = 0; i < 60; ++i) {
@@ -1253,9 +1255,16 @@ void test_train_hybrid(int64_t M, int64_t d, int64_t F, int W, double density) {
   for (auto& v : x) v += 0.5f;
   std::vector<float> gate = rvec(static_cast<size_t>(F * d), 1.0 / std::sqrt(static_cast<double>(d)));
   for (auto& v : gate) v -= static_cast<float>(a / std::sqrt(static_cast<double>(d)));
-  const std::vector<float> ud = rvec(static_cast<size_t>(F * 2 * d), 1.0 / std::sqrt(static_cast<double>(d)));
+  std::vector<float> ud = rvec(static_cast<size_t>(F * 2 * d), 1.0 / std::sqrt(static_cast<double>(d)));
   const std::vector<float> dy = rvec(static_cast<size_t>(M * d), 1.0);
   const float lam = 0.3f;
+  std::vector<uint16_t> gate16, ud16;
+  if (bf16_light) {
+    for (auto* wv : {&gate, &ud})
+      for (auto& v : *wv) v = bf16_to_f32(f32_to_bf16(v));
+    for (float v : gate) gate16.push_back(f32_to_bf16(v));
+    for (float v : ud) ud16.push_back(f32_to_bf16(v));
+  }
   // CPU
   HybridParams p;
   p.ell_width = W;
@@ -1302,20 +1311,29 @@ void test_train_hybrid(int64_t M, int64_t d, int64_t F, int W, double density) {
   memset_device(fired.data(), 0, static_cast<size_t>(F));
   double* l1 = b_stats.as<double>();
   unsigned long long* cnt = reinterpret_cast<unsigned long long*>(l1 + 1);
-  train::hybrid_ffn_forward(gx.p(), gg.p(), gu.p(), h, gy.p(), l1, cnt, fired.as<uint8_t>(), cnt + 3);
+  DeviceBuffer g16(gate16.size() * 2 + 2), u16(ud16.size() * 2 + 2);
+  train::LightRowWeights lw;
+  if (bf16_light) {
+    upload(g16.data(), gate16.data(), gate16.size() * 2);
+    upload(u16.data(), ud16.data(), ud16.size() * 2);
+    lw.gate = g16.as<uint16_t>();
+    lw.updown = u16.as<uint16_t>();
+  }
+  train::hybrid_ffn_forward(gx.p(), gg.p(), gu.p(), h, gy.p(), l1, cnt, fired.as<uint8_t>(), cnt + 3, lw);
   const float lam_m = lam / static_cast<float>(M);
   for (bool first : {true, false}) {
     const std::vector<float> g0 = rvec(gate.size(), 0.1), u0 = rvec(ud.size(), 0.1);
     Dev gdg(first ? std::vector<float>(gate.size(), 7.f) : g0), gdu(first ? std::vector<float>(ud.size(), 7.f) : u0);
-    train::hybrid_ffn_backward(gx.p(), gdy.p(), gg.p(), gu.p(), h, lam_m, gdx.p(), gdg.p(), gdu.p(), first);
+    train::hybrid_ffn_backward(gx.p(), gdy.p(), gg.p(), gu.p(), h, lam_m, gdx.p(), gdg.p(), gdu.p(), first, lw);
     std::vector<float> eg = dgate, eu = dud;
     if (!first) {
       for (size_t i = 0; i < eg.size(); ++i) eg[i] += g0[i];
       for (size_t i = 0; i < eu.size(); ++i) eu[i] += u0[i];
     }
     const double e1 = rel(gdx.get(), dx), e2 = rel(gdg.get(), eg), e3 = rel(gdu.get(), eu);
-    CHECK(e1 < 1e-5 && e2 < 1e-5 && e3 < 1e-5, "hybrid %lldx%lldx%lld W%d first %d: dx %.3g dgate %.3g dupdown %.3g",
-          (long long)M, (long long)d, (long long)F, W, first ? 1 : 0, e1, e2, e3);
+    CHECK(e1 < 1e-5 && e2 < 1e-5 && e3 < 1e-5,
+          "hybrid %lldx%lldx%lld W%d%s first %d: dx %.3g dgate %.3g dupdown %.3g", (long long)M, (long long)d,
+          (long long)F, W, bf16_light ? " bf16 light rows" : "", first ? 1 : 0, e1, e2, e3);
   }
   double sl1 = 0;
   unsigned long long hc[5];
@@ -1330,9 +1348,9 @@ void test_train_hybrid(int64_t M, int64_t d, int64_t F, int W, double density) {
             static_cast<int64_t>(hc[2]) == nt,
         "hybrid %lldx%lldx%lld W%d: nnz %llu/%lld max %llu/%lld tail %llu/%lld", (long long)M, (long long)d, (long long)F,
         W, hc[0], (long long)r.stats.nnz, hc[1], (long long)r.stats.max_row_nnz, hc[2], (long long)nt);
-  std::printf("    hybrid %lldx%lldx%lld W%d: %.1f non-zeros per row, %lld of %lld rows in the tail\n", (long long)M,
-              (long long)d, (long long)F, W, static_cast<double>(r.stats.nnz) / static_cast<double>(M), (long long)nt,
-              (long long)M);
+  std::printf("    hybrid %lldx%lldx%lld W%d%s: %.1f non-zeros per row, %lld of %lld rows in the tail\n", (long long)M,
+              (long long)d, (long long)F, W, bf16_light ? " (bf16 light rows)" : "",
+              static_cast<double>(r.stats.nnz) / static_cast<double>(M), (long long)nt, (long long)M);
 }
 
 std::vector<int32_t> random_tokens(int64_t n, int64_t V) {
@@ -1528,6 +1546,44 @@ void test_cuda_trainer_memory() {
         loss[1]);
 }
 
+// With bf16 matmuls the hybrid layers' light rows read bf16 copies of the gate and updown
+// weights; the copies must follow the weights. After two steps (AdamW changed every weight) the
+// trainer evaluates a batch as a fresh trainer given its weights through set_tensor does; had
+// the copies kept the weights of the first evaluation, the CE and the L1 would differ.
+void test_cuda_trainer_light_weights() {
+  TrainModelConfig cfg;
+  cfg.vocab = 37;
+  cfg.d_model = 24;
+  cfg.n_layers = 2;
+  cfg.n_heads = 3;
+  cfg.d_ff = 40;
+  cfg.context = 16;
+  TrainHyper hp;
+  hp.ffn_path = FfnTrainPath::Hybrid;
+  hp.ell_width = 12;  // some rows in the tail too
+  hp.seed = 9;
+  const std::vector<int32_t> tok = random_tokens(2 * 17, cfg.vocab);
+  CudaTrainer a(cfg, hp, train::MatmulPrecision::Bf16);
+  a.init_weights();
+  const EvalStats e0 = a.evaluate(tok.data(), 2, 16);  // makes the copies
+  a.step(tok.data(), 1, 2, 16, 5e-2f);
+  a.step(tok.data(), 1, 2, 16, 5e-2f);
+  const EvalStats ea = a.evaluate(tok.data(), 2, 16);
+  CudaTrainer b(cfg, hp, train::MatmulPrecision::Bf16);
+  b.init_weights();
+  for (const TrainTensor& t : a.tensors()) {
+    std::vector<float> w(static_cast<size_t>(t.rows * t.cols));
+    a.get_tensor(t.name, w.data());
+    b.set_tensor(t.name, w.data());
+  }
+  const EvalStats eb = b.evaluate(tok.data(), 2, 16);
+  CHECK(std::fabs(ea.ce - e0.ce) > 1e-3, "light weights: two steps left the CE at %.9g", ea.ce);
+  CHECK(std::fabs(ea.ce - eb.ce) <= 1e-9 * eb.ce && std::fabs(ea.l1 - eb.l1) <= 1e-9 * eb.l1,
+        "light weights: ce %.12g / l1 %.12g after steps vs %.12g / %.12g from the same weights (stale bf16 copies?)",
+        ea.ce, ea.l1, eb.ce, eb.l1);
+  std::printf("    CudaTrainer bf16 light-row weights follow the steps: ce %.6f -> %.6f\n", e0.ce, ea.ce);
+}
+
 void test_training() {
   std::printf("  training operations and CudaTrainer\n");
   test_gemm_f32(train::MatmulPrecision::F32);
@@ -1552,8 +1608,11 @@ void test_training() {
   test_train_hybrid(1, 13, 50, 50, 0.1);      // one token (light: W = F)
   test_train_hybrid(70, 24, 300, 1, 0.5);     // every row in the tail
   test_train_hybrid(33, 260, 90, 90, 0.3);    // no tail; d over one block's width
+  test_train_hybrid(300, 40, 700, 40, 0.03, true);  // the light rows on bf16 copies of the weights
+  test_train_hybrid(33, 260, 90, 20, 0.3, true);
   for (FfnTrainPath path : {FfnTrainPath::Dense, FfnTrainPath::Hybrid, FfnTrainPath::Auto}) test_cuda_trainer(path);
   test_cuda_trainer_memory();
+  test_cuda_trainer_light_weights();
 }
 
 }  // namespace traintest

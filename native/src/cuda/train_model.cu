@@ -61,6 +61,12 @@ struct CudaTrainer::Impl {
   std::vector<LayerActs> acts;
   DeviceBuffer ids, xf, xnf, rstdf, logits, tmp, dx, dxn, datt, dqkv, scores, H, dH, dG, norm_part, stats;
   DeviceBuffer hx, hy, hz, hdu, hdg, hrank, hlist, hhist, hoffs;  // hybrid scratch
+  // MatmulPrecision::Bf16: each hybrid layer's gate and updown weights as bf16 for the light rows
+  // (train_ops.h LightRowWeights), made when the layer first runs hybrid and refreshed when the
+  // weights have changed since (w_stamp counts the changes: init, set_tensor, every step).
+  std::vector<DeviceBuffer> w16;
+  std::vector<int64_t> w16_stamp;
+  int64_t w_stamp = 1;
   bool grads_zero = true;
   int64_t saved_bytes = 0, peak_saved_bytes = 0, peak_device_bytes = 0;
   int64_t device_bytes() const;
@@ -76,6 +82,7 @@ struct CudaTrainer::Impl {
   void end_of_step(int64_t tokens, StepStats& s);
   train::HybridBuffers hybrid_buffers(LayerActs& a, int64_t M);
   void fit_tail_tape(LayerActs& a, int64_t rows);
+  train::LightRowWeights light_weights(int64_t l);
 };
 
 CudaTrainer::CudaTrainer(const TrainModelConfig& c, const TrainHyper& h, train::MatmulPrecision matmul)
@@ -137,6 +144,8 @@ CudaTrainer::CudaTrainer(const TrainModelConfig& c, const TrainHyper& h, train::
   I.fired.reserve(nl * sz(F));
   memset_device(I.fired.data(), 0, nl * sz(F));
   I.acts.resize(nl);
+  I.w16.resize(nl);
+  I.w16_stamp.assign(nl, 0);
   // RoPE tables as the CPU rope_tables computes them (float64 angles, rounded once).
   const int64_t hd = d / c.n_heads, half = hd / 2;
   std::vector<float> ct(sz(c.context * half)), stb(sz(c.context * half));
@@ -168,6 +177,7 @@ int64_t CudaTrainer::peak_saved_bytes() const { return impl_->peak_saved_bytes; 
 // span in layout order (norms set to 1 without draws; o and down scaled), then the final norm.
 void CudaTrainer::init_weights() {
   Impl& I = *impl_;
+  ++I.w_stamp;
   const int64_t d = I.cfg.d_model, F = I.cfg.d_ff;
   std::mt19937_64 rng(mix(I.hp.seed, 0x1417));
   std::normal_distribution<float> nd(0.f, I.hp.init_std);
@@ -234,6 +244,7 @@ void CudaTrainer::get_tensor(const std::string& name, float* out) const {
 
 void CudaTrainer::set_tensor(const std::string& name, const float* in) {
   Impl& I = *impl_;
+  ++I.w_stamp;
   const int64_t idx = I.index_of(name), d = I.cfg.d_model, F = I.cfg.d_ff;
   if (idx == 0) return upload(I.W() + I.off_embed, in, sz(I.cfg.vocab * d) * 4);
   if (idx == static_cast<int64_t>(I.tensors.size()) - 1) return upload(I.W() + I.off_final_norm, in, sz(d) * 4);
@@ -389,7 +400,8 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
     a.hybrid = st.hybrid[sz(l)] != 0;
     if (a.hybrid) {
       train::HybridBuffers hb = hybrid_buffers(a, M);
-      train::hybrid_ffn_forward_rows(x2, Wp + L.gate, Wp + L.updown, hb, tmpb, st_l1 + l, st_cnt + 3 * l, fl);
+      train::hybrid_ffn_forward_rows(x2, Wp + L.gate, Wp + L.updown, hb, tmpb, st_l1 + l, st_cnt + 3 * l, fl,
+                                     light_weights(l));
       // The layer's one synchronisation: the tail's size, so that its tape holds just those rows.
       int32_t tail_rows = 0;
       download(&tail_rows, hb.tail_count, 4);
@@ -430,7 +442,7 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
       float *Gp = a.G.as<float>(), *Up = a.U.as<float>(), *dHp = dH.as<float>(), *dGp = dG.as<float>(), *Hp = H.as<float>();
       if (a.hybrid) {
         train::hybrid_ffn_backward(x2, dxp, Wp + L.gate, Wp + L.updown, hybrid_buffers(a, M), lam_m, dxnp, G + L.gate,
-                                   G + L.updown, first);
+                                   G + L.updown, first, light_weights(l));
       } else {
         // FFN backward: dH = dy·W_down; dU (in dH's place), dG, H; dx = dU·W_up + dG·W_gate; weight gradients.
         train::gemm_f32(M, F, d, MatRef{dxp, d, 1}, MatRef{Wp + L.updown + d, 1, 2 * d}, dHp, F);
@@ -500,6 +512,18 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
 // A hybrid layer's tail tape (G and U of its tail rows, forward to backward) sized by need: grown
 // with a quarter of headroom, shrunk when over four times too large (after the layer ran dense,
 // say), so that a sparse layer holds a few rows where a dense one holds 2·M·F floats.
+train::LightRowWeights CudaTrainer::Impl::light_weights(int64_t l) {
+  if (matmul != train::MatmulPrecision::Bf16) return {};
+  const int64_t d = cfg.d_model, F = cfg.d_ff;
+  DeviceBuffer& b = w16[sz(l)];
+  if (w16_stamp[sz(l)] != w_stamp) {
+    if (b.bytes() == 0) b.reserve(sz(3 * F * d) * 2);
+    f32_to_bf16_device(W() + lo[sz(l)].gate, d, b.as<uint16_t>(), d, 3 * F, d);  // gate then updown: adjacent
+    w16_stamp[sz(l)] = w_stamp;
+  }
+  return {b.as<uint16_t>(), b.as<uint16_t>() + F * d};
+}
+
 void CudaTrainer::Impl::fit_tail_tape(LayerActs& a, int64_t rows) {
   const size_t need = sz(std::max<int64_t>(rows, 1) * cfg.d_ff) * 4;
   if (a.G.bytes() >= need && a.G.bytes() <= 4 * need) return;
@@ -631,6 +655,7 @@ StepStats CudaTrainer::step(const int32_t* tokens, int64_t n_micro, int64_t B, i
   for (int64_t l = 0; l < NL; ++l)
     I.st.last_nnz[sz(l)] = static_cast<double>(total.layers[sz(l)].nnz) / static_cast<double>(total.layers[sz(l)].tokens);
   I.end_of_step(total.tokens, total);
+  ++I.w_stamp;  // AdamW (and any re-drawn gate rows) changed the weights
   return total;
 }
 
@@ -682,6 +707,7 @@ int64_t CudaTrainer::Impl::device_bytes() const {
                                 &I.scores, &I.H, &I.dH, &I.dG, &I.norm_part, &I.hx, &I.hy, &I.hz, &I.hdu, &I.hdg,
                                 &I.hrank, &I.hlist, &I.hhist, &I.hoffs})
     b += static_cast<int64_t>(x->bytes());
+  for (const DeviceBuffer& x : I.w16) b += static_cast<int64_t>(x.bytes());
   return b;
 }
 

@@ -70,6 +70,17 @@ __device__ __forceinline__ float warp_dot(const float* __restrict__ a, const flo
   return warp_sum(s);
 }
 
+// A weight read by the hybrid light-row kernels: f32, or its bf16 copy (LightRowWeights).
+__device__ __forceinline__ float wval(const float* __restrict__ p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float wval(const uint16_t* __restrict__ p, int64_t i) { return bf16_bits_to_f32(p[i]); }
+
+template <typename WT>
+__device__ __forceinline__ float warp_dot_w(const float* __restrict__ a, const WT* __restrict__ b, int64_t d, int lane) {
+  float s = 0.f;
+  for (int64_t i = lane; i < d; i += 32) s += a[i] * wval(b, i);
+  return warp_sum(s);
+}
+
 // ---- RMSNorm ----------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(const float* __restrict__ x,
@@ -402,8 +413,9 @@ __global__ void __launch_bounds__(kThreads) hybrid_tail_list_kernel(const int32_
 }
 
 // Light row m: u at the pattern (kept), y[m] = Σ_e g_e·u_e·W_down[:, j_e], Σ|h| into l1_sum.
+template <typename WT>
 __global__ void __launch_bounds__(kThreads) hybrid_fwd_rows_kernel(const float* __restrict__ x, int64_t d,
-                                                                   const float* __restrict__ updown, int W,
+                                                                   const WT* __restrict__ updown, int W,
                                                                    const int32_t* __restrict__ row_nnz,
                                                                    const int32_t* __restrict__ col,
                                                                    const float* __restrict__ g, float* __restrict__ u,
@@ -415,7 +427,7 @@ __global__ void __launch_bounds__(kThreads) hybrid_fwd_rows_kernel(const float* 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   double l1 = 0;
   for (int e = warp; e < n; e += kThreads / 32) {  // a warp per active neuron
-    const float s = warp_dot(xm, updown + static_cast<int64_t>(col[m * W + e]) * 2 * d, d, lane);
+    const float s = warp_dot_w(xm, updown + static_cast<int64_t>(col[m * W + e]) * 2 * d, d, lane);
     if (lane == 0) {
       u[m * W + e] = s;
       l1 += fabs(static_cast<double>(g[m * W + e]) * s);
@@ -426,7 +438,7 @@ __global__ void __launch_bounds__(kThreads) hybrid_fwd_rows_kernel(const float* 
     float acc = 0.f;
     for (int e = 0; e < n; ++e) {
       const int64_t j = col[m * W + e];
-      acc += (g[m * W + e] * u[m * W + e]) * updown[j * 2 * d + d + i];
+      acc += (g[m * W + e] * u[m * W + e]) * wval(updown, j * 2 * d + d + i);
     }
     y[m * d + i] = acc;
   }
@@ -435,9 +447,10 @@ __global__ void __launch_bounds__(kThreads) hybrid_fwd_rows_kernel(const float* 
 
 // Light row m, backward: dh_e = dy_m·W_down[:, j] + lam·sign(u_e); du_e = dh·g, dg_e = dh·u (kept);
 // dx[m] = Σ_e du_e·W_up[j] + dg_e·W_gate[j].
+template <typename WT>
 __global__ void __launch_bounds__(kThreads) hybrid_bwd_rows_kernel(const float* __restrict__ dy, int64_t d,
-                                                                   const float* __restrict__ gate,
-                                                                   const float* __restrict__ updown, int W,
+                                                                   const WT* __restrict__ gate,
+                                                                   const WT* __restrict__ updown, int W,
                                                                    const int32_t* __restrict__ row_nnz,
                                                                    const int32_t* __restrict__ col,
                                                                    const float* __restrict__ g,
@@ -450,7 +463,7 @@ __global__ void __launch_bounds__(kThreads) hybrid_bwd_rows_kernel(const float* 
   const float* dym = dy + m * d;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int e = warp; e < n; e += kThreads / 32) {  // a warp per active neuron
-    const float s = warp_dot(dym, updown + static_cast<int64_t>(col[m * W + e]) * 2 * d + d, d, lane);
+    const float s = warp_dot_w(dym, updown + static_cast<int64_t>(col[m * W + e]) * 2 * d + d, d, lane);
     if (lane == 0) {
       const float ue = u[m * W + e], ge = g[m * W + e];
       const float dh = s + lam * (ue > 0.f ? 1.f : (ue < 0.f ? -1.f : 0.f));
@@ -463,7 +476,7 @@ __global__ void __launch_bounds__(kThreads) hybrid_bwd_rows_kernel(const float* 
     float acc = 0.f;
     for (int e = 0; e < n; ++e) {
       const int64_t j = col[m * W + e];
-      acc += du[m * W + e] * updown[j * 2 * d + i] + dg[m * W + e] * gate[j * d + i];
+      acc += du[m * W + e] * wval(updown, j * 2 * d + i) + dg[m * W + e] * wval(gate, j * d + i);
     }
     dx[m * d + i] = acc;
   }
@@ -744,7 +757,7 @@ void rows_copy(const float* src, const int32_t* rows, const int32_t* count, int6
 }  // namespace
 
 void hybrid_ffn_forward_rows(const float* x, const float* gate, const float* updown, const HybridBuffers& h, float* y,
-                             double* l1_sum, unsigned long long* counts, uint8_t* fired) {
+                             double* l1_sum, unsigned long long* counts, uint8_t* fired, const LightRowWeights& lw) {
   const int64_t M = h.M, d = h.d, F = h.F;
   const int W = h.W;
   if (M <= 0) return;
@@ -753,7 +766,11 @@ void hybrid_ffn_forward_rows(const float* x, const float* gate, const float* upd
   SLLM_LAUNCHED("hybrid_compact_kernel");
   hybrid_tail_list_kernel<<<1, kThreads>>>(h.row_nnz, M, W, h.tail, h.tail_count, counts);
   SLLM_LAUNCHED("hybrid_tail_list_kernel");
-  hybrid_fwd_rows_kernel<<<rows_grid(M), kThreads>>>(x, d, updown, W, h.row_nnz, h.col, h.g, h.u, y, l1_sum);
+  if (lw.updown)
+    hybrid_fwd_rows_kernel<uint16_t><<<rows_grid(M), kThreads>>>(x, d, lw.updown, W, h.row_nnz, h.col, h.g, h.u, y,
+                                                                 l1_sum);
+  else
+    hybrid_fwd_rows_kernel<float><<<rows_grid(M), kThreads>>>(x, d, updown, W, h.row_nnz, h.col, h.g, h.u, y, l1_sum);
   SLLM_LAUNCHED("hybrid_fwd_rows_kernel");
 }
 
@@ -773,18 +790,24 @@ void hybrid_ffn_forward_tail(const float* x, const float* gate, const float* upd
 }
 
 void hybrid_ffn_forward(const float* x, const float* gate, const float* updown, const HybridBuffers& h, float* y,
-                        double* l1_sum, unsigned long long* counts, uint8_t* fired, unsigned long long* scratch_counts) {
-  hybrid_ffn_forward_rows(x, gate, updown, h, y, l1_sum, counts, fired);
+                        double* l1_sum, unsigned long long* counts, uint8_t* fired, unsigned long long* scratch_counts,
+                        const LightRowWeights& lw) {
+  hybrid_ffn_forward_rows(x, gate, updown, h, y, l1_sum, counts, fired, lw);
   hybrid_ffn_forward_tail(x, gate, updown, h, y, l1_sum, scratch_counts);
 }
 
 void hybrid_ffn_backward(const float* x, const float* dy, const float* gate, const float* updown,
-                         const HybridBuffers& h, float lam_m, float* dx, float* dgate, float* dupdown, bool first) {
+                         const HybridBuffers& h, float lam_m, float* dx, float* dgate, float* dupdown, bool first,
+                         const LightRowWeights& lw) {
   const int64_t M = h.M, d = h.d, F = h.F;
   const int W = h.W;
   if (M <= 0) return;
-  hybrid_bwd_rows_kernel<<<rows_grid(M), kThreads>>>(dy, d, gate, updown, W, h.row_nnz, h.col, h.g, h.u, lam_m, h.du,
-                                                     h.dg, dx);
+  if (lw.gate && lw.updown)
+    hybrid_bwd_rows_kernel<uint16_t><<<rows_grid(M), kThreads>>>(dy, d, lw.gate, lw.updown, W, h.row_nnz, h.col, h.g,
+                                                                 h.u, lam_m, h.du, h.dg, dx);
+  else
+    hybrid_bwd_rows_kernel<float><<<rows_grid(M), kThreads>>>(dy, d, gate, updown, W, h.row_nnz, h.col, h.g, h.u,
+                                                              lam_m, h.du, h.dg, dx);
   SLLM_LAUNCHED("hybrid_bwd_rows_kernel");
   // Light rows' weight gradients: entries grouped by neuron (counting sort), a block per neuron.
   SLLM_CUDA(cudaMemsetAsync(h.hist, 0, static_cast<size_t>(F) * 4));

@@ -138,22 +138,34 @@ struct HybridBuffers {
   int32_t *rank = nullptr, *list = nullptr;  // [M, W]
   int32_t *hist = nullptr, *offs = nullptr;  // [F], [F + 1]
 };
+// bf16 copies of the gate [F, d] and updown [F, 2, d] weights for the light rows' kernels (the
+// per-row dot products and sums, which read 2·d weights per active neuron per row: half the
+// bytes, and half the footprint in L2); null: they read the f32 weights. The gate GEMM and the
+// tail's dense path always take the f32 weights (with MatmulPrecision::Bf16 they round them to
+// the same bf16 values as they stage them).
+struct LightRowWeights {
+  const uint16_t* gate = nullptr;
+  const uint16_t* updown = nullptr;
+};
 // y [M, d] overwritten. l1_sum (double) += Σ|h|; counts (u64 [3]) += {nnz, max row nnz, tail
 // rows}; fired[j] = 1 where g[·, j] > 0 (may be null); scratch_counts: u64 [2] device scratch.
 // Gt and Ut must hold M rows (the tail's largest size).
 void hybrid_ffn_forward(const float* x, const float* gate, const float* updown, const HybridBuffers& h, float* y,
-                        double* l1_sum, unsigned long long* counts, uint8_t* fired, unsigned long long* scratch_counts);
+                        double* l1_sum, unsigned long long* counts, uint8_t* fired, unsigned long long* scratch_counts,
+                        const LightRowWeights& lw = {});
 // The same forward in two calls, for a caller that sizes the tail's tape by need: _rows (the gate
 // GEMM, the ELL rows, the tail list, the light rows' y) leaves the tail's row count at
 // h.tail_count on the device; the caller reads it and points Gt and Ut at that many rows; _tail
 // runs the dense path on the tail rows and scatters them into y.
 void hybrid_ffn_forward_rows(const float* x, const float* gate, const float* updown, const HybridBuffers& h, float* y,
-                             double* l1_sum, unsigned long long* counts, uint8_t* fired);
+                             double* l1_sum, unsigned long long* counts, uint8_t* fired,
+                             const LightRowWeights& lw = {});
 void hybrid_ffn_forward_tail(const float* x, const float* gate, const float* updown, const HybridBuffers& h, float* y,
                              double* l1_sum, unsigned long long* scratch_counts);
 // dx [M, d] overwritten; weight gradients dgate [F, d], dupdown [F, 2, d] (the weights' layout)
 // overwritten when `first`, else added to. lam_m = λ/M.
 void hybrid_ffn_backward(const float* x, const float* dy, const float* gate, const float* updown,
-                         const HybridBuffers& h, float lam_m, float* dx, float* dgate, float* dupdown, bool first);
+                         const HybridBuffers& h, float lam_m, float* dx, float* dgate, float* dupdown, bool first,
+                         const LightRowWeights& lw = {});
 
 }  // namespace sparsellm::cuda::train
