@@ -1,8 +1,9 @@
-// Causal prefill attention on the tensor cores (attention_mma.h), flash-attention style: scores
-// and probabilities never leave the chip. One block of 4 warps per (tile of 64 queries, head),
-// the tiles with the most keys first. The query tile is staged once as bf16 (pre-multiplied by
-// scale·log2 e, so that the softmax runs on exp2) and each warp keeps the A fragments of its 16
-// queries in registers. The keys 0 .. the tile's last position are walked in tiles of 64: K and V
+// Causal attention on the tensor cores (attention_mma.h), flash-attention style: scores and
+// probabilities never leave the chip. One block of 4 warps per (tile of 64 queries, head,
+// sequence), the tiles with the most keys first. The query tile is staged once as bf16 and each
+// warp keeps the A fragments of its 16 queries in registers; scores are scaled by scale·log2 e
+// in f32 after the product (so that the softmax runs on exp2, and the scores are those of a
+// bf16 GEMM of the same operands). The keys 0 .. the tile's last position are walked in tiles of 64: K and V
 // are staged as bf16 (row-major, rows padded by 16 bytes so that ldmatrix's eight row addresses
 // fall in distinct banks), S = Q·K^T comes from mma.sync m16n8k16 (16 × 64 per warp, f32), keys
 // past a query's position are masked, and the online softmax (running maximum m and sum l per
@@ -46,25 +47,37 @@ __host__ __device__ constexpr size_t smem_bytes() {
   return static_cast<size_t>(kBlockQ + 2 * kBlockK) * pitch<HD>() * 2;
 }
 
-// rows × HD floats from src (HD floats per row, 16-byte aligned) into dst as bf16 (pitch<HD>());
-// rows ≥ n are zero.
+// Where the kernel reads and writes (inference: one sequence, K and V from the cache; training:
+// B sequences of packed q, k, v rows).
+struct Args {
+  const float* q;  // row (b, t) of head h: q + b·q_batch + t·ldq + h·HD
+  int64_t ldq, q_batch;
+  const float *k, *v;  // row (b, j) of key/value head kvh: k + b·kv_batch + kvh·kv_head + j·ldkv (16-byte aligned)
+  int64_t ldkv, kv_batch, kv_head;
+  int64_t T, pos0;  // queries per sequence at positions pos0 ..; keys 0 .. pos0 + t
+  int n_heads, group;
+  float smul;       // scale·log2 e
+  void* out;        // row (b, t): out + b·o_batch + t·ldo + h·HD, bf16 or f32
+  int64_t ldo, o_batch;
+  float* lse;       // null, or [B, n_heads, T]: the rows' natural log-sum-exp of the scaled scores
+};
+
+// rows × HD floats from src (row stride ld floats, rows 16-byte aligned) into dst as bf16
+// (pitch<HD>()); rows ≥ n are zero.
 template <int HD>
-__device__ __forceinline__ void stage_rows(const float* __restrict__ src, int rows, int n, uint16_t* dst) {
+__device__ __forceinline__ void stage_rows(const float* __restrict__ src, int64_t ld, int rows, int n, uint16_t* dst) {
   constexpr int kVec = HD / 4;  // float4 per row
   for (int i = threadIdx.x; i < rows * kVec; i += kWarps * 32) {
     const int r = i / kVec, c = (i % kVec) * 4;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r < n) v = *reinterpret_cast<const float4*>(src + static_cast<int64_t>(r) * HD + c);
+    if (r < n) v = *reinterpret_cast<const float4*>(src + r * ld + c);
     *reinterpret_cast<uint2*>(dst + r * pitch<HD>() + c) = make_uint2(pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w));
   }
 }
 
-template <int HD>
-__global__ void __launch_bounds__(kWarps * 32) attention_mma_kernel(const float* __restrict__ q, int64_t ldq, int64_t T,
-                                                                    int n_heads, int group, const float* __restrict__ ck,
-                                                                    const float* __restrict__ cv, int64_t cap,
-                                                                    int64_t pos0, float qmul,
-                                                                    uint16_t* __restrict__ out, int64_t ldo) {
+// F32OUT: f32 output (training); else bf16, the padding columns n_heads·HD .. ldo − 1 zeroed.
+template <int HD, bool F32OUT>
+__global__ void __launch_bounds__(kWarps * 32) attention_mma_kernel(const Args a) {
   constexpr int P = pitch<HD>();
   constexpr int KS = HD / 16;  // k-steps of Q·K^T
   constexpr int NT = HD / 8;   // 8-column tiles of the output
@@ -72,6 +85,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_mma_kernel(const float*
   uint16_t* sq = attn_mma_smem;       // [kBlockQ][P]
   uint16_t* sk = sq + kBlockQ * P;    // [kBlockK][P]
   uint16_t* sv = sk + kBlockK * P;    // [kBlockK][P]
+  const int64_t T = a.T, pos0 = a.pos0, b = blockIdx.y;
+  const int n_heads = a.n_heads;
   const int64_t n_tiles = (T + kBlockQ - 1) / kBlockQ;
   const int64_t tile = n_tiles - 1 - static_cast<int64_t>(blockIdx.x) / n_heads;
   const int h = static_cast<int>(blockIdx.x % n_heads);
@@ -80,15 +95,15 @@ __global__ void __launch_bounds__(kWarps * 32) attention_mma_kernel(const float*
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, qd = lane & 3;
 
   // Q may sit at any float offset (ldq, h·HD): scalar loads, once per block.
+  const float* qb = a.q + b * a.q_batch + static_cast<int64_t>(h) * HD;
   for (int i = threadIdx.x; i < kBlockQ * HD / 2; i += kWarps * 32) {
     const int r = i / (HD / 2), c = (i % (HD / 2)) * 2;
-    float a = 0.f, b = 0.f;
+    float x0 = 0.f, x1 = 0.f;
     if (r < nq) {
-      const float* src = q + (t0 + r) * ldq + static_cast<int64_t>(h) * HD + c;
-      a = src[0] * qmul;
-      b = src[1] * qmul;
+      x0 = qb[(t0 + r) * a.ldq + c];
+      x1 = qb[(t0 + r) * a.ldq + c + 1];
     }
-    *reinterpret_cast<uint32_t*>(sq + r * P + c) = pack_bf16x2(a, b);
+    *reinterpret_cast<uint32_t*>(sq + r * P + c) = pack_bf16x2(x0, x1);
   }
   __syncthreads();
   uint32_t qa[KS][4];
@@ -103,14 +118,15 @@ __global__ void __launch_bounds__(kWarps * 32) attention_mma_kernel(const float*
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
 
-  const float* kb = ck + static_cast<int64_t>(h / group) * cap * HD;
-  const float* vb = cv + static_cast<int64_t>(h / group) * cap * HD;
+  const int64_t kv_off = b * a.kv_batch + static_cast<int64_t>(h / a.group) * a.kv_head;
+  const float* kb = a.k + kv_off;
+  const float* vb = a.v + kv_off;
   const int64_t last = pos0 + t0 + nq - 1;  // the block's last position: keys 0 .. last
   for (int64_t k0 = 0; k0 <= last; k0 += kBlockK) {
     const int nk = static_cast<int>(last - k0 + 1 < kBlockK ? last - k0 + 1 : kBlockK);
     __syncthreads();  // the previous tile's readers are done
-    stage_rows<HD>(kb + k0 * HD, kBlockK, nk, sk);
-    stage_rows<HD>(vb + k0 * HD, kBlockK, nk, sv);
+    stage_rows<HD>(kb + k0 * a.ldkv, a.ldkv, kBlockK, nk, sk);
+    stage_rows<HD>(vb + k0 * a.ldkv, a.ldkv, kBlockK, nk, sv);
     __syncthreads();
     if (k0 > warp_last) continue;  // every key of the tile follows this warp's queries
 
@@ -127,11 +143,13 @@ __global__ void __launch_bounds__(kWarps * 32) attention_mma_kernel(const float*
         mma_bf16(s[2 * np + 1], qa[kk], b1[0], b1[1]);
       }
     }
-    // Mask (keys past the row's position, which include the unstaged ones), then the row maxima.
+    // Scale; mask (keys past the row's position, which include the unstaged ones); row maxima.
     float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
       const int64_t key = k0 + nt * 8 + 2 * qd;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] *= a.smul;
       if (key > qpos0) s[nt][0] = -INFINITY;
       if (key + 1 > qpos0) s[nt][1] = -INFINITY;
       if (key > qpos1) s[nt][2] = -INFINITY;
@@ -188,39 +206,67 @@ __global__ void __launch_bounds__(kWarps * 32) attention_mma_kernel(const float*
   }
   const int r0 = w * 16 + g, r1 = r0 + 8;
   const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+  if (a.lse && qd == 0) {  // ln(Σ exp(s − m)) + m·ln 2 with s, m in base-2 units
+    float* lr = a.lse + (b * n_heads + h) * T + t0;
+    if (r0 < nq) lr[r0] = (m0 + log2f(l0)) * 0.6931471805599453f;
+    if (r1 < nq) lr[r1] = (m1 + log2f(l1)) * 0.6931471805599453f;
+  }
+  const int64_t ob = b * a.o_batch + t0 * a.ldo;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int c = h * HD + nt * 8 + 2 * qd;
-    if (r0 < nq) {
-      uint16_t* row = out + (t0 + r0) * ldo + c;
-      row[0] = static_cast<uint16_t>(f32_to_bf16_bits(o[nt][0] * inv0));
-      row[1] = static_cast<uint16_t>(f32_to_bf16_bits(o[nt][1] * inv0));
-    }
-    if (r1 < nq) {
-      uint16_t* row = out + (t0 + r1) * ldo + c;
-      row[0] = static_cast<uint16_t>(f32_to_bf16_bits(o[nt][2] * inv1));
-      row[1] = static_cast<uint16_t>(f32_to_bf16_bits(o[nt][3] * inv1));
+    if constexpr (F32OUT) {
+      float* out = static_cast<float*>(a.out) + ob + c;
+      if (r0 < nq) {
+        out[r0 * a.ldo] = o[nt][0] * inv0;
+        out[r0 * a.ldo + 1] = o[nt][1] * inv0;
+      }
+      if (r1 < nq) {
+        out[r1 * a.ldo] = o[nt][2] * inv1;
+        out[r1 * a.ldo + 1] = o[nt][3] * inv1;
+      }
+    } else {
+      uint16_t* out = static_cast<uint16_t*>(a.out) + ob + c;
+      if (r0 < nq) {
+        out[r0 * a.ldo] = static_cast<uint16_t>(f32_to_bf16_bits(o[nt][0] * inv0));
+        out[r0 * a.ldo + 1] = static_cast<uint16_t>(f32_to_bf16_bits(o[nt][1] * inv0));
+      }
+      if (r1 < nq) {
+        out[r1 * a.ldo] = static_cast<uint16_t>(f32_to_bf16_bits(o[nt][2] * inv1));
+        out[r1 * a.ldo + 1] = static_cast<uint16_t>(f32_to_bf16_bits(o[nt][3] * inv1));
+      }
     }
   }
-  if (h == 0)  // padding columns of the output rows
-    for (int r = w; r < nq; r += kWarps)
-      for (int64_t c = static_cast<int64_t>(n_heads) * HD + lane; c < ldo; c += 32) out[(t0 + r) * ldo + c] = 0;
+  if constexpr (!F32OUT) {
+    if (h == 0) {  // padding columns of the output rows
+      uint16_t* out = static_cast<uint16_t*>(a.out) + ob;
+      for (int r = w; r < nq; r += kWarps)
+        for (int64_t c = static_cast<int64_t>(n_heads) * HD + lane; c < a.ldo; c += 32) out[r * a.ldo + c] = 0;
+    }
+  }
 }
 
-template <int HD>
-void launch(const float* q, int64_t ldq, int64_t T, int n_heads, int group, const float* ck, const float* cv,
-            int64_t cap, int64_t pos0, float scale, uint16_t* out, int64_t ldo) {
+template <int HD, bool F32OUT>
+void launch_hd(const Args& a, int64_t B) {
   constexpr size_t smem = smem_bytes<HD>();
   if (smem > 48 * 1024)
-    SLLM_CUDA(cudaFuncSetAttribute(attention_mma_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    SLLM_CUDA(cudaFuncSetAttribute(attention_mma_kernel<HD, F32OUT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    static_cast<int>(smem)));
-  const int64_t blocks = ceil_div(T, kBlockQ) * n_heads;
-  if (blocks > 0x7fffffff) throw std::invalid_argument("attention: too many query tiles");
-  const float qmul = scale * 1.4426950408889634f;  // log2 e: the softmax runs on exp2
-  attention_mma_kernel<HD><<<static_cast<unsigned>(blocks), kWarps * 32, smem>>>(q, ldq, T, n_heads, group, ck, cv,
-                                                                                  cap, pos0, qmul, out, ldo);
+  const int64_t blocks = ceil_div(a.T, kBlockQ) * a.n_heads;
+  if (blocks > 0x7fffffff || B > 65535) throw std::invalid_argument("attention: too many query tiles or sequences");
+  attention_mma_kernel<HD, F32OUT><<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(B)), kWarps * 32, smem>>>(a);
   SLLM_LAUNCHED("attention_mma_kernel");
 }
+
+template <bool F32OUT>
+void launch(const Args& a, int hd, int64_t B) {
+  if (a.T <= 0 || B <= 0) return;
+  if (hd == 64) launch_hd<64, F32OUT>(a, B);
+  else if (hd == 128) launch_hd<128, F32OUT>(a, B);
+  else throw std::invalid_argument("attention_mma: head_dim " + std::to_string(hd) + " has no tensor-core kernel");
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
 
 }  // namespace
 
@@ -228,10 +274,43 @@ bool attention_mma_supported(int64_t head_dim) { return head_dim == 64 || head_d
 
 void attention_mma(const float* q, int64_t ldq, int64_t T, int n_heads, int group, int hd, const float* ck,
                    const float* cv, int64_t cap, int64_t pos0, float scale, uint16_t* out, int64_t ldo) {
-  if (T <= 0) return;
-  if (hd == 64) launch<64>(q, ldq, T, n_heads, group, ck, cv, cap, pos0, scale, out, ldo);
-  else if (hd == 128) launch<128>(q, ldq, T, n_heads, group, ck, cv, cap, pos0, scale, out, ldo);
-  else throw std::invalid_argument("attention_mma: head_dim " + std::to_string(hd) + " has no tensor-core kernel");
+  Args a{};
+  a.q = q;
+  a.ldq = ldq;
+  a.k = ck;
+  a.v = cv;
+  a.ldkv = hd;
+  a.kv_head = cap * hd;
+  a.T = T;
+  a.pos0 = pos0;
+  a.n_heads = n_heads;
+  a.group = group;
+  a.smul = scale * kLog2e;
+  a.out = out;
+  a.ldo = ldo;
+  launch<false>(a, hd, 1);
+}
+
+void attention_mma_train(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T,
+                         int64_t H, int hd, float* lse, float* out, int64_t ld_out) {
+  Args a{};
+  a.q = q;
+  a.ldq = ld_in;
+  a.q_batch = T * ld_in;
+  a.k = k;
+  a.v = v;
+  a.ldkv = ld_in;
+  a.kv_batch = T * ld_in;
+  a.kv_head = hd;
+  a.T = T;
+  a.n_heads = static_cast<int>(H);
+  a.group = 1;
+  a.smul = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))) * kLog2e;
+  a.out = out;
+  a.ldo = ld_out;
+  a.o_batch = T * ld_out;
+  a.lse = lse;
+  launch<true>(a, hd, B);
 }
 
 }  // namespace sparsellm::cuda

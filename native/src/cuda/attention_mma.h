@@ -1,5 +1,6 @@
-// Internal (plain C++): causal prefill attention on the tensor cores (attention_mma.cu), one of
-// the kernels behind attention_device (kernel_policy.h AttentionKernel::Mma; unverified).
+// Internal (plain C++): causal attention on the tensor cores (attention_mma.cu; unverified): one
+// of the kernels behind the model's attention_device (kernel_policy.h AttentionKernel::Mma) and
+// the GPU trainer's forward attention with bf16 matmuls (train_ops.h attention_forward).
 #pragma once
 #include <cstdint>
 
@@ -14,5 +15,12 @@ bool attention_mma_supported(int64_t head_dim);
 // products, scores and sums are f32. hd must be supported.
 void attention_mma(const float* q, int64_t ldq, int64_t T, int n_heads, int group, int hd, const float* ck,
                    const float* cv, int64_t cap, int64_t pos0, float scale, uint16_t* out, int64_t ldo);
+
+// Training's forward (train_ops.h attention_forward's layout: B sequences of T rows of q, k and v
+// with ld_in, head h at columns h·hd, no grouping): out [B·T, ld_out] f32 and lse [B, H, T] (the
+// natural log-sum-exp of each row's scaled scores). The scores are those of a bf16 GEMM of the
+// same operands, so that the backward's bf16 recomputation of P matches the lse.
+void attention_mma_train(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T,
+                         int64_t H, int hd, float* lse, float* out, int64_t ld_out);
 
 }  // namespace sparsellm::cuda

@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "attention_mma.h"
 #include "common.cuh"
 #include "train_ops.h"
 
@@ -649,6 +650,9 @@ int64_t attention_scratch(int64_t B, int64_t T, int64_t H) {
 
 void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
                        int64_t hd, float* lse, float* out, int64_t ld_out, float* scratch, int64_t scratch_elems) {
+  // bf16 products: the flash kernel keeps the scores on chip (the same scores and P·v rounding).
+  if (matmul_precision() == MatmulPrecision::Bf16 && attention_mma_supported(hd))
+    return attention_mma_train(q, k, v, ld_in, B, T, H, static_cast<int>(hd), lse, out, ld_out);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   float* S = scratch;
   for_each_attn_chunk(B, T, H, scratch_elems, [&](const AttnChunk& c) {

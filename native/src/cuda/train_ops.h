@@ -78,6 +78,8 @@ void rope_apply(float* x, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t h
 // [B, H, T]; backward recomputes P = exp(q·kᵀ·scale − lse) (bit-for-bit the same scores: the
 // same GEMM on the same operands). Both work through (sequence, head) chunks whose T × T scores
 // fit `scratch_elems` (≥ T·T): forward needs one such buffer, backward two (2·scratch_elems).
+// With MatmulPrecision::Bf16 and head_dim 64 or 128 the forward runs the flash kernel of
+// attention_mma.h instead (no scratch; its bf16 scores are those of the bf16 GEMM).
 // q, k, v [B·T, ld_in]; out [B·T, ld_out]; dq, dk, dv [B·T, ld_grad] overwritten.
 int64_t attention_scratch(int64_t B, int64_t T, int64_t H);  // the elements per buffer the trainer uses
 void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
