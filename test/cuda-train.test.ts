@@ -139,17 +139,18 @@ test('bf16 matmuls are for the GPU trainer only: the CPU one refuses them', () =
 
 // bf16 operands: each product is off by ~2^-9 relative, so the losses by ~1e-3; 2e-2 leaves room
 // for the units that flip sign near zero. Eight steps on one batch must lower the loss about as
-// much as the CPU's f32 steps do (a wrong gradient would not).
-for (const ffnPath of ['dense', 'hybrid'] as const) test(`CudaTrainer with bf16 matmuls tracks the CPU Trainer (${ffnPath} FFN)`, { skip: noGpu }, () => {
+// much as the CPU's f32 steps do (a wrong gradient would not). Heads of 64 (WIDE) take the flash
+// forward attention (two query tiles of 64, the second ragged).
+const WIDE: TrainModelShape = { ...SHAPE, dModel: 128, heads: 2, dFF: 96, context: 80 };
+for (const [ffnPath, shape, T] of [['dense', SHAPE, 12], ['hybrid', SHAPE, 12], ['hybrid', WIDE, 70]] as const) test(`CudaTrainer with bf16 matmuls tracks the CPU Trainer (${ffnPath} FFN, heads of ${shape.dModel / shape.heads})`, { skip: noGpu }, () => {
   const hyper = { ...HYPER, ffnPath, ellWidth: 20 };
-  const cpu = new ModelTrainer(SHAPE, hyper, 'cpu');
-  const dev = new ModelTrainer(SHAPE, hyper, 'cuda');
+  const cpu = new ModelTrainer(shape, hyper, 'cpu');
+  const dev = new ModelTrainer(shape, hyper, 'cuda');
   assert.equal(dev.matmul, 'bf16');
   cpu.initWeights();
   dev.initWeights();
   const B = 2;
-  const T = 12;
-  const tok = Int32Array.from({ length: B * (T + 1) }, (_, i) => (i * 17 + 5) % SHAPE.vocab);
+  const tok = Int32Array.from({ length: B * (T + 1) }, (_, i) => (i * 17 + 5) % shape.vocab);
   const first = { cpu: 0, dev: 0 };
   const last = { cpu: 0, dev: 0 };
   for (let s = 0; s < 8; s++) {
