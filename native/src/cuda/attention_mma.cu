@@ -16,39 +16,20 @@
 #include <string>
 
 #include "attention_mma.h"
-#include "common.cuh"
-#include "mma.cuh"
+#include "attention_mma.cuh"
 
 namespace sparsellm::cuda {
 namespace {
 
-using detail::ldmatrix_b_pair;
-using detail::ldmatrix_x4;
-using detail::ldmatrix_x4_trans;
-using detail::ldsm_a_chunk;
-using detail::ldsm_a_row;
-using detail::ldsm_b_chunk;
-using detail::ldsm_b_row;
-using detail::mma_bf16;
-using detail::pack_bf16x2;
-using detail::smem_addr;
+using namespace attn_mma;
 
-constexpr int kWarps = 4;
-constexpr int kBlockQ = 16 * kWarps;  // queries per block, 16 per warp
-constexpr int kBlockK = 64;           // keys per staged tile
-
-template <int HD>
-__host__ __device__ constexpr int pitch() {
-  return HD + 8;  // bf16 elements per staged row: +16 bytes
-}
-
+// Where the kernel reads and writes (inference: one sequence, K and V from the cache; training:
+// B sequences of packed q, k, v rows).
 template <int HD>
 __host__ __device__ constexpr size_t smem_bytes() {
   return static_cast<size_t>(kBlockQ + 2 * kBlockK) * pitch<HD>() * 2;
 }
 
-// Where the kernel reads and writes (inference: one sequence, K and V from the cache; training:
-// B sequences of packed q, k, v rows).
 struct Args {
   const float* q;  // row (b, t) of head h: q + b·q_batch + t·ldq + h·HD
   int64_t ldq, q_batch;
@@ -62,24 +43,10 @@ struct Args {
   float* lse;       // null, or [B, n_heads, T]: the rows' natural log-sum-exp of the scaled scores
 };
 
-// rows × HD floats from src (row stride ld floats, rows 16-byte aligned) into dst as bf16
-// (pitch<HD>()); rows ≥ n are zero.
-template <int HD>
-__device__ __forceinline__ void stage_rows(const float* __restrict__ src, int64_t ld, int rows, int n, uint16_t* dst) {
-  constexpr int kVec = HD / 4;  // float4 per row
-  for (int i = threadIdx.x; i < rows * kVec; i += kWarps * 32) {
-    const int r = i / kVec, c = (i % kVec) * 4;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r < n) v = *reinterpret_cast<const float4*>(src + r * ld + c);
-    *reinterpret_cast<uint2*>(dst + r * pitch<HD>() + c) = make_uint2(pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w));
-  }
-}
-
 // F32OUT: f32 output (training); else bf16, the padding columns n_heads·HD .. ldo − 1 zeroed.
 template <int HD, bool F32OUT>
 __global__ void __launch_bounds__(kWarps * 32) attention_mma_kernel(const Args a) {
   constexpr int P = pitch<HD>();
-  constexpr int KS = HD / 16;  // k-steps of Q·K^T
   constexpr int NT = HD / 8;   // 8-column tiles of the output
   extern __shared__ __align__(16) uint16_t attn_mma_smem[];
   uint16_t* sq = attn_mma_smem;       // [kBlockQ][P]
@@ -106,10 +73,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_mma_kernel(const Args a
     *reinterpret_cast<uint32_t*>(sq + r * P + c) = pack_bf16x2(x0, x1);
   }
   __syncthreads();
-  uint32_t qa[KS][4];
-#pragma unroll
-  for (int kk = 0; kk < KS; ++kk)
-    ldmatrix_x4(qa[kk], smem_addr(sq + (w * 16 + ldsm_a_row(lane)) * P + kk * 16 + ldsm_a_chunk(lane) * 8));
+  uint32_t qa[HD / 16][4];
+  load_a_frags<HD>(qa, sq, w * 16, lane);
 
   const int64_t qpos0 = pos0 + t0 + w * 16 + g, qpos1 = qpos0 + 8;  // this thread's two rows
   const int64_t warp_last = pos0 + t0 + w * 16 + 15;
@@ -131,18 +96,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_mma_kernel(const Args a
     if (k0 > warp_last) continue;  // every key of the tile follows this warp's queries
 
     float s[8][4];
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        uint32_t b0[2], b1[2];
-        ldmatrix_b_pair(b0, b1, smem_addr(sk + (np * 16 + ldsm_b_row(lane)) * P + kk * 16 + ldsm_b_chunk(lane) * 8));
-        mma_bf16(s[2 * np], qa[kk], b0[0], b0[1]);
-        mma_bf16(s[2 * np + 1], qa[kk], b1[0], b1[1]);
-      }
-    }
+    mma_rows_t<HD>(s, qa, sk, lane);  // S = Q·Kᵀ
     // Scale; mask (keys past the row's position, which include the unstaged ones); row maxima.
     float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
@@ -177,27 +131,16 @@ __global__ void __launch_bounds__(kWarps * 32) attention_mma_kernel(const Args a
       o[nt][2] *= corr1;
       o[nt][3] *= corr1;
     }
-    uint32_t pa[4][4];  // P as the A fragments of the 4 k-steps (16 keys each) of P·V
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const float p0 = exp2f(s[nt][0] - ref0), p1 = exp2f(s[nt][1] - ref0);
-      const float p2 = exp2f(s[nt][2] - ref1), p3 = exp2f(s[nt][3] - ref1);
-      l0 += p0 + p1;
-      l1 += p2 + p3;
-      pa[nt >> 1][(nt & 1) * 2] = pack_bf16x2(p0, p1);
-      pa[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16x2(p2, p3);
+    for (int nt = 0; nt < 8; ++nt) {  // S becomes P
+      s[nt][0] = exp2f(s[nt][0] - ref0);
+      s[nt][1] = exp2f(s[nt][1] - ref0);
+      s[nt][2] = exp2f(s[nt][2] - ref1);
+      s[nt][3] = exp2f(s[nt][3] - ref1);
+      l0 += s[nt][0] + s[nt][1];
+      l1 += s[nt][2] + s[nt][3];
     }
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-      for (int nd = 0; nd < NT / 2; ++nd) {
-        uint32_t b[4];  // (keys 0-7 | 8-15) × (dims 0-7 | 8-15) of this 16 × 16 slice of V
-        ldmatrix_x4_trans(b, smem_addr(sv + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * P + nd * 16 +
-                                       (lane >> 4) * 8));
-        mma_bf16(o[2 * nd], pa[kk], b[0], b[1]);
-        mma_bf16(o[2 * nd + 1], pa[kk], b[2], b[3]);
-      }
-    }
+    mma_acc_rows<HD>(o, s, sv, lane);  // O += P·V
   }
 #pragma unroll
   for (int off = 1; off < 4; off <<= 1) {
@@ -265,8 +208,6 @@ void launch(const Args& a, int hd, int64_t B) {
   else if (hd == 128) launch_hd<128, F32OUT>(a, B);
   else throw std::invalid_argument("attention_mma: head_dim " + std::to_string(hd) + " has no tensor-core kernel");
 }
-
-constexpr float kLog2e = 1.4426950408889634f;
 
 }  // namespace
 

@@ -457,8 +457,8 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
                               G + L.ffn_norm, first, part);
       train::linear_backward(a.att.as<float>(), dxp, M, d, Wp + L.o, d, dattp, G + L.o, first);
       const float* q = a.qkv.as<float>();
-      train::attention_backward(q, q + d, q + 2 * d, 3 * d, a.lse.as<float>(), dattp, d, B, T, NH, hd, dq, dq + d,
-                                dq + 2 * d, 3 * d, scores.as<float>(), attn_scratch);
+      train::attention_backward(q, q + d, q + 2 * d, 3 * d, a.lse.as<float>(), a.att.as<float>(), dattp, d, B, T, NH,
+                                hd, dq, dq + d, dq + 2 * d, 3 * d, scores.as<float>(), attn_scratch);
       train::rope_apply(dq, 3 * d, B, T, NH, hd, cos_t.as<float>(), sin_t.as<float>(), true);
       train::rope_apply(dq + d, 3 * d, B, T, NH, hd, cos_t.as<float>(), sin_t.as<float>(), true);
       train::linear_backward(a.xn1.as<float>(), dq, M, d, Wp + L.q, 3 * d, dxnp, G + L.q, first);

@@ -669,8 +669,13 @@ void attention_forward(const float* q, const float* k, const float* v, int64_t l
 }
 
 void attention_backward(const float* q, const float* k, const float* v, int64_t ld_in, const float* lse,
-                        const float* dout, int64_t ld_out, int64_t B, int64_t T, int64_t H, int64_t hd, float* dq,
-                        float* dk, float* dv, int64_t ld_grad, float* scratch, int64_t scratch_elems) {
+                        const float* out, const float* dout, int64_t ld_out, int64_t B, int64_t T, int64_t H,
+                        int64_t hd, float* dq, float* dk, float* dv, int64_t ld_grad, float* scratch,
+                        int64_t scratch_elems) {
+  if (matmul_precision() == MatmulPrecision::Bf16 && attention_mma_backward_supported(hd) &&
+      attention_mma_backward_scratch(B, T, H) <= 2 * scratch_elems)
+    return attention_mma_train_backward(q, k, v, ld_in, lse, out, dout, ld_out, B, T, H, static_cast<int>(hd), dq, dk,
+                                        dv, ld_grad, scratch);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   float *P = scratch, *dS = scratch + scratch_elems;
   for_each_attn_chunk(B, T, H, scratch_elems, [&](const AttnChunk& c) {

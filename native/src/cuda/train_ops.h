@@ -84,9 +84,12 @@ void rope_apply(float* x, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t h
 int64_t attention_scratch(int64_t B, int64_t T, int64_t H);  // the elements per buffer the trainer uses
 void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
                        int64_t hd, float* lse, float* out, int64_t ld_out, float* scratch, int64_t scratch_elems);
+// backward's `out` is the forward's output: with MatmulPrecision::Bf16 and head_dim 64 the flash
+// backward (attention_mma.h) runs from it and the lse when the scratch holds its B·H·T floats.
 void attention_backward(const float* q, const float* k, const float* v, int64_t ld_in, const float* lse,
-                        const float* dout, int64_t ld_out, int64_t B, int64_t T, int64_t H, int64_t hd, float* dq,
-                        float* dk, float* dv, int64_t ld_grad, float* scratch, int64_t scratch_elems);
+                        const float* out, const float* dout, int64_t ld_out, int64_t B, int64_t T, int64_t H,
+                        int64_t hd, float* dq, float* dk, float* dv, int64_t ld_grad, float* scratch,
+                        int64_t scratch_elems);
 
 // Row-wise softmax cross-entropy: logits [M, V] become (softmax − onehot)·gscale; Σ_rows
 // −log softmax[target] is added to *loss_sum (device double). targets: device int32 [M].
