@@ -1371,6 +1371,18 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t V) {
   return t;
 }
 
+// The trainer tests' model: 2 layers of width 24 with 3 heads, a vocabulary of 37.
+TrainModelConfig small_model(int64_t d_ff = 40, int64_t context = 16) {
+  TrainModelConfig cfg;
+  cfg.vocab = 37;
+  cfg.d_model = 24;
+  cfg.n_layers = 2;
+  cfg.n_heads = 3;
+  cfg.d_ff = d_ff;
+  cfg.context = context;
+  return cfg;
+}
+
 // CudaTrainer against Trainer (the same FFN path on both: dense, hybrid with an ELL width that
 // sends about half the rows to the tail, or auto switching every layer to hybrid after two
 // steps) on a small random model: the same initial weights from the same seed (bit-identical),
@@ -1381,13 +1393,7 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t V) {
 // sign of m/sqrt(v) at step 1, so the bound is looser than the gradients' own.
 void test_cuda_trainer(FfnTrainPath path) {
   std::printf("    CudaTrainer vs Trainer, FFN path %d (0 auto, 1 dense, 2 hybrid)\n", static_cast<int>(path));
-  TrainModelConfig cfg;
-  cfg.vocab = 37;
-  cfg.d_model = 24;
-  cfg.n_layers = 2;
-  cfg.n_heads = 3;
-  cfg.d_ff = 40;
-  cfg.context = 16;
+  const TrainModelConfig cfg = small_model();
   TrainHyper hp;
   hp.ffn_path = path;
   hp.ell_width = 20;  // about half of the 40 units fire per token at initialisation
@@ -1518,13 +1524,7 @@ void test_cuda_trainer(FfnTrainPath path) {
 // layer that turns hybrid gives its tape back. Losses agree (the same model either way).
 void test_cuda_trainer_memory() {
   std::printf("    CudaTrainer device memory, dense vs hybrid\n");
-  TrainModelConfig cfg;
-  cfg.vocab = 37;
-  cfg.d_model = 24;
-  cfg.n_layers = 2;
-  cfg.n_heads = 3;
-  cfg.d_ff = 400;
-  cfg.context = 32;
+  const TrainModelConfig cfg = small_model(400, 32);
   int64_t peak[2] = {0, 0};
   double loss[2] = {0, 0};
   const std::vector<int32_t> tok = random_tokens(4 * 33, cfg.vocab);
@@ -1562,13 +1562,7 @@ void test_cuda_trainer_memory() {
 // trainer evaluates a batch as a fresh trainer given its weights through set_tensor does; had
 // the copies kept the weights of the first evaluation, the CE and the L1 would differ.
 void test_cuda_trainer_light_weights() {
-  TrainModelConfig cfg;
-  cfg.vocab = 37;
-  cfg.d_model = 24;
-  cfg.n_layers = 2;
-  cfg.n_heads = 3;
-  cfg.d_ff = 40;
-  cfg.context = 16;
+  const TrainModelConfig cfg = small_model();
   TrainHyper hp;
   hp.ffn_path = FfnTrainPath::Hybrid;
   hp.ell_width = 12;  // some rows in the tail too

@@ -52,13 +52,11 @@ __global__ void __launch_bounds__(kWarps * 32) attention_mma_kernel(const Args a
   uint16_t* sq = attn_mma_smem;       // [kBlockQ][P]
   uint16_t* sk = sq + kBlockQ * P;    // [kBlockK][P]
   uint16_t* sv = sk + kBlockK * P;    // [kBlockK][P]
-  const int64_t T = a.T, pos0 = a.pos0, b = blockIdx.y;
+  const int64_t T = a.T, pos0 = a.pos0;
   const int n_heads = a.n_heads;
-  const int64_t n_tiles = (T + kBlockQ - 1) / kBlockQ;
-  const int64_t tile = n_tiles - 1 - static_cast<int64_t>(blockIdx.x) / n_heads;
-  const int h = static_cast<int>(blockIdx.x % n_heads);
-  const int64_t t0 = tile * kBlockQ;
-  const int nq = static_cast<int>(T - t0 < kBlockQ ? T - t0 : kBlockQ);
+  const BlockTile bt = block_tile(T, n_heads, true);  // the query tile with the most keys first
+  const int64_t b = bt.b, t0 = bt.row0;
+  const int h = bt.h, nq = bt.n;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, qd = lane & 3;
 
   // Q may sit at any float offset (ldq, h·HD): scalar loads, once per block.

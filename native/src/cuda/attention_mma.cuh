@@ -41,6 +41,19 @@ __device__ __forceinline__ void stage_rows(const float* __restrict__ src, int64_
 }
 
 
+// The block's tile: rows row0 .. row0 + n − 1 (n ≤ 64) of head h of sequence b = blockIdx.y, for
+// a grid of tiles × heads in blockIdx.x; last_first: the last tile (the most keys) first.
+struct BlockTile {
+  int64_t b, row0;
+  int h, n;
+};
+__device__ __forceinline__ BlockTile block_tile(int64_t T, int n_heads, bool last_first) {
+  const int64_t n_tiles = (T + kBlockQ - 1) / kBlockQ, i = static_cast<int64_t>(blockIdx.x) / n_heads;
+  const int64_t row0 = (last_first ? n_tiles - 1 - i : i) * kBlockQ;
+  return {static_cast<int64_t>(blockIdx.y), row0, static_cast<int>(blockIdx.x % n_heads),
+          static_cast<int>(T - row0 < kBlockQ ? T - row0 : kBlockQ)};
+}
+
 // The A fragments of a 16-row slice of a staged tile (rows row0 .., all HD columns).
 template <int HD>
 __device__ __forceinline__ void load_a_frags(uint32_t (&fr)[HD / 16][4], const uint16_t* tile, int row0, int lane) {

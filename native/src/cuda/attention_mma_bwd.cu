@@ -22,6 +22,7 @@ using namespace attn_mma;
 
 constexpr int kHD = 64;  // the tile's registers: K, V fragments and two 16 × 64 accumulators per warp
 constexpr int kP = pitch<kHD>();
+static_assert(kBlockQ == kBlockK, "the resident and the streamed tiles have the same number of rows");
 
 struct BwdArgs {
   const float *q, *k, *v, *dout, *lse, *delta;  // q, k, v [B·T, ld_in]; dout [B·T, ld_out]; lse, delta [B, H, T]
@@ -54,6 +55,19 @@ __device__ __forceinline__ const float* head_rows(const float* base, int64_t b, 
   return base + (b * T + n0) * ld + static_cast<int64_t>(h) * kHD;
 }
 
+// The block's resident pair of tiles (q and dout, or k and v: rows n0 .. n0 + n − 1 of head h
+// of sequence b, zeros past n) and this warp's A fragments of both.
+__device__ __forceinline__ void resident_tiles(const float* m0, int64_t ld0, const float* m1, int64_t ld1, int64_t b,
+                                               int64_t T, int64_t n0, int n, int h, uint16_t* s0, uint16_t* s1,
+                                               uint32_t (&f0)[kHD / 16][4], uint32_t (&f1)[kHD / 16][4]) {
+  stage_rows<kHD>(head_rows(m0, b, T, n0, ld0, h), ld0, kBlockQ, n, s0);
+  stage_rows<kHD>(head_rows(m1, b, T, n0, ld1, h), ld1, kBlockQ, n, s1);
+  __syncthreads();
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  load_a_frags<kHD>(f0, s0, w * 16, lane);
+  load_a_frags<kHD>(f1, s1, w * 16, lane);
+}
+
 // Writes a warp's 16 × 64 accumulator rows (row0 + g, + 8) times `mul` for the rows below n.
 __device__ __forceinline__ void store_rows(float* dst, int64_t ld, const float (&acc)[kHD / 8][4], int row0, int n,
                                            float mul, int lane) {
@@ -78,19 +92,13 @@ __global__ void __launch_bounds__(kWarps * 32) attention_bwd_dq_kernel(const Bwd
   uint16_t* sdo = sq + kBlockQ * kP;  // [64][kP] their output gradients
   uint16_t* sk = sdo + kBlockQ * kP;  // [64][kP] keys
   uint16_t* sv = sk + kBlockK * kP;   // [64][kP] values
-  const int64_t T = a.T, b = blockIdx.y;
-  const int64_t n_tiles = (T + kBlockQ - 1) / kBlockQ;
-  const int64_t tile = n_tiles - 1 - static_cast<int64_t>(blockIdx.x) / a.n_heads;
-  const int h = static_cast<int>(blockIdx.x % a.n_heads);
-  const int64_t t0 = tile * kBlockQ;
-  const int nq = static_cast<int>(T - t0 < kBlockQ ? T - t0 : kBlockQ);
+  const int64_t T = a.T;
+  const BlockTile bt = block_tile(T, a.n_heads, true);  // the query tile with the most keys first
+  const int64_t b = bt.b, t0 = bt.row0;
+  const int h = bt.h, nq = bt.n;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, qd = lane & 3;
-  stage_rows<kHD>(head_rows(a.q, b, T, t0, a.ld_in, h), a.ld_in, kBlockQ, nq, sq);
-  stage_rows<kHD>(head_rows(a.dout, b, T, t0, a.ld_out, h), a.ld_out, kBlockQ, nq, sdo);
-  __syncthreads();
   uint32_t qa[kHD / 16][4], da[kHD / 16][4];
-  load_a_frags<kHD>(qa, sq, w * 16, lane);
-  load_a_frags<kHD>(da, sdo, w * 16, lane);
+  resident_tiles(a.q, a.ld_in, a.dout, a.ld_out, b, T, t0, nq, h, sq, sdo, qa, da);
   // This thread's two rows: position, lse in base-2 units (+inf past the sequence: P = 0), D.
   const int r0 = w * 16 + g, r1 = r0 + 8;
   const int64_t stat = (b * a.n_heads + h) * T + t0;
@@ -137,20 +145,13 @@ __global__ void __launch_bounds__(kWarps * 32) attention_bwd_dkdv_kernel(const B
   uint16_t* sdo = sq + kBlockQ * kP;  // [64][kP] their output gradients
   float* slse = reinterpret_cast<float*>(sdo + kBlockQ * kP);  // [64] base-2 lse (+inf past the sequence)
   float* sdel = slse + kBlockQ;                               // [64] D
-  const int64_t T = a.T, b = blockIdx.y;
-  const int64_t n_tiles = (T + kBlockK - 1) / kBlockK;
-  // Key tiles with the most query tiles first.
-  const int64_t tile = static_cast<int64_t>(blockIdx.x) / a.n_heads;
-  const int h = static_cast<int>(blockIdx.x % a.n_heads);
-  const int64_t j0 = tile * kBlockK;
-  const int nk = static_cast<int>(T - j0 < kBlockK ? T - j0 : kBlockK);
+  const int64_t T = a.T;
+  const BlockTile bt = block_tile(T, a.n_heads, false);  // the key tile with the most queries first
+  const int64_t b = bt.b, j0 = bt.row0;
+  const int h = bt.h, nk = bt.n;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, qd = lane & 3;
-  stage_rows<kHD>(head_rows(a.k, b, T, j0, a.ld_in, h), a.ld_in, kBlockK, nk, sk);
-  stage_rows<kHD>(head_rows(a.v, b, T, j0, a.ld_in, h), a.ld_in, kBlockK, nk, sv);
-  __syncthreads();
   uint32_t ka[kHD / 16][4], va[kHD / 16][4];
-  load_a_frags<kHD>(ka, sk, w * 16, lane);
-  load_a_frags<kHD>(va, sv, w * 16, lane);
+  resident_tiles(a.k, a.ld_in, a.v, a.ld_in, b, T, j0, nk, h, sk, sv, ka, va);
   const int64_t kpos0 = j0 + w * 16 + g, kpos1 = kpos0 + 8;  // this thread's two keys
   float dk[kHD / 8][4], dv[kHD / 8][4];
 #pragma unroll
