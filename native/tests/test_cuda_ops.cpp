@@ -1158,7 +1158,9 @@ void test_train_attention(int64_t B, int64_t T, int64_t H, int64_t hd, int64_t s
         for (double x : e) sum += std::exp(x - mx);
         lse_ref[static_cast<size_t>((b * H + h) * T + t)] = mx + std::log(sum);
       }
-  const int64_t elems = scratch ? scratch * T * T : train::attention_scratch(B, T, H);
+  const int64_t elems = scratch ? scratch * T * T
+                                : train::attention_scratch(B, T, H, hd,
+                                                           bf16 ? train::MatmulPrecision::Bf16 : train::MatmulPrecision::F32);
   Dev gq(qkv), glse(lse_ref.size()), go(out.size()), gdo(dout), gdq(dqkv.size()),
       gs(std::vector<float>(static_cast<size_t>(2 * elems), std::nanf("")));
   {

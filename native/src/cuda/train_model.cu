@@ -325,7 +325,7 @@ void CudaTrainer::Impl::check_tokens(const int32_t* tokens, int64_t n, int64_t T
 // Buffers for micro-batches of B·T tokens (grow-only; contents are rewritten by every pass).
 void CudaTrainer::Impl::grow(int64_t B, int64_t T) {
   const int64_t d = cfg.d_model, F = cfg.d_ff, V = cfg.vocab, NH = cfg.n_heads, M = B * T, L = B * NH * T;
-  attn_scratch = train::attention_scratch(B, T, NH);
+  attn_scratch = train::attention_scratch(B, T, NH, d / NH, matmul);
   if (M <= cap_M && L <= cap_L && attn_scratch <= cap_S) return;
   cap_M = std::max(cap_M, M);
   cap_L = std::max(cap_L, L);

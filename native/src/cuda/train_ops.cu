@@ -63,20 +63,14 @@ __device__ float block_max(float v, float* sh) {
   return r;
 }
 
-// Σ_{i < d} a[i]·b[i] by one warp (lanes stride 32), the sum in every lane: the hybrid rows'
-// per-neuron dot products run a warp each, with no block barrier per neuron.
-__device__ __forceinline__ float warp_dot(const float* __restrict__ a, const float* __restrict__ b, int64_t d, int lane) {
-  float s = 0.f;
-  for (int64_t i = lane; i < d; i += 32) s += a[i] * b[i];
-  return warp_sum(s);
-}
-
 // A weight read by the hybrid light-row kernels: f32, or its bf16 copy (LightRowWeights).
 __device__ __forceinline__ float wval(const float* __restrict__ p, int64_t i) { return p[i]; }
 __device__ __forceinline__ float wval(const uint16_t* __restrict__ p, int64_t i) { return bf16_bits_to_f32(p[i]); }
 
+// Σ_{i < d} a[i]·b[i] by one warp (lanes stride 32), the sum in every lane: the hybrid rows'
+// per-neuron dot products run a warp each, with no block barrier per neuron.
 template <typename WT>
-__device__ __forceinline__ float warp_dot_w(const float* __restrict__ a, const WT* __restrict__ b, int64_t d, int lane) {
+__device__ __forceinline__ float warp_dot(const float* __restrict__ a, const WT* __restrict__ b, int64_t d, int lane) {
   float s = 0.f;
   for (int64_t i = lane; i < d; i += 32) s += a[i] * wval(b, i);
   return warp_sum(s);
@@ -428,7 +422,7 @@ __global__ void __launch_bounds__(kThreads) hybrid_fwd_rows_kernel(const float* 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   double l1 = 0;
   for (int e = warp; e < n; e += kThreads / 32) {  // a warp per active neuron
-    const float s = warp_dot_w(xm, updown + static_cast<int64_t>(col[m * W + e]) * 2 * d, d, lane);
+    const float s = warp_dot(xm, updown + static_cast<int64_t>(col[m * W + e]) * 2 * d, d, lane);
     if (lane == 0) {
       u[m * W + e] = s;
       l1 += fabs(static_cast<double>(g[m * W + e]) * s);
@@ -464,7 +458,7 @@ __global__ void __launch_bounds__(kThreads) hybrid_bwd_rows_kernel(const float* 
   const float* dym = dy + m * d;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int e = warp; e < n; e += kThreads / 32) {  // a warp per active neuron
-    const float s = warp_dot_w(dym, updown + static_cast<int64_t>(col[m * W + e]) * 2 * d + d, d, lane);
+    const float s = warp_dot(dym, updown + static_cast<int64_t>(col[m * W + e]) * 2 * d + d, d, lane);
     if (lane == 0) {
       const float ue = u[m * W + e], ge = g[m * W + e];
       const float dh = s + lam * (ue > 0.f ? 1.f : (ue < 0.f ? -1.f : 0.f));
@@ -643,7 +637,9 @@ int64_t chunk_offset(const AttnChunk& c, int64_t T, int64_t ld, int64_t hd) { re
 
 }  // namespace
 
-int64_t attention_scratch(int64_t B, int64_t T, int64_t H) {
+int64_t attention_scratch(int64_t B, int64_t T, int64_t H, int64_t hd, MatmulPrecision p) {
+  if (p == MatmulPrecision::Bf16 && attention_mma_supported(hd) && attention_mma_backward_supported(hd))
+    return std::max<int64_t>(1, (attention_mma_backward_scratch(B, T, H) + 1) / 2);  // two buffers hold D
   constexpr int64_t kBudget = int64_t{32} << 20;  // elements (128 MiB) per score buffer
   return std::min(B * H * T * T, std::max(T * T, kBudget));
 }

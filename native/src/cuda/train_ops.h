@@ -81,7 +81,9 @@ void rope_apply(float* x, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t h
 // With MatmulPrecision::Bf16 and head_dim 64 or 128 the forward runs the flash kernel of
 // attention_mma.h instead (no scratch; its bf16 scores are those of the bf16 GEMM).
 // q, k, v [B·T, ld_in]; out [B·T, ld_out]; dq, dk, dv [B·T, ld_grad] overwritten.
-int64_t attention_scratch(int64_t B, int64_t T, int64_t H);  // the elements per buffer the trainer uses
+// The elements per scratch buffer the trainer uses: the D rows of the flash backward where both
+// passes run the flash kernels (bf16, head_dim 64), else (sequence, head) chunks of scores.
+int64_t attention_scratch(int64_t B, int64_t T, int64_t H, int64_t hd, MatmulPrecision p);
 void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
                        int64_t hd, float* lse, float* out, int64_t ld_out, float* scratch, int64_t scratch_elems);
 // backward's `out` is the forward's output: with MatmulPrecision::Bf16 and head_dim 64 the flash
