@@ -509,9 +509,7 @@ StepStats CudaTrainer::Impl::forward_backward(const int32_t* tokens, int64_t B, 
   return s;
 }
 
-// A hybrid layer's tail tape (G and U of its tail rows, forward to backward) sized by need: grown
-// with a quarter of headroom, shrunk when over four times too large (after the layer ran dense,
-// say), so that a sparse layer holds a few rows where a dense one holds 2·M·F floats.
+// Layer l's bf16 light-row weights (null with f32 matmuls), converted again when stale.
 train::LightRowWeights CudaTrainer::Impl::light_weights(int64_t l) {
   if (matmul != train::MatmulPrecision::Bf16) return {};
   const int64_t d = cfg.d_model, F = cfg.d_ff;
@@ -524,6 +522,9 @@ train::LightRowWeights CudaTrainer::Impl::light_weights(int64_t l) {
   return {b.as<uint16_t>(), b.as<uint16_t>() + F * d};
 }
 
+// A hybrid layer's tail tape (G and U of its tail rows, forward to backward) sized by need: grown
+// with a quarter of headroom, shrunk when over four times too large (after the layer ran dense,
+// say), so that a sparse layer holds a few rows where a dense one holds 2·M·F floats.
 void CudaTrainer::Impl::fit_tail_tape(LayerActs& a, int64_t rows) {
   const size_t need = sz(std::max<int64_t>(rows, 1) * cfg.d_ff) * 4;
   if (a.G.bytes() >= need && a.G.bytes() <= 4 * need) return;
