@@ -3,9 +3,9 @@
 // sequence), the tiles with the most keys first. The query tile is staged once as bf16 and each
 // warp keeps the A fragments of its 16 queries in registers; scores are scaled by scale·log2 e
 // in f32 after the product (so that the softmax runs on exp2, and the scores are those of a
-// bf16 GEMM of the same operands). The keys 0 .. the tile's last position are walked in tiles of 64: K and V
-// are staged as bf16 (row-major, rows padded by 16 bytes so that ldmatrix's eight row addresses
-// fall in distinct banks), S = Q·K^T comes from mma.sync m16n8k16 (16 × 64 per warp, f32), keys
+// bf16 GEMM of the same operands). The keys 0 .. the tile's last position are walked in tiles
+// of 64: K and V are staged as bf16 (row-major, rows padded by 16 bytes so that ldmatrix's eight
+// row addresses fall in distinct banks), S = Q·K^T comes from mma.sync m16n8k16 (16 × 64 per warp, f32), keys
 // past a query's position are masked, and the online softmax (running maximum m and sum l per
 // row, the accumulator rescaled when m grows) turns S into P, whose accumulator fragments are
 // exactly the A fragments of P·V (rounded to bf16); V's B fragments come from ldmatrix.trans.
@@ -195,7 +195,8 @@ void launch_hd(const Args& a, int64_t B) {
                                    static_cast<int>(smem)));
   const int64_t blocks = ceil_div(a.T, kBlockQ) * a.n_heads;
   if (blocks > 0x7fffffff || B > 65535) throw std::invalid_argument("attention: too many query tiles or sequences");
-  attention_mma_kernel<HD, F32OUT><<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(B)), kWarps * 32, smem>>>(a);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(B));
+  attention_mma_kernel<HD, F32OUT><<<grid, kWarps * 32, smem>>>(a);
   SLLM_LAUNCHED("attention_mma_kernel");
 }
 
