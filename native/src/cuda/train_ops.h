@@ -79,13 +79,14 @@ void rope_apply(float* x, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t h
 // same GEMM on the same operands). Both work through (sequence, head) chunks whose T × T scores
 // fit `scratch_elems` (≥ T·T): forward needs one such buffer, backward two (2·scratch_elems).
 // With MatmulPrecision::Bf16 and head_dim 64 or 128 the forward runs the flash kernel of
-// attention_mma.h instead (no scratch; its bf16 scores are those of the bf16 GEMM).
+// attention_mma.h instead (no scratch): its scores are the same bf16 products, so a GEMM-path
+// backward's recomputed P rows sum to 1 within f32 rounding (its lse takes exp2, not exp).
 // q, k, v [B·T, ld_in]; out [B·T, ld_out]; dq, dk, dv [B·T, ld_grad] overwritten.
+void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
+                       int64_t hd, float* lse, float* out, int64_t ld_out, float* scratch, int64_t scratch_elems);
 // The elements per scratch buffer the trainer uses: the D rows of the flash backward where both
 // passes run the flash kernels (bf16, head_dim 64), else (sequence, head) chunks of scores.
 int64_t attention_scratch(int64_t B, int64_t T, int64_t H, int64_t hd, MatmulPrecision p);
-void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
-                       int64_t hd, float* lse, float* out, int64_t ld_out, float* scratch, int64_t scratch_elems);
 // backward's `out` is the forward's output: with MatmulPrecision::Bf16 and head_dim 64 the flash
 // backward (attention_mma.h) runs from it and the lse when the scratch holds its B·H·T floats.
 void attention_backward(const float* q, const float* k, const float* v, int64_t ld_in, const float* lse,
