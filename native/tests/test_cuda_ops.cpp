@@ -1253,8 +1253,9 @@ void test_train_misc(int64_t n) {
 // sides): 1e-5 relative. Shapes cross the 256-wide scans (F, M > 256), a single token, every row
 // in the tail (W = 1 with a dense gate), none in the tail (W ≥ F), and accumulation into
 // existing gradients. `density` sets the gate's mean so that about that share of units fires.
-// bf16_light: the weights are bf16 values and the light rows' kernels read their bf16 copies
-// (LightRowWeights); the CPU reference runs on the same values, so the tolerances do not change.
+// bf16_light: the weights, x and dy are bf16 values and the light rows' kernels read bf16 copies
+// (LightRowWeights; the backward copies x and dy); the CPU reference runs on the same values, so
+// the tolerances do not change.
 void test_train_hybrid(int64_t M, int64_t d, int64_t F, int W, double density, bool bf16_light = false) {
   // x ~ N(0.5, 1), gate ~ N(−a, 1)/sqrt(d): g has mean −0.5·a·sqrt(d), std ≈ 1.1 → P(g > 0) ≈ density.
   double lo = -10, hi = 10;  // solve Φ(t) = density by bisection on erfc
@@ -1269,11 +1270,11 @@ void test_train_hybrid(int64_t M, int64_t d, int64_t F, int W, double density, b
   std::vector<float> gate = rvec(static_cast<size_t>(F * d), 1.0 / std::sqrt(static_cast<double>(d)));
   for (auto& v : gate) v -= static_cast<float>(a / std::sqrt(static_cast<double>(d)));
   std::vector<float> ud = rvec(static_cast<size_t>(F * 2 * d), 1.0 / std::sqrt(static_cast<double>(d)));
-  const std::vector<float> dy = rvec(static_cast<size_t>(M * d), 1.0);
+  std::vector<float> dy = rvec(static_cast<size_t>(M * d), 1.0);
   const float lam = 0.3f;
   std::vector<uint16_t> gate16, ud16;
-  if (bf16_light) {
-    for (auto* wv : {&gate, &ud})
+  if (bf16_light) {  // bf16-representable operands: the light rows' bf16 copies are then exact
+    for (auto* wv : {&gate, &ud, &x, &dy})
       for (auto& v : *wv) v = bf16_to_f32(f32_to_bf16(v));
     for (float v : gate) gate16.push_back(f32_to_bf16(v));
     for (float v : ud) ud16.push_back(f32_to_bf16(v));

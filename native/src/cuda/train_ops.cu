@@ -17,6 +17,7 @@
 
 #include "attention_mma.h"
 #include "common.cuh"
+#include "sparsellm/cuda_ops.h"
 #include "train_ops.h"
 
 namespace sparsellm::cuda::train {
@@ -63,7 +64,8 @@ __device__ float block_max(float v, float* sh) {
   return r;
 }
 
-// A weight read by the hybrid light-row kernels: f32, or its bf16 copy (LightRowWeights).
+// A weight (or, in the weight gradients, an activation) read by the hybrid light-row kernels:
+// f32, or its bf16 copy (LightRowWeights).
 __device__ __forceinline__ float wval(const float* __restrict__ p, int64_t i) { return p[i]; }
 __device__ __forceinline__ float wval(const uint16_t* __restrict__ p, int64_t i) { return bf16_bits_to_f32(p[i]); }
 
@@ -518,14 +520,17 @@ __global__ void hybrid_scatter_kernel(int64_t M, int W, const int32_t* __restric
 }
 
 // Neuron j (a block): dW_gate[j] (+)= Σ dg·x_m, dW_up[j] (+)= Σ du·x_m, dW_down[:, j] (+)= Σ h·dy_m
-// over the light rows' entries of j (zero when it has none).
+// over the light rows' entries of j (zero when it has none). Each entry reads a whole x row and
+// dy row (random tokens, mostly from L2 or DRAM): AT = uint16_t reads their bf16 copies, half
+// the bytes of the kernel's traffic.
+template <typename AT>
 __global__ void __launch_bounds__(kThreads) hybrid_wgrad_kernel(int64_t d, int W, const int32_t* __restrict__ offs,
                                                                 const int32_t* __restrict__ list,
                                                                 const float* __restrict__ g, const float* __restrict__ u,
                                                                 const float* __restrict__ du,
                                                                 const float* __restrict__ dg,
-                                                                const float* __restrict__ x,
-                                                                const float* __restrict__ dy, float* __restrict__ dgate,
+                                                                const AT* __restrict__ x,
+                                                                const AT* __restrict__ dy, float* __restrict__ dgate,
                                                                 float* __restrict__ dupdown, int first) {
   const int64_t j = blockIdx.x;
   const int q0 = offs[j], q1 = offs[j + 1];
@@ -535,10 +540,10 @@ __global__ void __launch_bounds__(kThreads) hybrid_wgrad_kernel(int64_t d, int W
     for (int q = q0; q < q1; ++q) {
       const int idx = list[q];
       const int64_t m = idx / W;
-      const float xi = x[m * d + i];
+      const float xi = wval(x, m * d + i);
       ag += dg[idx] * xi;
       au += du[idx] * xi;
-      ad += (g[idx] * u[idx]) * dy[m * d + i];
+      ad += (g[idx] * u[idx]) * wval(dy, m * d + i);
     }
     float* pg = dgate + j * d + i;
     float* pu = dupdown + j * 2 * d + i;
@@ -822,8 +827,19 @@ void hybrid_ffn_backward(const float* x, const float* dy, const float* gate, con
   SLLM_LAUNCHED("hybrid_offsets_kernel");
   hybrid_scatter_kernel<<<grid1(M * W, 256), 256>>>(M, W, h.row_nnz, h.col, h.offs, h.rank, h.list);
   SLLM_LAUNCHED("hybrid_scatter_kernel");
-  hybrid_wgrad_kernel<<<rows_grid(F), kThreads>>>(d, W, h.offs, h.list, h.g, h.u, h.du, h.dg, x, dy, dgate, dupdown,
-                                                  first ? 1 : 0);
+  if (lw.gate && lw.updown) {
+    // bf16 light rows: x and dy rounded as the tail's (and the dense path's) bf16 GEMMs round
+    // them, into the gathered-row scratch (2·M·d bytes each of its 4·M·d) that the tail reuses next.
+    uint16_t* x16 = reinterpret_cast<uint16_t*>(h.xt);
+    uint16_t* dy16 = reinterpret_cast<uint16_t*>(h.yt);
+    f32_to_bf16_device(x, d, x16, d, M, d);
+    f32_to_bf16_device(dy, d, dy16, d, M, d);
+    hybrid_wgrad_kernel<uint16_t><<<rows_grid(F), kThreads>>>(d, W, h.offs, h.list, h.g, h.u, h.du, h.dg, x16, dy16,
+                                                              dgate, dupdown, first ? 1 : 0);
+  } else {
+    hybrid_wgrad_kernel<float><<<rows_grid(F), kThreads>>>(d, W, h.offs, h.list, h.g, h.u, h.du, h.dg, x, dy, dgate,
+                                                           dupdown, first ? 1 : 0);
+  }
   SLLM_LAUNCHED("hybrid_wgrad_kernel");
   // Tail rows: dense backward on the gathered rows; dx scattered, weight gradients added.
   const int32_t* nt = h.tail_count;

@@ -150,7 +150,8 @@ struct HybridBuffers {
 // per-row dot products and sums, which read 2·d weights per active neuron per row: half the
 // bytes, and half the footprint in L2); null: they read the f32 weights. The gate GEMM and the
 // tail's dense path always take the f32 weights (with MatmulPrecision::Bf16 they round them to
-// the same bf16 values as they stage them).
+// the same bf16 values as they stage them). Given, the backward's light-row weight gradients
+// also read x and dy rounded to bf16 (copies made in the xt and yt scratch), as those GEMMs do.
 struct LightRowWeights {
   const uint16_t* gate = nullptr;
   const uint16_t* updown = nullptr;
