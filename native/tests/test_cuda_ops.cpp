@@ -1128,8 +1128,8 @@ void test_train_rope(int64_t B, int64_t T, int64_t H, int64_t hd) {
 // recomputes P in backward, through chunks of (sequence, head) pairs sized by the scratch:
 // `scratch` 0 = the trainer's size, else that many T × T score matrices (1: a pair at a time;
 // not a divisor of H: a short last chunk). The scratch starts as NaNs.
-// bf16: under MatmulScope(Bf16) (head_dim 64 or 128: the flash forward; head_dim 64: the flash
-// backward, else the bf16 GEMMs recomputing P from the lse), against the same f32 CPU results:
+// bf16: under MatmulScope(Bf16) (head_dim 64 or 128: the flash forward and backward; other head
+// dims: the bf16 GEMMs, P recomputed from the lse), against the same f32 CPU results:
 // q, k, v, P, dout and dS rounded to bf16 for the products give about 2^-9 relative per product:
 // lse within 1e-2, out and the gradients within 3e-2.
 void test_train_attention(int64_t B, int64_t T, int64_t H, int64_t hd, int64_t scratch = 0, bool bf16 = false) {
@@ -1608,7 +1608,8 @@ void test_training() {
   test_train_attention(3, 19, 3, 8, 2);  // heads in chunks of 2 and 1
   test_train_attention(5, 9, 2, 4, 4);   // whole sequences, two per chunk, a short last one
   test_train_attention(2, 70, 2, 64, 0, true);  // bf16: flash forward and backward (a ragged second tile)
-  test_train_attention(1, 130, 1, 128, 0, true);  // flash forward, GEMM backward
+  test_train_attention(1, 130, 1, 128, 0, true);  // head_dim 128: dk and dv in two launches
+  test_train_attention(2, 37, 2, 128, 0, true);   // one ragged tile per sequence
   test_train_attention(1, 200, 3, 64, 0, true);   // four tiles each way
   test_train_attention(2, 9, 2, 16, 0, true);   // bf16 without a flash kernel for the head_dim
   test_train_ce(1, 2);

@@ -23,7 +23,7 @@ void attention_mma(const float* q, int64_t ldq, int64_t T, int n_heads, int grou
 void attention_mma_train(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T,
                          int64_t H, int hd, float* lse, float* out, int64_t ld_out);
 
-// Training's backward for head_dim 64 (attention_mma_bwd.cu): from the forward's lse and output
+// Training's backward for head_dim 64 and 128 (attention_mma_bwd.cu): from the forward's lse and output
 // `out` ([B·T, ld_out], as dout), dq, dk, dv [B·T, ld_grad] overwritten; delta: device scratch of
 // attention_mma_backward_scratch(B, T, H) floats (D = rowsum(dout ⊙ out) per row and head).
 bool attention_mma_backward_supported(int64_t head_dim);

@@ -85,9 +85,9 @@ void rope_apply(float* x, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t h
 void attention_forward(const float* q, const float* k, const float* v, int64_t ld_in, int64_t B, int64_t T, int64_t H,
                        int64_t hd, float* lse, float* out, int64_t ld_out, float* scratch, int64_t scratch_elems);
 // The elements per scratch buffer the trainer uses: the D rows of the flash backward where both
-// passes run the flash kernels (bf16, head_dim 64), else (sequence, head) chunks of scores.
+// passes run the flash kernels (bf16, head_dim 64 or 128), else (sequence, head) chunks of scores.
 int64_t attention_scratch(int64_t B, int64_t T, int64_t H, int64_t hd, MatmulPrecision p);
-// backward's `out` is the forward's output: with MatmulPrecision::Bf16 and head_dim 64 the flash
+// backward's `out` is the forward's output: with MatmulPrecision::Bf16 and head_dim 64 or 128 the flash
 // backward (attention_mma.h) runs from it and the lse when the scratch holds its B·H·T floats.
 void attention_backward(const float* q, const float* k, const float* v, int64_t ld_in, const float* lse,
                         const float* out, const float* dout, int64_t ld_out, int64_t B, int64_t T, int64_t H,
